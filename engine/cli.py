@@ -1,0 +1,147 @@
+"""The ``influence-lens`` command: list methods, score a dataset headless, retrain, start the app.
+
+User errors (bad files, bad options) exit with status 2 and one line on stderr; progress goes to
+stderr; the last line of stdout is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from engine.data import NOISE_KINDS, load_dataset
+from engine.device import DEVICE_NAMES
+from engine.errors import InfluenceLensError
+from engine.metrics import detection_metrics
+from engine.models import MODEL_NAMES
+from engine.pipeline import carve_validation, read_decisions, retrain_comparison, score_methods, with_injected_noise
+from engine.progress import tqdm_progress
+from engine.scorers import available_methods
+from engine.training import TrainConfig
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="training epochs (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed for training and noise (default %(default)s)")
+    parser.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICE_NAMES)}")
+    parser.add_argument("--model", default="auto", help=f"one of {', '.join(MODEL_NAMES)}")
+    parser.add_argument("--noise-rate", type=float, default=None, help="inject this fraction of label noise first")
+    parser.add_argument("--noise-kind", default="symmetric", help=f"one of {', '.join(NOISE_KINDS)}")
+    parser.add_argument("--skip-unreadable", action="store_true",
+                        help="leave out unreadable images (and report them) instead of stopping")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="influence-lens", description="Find mislabeled training images.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("methods", help="print the available scoring methods, one per line")
+
+    score = sub.add_parser("score", help="train on TRAIN and score every sample")
+    score.add_argument("train", metavar="TRAIN", help="an .npz, an image folder, a CSV manifest, or 'sample'")
+    score.add_argument("--method", required=True, help="a name from 'influence-lens methods'")
+    score.add_argument("--val", default=None, help="a trusted validation set (needed by vm / fvm)")
+    score.add_argument("--val-from-train", type=float, default=None, metavar="FRACTION",
+                       help="carve an (untrusted) validation set out of TRAIN")
+    score.add_argument("--out", default=None, help="CSV to write (default: <method>_scores.csv)")
+    _add_training_options(score)
+
+    retrain = sub.add_parser("retrain", help="retrain with review decisions applied and compare test accuracy")
+    retrain.add_argument("train", metavar="TRAIN")
+    retrain.add_argument("--decisions", required=True, help="CSV with index,action,new_label")
+    retrain.add_argument("--test", required=True, help="a clean test set")
+    _add_training_options(retrain)
+
+    dash = sub.add_parser("dashboard", help="start the Streamlit dashboard")
+    dash.add_argument("--data", default="sample", help="dataset to open (default: the embedded sample)")
+    dash.add_argument("--port", type=int, default=8501)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> TrainConfig:
+    return replace(TrainConfig(), epochs=args.epochs, seed=args.seed, device=args.device, model=args.model).validate()
+
+
+def _load(spec: str, args: argparse.Namespace):
+    dataset = load_dataset(spec, skip_unreadable=args.skip_unreadable)
+    for problem in dataset.skipped:
+        print(f"influence-lens: skipped {problem}", file=sys.stderr)
+    return dataset
+
+
+def _noisy(dataset, args):
+    if args.noise_rate is None:
+        return dataset, None
+    noisy = with_injected_noise(dataset, rate=args.noise_rate, kind=args.noise_kind, seed=args.seed)
+    return noisy.dataset, noisy.flipped
+
+
+def _score(args: argparse.Namespace) -> dict:
+    config = _config(args)
+    start = time.perf_counter()
+    train_set, flipped = _noisy(_load(args.train, args), args)
+    validation, trusted = None, True
+    if args.val is not None:
+        validation = _load(args.val, args)
+    elif args.val_from_train is not None:
+        keep_rows, validation = carve_validation(train_set, args.val_from_train, seed=args.seed)
+        if flipped is not None:
+            flipped = flipped[np.isin(train_set.index, keep_rows.index)]
+        train_set, trusted = keep_rows, False
+    run = score_methods(train_set, [args.method], validation=validation, validation_trusted=trusted,
+                        config=config, progress=tqdm_progress())
+    out = Path(args.out or f"{args.method}_scores.csv")
+    run.table(args.method, flipped).to_csv(out, index=False)
+    result = run.results[args.method]
+    summary = {"method": args.method, "n": len(train_set), "seconds": round(time.perf_counter() - start, 3),
+               "device": str(run.trained.device), "model": run.trained.model_name, "epochs": config.epochs,
+               "out": str(out)}
+    if validation is not None:
+        summary["validation"] = {"n": len(validation), "trusted": trusted}
+    if flipped is not None:
+        metrics = detection_metrics(result.scores, flipped)
+        summary.update({k: round(metrics[k], 6) for k in ("auroc", "ap", "precision_at_k")})
+    summary.update({"settings": result.settings, "timings": {k: round(v, 3) for k, v in result.timings.items()},
+                    "info": result.info, "train_seconds": round(run.train_seconds, 3)})
+    return summary
+
+
+def _retrain(args: argparse.Namespace) -> dict:
+    train_set, _ = _noisy(_load(args.train, args), args)
+    decisions = read_decisions(args.decisions, train_set)
+    return retrain_comparison(train_set, decisions, _load(args.test, args), config=_config(args),
+                              progress=tqdm_progress())
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+    command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
+               "--browser.gatherUsageStats", "false", "--", "--data", args.data]
+    return subprocess.call(command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "methods":
+            print("\n".join(available_methods()))
+            return 0
+        if args.command == "dashboard":
+            return _dashboard(args)
+        summary = _score(args) if args.command == "score" else _retrain(args)
+    except InfluenceLensError as exc:
+        print(f"influence-lens: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

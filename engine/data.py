@@ -1,0 +1,356 @@
+"""Datasets: loading (npz, image folder, CSV manifest, sample), validation, splits, noise.
+
+A dataset is uint8 images (N×H×W or N×H×W×C), integer labels in [0, C), class names and a
+stable per-sample index that survives subsetting, so scores always map back to the user's files.
+Every loader validates at the door and raises :class:`DataError` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from engine.errors import DataError, OptionError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+NOISE_KINDS = ("symmetric", "pair")
+# Refuse images larger than this many pixels before decoding them, so a 20k×20k file cannot
+# exhaust memory (the classifier works on small images anyway).
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Images, labels, class names and a stable index per sample (see module docstring)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    index: np.ndarray = field(default=None)  # type: ignore[assignment]
+    source: str = ""
+    paths: tuple[str, ...] | None = None
+    skipped: tuple[str, ...] = ()  # unreadable files left out at load (``skip_unreadable=True``)
+
+    def __post_init__(self) -> None:
+        if self.index is None:
+            object.__setattr__(self, "index", np.arange(len(self.labels), dtype=np.int64))
+        object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
+        _validate(self)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.images.ndim == 3 else int(self.images.shape[3])
+
+    def with_labels(self, labels: np.ndarray) -> Dataset:
+        """A copy with other labels (same images, classes and index)."""
+        return replace(self, labels=np.asarray(labels, dtype=np.int64))
+
+    def subset(self, selection: np.ndarray) -> Dataset:
+        """Rows chosen by a boolean mask or integer positions; the stable index is kept."""
+        selection = np.asarray(selection)
+        paths = None if self.paths is None else tuple(np.asarray(self.paths, dtype=object)[selection])
+        return replace(self, images=self.images[selection], labels=self.labels[selection],
+                       index=self.index[selection], paths=paths)
+
+
+def _validate(ds: Dataset) -> None:
+    where = ds.source or "dataset"
+    images, labels = ds.images, ds.labels
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        raise DataError(f"{where}: images must be a uint8 array, got {getattr(images, 'dtype', type(images))}")
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
+        raise DataError(f"{where}: images must be N×H×W or N×H×W×C with C in (1, 3), got shape {images.shape}")
+    if not isinstance(labels, np.ndarray) or labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{where}: labels must be a 1-D integer array")
+    if len(images) != len(labels) or len(ds.index) != len(labels):
+        raise DataError(f"{where}: {len(images)} images but {len(labels)} labels")
+    if len(labels) == 0:
+        raise DataError(f"{where}: the dataset has zero samples")
+    if len(ds.class_names) < 2:
+        raise DataError(f"{where}: a classifier needs at least 2 classes, found {len(ds.class_names)}")
+    if labels.min() < 0 or labels.max() >= len(ds.class_names):
+        bad = labels[(labels < 0) | (labels >= len(ds.class_names))][0]
+        raise DataError(f"{where}: label {bad} is out of range for {len(ds.class_names)} classes")
+    if len(np.unique(ds.index)) != len(ds.index):
+        raise DataError(f"{where}: the sample index has duplicates")
+
+
+def _as_uint8_images(images: np.ndarray, where: str) -> np.ndarray:
+    """Accept float images in [0, 1] or [0, 255] by rescaling; refuse anything else."""
+    if images.dtype == np.uint8:
+        return images
+    if np.issubdtype(images.dtype, np.integer):
+        if images.size and (images.min() < 0 or images.max() > 255):
+            raise DataError(f"{where}: integer images must lie in 0..255")
+        return images.astype(np.uint8)
+    if np.issubdtype(images.dtype, np.floating):
+        if not np.isfinite(images).all():
+            raise DataError(f"{where}: images contain NaN or infinite values")
+        top = float(images.max()) if images.size else 0.0
+        if images.size and images.min() < 0:
+            raise DataError(f"{where}: float images must be non-negative (in [0, 1] or [0, 255])")
+        if top <= 1.0:
+            return np.round(images * 255).astype(np.uint8)
+        if top <= 255.0:
+            return np.round(images).astype(np.uint8)
+        raise DataError(f"{where}: float images must lie in [0, 1] or [0, 255], max is {top}")
+    raise DataError(f"{where}: images have unsupported dtype {images.dtype}")
+
+
+def _squeeze_gray(images: np.ndarray) -> np.ndarray:
+    return images[..., 0] if images.ndim == 4 and images.shape[3] == 1 else images
+
+
+def load_npz(path: str | Path) -> Dataset:
+    """An ``.npz`` with ``images``, integer ``labels`` and optional ``class_names`` / ``index``."""
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise DataError(f"{where}: file not found")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {k: archive[k] for k in archive.files}
+    except Exception as exc:  # zipfile, pickle and value errors all mean "not a readable npz"
+        raise DataError(f"{where}: not a readable .npz file ({exc.__class__.__name__}: {exc})") from None
+    for key in ("images", "labels"):
+        if key not in arrays:
+            raise DataError(f"{where}: missing array {key!r} (found: {', '.join(sorted(arrays)) or 'none'})")
+    images = _squeeze_gray(_as_uint8_images(np.asarray(arrays["images"]), where))
+    labels = np.asarray(arrays["labels"])
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{where}: labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+    if len(images) != len(labels):
+        raise DataError(f"{where}: {len(images)} images but {len(labels)} labels")
+    if "class_names" in arrays:
+        class_names = tuple(str(c) for c in arrays["class_names"])
+    else:
+        class_names = tuple(str(c) for c in range(int(labels.max()) + 1 if labels.size else 0))
+    index = arrays.get("index")
+    return Dataset(images, labels.astype(np.int64), class_names,
+                   None if index is None else np.asarray(index, dtype=np.int64), source=where)
+
+
+def _read_image(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise DataError(f"{path}: image is {img.width}×{img.height}, larger than the "
+                                f"{MAX_IMAGE_PIXELS} pixels this tool accepts")
+            mode = "L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB"
+            return np.asarray(img.convert(mode), dtype=np.uint8)
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: unreadable image ({exc.__class__.__name__}: {exc})") from None
+
+
+def _stack_images(arrays: list[np.ndarray], paths: list[Path], where: str) -> np.ndarray:
+    """Stack decoded images; grayscale is promoted to RGB when the set mixes both."""
+    if any(a.ndim == 3 for a in arrays):
+        arrays = [np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a for a in arrays]
+    shapes = {a.shape[:2] for a in arrays}
+    if len(shapes) > 1:
+        first = arrays[0].shape[:2]
+        odd = next(p for p, a in zip(paths, arrays) if a.shape[:2] != first)
+        raise DataError(f"{where}: images have different sizes ({paths[0].name} is "
+                        f"{first[1]}×{first[0]}, {odd} differs); resize them to one size first")
+    return np.stack(arrays)
+
+
+def _decode_all(paths: list[Path], where: str, skip_unreadable: bool) -> tuple[list[np.ndarray], list[int], list[str]]:
+    """Decode every image; with ``skip_unreadable`` collect failures instead of raising."""
+    images, kept, skipped = [], [], []
+    for i, p in enumerate(paths):
+        try:
+            images.append(_read_image(p))
+            kept.append(i)
+        except DataError as exc:
+            if not skip_unreadable:
+                raise
+            skipped.append(str(exc))
+    if not images:
+        raise DataError(f"{where}: no readable images")
+    return images, kept, skipped
+
+
+def load_image_folder(path: str | Path, *, skip_unreadable: bool = False) -> Dataset:
+    """One sub-folder per class (sorted names are the classes), PNG/JPEG files inside."""
+    root = Path(path)
+    where = str(root)
+    if not root.is_dir():
+        raise DataError(f"{where}: folder not found")
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{where}: no class sub-folders (expected one folder per class with images inside)")
+    files: list[Path] = []
+    labels: list[int] = []
+    for c, d in enumerate(class_dirs):
+        found = sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise DataError(f"{d}: class folder has no images ({', '.join(IMAGE_SUFFIXES)})")
+        files += found
+        labels += [c] * len(found)
+    if len(class_dirs) < 2:
+        raise DataError(f"{where}: only one class folder ({class_dirs[0].name}); a classifier needs at least 2")
+    decoded, kept, skipped = _decode_all(files, where, skip_unreadable)
+    kept_files = [files[i] for i in kept]
+    return Dataset(_stack_images(decoded, kept_files, where), np.asarray(labels, dtype=np.int64)[kept],
+                   tuple(d.name for d in class_dirs), np.asarray(kept, dtype=np.int64), source=where,
+                   paths=tuple(str(f.relative_to(root)) for f in kept_files), skipped=tuple(skipped))
+
+
+def load_csv_manifest(path: str | Path, *, skip_unreadable: bool = False) -> Dataset:
+    """A CSV with columns ``path,label``; paths relative to the CSV, labels names or integers."""
+    csv_path = Path(path)
+    where = str(csv_path)
+    if not csv_path.is_file():
+        raise DataError(f"{where}: file not found")
+    try:
+        text = csv_path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: not UTF-8 text (byte {exc.start})") from None
+    rows = list(csv.DictReader(io.StringIO(text)))
+    header = [h.strip() for h in (csv.reader(io.StringIO(text)).__next__() if text.strip() else [])]
+    missing = [c for c in ("path", "label") if c not in header]
+    if missing:
+        raise DataError(f"{where}: missing column(s) {', '.join(missing)} (header: {','.join(header) or 'empty'})")
+    if not rows:
+        raise DataError(f"{where}: the manifest has zero rows")
+    root = csv_path.parent.resolve()
+    files: list[Path] = []
+    raw_labels: list[str] = []
+    seen: dict[Path, int] = {}
+    for line, row in enumerate(rows, start=2):
+        rel, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+        if not rel:
+            raise DataError(f"{where}, line {line}: blank path")
+        if not label:
+            raise DataError(f"{where}, line {line}: blank label for {rel}")
+        full = (root / rel).resolve()
+        if not full.is_relative_to(root):
+            raise DataError(f"{where}, line {line}: path {rel!r} points outside the manifest's folder")
+        if full in seen:
+            raise DataError(f"{where}, line {line}: duplicate path {rel!r} (first on line {seen[full]})")
+        if not full.is_file():
+            raise DataError(f"{where}, line {line}: image not found: {rel}")
+        seen[full] = line
+        files.append(full)
+        raw_labels.append(label)
+    if all(_is_int(s) for s in raw_labels):
+        labels = np.asarray([int(s) for s in raw_labels], dtype=np.int64)
+        if labels.min() < 0:
+            raise DataError(f"{where}: negative label {labels.min()}")
+        class_names = tuple(str(c) for c in range(int(labels.max()) + 1))
+    else:
+        class_names = tuple(sorted(set(raw_labels)))
+        labels = np.asarray([class_names.index(s) for s in raw_labels], dtype=np.int64)
+    decoded, kept, skipped = _decode_all(files, where, skip_unreadable)
+    kept_files = [files[i] for i in kept]
+    return Dataset(_stack_images(decoded, kept_files, where), labels[kept], class_names,
+                   np.asarray(kept, dtype=np.int64), source=where,
+                   paths=tuple(str(f.relative_to(root)) for f in kept_files), skipped=tuple(skipped))
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+        return True
+    except ValueError:
+        return False
+
+
+SAMPLE_SPLITS = ("train", "val", "test")
+
+
+def load_sample(split: str = "train") -> Dataset:
+    """The embedded default data (scikit-learn's digits), see ``sample_data/README.md``."""
+    from sample_data import load_digits_split
+
+    if split not in SAMPLE_SPLITS:
+        raise OptionError("sample split", split, SAMPLE_SPLITS)
+    return load_digits_split(split)
+
+
+def load_dataset(spec: str | Path, *, skip_unreadable: bool = False) -> Dataset:
+    """Load ``sample[:split]``, an ``.npz``, an image folder or a ``.csv`` manifest."""
+    text = str(spec)
+    if text == "sample" or text.startswith("sample:"):
+        return load_sample(text.partition(":")[2] or "train")
+    path = Path(text)
+    if not path.exists():
+        raise DataError(f"{text}: no such file or folder")
+    if path.is_dir():
+        return load_image_folder(path, skip_unreadable=skip_unreadable)
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        return load_npz(path)
+    if suffix == ".csv":
+        return load_csv_manifest(path, skip_unreadable=skip_unreadable)
+    raise DataError(f"{text}: unsupported data file (expected a .npz, a .csv manifest or an image folder)")
+
+
+def save_npz(dataset: Dataset, path: str | Path) -> None:
+    """Write a dataset in the ``.npz`` format :func:`load_npz` reads (index included)."""
+    np.savez_compressed(path, images=dataset.images, labels=dataset.labels,
+                        class_names=np.asarray(dataset.class_names), index=dataset.index)
+
+
+def stratified_split(dataset: Dataset, fractions: tuple[float, ...], *, seed: int = 0) -> list[Dataset]:
+    """Split into parts with the given fractions (summing to 1), each stratified by label."""
+    from sklearn.model_selection import train_test_split
+
+    if not np.isclose(sum(fractions), 1.0) or min(fractions) <= 0:
+        raise ValueError(f"fractions must be positive and sum to 1, got {fractions}")
+    positions = np.arange(len(dataset))
+    parts: list[np.ndarray] = []
+    remaining, left = positions, 1.0
+    for frac in fractions[:-1]:
+        take, remaining = train_test_split(remaining, train_size=frac / left, random_state=seed,
+                                           stratify=dataset.labels[remaining])
+        parts.append(np.sort(take))
+        left -= frac
+    parts.append(np.sort(remaining))
+    return [dataset.subset(p) for p in parts]
+
+
+def inject_noise(labels: np.ndarray, num_classes: int, *, rate: float,
+                 kind: Literal["symmetric", "pair"] = "symmetric", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Flip exactly ``round(rate * N)`` labels; return ``(noisy_labels, flipped_mask)``.
+
+    ``symmetric`` moves a flipped label to a uniformly chosen other class; ``pair`` moves class
+    c to c + 1 mod C (the classic asymmetric noise).
+    """
+    if kind not in NOISE_KINDS:
+        raise OptionError("noise kind", kind, NOISE_KINDS)
+    if not 0.0 <= rate < 1.0:
+        raise DataError(f"noise rate must be in [0, 1), got {rate}")
+    labels = np.asarray(labels, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    n_flip = int(round(rate * len(labels)))
+    flipped = np.zeros(len(labels), dtype=bool)
+    flipped[rng.choice(len(labels), size=n_flip, replace=False)] = True
+    noisy = labels.copy()
+    if kind == "pair":
+        noisy[flipped] = (labels[flipped] + 1) % num_classes
+    else:
+        shift = rng.integers(1, num_classes, size=n_flip)
+        noisy[flipped] = (labels[flipped] + shift) % num_classes
+    return noisy, flipped

@@ -1,0 +1,171 @@
+"""End-to-end runs shared by the CLI, the dashboard, the tests and the benchmarks.
+
+Train once, score with any number of registered methods on the same trained model, turn the
+results into the table the CLI writes, apply review decisions, and retrain to measure recovery.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pandas as pd
+
+from engine.data import Dataset, inject_noise, stratified_split
+from engine.errors import DataError
+from engine.metrics import ranks
+from engine.progress import Progress, no_progress
+from engine.scorers import ScoreResult, ScoringContext, make_scorer, scorer_class
+from engine.training import TrainConfig, TrainedModel, evaluate, train
+
+ACTIONS = ("drop", "relabel", "keep")
+RESULT_COLUMNS = ["index", "score", "rank", "given_label", "predicted_label", "suggested_label"]
+
+
+@dataclass
+class NoisyDataset:
+    """A dataset with injected noise: the noisy copy, and which rows were flipped."""
+
+    dataset: Dataset
+    flipped: np.ndarray
+    clean_labels: np.ndarray
+
+
+def with_injected_noise(dataset: Dataset, *, rate: float, kind: str = "symmetric", seed: int = 0) -> NoisyDataset:
+    """Flip a fraction of labels (see :func:`engine.data.inject_noise`); the truth is kept."""
+    noisy, flipped = inject_noise(dataset.labels, dataset.num_classes, rate=rate, kind=kind, seed=seed)
+    return NoisyDataset(dataset.with_labels(noisy), flipped, dataset.labels.copy())
+
+
+def carve_validation(train_set: Dataset, fraction: float, *, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Split a seeded, stratified validation part off the training data: ``(rest, validation)``.
+
+    The carved part carries the training set's (possibly noisy) labels, so it is *untrusted*.
+    """
+    if not 0.0 < fraction < 0.5:
+        raise DataError(f"--val-from-train must be a fraction in (0, 0.5), got {fraction}")
+    rest, validation = stratified_split(train_set, (1.0 - fraction, fraction), seed=seed)
+    return rest, validation
+
+
+def check_compatible(train_set: Dataset, other: Dataset, role: str) -> None:
+    """A validation or test set must share the training set's classes and image shape."""
+    if other.class_names != train_set.class_names:
+        raise DataError(f"{other.source or role}: the {role} classes {list(other.class_names)} differ from "
+                        f"the training classes {list(train_set.class_names)}")
+    if other.image_shape != train_set.image_shape:
+        raise DataError(f"{other.source or role}: {role} images are {other.image_shape}, "
+                        f"training images are {train_set.image_shape}")
+
+
+@dataclass
+class ScoringRun:
+    """One trained model and the results of every method scored on it."""
+
+    context: ScoringContext
+    results: dict[str, ScoreResult] = field(default_factory=dict)
+    train_seconds: float = 0.0
+
+    @property
+    def trained(self) -> TrainedModel:
+        return self.context.trained
+
+    def table(self, method: str, flipped: np.ndarray | None = None) -> pd.DataFrame:
+        """The per-sample table the CLI writes (``RESULT_COLUMNS``, plus ``is_flipped``)."""
+        result = self.results[method]
+        frame = pd.DataFrame({
+            "index": self.context.train.index,
+            "score": result.scores,
+            "rank": ranks(result.scores),
+            "given_label": self.context.train.labels,
+            "predicted_label": self.context.predictions.predicted,
+            "suggested_label": result.suggested_labels,
+        })
+        if flipped is not None:
+            frame["is_flipped"] = np.asarray(flipped, dtype=int)
+        return frame.sort_values("rank", kind="stable").reset_index(drop=True)
+
+
+def score_methods(train_set: Dataset, methods: list[str], *, validation: Dataset | None = None,
+                  validation_trusted: bool = True, config: TrainConfig = TrainConfig(),
+                  trained: TrainedModel | None = None, progress: Progress = no_progress) -> ScoringRun:
+    """Train (unless ``trained`` is given) and score ``train_set`` with every named method."""
+    for name in methods:
+        if scorer_class(name).requires_validation and validation is None:
+            raise DataError(f"method {name!r} needs a trusted validation set: a small set whose labels you "
+                            "have checked (pass --val PATH), or carve an untrusted one out of the training "
+                            "data with --val-from-train FRACTION")
+    if validation is not None:
+        check_compatible(train_set, validation, "validation")
+    start = time.perf_counter()
+    if trained is None:
+        trained = train(train_set, config, progress=progress)
+    run = ScoringRun(ScoringContext(train_set, trained, validation, validation_trusted, progress),
+                     train_seconds=time.perf_counter() - start)
+    for name in methods:
+        run.results[name] = make_scorer(name).run(run.context)
+    return run
+
+
+def read_decisions(path: str, dataset: Dataset) -> pd.DataFrame:
+    """Read and validate a decisions CSV (``index,action,new_label``) against ``dataset``."""
+    try:
+        frame = pd.read_csv(path, dtype={"index": "Int64", "action": str, "new_label": str}, keep_default_na=False)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable decisions CSV ({exc})") from None
+    missing = [c for c in ("index", "action", "new_label") if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+    bad_actions = sorted(set(frame["action"]) - set(ACTIONS))
+    if bad_actions:
+        raise DataError(f"{path}: unknown action(s) {bad_actions}; valid: {', '.join(ACTIONS)}")
+    unknown = sorted(set(frame["index"].astype(int)) - set(dataset.index.tolist()))
+    if unknown:
+        raise DataError(f"{path}: index {unknown[0]} is not in the training set ({len(unknown)} unknown)")
+    if frame["index"].duplicated().any():
+        raise DataError(f"{path}: index {int(frame['index'][frame['index'].duplicated()].iloc[0])} has two decisions")
+    frame["new_label"] = [_label_id(v, dataset, path) if a == "relabel" else -1
+                          for v, a in zip(frame["new_label"], frame["action"])]
+    return frame
+
+
+def _label_id(value: str, dataset: Dataset, path: str) -> int:
+    text = str(value).strip()
+    if text in dataset.class_names:
+        return dataset.class_names.index(text)
+    try:
+        label = int(text)
+    except ValueError:
+        label = -1
+    if not 0 <= label < dataset.num_classes:
+        raise DataError(f"{path}: new_label {text!r} is not a class name or a label in 0..{dataset.num_classes - 1}")
+    return label
+
+
+def apply_decisions(dataset: Dataset, decisions: pd.DataFrame) -> Dataset:
+    """Drop and relabel rows (by stable index) on a copy; ``keep`` changes nothing."""
+    position = {int(i): p for p, i in enumerate(dataset.index)}
+    labels = dataset.labels.copy()
+    keep = np.ones(len(dataset), dtype=bool)
+    for idx, action, new_label in zip(decisions["index"], decisions["action"], decisions["new_label"]):
+        row = position[int(idx)]
+        if action == "drop":
+            keep[row] = False
+        elif action == "relabel":
+            labels[row] = int(new_label)
+    return dataset.with_labels(labels).subset(keep)
+
+
+def retrain_comparison(train_set: Dataset, decisions: pd.DataFrame, test_set: Dataset, *,
+                       config: TrainConfig = TrainConfig(), progress: Progress = no_progress) -> dict:
+    """Train on the data as given and with the decisions applied (same seed and recipe)."""
+    check_compatible(train_set, test_set, "test")
+    cleaned = apply_decisions(train_set, decisions)
+    before = train(train_set, config, progress=progress)
+    after = train(cleaned, replace(config, model=before.model_name), task=before.task, progress=progress)
+    return {"test_accuracy_before": evaluate(before, test_set), "test_accuracy_after": evaluate(after, test_set),
+            "n_dropped": int((decisions["action"] == "drop").sum()),
+            "n_relabeled": int((decisions["action"] == "relabel").sum())}

@@ -1,0 +1,93 @@
+"""The scorer protocol: ``prepare(context)`` once, then ``score(context)`` → :class:`ScoreResult`.
+
+Every score is a suspicion score: one float per training row, higher = more likely mislabeled.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from engine.data import Dataset
+from engine.progress import Progress, no_progress
+from engine.training import Predictions, TrainedModel, predict
+
+
+@dataclass
+class ScoringContext:
+    """What every scorer may use: the training rows, the trained model, an optional trusted set."""
+
+    train: Dataset
+    trained: TrainedModel
+    validation: Dataset | None = None
+    validation_trusted: bool = True
+    progress: Progress = no_progress
+    _predictions: Predictions | None = field(default=None, repr=False)
+
+    @property
+    def predictions(self) -> Predictions:
+        """θ*'s logits and features on the training rows, computed once and shared."""
+        if self._predictions is None:
+            self._predictions = predict(self.trained.model, self.trained.task, self.train.images, self.trained.device)
+        return self._predictions
+
+
+@dataclass
+class ScoreResult:
+    """Per-row suspicion scores and suggested labels, with the settings and timings that made them."""
+
+    method: str
+    scores: np.ndarray
+    suggested_labels: np.ndarray
+    settings: dict[str, Any]
+    timings: dict[str, float]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.scores = np.asarray(self.scores, dtype=np.float64)
+        self.suggested_labels = np.asarray(self.suggested_labels, dtype=np.int64)
+        if self.scores.shape != self.suggested_labels.shape or self.scores.ndim != 1:
+            raise ValueError(f"{self.method}: scores and suggested labels must be aligned 1-D arrays")
+        if not np.isfinite(self.scores).all():
+            raise ValueError(f"{self.method}: produced non-finite scores")
+
+
+class Scorer:
+    """Base class: subclasses set ``name``, an optional ``Settings`` dataclass, and implement
+    ``_prepare`` / ``_score``. ``run`` times both stages."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    requires_validation: ClassVar[bool] = False
+
+    @dataclass(frozen=True)
+    class Settings:
+        pass
+
+    def __init__(self, settings: Any = None):
+        self.settings = settings if settings is not None else self.Settings()
+        self.timings: dict[str, float] = {}
+
+    def prepare(self, context: ScoringContext) -> None:
+        start = time.perf_counter()
+        self._prepare(context)
+        self.timings["prepare_seconds"] = time.perf_counter() - start
+
+    def score(self, context: ScoringContext) -> ScoreResult:
+        start = time.perf_counter()
+        scores, suggested, info = self._score(context)
+        self.timings["score_seconds"] = time.perf_counter() - start
+        return ScoreResult(self.name, scores, suggested, asdict(self.settings), dict(self.timings), info)
+
+    def run(self, context: ScoringContext) -> ScoreResult:
+        self.prepare(context)
+        return self.score(context)
+
+    def _prepare(self, context: ScoringContext) -> None:
+        """Expensive one-off work (fine-tuning, curvature, cross-validation); default: none."""
+
+    def _score(self, context: ScoringContext) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        raise NotImplementedError

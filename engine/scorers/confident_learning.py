@@ -1,0 +1,54 @@
+"""Baseline: confident learning's self-confidence on K-fold out-of-sample probabilities.
+
+The probabilities come from retraining the same recipe on K-1 folds; the ranking itself is the
+``cleanlab`` package's (never re-implemented here), turned into suspicion as 1 − quality.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+from cleanlab.rank import get_label_quality_scores
+from sklearn.model_selection import StratifiedKFold
+
+from engine.errors import DataError
+from engine.scorers.base import Scorer, ScoringContext
+from engine.scorers.registry import register
+from engine.training import predict, train
+
+
+@register
+class ConfidentLearningScorer(Scorer):
+    name = "cleanlab"
+    description = "cleanlab self-confidence on K-fold cross-validated probabilities"
+
+    @dataclass(frozen=True)
+    class Settings:
+        folds: int = 5  # cleanlab's own default for cross-validated probabilities
+
+    def _prepare(self, context: ScoringContext) -> None:
+        labels = context.train.labels
+        counts = np.bincount(labels, minlength=context.train.num_classes)
+        if counts[counts > 0].min() < self.settings.folds:
+            raise DataError(f"{context.train.source or 'training set'}: class "
+                            f"{context.train.class_names[int(np.flatnonzero(counts > 0)[counts[counts > 0].argmin()])]!r} "
+                            f"has {counts[counts > 0].min()} samples, fewer than the {self.settings.folds} "
+                            "cross-validation folds cleanlab needs")
+        folds = StratifiedKFold(self.settings.folds, shuffle=True, random_state=context.trained.config.seed)
+        self.pred_probs = np.zeros((len(labels), context.train.num_classes))
+        base = context.trained.config
+        for k, (fit_rows, held_rows) in enumerate(folds.split(np.zeros(len(labels)), labels)):
+            def fold_progress(done: int, total: int, message: str, k: int = k) -> None:
+                context.progress(k * total + done, self.settings.folds * total, f"cleanlab cross-validation: fold {k + 1}")
+
+            fold_model = train(context.train.subset(fit_rows), replace(base, model=context.trained.model_name,
+                                                                   seed=base.seed + k + 1),
+                               task=context.trained.task, progress=fold_progress)
+            held = context.train.images[held_rows]
+            self.pred_probs[held_rows] = predict(fold_model.model, fold_model.task, held, fold_model.device).probabilities
+
+    def _score(self, context: ScoringContext):
+        quality = get_label_quality_scores(context.train.labels, self.pred_probs, method="self_confidence")
+        accuracy = float((self.pred_probs.argmax(1) == context.train.labels).mean())
+        return 1.0 - quality, self.pred_probs.argmax(1), {"cross_validated_accuracy": accuracy}

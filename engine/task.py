@@ -1,0 +1,40 @@
+"""The classification task: uint8 images → normalized tensors, and batch → loss.
+
+Scorers and the trainer go through this object instead of unpacking batches themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.data import Dataset
+
+
+@dataclass(frozen=True)
+class ImageTask:
+    """Per-channel normalization fitted on the training images, and the cross-entropy loss."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def fit(cls, dataset: Dataset) -> ImageTask:
+        pixels = dataset.images.reshape(len(dataset), -1, dataset.channels).astype(np.float64) / 255.0
+        std = pixels.std(axis=(0, 1))
+        return cls(tuple(pixels.mean(axis=(0, 1)).tolist()), tuple(np.maximum(std, 1e-3).tolist()))
+
+    def inputs(self, images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+        """uint8 N×H×W(×C) → float N×C×H×W, normalized, on ``device``."""
+        x = torch.as_tensor(images, device=device)
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+        mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
+        return ((x.float() / 255.0) - mean) / std
+
+    @staticmethod
+    def loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels, reduction=reduction)

@@ -1,0 +1,236 @@
+"""Train a classifier, keeping checkpoints with the learning rate in force at each (TracIn needs both).
+
+Small and airbench-like: the data live as one tensor, batches are index slices of a seeded
+permutation. The permutation is taken over the samples sorted by their stable index, so the
+result does not depend on the order of the rows handed in.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.data import Dataset
+from engine.device import resolve_device
+from engine.errors import OptionError, TrainingError
+from engine.models import MODEL_NAMES, build_model, choose_model
+from engine.progress import Progress, no_progress
+from engine.task import ImageTask
+
+SCHEDULES = ("onecycle", "cosine")
+AUGMENTATIONS = ("auto", "none", "crop", "flip-crop")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe. Defaults suit the small CNN on small images on a CPU."""
+
+    model: str = "auto"
+    epochs: int = 15  # digits / MNIST-scale nets fit in ~10-15 epochs; more mostly memorizes noise
+    batch_size: int = 64
+    learning_rate: float = 0.05  # peak of the schedule; SGD+momentum on BN nets is stable here
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # METHODS.md: influence estimates need weight decay
+    schedule: str = "onecycle"
+    augment: str = "auto"  # flip+crop for RGB photos, crop only for grayscale (digits are not mirror-symmetric)
+    checkpoints: int = 5  # evenly spaced epochs, the last one included
+    seed: int = 0
+    device: str = "auto"
+    mixed_precision: bool = True  # bf16 autocast, GPU only
+
+    def validate(self) -> TrainConfig:
+        if self.model not in MODEL_NAMES:
+            raise OptionError("model", self.model, MODEL_NAMES)
+        if self.schedule not in SCHEDULES:
+            raise OptionError("schedule", self.schedule, SCHEDULES)
+        if self.augment not in AUGMENTATIONS:
+            raise OptionError("augment", self.augment, AUGMENTATIONS)
+        for name in ("epochs", "batch_size", "checkpoints"):
+            if getattr(self, name) < 1:
+                raise OptionError(name, getattr(self, name), ["a positive integer"])
+        if not self.learning_rate > 0:
+            raise OptionError("learning_rate", self.learning_rate, ["a positive number"])
+        return self
+
+
+PRESETS: dict[str, TrainConfig] = {
+    "fast-cpu": TrainConfig(),
+    # CIFAR-scale ResNet-18 on a GPU: ~12 epochs reach ~85-90% on CIFAR-10 (data README).
+    "full-gpu": TrainConfig(model="resnet18", epochs=12, batch_size=256, learning_rate=0.1, device="cuda"),
+}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Model weights after ``epoch`` and the mean learning rate of the steps that led there."""
+
+    epoch: int
+    learning_rate: float
+    state: dict[str, torch.Tensor]
+
+
+@dataclass
+class TrainedModel:
+    """A trained classifier with its task, recipe, checkpoints and per-epoch history."""
+
+    model: nn.Module
+    task: ImageTask
+    config: TrainConfig
+    model_name: str
+    device: torch.device
+    num_classes: int
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def model_at(self, checkpoint: Checkpoint) -> nn.Module:
+        """A copy of the model in eval mode with the checkpoint's weights."""
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(checkpoint.state)
+        return model.eval()
+
+    def settings(self) -> dict:
+        return {**asdict(self.config), "model": self.model_name, "device": str(self.device)}
+
+
+def _checkpoint_epochs(epochs: int, count: int) -> set[int]:
+    return {int(round(e)) for e in np.linspace(epochs / min(count, epochs), epochs, min(count, epochs))}
+
+
+def _canonical_order(dataset: Dataset) -> np.ndarray:
+    return np.argsort(dataset.index, kind="stable")
+
+
+def _augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
+    """Random translation by up to H/8 pixels (zero padding) and, for ``flip-crop``, mirror."""
+    n, _, h, w = x.shape
+    pad = max(1, h // 8)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    out = padded[batch, chans, rows, cols]
+    if mode == "flip-crop":
+        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        out = torch.where(flip[:, None, None, None], out.flip(3), out)
+    return out
+
+
+def _make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate,
+                                                   total_steps=total_steps, pct_start=0.25)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+
+
+def train(dataset: Dataset, config: TrainConfig = TrainConfig(), *, task: ImageTask | None = None,
+          progress: Progress = no_progress) -> TrainedModel:
+    """Train on ``dataset`` with ``config``; raises :class:`TrainingError` if the loss diverges."""
+    config.validate()
+    device = resolve_device(config.device)
+    task = task or ImageTask.fit(dataset)
+    model_name = choose_model(dataset.image_shape, device) if config.model == "auto" else config.model
+    augment = config.augment
+    if augment == "auto":
+        augment = "flip-crop" if dataset.channels == 3 else "crop"
+    order = _canonical_order(dataset)
+    x_all = task.inputs(dataset.images[order], device)
+    y_all = torch.as_tensor(dataset.labels[order], device=device)
+    n = len(dataset)
+    batches = [(s, min(s + config.batch_size, n)) for s in range(0, n, config.batch_size)]
+    if len(batches) > 1 and batches[-1][1] - batches[-1][0] < 2:
+        batches.pop()  # BatchNorm cannot train on a batch of one
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        model = build_model(model_name, dataset.image_shape, dataset.num_classes, device).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum,
+                                nesterov=True, weight_decay=config.weight_decay)
+    schedule = _make_schedule(optimizer, config, config.epochs * len(batches))
+    keep = _checkpoint_epochs(config.epochs, config.checkpoints)
+    autocast = device.type == "cuda" and config.mixed_precision
+    result = TrainedModel(model, task, config, model_name, device, dataset.num_classes)
+    start = time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        perm = torch.randperm(n, generator=generator).to(device)
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        seen, lrs = 0, []
+        for b, (lo, hi) in enumerate(batches):
+            idx = perm[lo:hi]
+            x, y = x_all[idx], y_all[idx]
+            if augment != "none":
+                x = _augment(x, augment, generator)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                logits = model(x)
+            loss = task.loss(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+            loss_sum += loss.detach() * (hi - lo)
+            correct += (logits.argmax(1) == y).sum()
+            seen += hi - lo
+            progress((epoch - 1) * len(batches) + b + 1, config.epochs * len(batches), f"training: epoch {epoch}")
+        mean_loss = float(loss_sum) / seen
+        if not np.isfinite(mean_loss):
+            raise TrainingError(f"the training loss became {mean_loss} in epoch {epoch} "
+                                f"(learning rate {config.learning_rate}); lower the learning rate")
+        result.history.append({"epoch": epoch, "loss": mean_loss, "accuracy": float(correct) / seen,
+                               "learning_rate": float(np.mean(lrs))})
+        if epoch in keep:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            result.checkpoints.append(Checkpoint(epoch, float(np.mean(lrs)), state))
+    result.seconds = time.perf_counter() - start
+    model.eval()
+    return result
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Model outputs for a dataset, as CPU arrays aligned with its rows."""
+
+    logits: np.ndarray
+    features: np.ndarray
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        z = self.logits - self.logits.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.logits.argmax(axis=1)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, task: ImageTask, images: np.ndarray, device: torch.device,
+            *, batch_size: int = 512) -> Predictions:
+    """Logits and penultimate features in eval mode (BatchNorm uses running statistics)."""
+    model.eval()
+    logits, feats = [], []
+    for lo in range(0, len(images), batch_size):
+        x = task.inputs(images[lo:lo + batch_size], device)
+        a = model.features(x)
+        logits.append(model.head(a).float().cpu())
+        feats.append(a.float().cpu())
+    return Predictions(torch.cat(logits).numpy().astype(np.float64), torch.cat(feats).numpy().astype(np.float64))
+
+
+def evaluate(trained: TrainedModel, dataset: Dataset) -> float:
+    """Accuracy of the trained model on ``dataset`` (labels as given)."""
+    preds = predict(trained.model, trained.task, dataset.images, trained.device)
+    return float((preds.predicted == dataset.labels).mean())
