@@ -1,0 +1,303 @@
+"""Per-sample gradient quantities from ONE batched backward pass (METHODS.md §2), never N × P.
+
+Hooks store each supported layer's input (forward) and the gradient of its output (backward).
+With the loss taken as the *sum* of per-sample losses, row ``i`` of an output gradient is sample
+``i``'s own gradient, so every per-sample weight gradient factors as G_i = Σ_s b[i,s] a[i,s]ᵀ over
+the layer's positions s (1 for a plain Linear, the tokens of a 3-D Linear input, the output
+pixels of a Conv2d). Its squared norm is then taken per layer by whichever is cheaper:
+
+* the "ghost norm"  Σ_{s,t} (a_s·a_t)(b_s·b_t)   — cost ~ S²(d_in + d_out), no G_i at all;
+* the explicit G_i = bᵀa, then ‖G_i‖²             — cost ~ S·d_in·d_out.
+
+BatchNorm2d (eval mode only: with batch statistics the samples are not independent) has the
+per-channel gradients Σ_s b·x̂ (weight) and Σ_s b (bias); it does not fit the outer-product form,
+so :meth:`LayerCapture.factors` refuses it and :meth:`~LayerCapture.per_sample_sq_norm` /
+:meth:`~LayerCapture.per_sample_grads` handle it directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.errors import InfluenceLensError
+from engine.progress import Progress, no_progress
+from engine.task import ImageTask
+
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.BatchNorm2d)
+NORM_METHODS = ("auto", "ghost", "explicit")
+
+# Peak size (elements) of one intermediate (unfolded patches, Gram matrices, explicit gradients)
+# while taking norms; the batch is cut into row chunks below it. 2^25 floats = 128 MiB in fp32.
+DEFAULT_CHUNK_ELEMENTS = 2**25
+
+
+class LayerCapture:
+    """Context manager capturing layer inputs and output gradients for per-sample quantities.
+
+    ``with LayerCapture(model) as cap:`` hooks every supported layer with trainable parameters
+    (or exactly ``layers``); run a forward pass and a backward pass of the **summed** per-sample
+    loss (``loss.backward()`` or ``torch.autograd.grad``; the weight gradients themselves are not
+    needed, so differentiating with respect to the input alone is enough and cheaper), then ask
+    for :meth:`factors`, :meth:`per_sample_sq_norm`, :meth:`per_sample_grads`. A layer called
+    several times in one forward (weight sharing) has its positions concatenated: the per-sample
+    gradient is the sum over calls. A new forward pass replaces what was stored.
+
+    ``norm_method`` forces the ghost or the explicit path for every layer (tests, benchmarks);
+    ``auto`` picks the cheaper one per layer.
+    """
+
+    def __init__(self, model: nn.Module, layers: Iterable[nn.Module] | None = None, *,
+                 norm_method: str = "auto", chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+        if norm_method not in NORM_METHODS:
+            raise ValueError(f"unknown norm_method {norm_method!r}; valid choices: {', '.join(NORM_METHODS)}")
+        self.layers = list(layers) if layers is not None else trainable_layers(model)
+        for layer in self.layers:
+            _check_supported(layer)
+        self.norm_method = norm_method
+        self.chunk_elements = chunk_elements
+        self._inputs: dict[nn.Module, list[torch.Tensor]] = {}
+        self._grads: dict[nn.Module, list[torch.Tensor | None]] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> LayerCapture:
+        for layer in self.layers:
+            self._handles.append(layer.register_forward_pre_hook(self._forward_pre_hook))
+            self._handles.append(layer.register_forward_hook(self._forward_hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.clear()
+
+    def clear(self) -> None:
+        """Drop the stored tensors (they hold a batch's activations)."""
+        self._inputs.clear()
+        self._grads.clear()
+
+    # ---- hooks ------------------------------------------------------------------------------
+    def _forward_pre_hook(self, module: nn.Module, inputs: tuple) -> None:
+        if not torch.is_grad_enabled():
+            return
+        if isinstance(module, nn.BatchNorm2d) and (module.training or not module.track_running_stats):
+            raise InfluenceLensError(f"{type(module).__name__} normalizes with batch statistics here, which mixes "
+                                     "samples: per-sample gradients need the model in eval mode (model.eval()) "
+                                     "with running statistics")
+        if self._inputs.get(module) and all(g is not None for g in self._grads[module]):
+            # Everything from the previous forward/backward is complete: this is a new batch.
+            self._inputs[module], self._grads[module] = [], []
+
+    def _forward_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if not torch.is_grad_enabled() or not output.requires_grad:
+            return
+        calls = self._inputs.setdefault(module, [])
+        grads = self._grads.setdefault(module, [])
+        call = len(calls)
+        calls.append(inputs[0].detach())
+        grads.append(None)
+
+        def store(grad: torch.Tensor) -> None:
+            grads[call] = grad.detach()
+
+        # A tensor hook registered before any in-place op that follows (ReLU(inplace=True))
+        # still receives the gradient of this very output.
+        output.register_hook(store)
+
+    # ---- public quantities --------------------------------------------------------------------
+    def batch_size(self, module: nn.Module) -> int:
+        return self._stored(module)[0][0].shape[0]
+
+    def factors(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a, b)`` of shapes (B, S, d_in) and (B, S, d_out) with G_i = Σ_s b[i,s] a[i,s]ᵀ.
+
+        ``a`` carries a trailing column of ones when the layer has a bias, so the bias gradient
+        is the last column of G. Conv2d: ``a`` are the unfolded input patches (weight flattened
+        as (out, in·kh·kw)), ``b`` the output gradients per output pixel. Not for BatchNorm2d.
+        """
+        if isinstance(module, nn.BatchNorm2d):
+            raise TypeError("BatchNorm2d gradients are per-channel, not an outer product; use "
+                            "per_sample_sq_norm or per_sample_grads for it")
+        return self._factors(module, slice(None))
+
+    def per_sample_grads(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """Each parameter's per-sample gradient, ``{name: (B, *param.shape)}``. Materializes
+        B × (layer size): meant for one batch of one layer (tests, small heads), not for scoring."""
+        if isinstance(module, nn.BatchNorm2d):
+            weight, bias = self._batchnorm_grads(module, slice(None))
+            return {"weight": weight, "bias": bias}
+        a, b = self.factors(module)
+        g = torch.bmm(b.transpose(1, 2), a)
+        out = {"weight": g[:, :, :module.weight[0].numel()].reshape(len(g), *module.weight.shape)}
+        if module.bias is not None:
+            out["bias"] = g[:, :, -1]
+        return out
+
+    def per_sample_sq_norm(self, module: nn.Module) -> torch.Tensor:
+        """(B,) squared Frobenius norm of each sample's gradient over all the layer's parameters."""
+        n = self.batch_size(module)
+        per_row = self._elements_per_row(module)
+        step = max(1, self.chunk_elements // max(1, per_row))
+        return torch.cat([self._sq_norm(module, slice(lo, min(lo + step, n))) for lo in range(0, n, step)])
+
+    def path(self, module: nn.Module) -> str:
+        """``ghost`` or ``explicit``: the path :meth:`per_sample_sq_norm` takes for this layer."""
+        if isinstance(module, nn.BatchNorm2d):
+            return "explicit"
+        if self.norm_method != "auto":
+            return self.norm_method
+        s, d_in, d_out = self._shape(module)
+        return "ghost" if s * (d_in + d_out) < d_in * d_out else "explicit"
+
+    def total_sq_norm(self) -> torch.Tensor:
+        """(B,) squared gradient norm over every captured layer that took part in the pass."""
+        used = [layer for layer in self.layers if self._inputs.get(layer)]
+        if not used:
+            raise RuntimeError("no captured layer took part in a forward pass with gradients enabled")
+        return torch.stack([self.per_sample_sq_norm(layer) for layer in used]).sum(0)
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _stored(self, module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        inputs, grads = self._inputs.get(module), self._grads.get(module)
+        if not inputs:
+            raise RuntimeError(f"nothing captured for {module}: run a forward pass inside the "
+                               "LayerCapture with gradients enabled")
+        if any(g is None for g in grads):
+            raise RuntimeError(f"no output gradient captured for {module}: call backward on the summed loss")
+        return inputs, grads
+
+    def _shape(self, module: nn.Module) -> tuple[int, int, int]:
+        """(positions S, d_in with bias column, d_out) of a Linear or Conv2d, summed over calls."""
+        inputs, grads = self._stored(module)
+        s = sum(g[0].numel() // module.weight.shape[0] for g in grads)
+        d_in = module.weight[0].numel() + (module.bias is not None)
+        return s, d_in, module.weight.shape[0]
+
+    def _elements_per_row(self, module: nn.Module) -> int:
+        if isinstance(module, nn.BatchNorm2d):
+            return 2 * self._stored(module)[0][0][0].numel()
+        s, d_in, d_out = self._shape(module)
+        work = s * s if self.path(module) == "ghost" else d_in * d_out
+        return max(work, s * (d_in + d_out))
+
+    def _factors(self, module: nn.Module, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, grads = self._stored(module)
+        a_parts, b_parts = [], []
+        for x, g in zip(inputs, grads):
+            x, g = x[rows], g[rows]
+            if isinstance(module, nn.Conv2d):
+                a = _unfold(module, x).transpose(1, 2)
+                b = g.flatten(2).transpose(1, 2)
+            else:
+                a, b = x.reshape(len(x), -1, x.shape[-1]), g.reshape(len(g), -1, g.shape[-1])
+            if module.bias is not None:
+                a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
+            a_parts.append(a)
+            b_parts.append(b)
+        if len(a_parts) == 1:
+            return a_parts[0], b_parts[0]
+        return torch.cat(a_parts, dim=1), torch.cat(b_parts, dim=1)
+
+    def _batchnorm_grads(self, module: nn.BatchNorm2d, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, grads = self._stored(module)
+        shape = (1, -1, 1, 1)
+        scale = torch.rsqrt(module.running_var + module.eps).view(shape)
+        weight = bias = 0
+        for x, g in zip(inputs, grads):
+            x, g = x[rows], g[rows]
+            x_hat = (x - module.running_mean.view(shape)) * scale
+            weight = weight + (g * x_hat).sum(dim=(2, 3))
+            bias = bias + g.sum(dim=(2, 3))
+        return weight, bias
+
+    def _sq_norm(self, module: nn.Module, rows: slice) -> torch.Tensor:
+        if isinstance(module, nn.BatchNorm2d):
+            weight, bias = self._batchnorm_grads(module, rows)
+            return weight.square().sum(1) + bias.square().sum(1)
+        a, b = self._factors(module, rows)
+        if a.shape[1] == 1:
+            return a.square().sum((1, 2)) * b.square().sum((1, 2))
+        if self.path(module) == "ghost":
+            return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(b, b.transpose(1, 2))).sum((1, 2))
+        return torch.bmm(b.transpose(1, 2), a).square().sum((1, 2))
+
+
+def _unfold(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Input patches (B, C_in·kh·kw, L) in the weight's flattening order."""
+    padding = conv.padding
+    if isinstance(padding, str) or conv.padding_mode != "zeros":
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+        padding = 0
+    return F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
+
+
+def _check_supported(layer: nn.Module) -> None:
+    if not isinstance(layer, SUPPORTED_LAYERS):
+        names = ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
+        raise InfluenceLensError(f"per-sample gradients support {names} layers, not {type(layer).__name__}")
+    if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+        raise InfluenceLensError(f"per-sample gradients support Conv2d with groups=1 only, not groups={layer.groups} "
+                                 f"({layer})")
+
+
+def trainable_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules owning trainable parameters, all of which must be supported layers.
+
+    Raises :class:`InfluenceLensError` naming the first module with trainable parameters of an
+    unsupported type (its gradient would otherwise be silently left out of every norm), or a
+    supported layer frozen only in part (its norm would count the frozen parameter).
+    """
+    layers = []
+    for name, module in model.named_modules():
+        params = list(module.parameters(recurse=False))
+        trainable = [p.requires_grad for p in params]
+        if not any(trainable):
+            continue
+        if not isinstance(module, SUPPORTED_LAYERS):
+            raise InfluenceLensError(f"module {name or type(module).__name__!r} ({type(module).__name__}) has "
+                                     "trainable parameters, but per-sample gradients support only "
+                                     f"{', '.join(t.__name__ for t in SUPPORTED_LAYERS)}; freeze it or replace it")
+        if not all(trainable):
+            raise InfluenceLensError(f"layer {name!r} is only partly frozen; freeze all or none of its parameters")
+        layers.append(module)
+    return layers
+
+
+def per_sample_grad_sq_norms(model: nn.Module, task: ImageTask, images: np.ndarray, labels: np.ndarray,
+                             device: torch.device | str, *, batch_size: int = 256,
+                             norm_method: str = "auto", progress: Progress = no_progress) -> np.ndarray:
+    """‖∇θ ℓ(z_i, θ)‖² for every row, over all trainable parameters, as float64 (N,).
+
+    The model runs in eval mode (BatchNorm with running statistics); its train/eval mode is
+    restored afterwards. Every trainable parameter must sit in a supported layer (Linear,
+    Conv2d, BatchNorm2d), else :class:`InfluenceLensError` (see :func:`trainable_layers`): all
+    trainable parameters are counted, none silently skipped. Frozen layers are not counted.
+    One forward and one input-only backward pass per batch: the weight gradients are never formed
+    by autograd, only per layer and per chunk by the cheaper of the ghost and explicit paths.
+    """
+    labels = np.asarray(labels)
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    was_training = model.training
+    model.eval()
+    out = np.empty(len(images), dtype=np.float64)
+    try:
+        with LayerCapture(model, norm_method=norm_method) as capture:
+            for lo in range(0, len(images), batch_size):
+                hi = min(lo + batch_size, len(images))
+                x = task.inputs(images[lo:hi], device).requires_grad_(True)
+                y = torch.as_tensor(labels[lo:hi], device=device)
+                loss = task.loss(model(x), y, reduction="sum")
+                torch.autograd.grad(loss, x)
+                out[lo:hi] = capture.total_sq_norm().double().cpu().numpy()
+                capture.clear()
+                progress(hi, len(images), "per-sample gradients")
+    finally:
+        model.train(was_training)
+    return out
