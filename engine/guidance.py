@@ -1,0 +1,177 @@
+"""Guidance for reviewers: how deep to review a ranking, and warnings about misuse.
+
+The review-depth estimate needs no ground truth. It starts from a per-sample probability that the
+given label is wrong (1 − p_y under the model that knows the label least, e.g. the validation
+model θ̃ or cleanlab's out-of-sample model), recalibrates it with the decisions already made
+(confirmed errors vs. confirmed correct), and turns it into the expected precision at every depth
+of the ranking and the expected number of label errors in the whole set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import minimize
+from scipy.special import expit, logit
+from sklearn.isotonic import IsotonicRegression
+
+from engine.data import Dataset
+from engine.metrics import ranking
+
+# How many decisions the prior on the calibration is worth: with fewer reviewed samples than this
+# the model's own probabilities dominate; with many more, the reviewer's decisions do.
+CALIBRATION_PRIOR_WEIGHT = 10.0
+_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class ReviewEstimate:
+    """Estimated precision along a ranking (position 0 = the most suspicious sample)."""
+
+    order: np.ndarray  # row positions, most suspicious first
+    marginal: np.ndarray  # P(the sample at this depth is a label error), non-increasing in depth
+    precision: np.ndarray  # expected precision of the top-d for d = 1..N
+    stop_depth: int  # review down to here: the marginal precision stays ≥ threshold above it
+    expected_total: float  # expected number of label errors in the whole set
+    found: int  # label errors confirmed so far
+    reviewed: int  # samples decided so far
+    calibration: tuple[float, float]  # (slope, offset) on the logit of the model's probability
+    cleanlab_total: int | None = None  # cleanlab's estimate of the number of issues, when given
+
+    @property
+    def expected_noise_rate(self) -> float:
+        return self.expected_total / len(self.order)
+
+    def precision_at(self, depth: int) -> float:
+        return float(self.precision[max(1, min(depth, len(self.precision))) - 1])
+
+
+def _fit_calibration(prob: np.ndarray, outcome: np.ndarray) -> tuple[float, float]:
+    """Logistic recalibration logit(q') = a·logit(q) + b, MAP with a prior pulling to a=1, b=0."""
+    if len(outcome) == 0:
+        return 1.0, 0.0
+    z = logit(np.clip(prob, _EPS, 1 - _EPS))
+
+    def objective(params: np.ndarray) -> float:
+        a, b = params
+        q = np.clip(expit(a * z + b), _EPS, 1 - _EPS)
+        nll = -np.sum(outcome * np.log(q) + (1 - outcome) * np.log(1 - q))
+        return nll + 0.5 * CALIBRATION_PRIOR_WEIGHT * ((a - 1.0) ** 2 + b ** 2)
+
+    a, b = minimize(objective, np.array([1.0, 0.0]), method="L-BFGS-B",
+                    bounds=[(0.05, 20.0), (-20.0, 20.0)]).x
+    return float(a), float(b)
+
+
+def estimate_review_depth(scores: np.ndarray, error_probability: np.ndarray, *,
+                          reviewed_rows: np.ndarray | None = None, reviewed_is_error: np.ndarray | None = None,
+                          threshold: float = 0.5, cleanlab_total: int | None = None) -> ReviewEstimate:
+    """Expected precision at each depth of the ranking by ``scores`` (higher = more suspicious).
+
+    ``error_probability[i]`` is a model's probability that row i's label is wrong; reviewed rows
+    (positions) with their outcomes (True = a label error: relabeled or dropped) recalibrate it,
+    and replace the estimate by the known outcome for those rows.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    prob = np.clip(np.asarray(error_probability, dtype=np.float64), 0.0, 1.0)
+    if prob.shape != scores.shape:
+        raise ValueError("scores and error probabilities must be aligned")
+    reviewed_rows = np.asarray([] if reviewed_rows is None else reviewed_rows, dtype=np.int64)
+    outcome = np.asarray([] if reviewed_is_error is None else reviewed_is_error, dtype=np.float64)
+    a, b = _fit_calibration(prob[reviewed_rows], outcome)
+    value = expit(a * logit(np.clip(prob, _EPS, 1 - _EPS)) + b)
+    value[reviewed_rows] = outcome
+    order = ranking(scores)
+    along = value[order]
+    depth = np.arange(1, len(order) + 1)
+    marginal = IsotonicRegression(increasing=False, y_min=0.0, y_max=1.0).fit_transform(depth, along)
+    below = np.flatnonzero(marginal < threshold)
+    stop = int(below[0]) if len(below) else len(order)
+    return ReviewEstimate(order=order, marginal=marginal, precision=np.cumsum(along) / depth, stop_depth=stop,
+                          expected_total=float(value.sum()), found=int(outcome.sum()),
+                          reviewed=len(reviewed_rows), calibration=(a, b), cleanlab_total=cleanlab_total)
+
+
+def label_error_probability(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """1 − p_y: a model's probability that each given label is wrong."""
+    return 1.0 - probabilities[np.arange(len(labels)), labels]
+
+
+def cleanlab_issue_count(labels: np.ndarray, out_of_sample_probabilities: np.ndarray) -> int:
+    """cleanlab's estimate of the number of label issues (a second opinion on the total)."""
+    from cleanlab.count import num_label_issues
+
+    return int(num_label_issues(labels, out_of_sample_probabilities))
+
+
+# ---------------------------------------------------------------------------------------------
+# Guards against misuse: each returns a warning (never blocks), with a stable code.
+
+@dataclass(frozen=True)
+class Advice:
+    """A non-blocking warning with a stable code (for tests and the UI) and a plain message."""
+
+    code: str
+    message: str
+
+
+def _image_keys(dataset: Dataset) -> set[bytes]:
+    return {img.tobytes() for img in dataset.images}
+
+
+def validation_warnings(train: Dataset, validation: Dataset | None, *, trusted: bool = True,
+                        min_per_class: int = 5) -> list[Advice]:
+    """Warnings about the trusted validation set: overlap with training, size, missing classes, carve-out."""
+    if validation is None:
+        return []
+    found: list[Advice] = []
+    overlap = len(_image_keys(train) & _image_keys(validation))
+    if overlap:
+        found.append(Advice("validation-overlap", f"{overlap} validation images also appear in the training set; "
+                                                    "a trusted validation set must be held out"))
+    counts = np.bincount(validation.labels, minlength=validation.num_classes)
+    missing = [validation.class_names[c] for c in np.flatnonzero(counts == 0)]
+    if missing:
+        found.append(Advice("validation-missing-classes",
+                              f"the validation set has no samples of class(es) {', '.join(missing)}"))
+    small = [validation.class_names[c] for c in np.flatnonzero((counts > 0) & (counts < min_per_class))]
+    if small:
+        found.append(Advice("validation-small", f"the validation set has fewer than {min_per_class} samples of "
+                                                  f"class(es) {', '.join(small)}; FVM needs a few per class"))
+    if not trusted:
+        found.append(Advice("validation-untrusted", "the validation set was carved out of the (noisy) training "
+                                                      "data, so its labels are not trusted; FVM is less reliable"))
+    return found
+
+
+def cleaning_test_set_warnings(train: Dataset, test: Dataset | None) -> list[Advice]:
+    """Warn when the set being cleaned is also the one test accuracy is reported on."""
+    if test is None:
+        return []
+    shared = len(_image_keys(train) & _image_keys(test))
+    if shared:
+        return [Advice("cleaning-test-set", f"{shared} test images are also in the set being cleaned; "
+                                              "accuracy measured on them after cleaning is optimistic")]
+    return []
+
+
+def model_warnings(*, history: list[dict[str, float]], flagged_train_accuracy: float | None = None,
+                   validation_accuracy: float | None = None, min_validation_accuracy: float = 0.7) -> list[Advice]:
+    """Warnings about the models: unconverged, memorized noise, weak validation model."""
+    found: list[Advice] = []
+    if history:
+        last = history[-1]
+        previous = history[-2] if len(history) >= 2 else last
+        if last["accuracy"] < 0.5 or previous["loss"] - last["loss"] > 0.1 * previous["loss"]:
+            found.append(Advice("not-converged", f"the base model may not have converged (training accuracy "
+                                                   f"{last['accuracy']:.2f}, loss {last['loss']:.3f} still falling); "
+                                                   "train for more epochs"))
+    if flagged_train_accuracy is not None and flagged_train_accuracy >= 0.95:
+        found.append(Advice("memorized", f"the base model fits {flagged_train_accuracy:.0%} of the flagged samples' "
+                                           "given labels: it has memorized the noise, so scores taken at the trained "
+                                           "model (loss, margin, TracIn) are unreliable; prefer VM/FVM or fewer epochs"))
+    if validation_accuracy is not None and validation_accuracy < min_validation_accuracy:
+        found.append(Advice("weak-validation-model", f"the validation model reaches only {validation_accuracy:.1%} "
+                                                       "accuracy on the validation set; the FVM ranking is unreliable"))
+    return found
