@@ -1,0 +1,161 @@
+"""TracIn self-influence (METHODS.md §2): s(z) = Σ_t η_t ‖∇θ ℓ(z, θ_t)‖² over saved checkpoints.
+
+Three scorers share this file: the last layer only from forward passes (``tracin-last``), the
+whole network from one batched backward pass per checkpoint (``tracin``, via
+:mod:`engine.per_sample`), and a dropout ensemble around the final model (``tracin-ensemble``).
+A gradient norm has no per-label form that would rank candidate labels, so the suggested label is
+the final model's argmax.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.errors import InfluenceLensError, OptionError
+from engine.per_sample import NORM_METHODS, per_sample_grad_sq_norms, trainable_layers
+from engine.progress import Progress
+from engine.scorers.base import Scorer, ScoringContext
+from engine.scorers.registry import register
+from engine.task import ImageTask
+from engine.training import Checkpoint, TrainedModel, predict
+
+
+def last_layer_sq_norms(model: nn.Module, task: ImageTask, images: np.ndarray, labels: np.ndarray,
+                        device: torch.device) -> np.ndarray:
+    """‖∇ head ℓ‖² = ‖p − e_y‖² · (‖a‖² + 1 if the head has a bias): forward passes only."""
+    preds = predict(model, task, images, device)
+    residual = preds.probabilities
+    residual[np.arange(len(labels)), labels] -= 1.0
+    feature_sq = np.square(preds.features).sum(1) + (model.head.bias is not None)
+    return np.square(residual).sum(1) * feature_sq
+
+
+def _checkpoints(trained: TrainedModel) -> list[Checkpoint]:
+    if not trained.checkpoints:
+        raise InfluenceLensError("TracIn needs the checkpoints saved during training, and this model has none")
+    return trained.checkpoints
+
+
+def _stage(progress: Progress, stage: str, part: int, parts: int) -> Progress:
+    """Map one part's progress onto a single bar for the whole stage."""
+    def report(done: int, total: int, message: str) -> None:
+        progress(part * total + done, parts * total, stage)
+    return report
+
+
+def _layer_names(model: nn.Module) -> list[str]:
+    names = {module: name for name, module in model.named_modules()}
+    return [names[layer] for layer in trainable_layers(model)]
+
+
+def _checkpoint_info(checkpoints: list[Checkpoint]) -> list[dict[str, float]]:
+    return [{"epoch": c.epoch, "learning_rate": c.learning_rate} for c in checkpoints]
+
+
+@register
+class TracInLastScorer(Scorer):
+    name = "tracin-last"
+    description = "TracIn self-influence of the final linear layer over the checkpoints (forward passes only)"
+
+    @dataclass(frozen=True)
+    class Settings:
+        weight_by_learning_rate: bool = True  # TracIn-CP: η_t in force at each checkpoint
+
+    def _score(self, context: ScoringContext):
+        trained, train = context.trained, context.train
+        checkpoints = _checkpoints(trained)
+        scores = np.zeros(len(train))
+        for j, checkpoint in enumerate(checkpoints):
+            weight = checkpoint.learning_rate if self.settings.weight_by_learning_rate else 1.0
+            scores += weight * last_layer_sq_norms(trained.model_at(checkpoint), trained.task, train.images,
+                                                   train.labels, trained.device)
+            context.progress(j + 1, len(checkpoints), "tracin-last")
+        info = {"layers": ["head"], "checkpoints": _checkpoint_info(checkpoints)}
+        return scores, context.predictions.predicted, info
+
+
+@register
+class TracInScorer(Scorer):
+    name = "tracin"
+    description = "TracIn self-influence of the whole network over the checkpoints (one batched backward each)"
+
+    @dataclass(frozen=True)
+    class Settings:
+        weight_by_learning_rate: bool = True  # TracIn-CP: η_t in force at each checkpoint
+        batch_size: int = 256  # rows per forward/backward; memory is about a training step's at this size
+        norm_method: str = "auto"  # per layer the cheaper of ghost / explicit norm (METHODS.md §2)
+
+    def _score(self, context: ScoringContext):
+        if self.settings.norm_method not in NORM_METHODS:
+            raise OptionError("norm_method", self.settings.norm_method, NORM_METHODS)
+        trained, train = context.trained, context.train
+        checkpoints = _checkpoints(trained)
+        scores = np.zeros(len(train))
+        for j, checkpoint in enumerate(checkpoints):
+            weight = checkpoint.learning_rate if self.settings.weight_by_learning_rate else 1.0
+            scores += weight * per_sample_grad_sq_norms(
+                trained.model_at(checkpoint), trained.task, train.images, train.labels, trained.device,
+                batch_size=self.settings.batch_size, norm_method=self.settings.norm_method,
+                progress=_stage(context.progress, "tracin", j, len(checkpoints)))
+        info = {"layers": _layer_names(trained.model), "checkpoints": _checkpoint_info(checkpoints)}
+        return scores, context.predictions.predicted, info
+
+
+def dropout_member(model: nn.Module, rate: float, generator: torch.Generator) -> nn.Module:
+    """A copy of ``model`` (eval mode) with each Linear/Conv2d weight entry zeroed with probability ``rate``.
+
+    Parameter dropout, no 1/(1 − rate) rescaling (rate ≤ 1% changes the scale by ≤ 1%). Biases
+    and BatchNorm are left alone: zeroing a BatchNorm scale would remove a whole channel, a far
+    larger perturbation than the rate says.
+    """
+    member = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for module in member.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                keep = torch.rand(module.weight.shape, generator=generator) >= rate
+                module.weight.mul_(keep.to(module.weight.device, module.weight.dtype))
+    return member
+
+
+@register
+class TracInEnsembleScorer(Scorer):
+    name = "tracin-ensemble"
+    description = "squared gradient norm summed over dropout-perturbed copies of the final model"
+
+    @dataclass(frozen=True)
+    class Settings:
+        members: int = 5  # member 0 is the final model itself; more members, less variance, linear cost
+        max_dropout: float = 0.01  # member k ≥ 1 zeroes weights at a rate drawn from U(0, max_dropout)
+        seed: int = 0  # rates and masks
+        last_layer_only: bool = False  # True: each member's head gradient only (forward passes only)
+        batch_size: int = 256
+
+    def _score(self, context: ScoringContext):
+        settings = self.settings
+        if settings.members < 1:
+            raise OptionError("members", settings.members, ["a positive integer"])
+        if not 0.0 <= settings.max_dropout < 1.0:
+            raise OptionError("max_dropout", settings.max_dropout, ["a rate in [0, 1)"])
+        trained, train = context.trained, context.train
+        rates = np.concatenate([[0.0], np.random.default_rng(settings.seed).uniform(0, settings.max_dropout,
+                                                                                    settings.members - 1)])
+        generator = torch.Generator().manual_seed(settings.seed)
+        scores = np.zeros(len(train))
+        for k, rate in enumerate(rates):
+            member = dropout_member(trained.model, float(rate), generator)
+            stage = _stage(context.progress, "tracin-ensemble", k, len(rates))
+            if settings.last_layer_only:
+                scores += last_layer_sq_norms(member, trained.task, train.images, train.labels, trained.device)
+                stage(1, 1, "")
+            else:
+                scores += per_sample_grad_sq_norms(member, trained.task, train.images, train.labels, trained.device,
+                                                   batch_size=settings.batch_size, progress=stage)
+        info: dict[str, Any] = {"layers": ["head"] if settings.last_layer_only else _layer_names(trained.model),
+                                "dropout_rates": [round(float(r), 6) for r in rates]}
+        return scores, context.predictions.predicted, info
