@@ -1,0 +1,385 @@
+"""The review workspace: one SQLite file per dataset holding runs, scores and the decision log.
+
+Why SQLite: a reviewer's hour of decisions must survive a browser refresh, a closed tab, a server
+restart or a killed process, and two tabs (or two processes) on one workspace must see each
+other's decisions. Every decision is its own transaction in WAL mode; undo appends a row (and
+flags the undone one) instead of deleting anything, so the log is the full history. The user's
+data files are never written: the workspace lives in its own folder (``workspaces/`` under the
+current directory unless another folder is given).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+
+from engine.data import Dataset
+from engine.errors import InfluenceLensError
+from engine.pipeline import ACTIONS
+
+SCHEMA_VERSION = 1
+DEFAULT_FOLDER = "workspaces"
+SUFFIX = ".sqlite"
+_SQLITE_HEADER = b"SQLite format 3\x00"
+# "database is locked" retries: SQLite's own busy handler waits up to BUSY_TIMEOUT_S per attempt;
+# a few attempts with backoff cover a long checkpoint in another process without hanging the app.
+BUSY_TIMEOUT_S = 5.0
+LOCK_RETRIES = 6
+
+_SCHEMA = """
+CREATE TABLE runs (
+    config_hash TEXT PRIMARY KEY,
+    settings TEXT NOT NULL,
+    created TEXT NOT NULL,
+    last_used TEXT NOT NULL
+);
+CREATE TABLE results (
+    config_hash TEXT NOT NULL REFERENCES runs(config_hash),
+    method TEXT NOT NULL,
+    scores BLOB NOT NULL,
+    suggested BLOB NOT NULL,
+    settings TEXT NOT NULL,
+    timings TEXT NOT NULL,
+    info TEXT NOT NULL,
+    created TEXT NOT NULL,
+    PRIMARY KEY (config_hash, method)
+);
+CREATE TABLE arrays (
+    config_hash TEXT NOT NULL REFERENCES runs(config_hash),
+    name TEXT NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (config_hash, name)
+);
+CREATE TABLE reports (
+    config_hash TEXT NOT NULL,
+    name TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    created TEXT NOT NULL,
+    PRIMARY KEY (config_hash, name)
+);
+CREATE TABLE decisions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    batch INTEGER NOT NULL,
+    sample_index INTEGER NOT NULL,
+    action TEXT NOT NULL,
+    new_label INTEGER,
+    decided_at TEXT NOT NULL,
+    undone INTEGER NOT NULL DEFAULT 0,
+    undoes INTEGER REFERENCES decisions(id)
+);
+CREATE INDEX decisions_by_sample ON decisions(sample_index, id);
+"""
+
+LOG_COLUMNS = ["id", "batch", "index", "action", "new_label", "decided_at", "undone", "undoes"]
+DECISION_COLUMNS = ["index", "action", "new_label", "decided_at"]
+CLEANED_COLUMNS = ["index", "original_label", "final_label", "action"]
+UNREVIEWED = "unreviewed"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _to_blob(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _from_blob(blob: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(blob), allow_pickle=False)
+
+
+def workspace_name(data_key: str) -> str:
+    """A readable, filesystem-safe file stem for a dataset key, unique through a short hash."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", data_key).strip("-.")[-60:] or "data"
+    return f"{slug}-{hashlib.sha1(data_key.encode()).hexdigest()[:8]}"
+
+
+def default_folder(folder: str | Path | None = None) -> Path:
+    """``folder`` if given, else ``workspaces/`` under the current directory."""
+    return Path(folder) if folder is not None else Path.cwd() / DEFAULT_FOLDER
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    """One method's stored output for one run configuration."""
+
+    method: str
+    scores: np.ndarray
+    suggested_labels: np.ndarray
+    settings: dict[str, Any]
+    timings: dict[str, float]
+    info: dict[str, Any]
+
+
+class Workspace:
+    """One SQLite workspace file. Cheap to construct; every call opens its own connection, so an
+    instance can be shared across threads (Streamlit reruns) and the file across processes."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._check_is_sqlite()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._retrying(self._initialise)
+
+    @classmethod
+    def for_data(cls, data_key: str, folder: str | Path | None = None) -> Workspace:
+        """The workspace of one dataset (``data_key`` names the labelled data, e.g. with its noise)."""
+        return cls(default_folder(folder) / f"{workspace_name(data_key)}{SUFFIX}")
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _check_is_sqlite(self) -> None:
+        if self.path.is_dir():
+            raise InfluenceLensError(f"{self.path}: is a folder, not a workspace file")
+        if self.path.exists() and self.path.stat().st_size > 0:
+            with open(self.path, "rb") as handle:
+                if handle.read(len(_SQLITE_HEADER)) != _SQLITE_HEADER:
+                    raise InfluenceLensError(f"{self.path}: not a workspace (not an SQLite database); "
+                                             "move the file away or choose another workspace folder")
+
+    def _connect(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=FULL")  # a decision whose commit returned survives a crash
+        return con
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE`` takes the write lock up front)."""
+        con = self._connect()
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+        finally:
+            con.close()
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        con = self._connect()
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def _retrying(self, operation):
+        """Run ``operation``, retrying a bounded number of times while another writer holds the lock."""
+        for attempt in range(LOCK_RETRIES):
+            try:
+                return operation()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise InfluenceLensError(f"{self.path}: workspace error ({exc})") from None
+                time.sleep(min(0.05 * 2 ** attempt, 1.0))
+            except sqlite3.DatabaseError as exc:
+                raise InfluenceLensError(f"{self.path}: not a usable workspace database ({exc})") from None
+        raise InfluenceLensError(f"{self.path}: the workspace stayed locked by another process; try again")
+
+    def _initialise(self) -> None:
+        with self._transaction() as con:
+            con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = con.execute("SELECT max(version) FROM schema_version").fetchone()
+            version = row[0]
+            if version is None:  # executescript() would COMMIT early, so one statement at a time
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    con.execute(statement)
+                con.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif version > SCHEMA_VERSION:
+                raise InfluenceLensError(
+                    f"{self.path}: workspace written by a newer influence-lens (schema version {version}, "
+                    f"this version reads up to {SCHEMA_VERSION}); upgrade influence-lens to open it")
+
+    def schema_version(self) -> int:
+        with self._reading() as con:
+            return int(con.execute("SELECT max(version) FROM schema_version").fetchone()[0])
+
+    # -- runs and results -------------------------------------------------------------------------
+
+    def save_run(self, config_hash: str, settings: dict[str, Any]) -> None:
+        """Record a run configuration (idempotent); marks it as the most recently used."""
+        def write():
+            now = _now()
+            with self._transaction() as con:
+                con.execute("INSERT INTO runs (config_hash, settings, created, last_used) VALUES (?, ?, ?, ?) "
+                            "ON CONFLICT(config_hash) DO UPDATE SET last_used = excluded.last_used",
+                            (config_hash, json.dumps(settings, sort_keys=True, default=str), now, now))
+        self._retrying(write)
+
+    def runs(self) -> pd.DataFrame:
+        """Every run, most recently used first: ``config_hash, settings (dict), created, last_used, methods``."""
+        def read():
+            with self._reading() as con:
+                rows = con.execute("SELECT r.config_hash, r.settings, r.created, r.last_used, "
+                                   "(SELECT group_concat(method, ',') FROM results s WHERE s.config_hash = r.config_hash) "
+                                   "FROM runs r ORDER BY r.last_used DESC").fetchall()
+            return pd.DataFrame([(h, json.loads(s), c, u, sorted((m or "").split(",")) if m else [])
+                                 for h, s, c, u, m in rows],
+                                columns=["config_hash", "settings", "created", "last_used", "methods"])
+        return self._retrying(read)
+
+    def save_result(self, config_hash: str, result) -> None:
+        """Store one method's ``ScoreResult`` (scores and suggested labels as ``.npy`` blobs)."""
+        def write():
+            with self._transaction() as con:
+                con.execute("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            (config_hash, result.method, _to_blob(result.scores), _to_blob(result.suggested_labels),
+                             json.dumps(result.settings, default=str), json.dumps(result.timings),
+                             json.dumps(result.info, default=str), _now()))
+        self._retrying(write)
+
+    def results(self, config_hash: str) -> dict[str, StoredResult]:
+        """Every stored method result of a run, by method name."""
+        def read():
+            with self._reading() as con:
+                rows = con.execute("SELECT method, scores, suggested, settings, timings, info FROM results "
+                                   "WHERE config_hash = ? ORDER BY created", (config_hash,)).fetchall()
+            return {m: StoredResult(m, _from_blob(s), _from_blob(g), json.loads(st), json.loads(t), json.loads(i))
+                    for m, s, g, st, t, i in rows}
+        return self._retrying(read)
+
+    def save_arrays(self, config_hash: str, arrays: dict[str, np.ndarray]) -> None:
+        """Store named arrays of a run (model outputs the dashboard shows without the model)."""
+        def write():
+            with self._transaction() as con:
+                con.executemany("INSERT OR REPLACE INTO arrays VALUES (?, ?, ?)",
+                                [(config_hash, name, _to_blob(a)) for name, a in arrays.items()])
+        self._retrying(write)
+
+    def arrays(self, config_hash: str) -> dict[str, np.ndarray]:
+        def read():
+            with self._reading() as con:
+                rows = con.execute("SELECT name, data FROM arrays WHERE config_hash = ?", (config_hash,)).fetchall()
+            return {name: _from_blob(data) for name, data in rows}
+        return self._retrying(read)
+
+    def save_report(self, config_hash: str, name: str, payload: dict[str, Any]) -> None:
+        """Store a JSON report of a run (a retrain comparison, a cleaning curve), replacing the last."""
+        def write():
+            with self._transaction() as con:
+                con.execute("INSERT OR REPLACE INTO reports VALUES (?, ?, ?, ?)",
+                            (config_hash, name, json.dumps(payload, default=str), _now()))
+        self._retrying(write)
+
+    def report(self, config_hash: str, name: str) -> dict[str, Any] | None:
+        def read():
+            with self._reading() as con:
+                row = con.execute("SELECT payload FROM reports WHERE config_hash = ? AND name = ?",
+                                  (config_hash, name)).fetchone()
+            return None if row is None else json.loads(row[0])
+        return self._retrying(read)
+
+    # -- decisions --------------------------------------------------------------------------------
+
+    def decide(self, indices, action: str, new_label: int | None = None) -> int:
+        """Record one decision for each sample index (one transaction, one batch); returns the batch id.
+
+        ``action`` is ``relabel`` (``new_label`` required), ``drop`` or ``keep`` (confirmed correct).
+        """
+        if action not in ACTIONS:
+            raise InfluenceLensError(f"unknown action {action!r}; valid: {', '.join(ACTIONS)}")
+        if action == "relabel" and (new_label is None or int(new_label) < 0):
+            raise InfluenceLensError("a relabel decision needs the new label")
+        label = int(new_label) if action == "relabel" else None
+        indices = [int(i) for i in np.atleast_1d(np.asarray(indices, dtype=np.int64))]
+        if not indices:
+            raise InfluenceLensError("no samples selected")
+
+        def write():
+            with self._transaction() as con:
+                batch = con.execute("SELECT coalesce(max(batch), 0) + 1 FROM decisions").fetchone()[0]
+                now = _now()
+                con.executemany("INSERT INTO decisions (batch, sample_index, action, new_label, decided_at) "
+                                "VALUES (?, ?, ?, ?, ?)", [(batch, i, action, label, now) for i in indices])
+                return int(batch)
+        return self._retrying(write)
+
+    def undo(self) -> pd.DataFrame:
+        """Undo the most recent batch of decisions still in force; returns the undone rows (empty if none).
+
+        The undone rows are flagged and an ``undo`` row per sample is appended: nothing is deleted.
+        """
+        def write():
+            with self._transaction() as con:
+                row = con.execute("SELECT max(batch) FROM decisions WHERE action != 'undo' AND undone = 0").fetchone()
+                if row[0] is None:
+                    return []
+                undone = con.execute("SELECT id, sample_index FROM decisions WHERE batch = ? AND action != 'undo' "
+                                     "AND undone = 0", (row[0],)).fetchall()
+                batch = con.execute("SELECT max(batch) + 1 FROM decisions").fetchone()[0]
+                now = _now()
+                con.execute("UPDATE decisions SET undone = 1 WHERE batch = ? AND action != 'undo'", (row[0],))
+                con.executemany("INSERT INTO decisions (batch, sample_index, action, decided_at, undoes) "
+                                "VALUES (?, ?, 'undo', ?, ?)", [(batch, i, now, d) for d, i in undone])
+                return [i for _, i in undone]
+        undone = self._retrying(write)
+        current = self.decisions()
+        return pd.DataFrame({"index": undone}).merge(current, on="index", how="left")
+
+    def decisions(self) -> pd.DataFrame:
+        """The decision in force per sample (latest not undone): ``index, action, new_label, decided_at``.
+
+        ``new_label`` is -1 unless the action is ``relabel``; the frame feeds
+        :func:`engine.pipeline.apply_decisions` directly.
+        """
+        def read():
+            with self._reading() as con:
+                return con.execute(
+                    "SELECT sample_index, action, coalesce(new_label, -1), decided_at FROM decisions d "
+                    "WHERE id = (SELECT max(id) FROM decisions e WHERE e.sample_index = d.sample_index "
+                    "AND e.action != 'undo' AND e.undone = 0) ORDER BY sample_index").fetchall()
+        frame = pd.DataFrame(self._retrying(read), columns=DECISION_COLUMNS)
+        return frame.astype({"index": np.int64, "new_label": np.int64})
+
+    def decision_log(self) -> pd.DataFrame:
+        """Every row ever written, oldest first (``LOG_COLUMNS``)."""
+        def read():
+            with self._reading() as con:
+                return con.execute("SELECT id, batch, sample_index, action, new_label, decided_at, undone, undoes "
+                                   "FROM decisions ORDER BY id").fetchall()
+        frame = pd.DataFrame(self._retrying(read), columns=LOG_COLUMNS)
+        return frame.astype({"new_label": "Int64", "undoes": "Int64"})
+
+    # -- exports ----------------------------------------------------------------------------------
+
+    def cleaned_labels(self, dataset: Dataset) -> pd.DataFrame:
+        """``index,original_label,final_label,action`` for every row of ``dataset`` (class names).
+
+        Dropped rows have an empty ``final_label``; rows without a decision are ``unreviewed``.
+        """
+        names = np.asarray(dataset.class_names, dtype=object)
+        current = self.decisions().set_index("index")
+        current = current[current.index.isin(dataset.index)]
+        action = pd.Series(UNREVIEWED, index=dataset.index, dtype=object)
+        action[current.index] = current["action"]
+        final = names[dataset.labels].copy()
+        relabel = current[current["action"] == "relabel"]
+        positions = pd.Index(dataset.index).get_indexer(relabel.index)
+        final[positions] = names[relabel["new_label"].to_numpy()]
+        final[(action == "drop").to_numpy()] = ""
+        return pd.DataFrame({"index": dataset.index, "original_label": names[dataset.labels],
+                             "final_label": final, "action": action.to_numpy()}, columns=CLEANED_COLUMNS)
+
+    def decision_log_export(self, class_names: tuple[str, ...] | None = None) -> pd.DataFrame:
+        """The full log for a CSV, with ``new_label`` as a class name when ``class_names`` is given."""
+        log = self.decision_log()
+        if class_names is not None:
+            log["new_label"] = [class_names[int(v)] if pd.notna(v) else "" for v in log["new_label"]]
+        return log

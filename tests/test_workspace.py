@@ -1,0 +1,146 @@
+"""The SQLite review workspace: decisions persist, undo appends, exports, refusals."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import make_dataset
+from engine.errors import InfluenceLensError
+from engine.pipeline import apply_decisions
+from engine.scorers import ScoreResult
+from engine.workspace import CLEANED_COLUMNS, SCHEMA_VERSION, Workspace
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    return Workspace(tmp_path / "ws.sqlite")
+
+
+def test_decisions_survive_reopening(tmp_path):
+    path = tmp_path / "ws.sqlite"
+    first = Workspace(path)
+    first.decide([3], "relabel", 2)
+    first.decide([5, 7], "drop")
+    first.decide([3], "keep")  # a later decision on the same sample wins
+    again = Workspace(path)
+    current = again.decisions()
+    assert current[["index", "action", "new_label"]].values.tolist() == [[3, "keep", -1], [5, "drop", -1],
+                                                                          [7, "drop", -1]]
+    assert len(again.decision_log()) == 4
+    with sqlite3.connect(path) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_undo_restores_the_previous_decision_and_keeps_history(workspace):
+    workspace.decide([1], "relabel", 4)
+    workspace.decide([1, 2], "drop")
+    undone = workspace.undo()
+    assert sorted(undone["index"]) == [1, 2]
+    assert workspace.decisions()[["index", "action", "new_label"]].values.tolist() == [[1, "relabel", 4]]
+    log = workspace.decision_log()
+    assert len(log) == 5  # nothing deleted: 3 decisions + 2 undo rows
+    assert log.loc[log["action"] == "drop", "undone"].tolist() == [1, 1]
+    assert log.loc[log["action"] == "undo", "undoes"].tolist() == log.loc[log["action"] == "drop", "id"].tolist()
+    workspace.undo()
+    assert workspace.decisions().empty
+    assert workspace.undo().empty  # nothing left to undo
+
+
+def test_decide_validates_actions(workspace):
+    with pytest.raises(InfluenceLensError, match="unknown action"):
+        workspace.decide([1], "delete")
+    with pytest.raises(InfluenceLensError, match="new label"):
+        workspace.decide([1], "relabel")
+    assert workspace.decision_log().empty
+
+
+def test_cleaned_labels_export(workspace):
+    data = make_dataset(classes=3, per_class=2)  # labels 0 0 1 1 2 2, index 0..5
+    workspace.decide([0], "relabel", 2)
+    workspace.decide([3], "drop")
+    workspace.decide([4], "keep")
+    frame = workspace.cleaned_labels(data)
+    assert list(frame.columns) == CLEANED_COLUMNS == ["index", "original_label", "final_label", "action"]
+    text = frame.to_csv(index=False)
+    assert text.splitlines() == [
+        "index,original_label,final_label,action",
+        "0,class_0,class_2,relabel",
+        "1,class_0,class_0,unreviewed",
+        "2,class_1,class_1,unreviewed",
+        "3,class_1,,drop",
+        "4,class_2,class_2,keep",
+        "5,class_2,class_2,unreviewed",
+    ]
+    cleaned = apply_decisions(data, workspace.decisions())  # the current decisions feed the engine
+    assert cleaned.index.tolist() == [0, 1, 2, 4, 5] and cleaned.labels.tolist() == [2, 0, 1, 2, 2]
+
+
+def test_decision_log_export_names_labels(workspace):
+    workspace.decide([2], "relabel", 1)
+    workspace.undo()
+    log = workspace.decision_log_export(("cat", "dog"))
+    assert log[["index", "action", "new_label", "undone"]].values.tolist() == [[2, "relabel", "dog", 1],
+                                                                               [2, "undo", "", 0]]
+    assert pd.read_csv(io.StringIO(log.to_csv(index=False))).shape == (2, 8)
+
+
+def test_results_and_arrays_round_trip(workspace):
+    scores = np.array([0.5, 2.0, -1.0])
+    workspace.save_run("abc", {"data": "sample", "epochs": 3})
+    workspace.save_result("abc", ScoreResult("loss", scores, np.array([1, 0, 2]), {"x": 1}, {"score_seconds": 0.1}))
+    workspace.save_arrays("abc", {"features": np.eye(3, dtype=np.float32)})
+    workspace.save_report("abc", "retrain", {"after": 0.9})
+    again = Workspace(workspace.path)
+    stored = again.results("abc")["loss"]
+    np.testing.assert_array_equal(stored.scores, scores)
+    assert stored.suggested_labels.tolist() == [1, 0, 2] and stored.settings == {"x": 1}
+    np.testing.assert_array_equal(again.arrays("abc")["features"], np.eye(3, dtype=np.float32))
+    assert again.report("abc", "retrain") == {"after": 0.9} and again.report("abc", "other") is None
+    runs = again.runs()
+    assert runs["config_hash"].tolist() == ["abc"] and runs["methods"].tolist() == [["loss"]]
+    assert runs["settings"][0] == {"data": "sample", "epochs": 3}
+
+
+def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "ws.sqlite"
+    Workspace(path)
+    with sqlite3.connect(path) as con:
+        con.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION + 1,))
+    with pytest.raises(InfluenceLensError, match="newer influence-lens.*schema version 2"):
+        Workspace(path)
+
+
+def test_a_file_that_is_not_sqlite_is_refused_and_left_alone(tmp_path):
+    path = tmp_path / "ws.sqlite"
+    path.write_text("index,label\n1,2\n")
+    with pytest.raises(InfluenceLensError, match="not an SQLite database"):
+        Workspace(path)
+    assert path.read_text() == "index,label\n1,2\n"
+
+
+def test_for_data_puts_one_file_per_dataset_under_the_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a, b = Workspace.for_data("sample"), Workspace.for_data("/data/my set/train.csv")
+    assert a.path.parent == tmp_path / "workspaces" and a.path != b.path
+    assert Workspace.for_data("sample").path == a.path
+    assert Workspace.for_data("sample", tmp_path / "elsewhere").path.parent == tmp_path / "elsewhere"
+
+
+def test_two_processes_writing_at_once_lose_nothing(tmp_path):
+    path = tmp_path / "ws.sqlite"
+    Workspace(path)
+    writer = ("import sys\nfrom engine.workspace import Workspace\nws = Workspace(sys.argv[1])\n"
+              "for i in range(int(sys.argv[2]), int(sys.argv[2]) + 60):\n    ws.decide([i], 'drop')\n")
+    procs = [subprocess.Popen([sys.executable, "-c", writer, str(path), str(start)], stderr=subprocess.PIPE, text=True)
+             for start in (0, 1000)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    assert sorted(Workspace(path).decisions()["index"]) == list(range(60)) + list(range(1000, 1060))
