@@ -17,7 +17,7 @@ from engine.errors import DataError
 from engine.metrics import ranks
 from engine.progress import Progress, no_progress
 from engine.scorers import ScoreResult, ScoringContext, make_scorer, scorer_class
-from engine.training import TrainConfig, TrainedModel, evaluate, train
+from engine.training import TrainConfig, TrainedModel, evaluate, predict, train
 
 ACTIONS = ("drop", "relabel", "keep")
 RESULT_COLUMNS = ["index", "score", "rank", "given_label", "predicted_label", "suggested_label"]
@@ -159,13 +159,26 @@ def apply_decisions(dataset: Dataset, decisions: pd.DataFrame) -> Dataset:
     return dataset.with_labels(labels).subset(keep)
 
 
+def class_accuracies(trained: TrainedModel, dataset: Dataset) -> list[float | None]:
+    """Accuracy per class on ``dataset`` (None for a class it has no samples of)."""
+    predicted = predict(trained.model, trained.task, dataset.images, trained.device).predicted
+    return [float((predicted[dataset.labels == c] == c).mean()) if (dataset.labels == c).any() else None
+            for c in range(dataset.num_classes)]
+
+
 def retrain_comparison(train_set: Dataset, decisions: pd.DataFrame, test_set: Dataset, *,
-                       config: TrainConfig = TrainConfig(), progress: Progress = no_progress) -> dict:
-    """Train on the data as given and with the decisions applied (same seed and recipe)."""
+                       config: TrainConfig = TrainConfig(), before: TrainedModel | None = None,
+                       progress: Progress = no_progress) -> dict:
+    """Train on the data as given and with the decisions applied (same seed and recipe).
+
+    ``before``: the model already trained on ``train_set`` with ``config`` (saves one training).
+    """
     check_compatible(train_set, test_set, "test")
     cleaned = apply_decisions(train_set, decisions)
-    before = train(train_set, config, progress=progress)
+    before = before or train(train_set, config, progress=progress)
     after = train(cleaned, replace(config, model=before.model_name), task=before.task, progress=progress)
     return {"test_accuracy_before": evaluate(before, test_set), "test_accuracy_after": evaluate(after, test_set),
             "n_dropped": int((decisions["action"] == "drop").sum()),
-            "n_relabeled": int((decisions["action"] == "relabel").sum())}
+            "n_relabeled": int((decisions["action"] == "relabel").sum()),
+            "class_accuracy_before": class_accuracies(before, test_set),
+            "class_accuracy_after": class_accuracies(after, test_set)}
