@@ -26,7 +26,7 @@ def _randomize_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
-def _brute_force(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
+def brute_force_sq_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
     """Σ over ``params`` of the squared gradient, one backward pass per sample."""
     out = []
     for i in range(len(x)):
@@ -53,7 +53,7 @@ CONVS = {
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", CONVS)
-def test_conv2d_norms_match_brute_force(case, path):
+def test_conv2d_norms_matchbrute_force_sq_norms(case, path):
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 5, **CONVS[case])
     model = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.LazyLinear(4)).double()
@@ -62,13 +62,13 @@ def test_conv2d_norms_match_brute_force(case, path):
     y = torch.randint(0, 4, (6,))
     norms, used = _captured(model, x, y, conv, path)
     assert used == path
-    torch.testing.assert_close(norms, _brute_force(model, x, y, list(conv.parameters())), rtol=1e-4, atol=0)
+    torch.testing.assert_close(norms, brute_force_sq_norms(model, x, y, list(conv.parameters())), rtol=1e-4, atol=0)
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("tokens", [None, 4])
-def test_linear_norms_match_brute_force(tokens, bias, path):
+def test_linear_norms_matchbrute_force_sq_norms(tokens, bias, path):
     torch.manual_seed(0)
     linear = nn.Linear(7, 6, bias=bias)
     model = nn.Sequential(linear, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)).double()
@@ -76,10 +76,10 @@ def test_linear_norms_match_brute_force(tokens, bias, path):
     model(x)
     y = torch.randint(0, 3, (5,))
     norms, _ = _captured(model, x, y, linear, path)
-    torch.testing.assert_close(norms, _brute_force(model, x, y, list(linear.parameters())), rtol=1e-4, atol=0)
+    torch.testing.assert_close(norms, brute_force_sq_norms(model, x, y, list(linear.parameters())), rtol=1e-4, atol=0)
 
 
-def test_batchnorm_eval_norms_and_grads_match_brute_force():
+def test_batchnorm_eval_norms_and_grads_matchbrute_force_sq_norms():
     torch.manual_seed(0)
     bn = nn.BatchNorm2d(4)
     model = _randomize_batchnorm(nn.Sequential(nn.Conv2d(2, 4, 3), bn, nn.ReLU(inplace=True), nn.Flatten(),
@@ -88,7 +88,7 @@ def test_batchnorm_eval_norms_and_grads_match_brute_force():
     model(x)
     y = torch.randint(0, 3, (5,))
     norms, _ = _captured(model, x, y, bn, "auto")
-    torch.testing.assert_close(norms, _brute_force(model, x, y, [bn.weight, bn.bias]), rtol=1e-4, atol=0)
+    torch.testing.assert_close(norms, brute_force_sq_norms(model, x, y, [bn.weight, bn.bias]), rtol=1e-4, atol=0)
     with LayerCapture(model, [bn]) as cap:
         F.cross_entropy(model(x.clone().requires_grad_(True)), y, reduction="sum").backward()
         grads = cap.per_sample_grads(bn)
@@ -100,7 +100,7 @@ def test_batchnorm_eval_norms_and_grads_match_brute_force():
 
 
 @pytest.mark.parametrize("path", PATHS + ("auto",))
-def test_small_cnn_total_norm_matches_brute_force(path):
+def test_small_cnn_total_norm_matchesbrute_force_sq_norms(path):
     torch.manual_seed(0)
     model = _randomize_batchnorm(SmallCNN(3, 10, image_size=16, width=8).double()).eval()
     x = torch.randn(6, 3, 16, 16, dtype=torch.float64)
@@ -109,7 +109,7 @@ def test_small_cnn_total_norm_matches_brute_force(path):
         x_grad = x.clone().requires_grad_(True)
         torch.autograd.grad(F.cross_entropy(model(x_grad), y, reduction="sum"), x_grad)
         norms = cap.total_sq_norm()
-    torch.testing.assert_close(norms, _brute_force(model, x, y, list(model.parameters())), rtol=1e-4, atol=0)
+    torch.testing.assert_close(norms, brute_force_sq_norms(model, x, y, list(model.parameters())), rtol=1e-4, atol=0)
 
 
 def test_auto_path_picks_the_cheaper_one_per_layer():
@@ -156,7 +156,7 @@ def test_shared_layer_sums_its_calls():
     x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
     for path in PATHS:
         norms, _ = _captured(model, x, y, shared, path)
-        torch.testing.assert_close(norms, _brute_force(model, x, y, list(shared.parameters())), rtol=1e-6, atol=0)
+        torch.testing.assert_close(norms, brute_force_sq_norms(model, x, y, list(shared.parameters())), rtol=1e-6, atol=0)
 
 
 def _digit_like(n=40, seed=0):
@@ -172,7 +172,7 @@ def test_per_sample_grad_sq_norms_float32_matches_brute_force_and_is_batch_and_o
     norms = per_sample_grad_sq_norms(model, task, images, labels, "cpu", batch_size=16)
     assert norms.dtype == np.float64 and norms.shape == (40,)
     x = task.inputs(images).double()
-    brute = _brute_force(model.double(), x, torch.as_tensor(labels), list(model.parameters())).numpy()
+    brute = brute_force_sq_norms(model.double(), x, torch.as_tensor(labels), list(model.parameters())).numpy()
     model.float()
     np.testing.assert_allclose(norms, brute, rtol=1e-4)
     np.testing.assert_allclose(per_sample_grad_sq_norms(model, task, images, labels, "cpu", batch_size=7),
