@@ -31,6 +31,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help="training epochs (default %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed for training and noise (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=defaults.learning_rate,
+                        help="peak learning rate of the schedule (default %(default)s)")
     parser.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICE_NAMES)}")
     parser.add_argument("--model", default="auto", help=f"one of {', '.join(MODEL_NAMES)}")
     parser.add_argument("--noise-rate", type=float, default=None, help="inject this fraction of label noise first")
@@ -66,11 +68,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> TrainConfig:
-    return replace(TrainConfig(), epochs=args.epochs, seed=args.seed, device=args.device, model=args.model).validate()
+    return replace(TrainConfig(), epochs=args.epochs, seed=args.seed, device=args.device, model=args.model,
+                   learning_rate=args.lr).validate()
 
 
 def _load(spec: str, args: argparse.Namespace):
     dataset = load_dataset(spec, skip_unreadable=args.skip_unreadable)
+    if dataset.skipped:
+        print(f"influence-lens: skipped {len(dataset.skipped)} unreadable image(s) in {spec}:", file=sys.stderr)
     for problem in dataset.skipped:
         print(f"influence-lens: skipped {problem}", file=sys.stderr)
     return dataset
@@ -83,8 +88,26 @@ def _noisy(dataset, args):
     return noisy.dataset, noisy.flipped
 
 
+def _output_path(args: argparse.Namespace) -> Path:
+    """Where the scores go, checked before any work so a long run cannot fail at the end."""
+    out = Path(args.out or f"{args.method}_scores.csv")
+    if out.is_dir():
+        raise InfluenceLensError(f"{out}: --out is a folder; give a file name such as {out / 'scores.csv'}")
+    if not out.parent.is_dir():
+        raise InfluenceLensError(f"{out}: the folder {out.parent} does not exist")
+    return out
+
+
+def _check_truth(flipped: np.ndarray | None, args: argparse.Namespace) -> None:
+    """Detection metrics need flipped and clean rows: refuse a noise rate that leaves none of either."""
+    if flipped is not None and (flipped.all() or not flipped.any()):
+        raise InfluenceLensError(f"--noise-rate {args.noise_rate} flips {int(flipped.sum())} of {len(flipped)} "
+                                 "labels; choose a rate that flips some labels and leaves some clean")
+
+
 def _score(args: argparse.Namespace) -> dict:
     config = _config(args)
+    out = _output_path(args)
     start = time.perf_counter()
     train_set, flipped = _noisy(_load(args.train, args), args)
     validation, trusted = None, True
@@ -95,10 +118,13 @@ def _score(args: argparse.Namespace) -> dict:
         if flipped is not None:
             flipped = flipped[np.isin(train_set.index, keep_rows.index)]
         train_set, trusted = keep_rows, False
+    _check_truth(flipped, args)
     run = score_methods(train_set, [args.method], validation=validation, validation_trusted=trusted,
                         config=config, progress=tqdm_progress())
-    out = Path(args.out or f"{args.method}_scores.csv")
-    run.table(args.method, flipped).to_csv(out, index=False)
+    try:
+        run.table(args.method, flipped).to_csv(out, index=False)
+    except OSError as exc:
+        raise InfluenceLensError(f"{out}: cannot write the scores ({exc.strerror or exc})") from None
     result = run.results[args.method]
     summary = {"method": args.method, "n": len(train_set), "seconds": round(time.perf_counter() - start, 3),
                "device": str(run.trained.device), "model": run.trained.model_name, "epochs": config.epochs,
