@@ -1,0 +1,133 @@
+"""The numbers behind the dashboard's views: why a sample was flagged, maps, curves, recovery.
+
+All inputs are plain arrays aligned with dataset rows (scores: higher = more suspicious), so the
+review pages can call these on what the workspace stored, without the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import precision_recall_curve, roc_curve
+
+from engine.data import Dataset
+from engine.metrics import ranking
+from engine.pipeline import apply_decisions
+from engine.progress import Progress, no_progress
+from engine.task import ImageTask
+from engine.training import TrainConfig, evaluate, train
+
+MAP_METHODS = ("pca", "tsne")
+
+
+def _unit_rows(features: np.ndarray) -> np.ndarray:
+    features = np.asarray(features, dtype=np.float64)
+    norms = np.linalg.norm(features, axis=-1, keepdims=True)
+    return features / np.maximum(norms, 1e-12)
+
+
+def nearest(query: np.ndarray, pool: np.ndarray, k: int, *, among: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` rows of ``pool`` most cosine-similar to one feature vector: ``(positions, similarities)``.
+
+    ``among``: a boolean mask restricting the candidates.
+    """
+    similarity = _unit_rows(pool) @ _unit_rows(query)
+    candidates = np.flatnonzero(among) if among is not None else np.arange(len(pool))
+    order = candidates[np.argsort(-similarity[candidates], kind="stable")][:k]
+    return order, similarity[order]
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Why a training row was flagged, as row positions (with cosine similarities) into each set."""
+
+    validation: tuple[np.ndarray, np.ndarray]  # validation images most like it (any label)
+    same_given: tuple[np.ndarray, np.ndarray]  # training images like it that carry its given label
+    same_suggested: tuple[np.ndarray, np.ndarray]  # training images like it that carry the suggested label
+
+
+def explain(position: int, *, features: np.ndarray, labels: np.ndarray, suggested: int,
+            val_features: np.ndarray | None = None, k: int = 6) -> Explanation:
+    """Nearest validation images, and the training images that pull towards the given label vs. the
+    suggested one (nearest neighbours by the model's penultimate features, the sample itself excluded)."""
+    others = np.ones(len(features), dtype=bool)
+    others[position] = False
+    query = features[position]
+    empty = (np.zeros(0, dtype=np.int64), np.zeros(0))
+    validation = nearest(query, val_features, k) if val_features is not None and len(val_features) else empty
+    return Explanation(validation,
+                       nearest(query, features, k, among=others & (labels == labels[position])),
+                       nearest(query, features, k, among=others & (labels == suggested)))
+
+
+def feature_map(features: np.ndarray, *, method: str = "pca", seed: int = 0) -> np.ndarray:
+    """A 2-D embedding of the model's features (N×2): PCA, or t-SNE (slower, for up to ~10k rows)."""
+    from sklearn.decomposition import PCA
+
+    features = np.asarray(features, dtype=np.float64)
+    if method == "pca":
+        return PCA(n_components=2, random_state=seed).fit_transform(features)
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+
+        reduced = PCA(n_components=min(50, features.shape[1], len(features)), random_state=seed).fit_transform(features)
+        return TSNE(n_components=2, init="pca", random_state=seed,
+                    perplexity=min(30.0, max(5.0, (len(features) - 1) / 3))).fit_transform(reduced)
+    raise ValueError(f"unknown map method {method!r}; valid: {', '.join(MAP_METHODS)}")
+
+
+def class_confusion(given: np.ndarray, suggested: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts C×C: row = given label, column = suggested label."""
+    counts = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(counts, (np.asarray(given, dtype=np.int64), np.asarray(suggested, dtype=np.int64)), 1)
+    return counts
+
+
+def detection_curves(scores: np.ndarray, is_noisy: np.ndarray) -> dict[str, pd.DataFrame]:
+    """ROC (``fpr, tpr``), precision-recall (``recall, precision``) and errors found vs. inspected
+    (``inspected, found``: label errors among the top-``inspected``) of one ranking."""
+    is_noisy = np.asarray(is_noisy, dtype=bool)
+    fpr, tpr, _ = roc_curve(is_noisy, scores)
+    precision, recall, _ = precision_recall_curve(is_noisy, scores)
+    found = np.concatenate([[0], np.cumsum(is_noisy[ranking(scores)])])
+    return {"roc": pd.DataFrame({"fpr": fpr, "tpr": tpr}),
+            "pr": pd.DataFrame({"recall": recall, "precision": precision}),
+            "found": pd.DataFrame({"inspected": np.arange(len(found)), "found": found})}
+
+
+def fix_top(dataset: Dataset, scores: np.ndarray, k: int, fix_labels: np.ndarray) -> pd.DataFrame:
+    """Decisions (``index,action,new_label``) that relabel the top-``k`` rows to ``fix_labels``
+    where it differs from the given label (a reviewer confirming the rest as correct)."""
+    top = ranking(scores)[:k]
+    change = top[fix_labels[top] != dataset.labels[top]]
+    return pd.DataFrame({"index": dataset.index[change], "action": "relabel",
+                         "new_label": np.asarray(fix_labels, dtype=np.int64)[change]})
+
+
+def cleaning_curves(dataset: Dataset, test_set: Dataset, rankings: dict[str, tuple[np.ndarray, np.ndarray]], *,
+                    depths: list[int], config: TrainConfig = TrainConfig(),
+                    progress: Progress = no_progress) -> pd.DataFrame:
+    """Test accuracy after fixing the top-k of each ranking, for each k in ``depths``.
+
+    ``rankings``: name → (scores, labels a reviewer would fix to): the true labels when known
+    (the oracle ranking is then ``flipped`` as scores), else the method's suggestions. Every point
+    retrains with the same recipe and seed; identical decision sets are trained once.
+    Returns ``curve, fixed, relabeled, accuracy``.
+    """
+    task = ImageTask.fit(dataset)  # relabeling leaves the images, hence the normalization, unchanged
+    trained_for: dict[tuple, float] = {}
+    rows = []
+    jobs = [(name, k) for name in rankings for k in depths]
+    for step, (name, k) in enumerate(jobs):
+        scores, fix_labels = rankings[name]
+        decisions = fix_top(dataset, scores, k, fix_labels)
+        key = tuple(sorted(zip(decisions["index"].tolist(), decisions["new_label"].tolist())))
+        if key not in trained_for:
+            progress(step, len(jobs), f"cleaning curve: {name}, top {k}")
+            model = train(apply_decisions(dataset, decisions), config, task=task)
+            trained_for[key] = evaluate(model, test_set)
+        rows.append({"curve": name, "fixed": k, "relabeled": len(decisions), "accuracy": trained_for[key]})
+    progress(len(jobs), len(jobs), "cleaning curve: done")
+    return pd.DataFrame(rows)

@@ -1,0 +1,179 @@
+"""A reviewable run: its settings, its data, and scoring it into a workspace (cached per configuration).
+
+The dashboard's "set up a run" is this module: settings name the data (with the demo noise, if
+any), the validation and test sets and the training recipe; :func:`score_into` trains once and
+stores every method's result, the model outputs the review pages show, and the training summary in
+the workspace under a hash of the settings and the data, so coming back to a configuration costs
+nothing and only methods not yet stored are computed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from engine.data import NOISE_KINDS, Dataset, load_dataset
+from engine.device import DEVICE_NAMES
+from engine.errors import DataError, OptionError
+from engine.pipeline import carve_validation, check_compatible, score_methods, with_injected_noise
+from engine.progress import Progress, no_progress
+from engine.training import PRESETS, TrainConfig, TrainedModel, predict
+from engine.workspace import Workspace
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What defines a run. ``epochs`` / ``device`` of None take the preset's values."""
+
+    data: str = "sample"
+    validation: str | None = None  # a trusted set (path, or ``sample:val``)
+    val_from_train: float | None = None  # or carve an untrusted one out of the training data
+    test: str | None = None  # for retraining; ``sample:test`` by default on the sample data
+    noise_rate: float = 0.0  # demo: inject this fraction of label noise, so the truth is known
+    noise_kind: str = "symmetric"
+    preset: str = "fast-cpu"
+    epochs: int | None = None
+    seed: int = 0
+    device: str | None = None
+
+    def validate(self) -> RunSettings:
+        if self.preset not in PRESETS:
+            raise OptionError("preset", self.preset, list(PRESETS))
+        if self.noise_kind not in NOISE_KINDS:
+            raise OptionError("noise kind", self.noise_kind, NOISE_KINDS)
+        if self.device is not None and self.device not in DEVICE_NAMES:
+            raise OptionError("device", self.device, DEVICE_NAMES)
+        if self.validation and self.val_from_train:
+            raise DataError("choose either a trusted validation set or a fraction carved from training, not both")
+        self.train_config()
+        return self
+
+    def train_config(self) -> TrainConfig:
+        preset = PRESETS[self.preset]
+        return replace(preset, epochs=self.epochs or preset.epochs, seed=self.seed,
+                       device=self.device or preset.device).validate()
+
+    @property
+    def test_spec(self) -> str | None:
+        return self.test or ("sample:test" if _is_sample(self.data) else None)
+
+    def data_key(self) -> str:
+        """The labelled data under review: the workspace is one per key (demo noise included)."""
+        key = self.data if _is_sample(self.data) else str(Path(self.data).expanduser().resolve())
+        if self.noise_rate > 0:
+            key += f" noise={self.noise_kind}:{self.noise_rate:g}:seed{self.seed}"
+        return key
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> RunSettings:
+        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
+
+
+def _is_sample(spec: str) -> bool:
+    return spec == "sample" or spec.startswith("sample:")
+
+
+@dataclass(frozen=True)
+class RunData:
+    """The datasets of a run. ``flipped``/``clean_labels`` are known only with demo noise."""
+
+    train: Dataset  # the rows that are scored (after noise, without a carved validation part)
+    full_train: Dataset  # every training row as given (with noise): what the exports list
+    validation: Dataset | None
+    validation_trusted: bool
+    test: Dataset | None
+    flipped: np.ndarray | None
+    clean_labels: np.ndarray | None
+    fingerprint: str
+
+    @property
+    def truth_known(self) -> bool:
+        return self.flipped is not None
+
+
+def _fingerprint(*datasets: Dataset | None) -> str:
+    digest = hashlib.sha256()
+    for ds in datasets:
+        if ds is not None:
+            for array in (ds.images, ds.labels, ds.index):
+                digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_run_data(settings: RunSettings) -> RunData:
+    """Load, inject the demo noise, and carve or load the validation set (as the CLI does)."""
+    settings.validate()
+    full = load_dataset(settings.data, skip_unreadable=True)
+    flipped = clean = None
+    if settings.noise_rate > 0:
+        noisy = with_injected_noise(full, rate=settings.noise_rate, kind=settings.noise_kind, seed=settings.seed)
+        full, flipped, clean = noisy.dataset, noisy.flipped, noisy.clean_labels
+    train_set, validation, trusted = full, None, True
+    if settings.validation:
+        validation = load_dataset(settings.validation, skip_unreadable=True)
+        check_compatible(train_set, validation, "validation")
+    elif settings.val_from_train:
+        train_set, validation = carve_validation(full, settings.val_from_train, seed=settings.seed)
+        trusted = False
+        if flipped is not None:
+            keep = np.isin(full.index, train_set.index)
+            flipped, clean = flipped[keep], clean[keep]
+    test = None
+    if settings.test_spec:
+        test = load_dataset(settings.test_spec, skip_unreadable=True)
+        check_compatible(full, test, "test")
+    return RunData(train_set, full, validation, trusted, test, flipped, clean, _fingerprint(train_set, validation))
+
+
+def config_hash(settings: RunSettings, data: RunData) -> str:
+    """Identifies the trained model: the settings that shape it and the data it saw (not the test set)."""
+    values = {k: v for k, v in settings.to_dict().items() if k != "test"}
+    values["train_config"] = asdict(settings.train_config())
+    values["fingerprint"] = data.fingerprint
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def score_into(workspace: Workspace, settings: RunSettings, data: RunData, methods: list[str], *,
+               trained: TrainedModel | None = None, progress: Progress = no_progress) -> tuple[str, TrainedModel | None]:
+    """Score ``methods`` not yet stored for this configuration; returns ``(config_hash, model)``.
+
+    Each method's result is stored as soon as it is computed. The model is None when every method
+    was already stored and no ``trained`` model was handed in.
+    """
+    key = config_hash(settings, data)
+    workspace.save_run(key, settings.to_dict())
+    missing = [m for m in methods if m not in workspace.results(key)]
+    for method in missing:
+        run = score_methods(data.train, [method], validation=data.validation,
+                            validation_trusted=data.validation_trusted, config=settings.train_config(),
+                            trained=trained, progress=progress)
+        if trained is None:
+            trained = run.trained
+            _store_model_outputs(workspace, key, data, run)
+        workspace.save_result(key, run.results[method])
+    return key, trained
+
+
+def _store_model_outputs(workspace: Workspace, key: str, data: RunData, run) -> None:
+    """What the review pages need without the model: logits and features of train (and validation)."""
+    if "logits" in workspace.arrays(key):
+        return
+    trained = run.trained
+    preds = run.context.predictions
+    arrays = {"index": data.train.index, "logits": preds.logits.astype(np.float32),
+              "features": preds.features.astype(np.float32)}
+    if data.validation is not None:
+        val = predict(trained.model, trained.task, data.validation.images, trained.device)
+        arrays.update(val_index=data.validation.index, val_logits=val.logits.astype(np.float32),
+                      val_features=val.features.astype(np.float32))
+    workspace.save_arrays(key, arrays)
+    workspace.save_report(key, "training", {"device": str(trained.device), "model": trained.model_name,
+                                            "seconds": round(trained.seconds, 3), "history": trained.history,
+                                            "config": asdict(trained.config)})
