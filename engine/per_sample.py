@@ -126,17 +126,9 @@ class LayerCapture:
         return self._factors(module, slice(None))
 
     def per_sample_grads(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """Each parameter's per-sample gradient, ``{name: (B, *param.shape)}``. Materializes
-        B × (layer size): meant for one batch of one layer (tests, small heads), not for scoring."""
-        if isinstance(module, nn.BatchNorm2d):
-            weight, bias = self._batchnorm_grads(module, slice(None))
-            return {"weight": weight, "bias": bias}
-        a, b = self.factors(module)
-        g = torch.bmm(b.transpose(1, 2), a)
-        out = {"weight": g[:, :, :module.weight[0].numel()].reshape(len(g), *module.weight.shape)}
-        if module.bias is not None:
-            out["bias"] = g[:, :, -1]
-        return out
+        """Each parameter's per-sample gradient, ``{name: (B, *param.shape)}``: the explicit path.
+        Materializes B × (layer size): meant for one batch of one layer, not for scoring."""
+        return self._explicit_grads(module, slice(None))
 
     def per_sample_sq_norm(self, module: nn.Module) -> torch.Tensor:
         """(B,) squared Frobenius norm of each sample's gradient over all the layer's parameters."""
@@ -151,8 +143,8 @@ class LayerCapture:
             return "explicit"
         if self.norm_method != "auto":
             return self.norm_method
-        s, d_in, d_out = self._shape(module)
-        return "ghost" if s * (d_in + d_out) < d_in * d_out else "explicit"
+        ghost, explicit, _ = self._costs(module)
+        return "ghost" if ghost < explicit else "explicit"
 
     def total_sq_norm(self) -> torch.Tensor:
         """(B,) squared gradient norm over every captured layer that took part in the pass."""
@@ -178,24 +170,39 @@ class LayerCapture:
         d_in = module.weight[0].numel() + (module.bias is not None)
         return s, d_in, module.weight.shape[0]
 
+    def _costs(self, module: nn.Module) -> tuple[int, int, bool]:
+        """Per-sample multiply-adds of the ghost and the explicit path, and whether the ghost path
+        takes a Conv2d's input Gram from products of padded pixels (cheaper for stride 1)."""
+        s, d_in, d_out = self._shape(module)
+        input_gram, from_pixels = s * s * d_in, False
+        inputs = self._stored(module)[0]
+        if isinstance(module, nn.Conv2d) and len(inputs) == 1:
+            pixels = _padded_pixels(module, inputs[0].shape)
+            from_pixels = pixels * pixels * module.in_channels < input_gram
+            input_gram = min(input_gram, pixels * pixels * module.in_channels)
+        return input_gram + s * s * d_out, s * d_in * d_out, from_pixels
+
     def _elements_per_row(self, module: nn.Module) -> int:
         if isinstance(module, nn.BatchNorm2d):
             return 2 * self._stored(module)[0][0][0].numel()
         s, d_in, d_out = self._shape(module)
-        work = s * s if self.path(module) == "ghost" else d_in * d_out
-        return max(work, s * (d_in + d_out))
+        if self.path(module) == "explicit":
+            return max(d_in * d_out, s * (d_in + d_out))
+        if self._costs(module)[2]:
+            return _padded_pixels(module, self._stored(module)[0][0].shape) ** 2
+        return max(s * s, s * (d_in + d_out))
 
-    def _factors(self, module: nn.Module, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    def _factors(self, module: nn.Module, rows: slice, *, bias_column: bool = True):
         inputs, grads = self._stored(module)
         a_parts, b_parts = [], []
-        for x, g in zip(inputs, grads):
+        for x, g in zip(inputs, grads, strict=True):
             x, g = x[rows], g[rows]
             if isinstance(module, nn.Conv2d):
                 a = _unfold(module, x).transpose(1, 2)
                 b = g.flatten(2).transpose(1, 2)
             else:
                 a, b = x.reshape(len(x), -1, x.shape[-1]), g.reshape(len(g), -1, g.shape[-1])
-            if module.bias is not None:
+            if bias_column and module.bias is not None:
                 a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
             a_parts.append(a)
             b_parts.append(b)
@@ -203,37 +210,92 @@ class LayerCapture:
             return a_parts[0], b_parts[0]
         return torch.cat(a_parts, dim=1), torch.cat(b_parts, dim=1)
 
-    def _batchnorm_grads(self, module: nn.BatchNorm2d, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    def _explicit_grads(self, module: nn.Module, rows: slice) -> dict[str, torch.Tensor]:
+        """Per-sample gradients of the rows, summed over the layer's calls."""
         inputs, grads = self._stored(module)
-        shape = (1, -1, 1, 1)
-        scale = torch.rsqrt(module.running_var + module.eps).view(shape)
-        weight = bias = 0
-        for x, g in zip(inputs, grads):
-            x, g = x[rows], g[rows]
-            x_hat = (x - module.running_mean.view(shape)) * scale
-            weight = weight + (g * x_hat).sum(dim=(2, 3))
-            bias = bias + g.sum(dim=(2, 3))
-        return weight, bias
+        out: dict[str, torch.Tensor] = {}
+        for x, g in zip(inputs, grads, strict=True):
+            for name, value in _call_grads(module, x[rows], g[rows]).items():
+                out[name] = out[name] + value if name in out else value
+        return out
 
     def _sq_norm(self, module: nn.Module, rows: slice) -> torch.Tensor:
-        if isinstance(module, nn.BatchNorm2d):
-            weight, bias = self._batchnorm_grads(module, rows)
-            return weight.square().sum(1) + bias.square().sum(1)
-        a, b = self._factors(module, rows)
-        if a.shape[1] == 1:
-            return a.square().sum((1, 2)) * b.square().sum((1, 2))
-        if self.path(module) == "ghost":
-            return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(b, b.transpose(1, 2))).sum((1, 2))
-        return torch.bmm(b.transpose(1, 2), a).square().sum((1, 2))
+        if self.path(module) == "explicit":
+            return sum(value.flatten(1).square().sum(1) for value in self._explicit_grads(module, rows).values())
+        if self._costs(module)[2]:
+            gram = _pixel_input_gram(module, self._stored(module)[0][0][rows])
+            b = self._stored(module)[1][0][rows].flatten(2).transpose(1, 2)
+        else:
+            a, b = self._factors(module, rows, bias_column=False)
+            if a.shape[1] == 1:
+                return (a.square().sum((1, 2)) + (module.bias is not None)) * b.square().sum((1, 2))
+            gram = torch.bmm(a, a.transpose(1, 2))
+        if module.bias is not None:
+            gram += 1  # the bias column of ones adds 1 to every a_s·a_t
+        return gram.mul_(torch.bmm(b, b.transpose(1, 2))).sum((1, 2))
+
+
+def _call_grads(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One call's per-sample parameter gradients from its input ``x`` and output gradient ``g``."""
+    if isinstance(module, nn.BatchNorm2d):
+        shape = (1, -1, 1, 1)
+        scale = torch.rsqrt(module.running_var + module.eps)
+        centered = (x - module.running_mean.view(shape)).mul_(g)
+        return {"weight": centered.sum((2, 3)) * scale, "bias": g.sum((2, 3))}
+    if isinstance(module, nn.Conv2d):
+        # The batch as convolution groups: the weight-gradient kernel then keeps samples apart,
+        # much faster than unfolding the patches (im2col) and a batched matmul.
+        n, c_out = g.shape[:2]
+        x, padding = _padded(module, x)
+        weight = torch.nn.grad.conv2d_weight(x.reshape(1, -1, *x.shape[2:]), (n * c_out, *module.weight.shape[1:]),
+                                             g.reshape(1, -1, *g.shape[2:]), stride=module.stride, padding=padding,
+                                             dilation=module.dilation, groups=n)
+        out = {"weight": weight.view(n, *module.weight.shape)}
+        if module.bias is not None:
+            out["bias"] = g.sum((2, 3))
+        return out
+    x, g = x.reshape(len(x), -1, x.shape[-1]), g.reshape(len(g), -1, g.shape[-1])
+    out = {"weight": torch.bmm(g.transpose(1, 2), x)}
+    if module.bias is not None:
+        out["bias"] = g.sum(1)
+    return out
+
+
+def _padded(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...] | int]:
+    """The input padded by hand when the convolution's own zero padding cannot express it."""
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        return F.pad(x, conv._reversed_padding_repeated_twice, mode=mode), 0
+    return x, conv.padding
+
+
+def _padded_pixels(conv: nn.Conv2d, input_shape: torch.Size) -> int:
+    left, right, top, bottom = conv._reversed_padding_repeated_twice
+    return (input_shape[2] + top + bottom) * (input_shape[3] + left + right)
+
+
+def _pixel_input_gram(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """(B, S, S) patch Gram a_s·a_t of a Conv2d without unfolding: the Gram of the padded pixels,
+    then for each kernel offset the block of pixel pairs that this offset puts in patches s, t."""
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+    n, _, height, width = x.shape
+    flat = x.flatten(2)
+    pixels = torch.bmm(flat.transpose(1, 2), flat).view(n, height, width, height, width)
+    (kh, kw), (dh, dw), (sh, sw) = conv.kernel_size, conv.dilation, conv.stride
+    out_h, out_w = (height - dh * (kh - 1) - 1) // sh + 1, (width - dw * (kw - 1) - 1) // sw + 1
+    gram = x.new_zeros(n, out_h, out_w, out_h, out_w)
+    for i in range(kh):
+        for j in range(kw):
+            r = slice(i * dh, i * dh + sh * (out_h - 1) + 1, sh)
+            c = slice(j * dw, j * dw + sw * (out_w - 1) + 1, sw)
+            gram += pixels[:, r, c, r, c]
+    return gram.view(n, out_h * out_w, out_h * out_w)
 
 
 def _unfold(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """Input patches (B, C_in·kh·kw, L) in the weight's flattening order."""
-    padding = conv.padding
-    if isinstance(padding, str) or conv.padding_mode != "zeros":
-        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
-        padding = 0
+    x, padding = _padded(conv, x)
     return F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
 
 

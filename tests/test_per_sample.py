@@ -26,7 +26,8 @@ def _randomize_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
-def brute_force_sq_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
+def brute_force_sq_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                         params: list[nn.Parameter]) -> torch.Tensor:
     """Σ over ``params`` of the squared gradient, one backward pass per sample."""
     out = []
     for i in range(len(x)):
@@ -140,23 +141,27 @@ def test_factors_and_per_sample_grads_of_a_conv():
     torch.testing.assert_close(grads["bias"][1], expected[1])
 
 
-def test_shared_layer_sums_its_calls():
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_shared_layer_sums_its_calls(kind):
     torch.manual_seed(0)
-    shared = nn.Linear(5, 5)
+    shared = nn.Linear(5, 5) if kind == "linear" else nn.Conv2d(2, 2, 3, padding=1)
 
     class Twice(nn.Module):
         def __init__(self):
             super().__init__()
-            self.shared, self.head = shared, nn.Linear(5, 3)
+            self.shared, self.head = shared, nn.LazyLinear(3)
 
         def forward(self, x):
-            return self.head(self.shared(torch.tanh(self.shared(x))))
+            return self.head(self.shared(torch.tanh(self.shared(x))).flatten(1))
 
     model = Twice().double()
-    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    x = torch.randn(4, 5, dtype=torch.float64) if kind == "linear" else torch.randn(4, 2, 5, 5, dtype=torch.float64)
+    model(x)
+    y = torch.randint(0, 3, (4,))
     for path in PATHS:
         norms, _ = _captured(model, x, y, shared, path)
-        torch.testing.assert_close(norms, brute_force_sq_norms(model, x, y, list(shared.parameters())), rtol=1e-6, atol=0)
+        expected = brute_force_sq_norms(model, x, y, list(shared.parameters()))
+        torch.testing.assert_close(norms, expected, rtol=1e-6, atol=0)
 
 
 def _digit_like(n=40, seed=0):
