@@ -9,6 +9,10 @@ pixels of a Conv2d). Its squared norm is then taken per layer by whichever is ch
 * the "ghost norm"  Σ_{s,t} (a_s·a_t)(b_s·b_t)   — cost ~ S²(d_in + d_out), no G_i at all;
 * the explicit G_i = bᵀa, then ‖G_i‖²             — cost ~ S·d_in·d_out.
 
+Conv2d gets two shortcuts: its explicit G_i comes from the convolution weight-gradient kernel
+with the batch as groups (no unfolded patches), and for stride 1 the patch Gram a_s·a_t is summed
+from the Gram of the padded pixels, about kh·kw times fewer multiply-adds than unfolding.
+
 BatchNorm2d (eval mode only: with batch statistics the samples are not independent) has the
 per-channel gradients Σ_s b·x̂ (weight) and Σ_s b (bias); it does not fit the outer-product form,
 so :meth:`LayerCapture.factors` refuses it and :meth:`~LayerCapture.per_sample_sq_norm` /
@@ -45,7 +49,8 @@ class LayerCapture:
     needed, so differentiating with respect to the input alone is enough and cheaper), then ask
     for :meth:`factors`, :meth:`per_sample_sq_norm`, :meth:`per_sample_grads`. A layer called
     several times in one forward (weight sharing) has its positions concatenated: the per-sample
-    gradient is the sum over calls. A new forward pass replaces what was stored.
+    gradient is the sum over calls. A forward pass after a completed backward pass replaces
+    what was stored; call :meth:`clear` to drop a batch whose backward pass never ran.
 
     ``norm_method`` forces the ghost or the explicit path for every layer (tests, benchmarks);
     ``auto`` picks the cheaper one per layer.
