@@ -1,0 +1,508 @@
+"""Detection, side by side: every registered scoring method on the same trained model and data.
+
+    python benchmarks/detection.py --setting all --recovery            # the CPU tables in benchmarks/results/
+    python benchmarks/detection.py --setting digits-sym20 --quick      # a smoke run, written to benchmarks/out/
+    python benchmarks/detection.py --setting cifar-sym20 --size gpu --recovery   # 50k CIFAR-10, ResNet-18
+
+Settings (``--setting``, repeatable, or ``all``):
+- ``mnist-real`` / ``cifar-real``: the MNIST / CIFAR-10 test set with its labels as given, against the
+  15 / 54 human-validated label errors (../shared/data). vm/fvm-style methods get a 10% stratified
+  carve-out as validation (``carve_validation``, the CLI's ``--val-from-train``): it carries the given
+  labels, so it is reported as *untrusted*, and its rows are not scored (nor are the errors in it).
+- ``cifar-sym20`` / ``cifar-pair20``: CIFAR-10 train with 20% symmetric / pair-flip noise; a clean
+  validation split and a separate clean test split, both from the CIFAR-10 test set.
+- ``digits-sym20`` / ``digits-pair20``: the embedded digits (val = sample:val, test = sample:test).
+
+Sizes (``--size``; ``--quick`` is a smoke run) are in ``SIZES`` below. The CPU sizes were chosen so
+that ``--setting all --recovery`` with the baselines runs in about 20 minutes on two shared cores.
+
+Every method runs through ``engine.pipeline.score_methods`` on one trained model (its own context,
+so its seconds include its own forward passes); validation goes only to methods that require it.
+Output: one JSON line per measurement on stdout; ``<out>/<setting>[-<size>].{csv,md}`` tables and
+``<out>/summary.md``; progress bars on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.model_selection import train_test_split
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `benchmarks` importable
+
+from benchmarks.common import (  # noqa: E402
+    REPO_ROOT,
+    cifar10_train_labels,
+    data_root,
+    known_errors,
+    load_cifar10,
+    load_label_errors,
+    load_mnist_test,
+)
+from engine.data import Dataset, load_dataset, stratified_split  # noqa: E402
+from engine.errors import InfluenceLensError, OptionError  # noqa: E402
+from engine.metrics import detection_metrics, top_k  # noqa: E402
+from engine.pipeline import apply_decisions, carve_validation, score_methods, with_injected_noise  # noqa: E402
+from engine.progress import Progress, tqdm_progress  # noqa: E402
+from engine.scorers import ScoreResult, available_methods, scorer_class  # noqa: E402
+from engine.training import PRESETS, TrainConfig, TrainedModel, evaluate, train  # noqa: E402
+
+SETTINGS = ("mnist-real", "cifar-real", "cifar-sym20", "cifar-pair20", "digits-sym20", "digits-pair20")
+NOISE = {"sym20": ("symmetric", 0.2), "pair20": ("pair", 0.2)}
+REAL_VALIDATION_FRACTION = 0.1  # 1,000 of 10,000: the size of the injected settings' clean validation
+REAL_TOP_K = (100, 200, 500)
+# Scores that are not influence estimates: recovery always runs loss and cleanlab, then the best others.
+NON_INFLUENCE = ("loss", "margin", "cleanlab", "val-loss")
+DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
+QUICK_OUT = REPO_ROOT / "benchmarks" / "out"  # git-ignored
+
+
+@dataclass(frozen=True)
+class Size:
+    """Data sizes and the training recipe per data family for one machine size."""
+
+    cifar_train: int | None  # CIFAR-10 train rows for the injected settings (None = all 50,000)
+    real_rows: int | None  # rows kept from a real test set (None = all; fewer keeps every known error)
+    validation: int  # clean validation rows from the CIFAR-10 test set (injected settings)
+    test: int | None  # clean test rows from the rest of the CIFAR-10 test set (None = all the rest)
+    recipes: dict[str, TrainConfig] = field(default_factory=dict)  # keys: mnist-real, cifar-real, cifar, digits
+
+
+# CPU: one thread, small CNN, batch 128 (twice the throughput of 64 on a CPU). Epochs are the fewest
+# that give a usable model: MNIST reaches ~98% in 4 epochs; the small CNN on 9k CIFAR images ~60% in
+# 6; on 2k noisy CIFAR images 12 epochs. Cleanlab's 5-fold cross-validation costs 4 more trainings.
+_CPU = TrainConfig(model="small-cnn", batch_size=128)
+SIZES: dict[str, Size] = {
+    "quick": Size(cifar_train=600, real_rows=1500, validation=300, test=1000, recipes={
+        "mnist-real": replace(_CPU, epochs=2), "cifar-real": replace(_CPU, epochs=2),
+        "cifar": replace(_CPU, epochs=3), "digits": replace(TrainConfig(), epochs=5)}),
+    "cpu": Size(cifar_train=2000, real_rows=None, validation=1000, test=4000, recipes={
+        "mnist-real": replace(_CPU, epochs=4), "cifar-real": replace(_CPU, epochs=6),
+        "cifar": replace(_CPU, epochs=12), "digits": TrainConfig()}),
+    # GPU: the data README's recipe (ResNet-18, 12 epochs, ~85% on 50k CIFAR-10 in ~15 s on an H100).
+    "gpu": Size(cifar_train=None, real_rows=None, validation=1000, test=None, recipes={
+        "mnist-real": replace(TrainConfig(), model="small-cnn"), "cifar-real": PRESETS["full-gpu"],
+        "cifar": PRESETS["full-gpu"], "digits": TrainConfig()}),
+}
+
+
+@dataclass
+class Experiment:
+    """One setting made concrete: the data every method sees, the truth, and the recipe."""
+
+    name: str
+    train: Dataset
+    is_noisy: np.ndarray  # the truth: injected flips, or human-validated errors
+    true_labels: np.ndarray  # the right label per row where known, -1 elsewhere (relabel top-1)
+    validation: Dataset
+    validation_trusted: bool
+    test: Dataset | None  # clean held-out data (injected settings only): test accuracy and recovery
+    config: TrainConfig
+    description: list[str]
+
+
+def build_experiment(name: str, size: Size, root, *, seed: int, device: str) -> Experiment:
+    """Load and split the data of setting ``name``; ``root`` is called only for the shared data."""
+    family, _, tag = name.partition("-")
+    recipe = size.recipes[name if tag == "real" else family]
+    config = replace(recipe, seed=seed, device=recipe.device if recipe.device != "auto" else device).validate()
+    if tag == "real":
+        return _real(name, family, size, root(), config, seed)
+    return _injected(name, family, tag, size, root, config, seed)
+
+
+def _real(name: str, family: str, size: Size, root: Path, config: TrainConfig, seed: int) -> Experiment:
+    full = load_mnist_test(root) if family == "mnist" else load_cifar10(root, "test")
+    table = load_label_errors(root, "mnist" if family == "mnist" else "cifar10")
+    total_errors = int(known_errors(full, table).is_error.sum())
+    if size.real_rows is not None and size.real_rows < len(full):
+        full = full.subset(_rows_keeping(known_errors(full, table).is_error, size.real_rows, seed))
+    train_set, validation = carve_validation(full, REAL_VALIDATION_FRACTION, seed=seed)
+    errors = known_errors(train_set, table)
+    correctable = int((errors.is_error & (errors.true_labels >= 0)).sum())
+    description = [
+        f"Data: {full.source}, labels as given, {len(full):,} rows; the truth is the {total_errors} "
+        f"human-validated label errors (../shared/data/label_errors).",
+        f"Scored: {len(train_set):,} rows holding {int(errors.is_error.sum())} of the {total_errors} errors "
+        f"({correctable} correctable: relabel top-1 is measured on those).",
+        f"Validation (methods that require one): {len(validation):,} rows carved from the same set with "
+        f"`carve_validation(fraction={REAL_VALIDATION_FRACTION}, seed={seed})` — **untrusted** (given labels, "
+        "no clean held-out set exists in the shared data); its rows are not scored.",
+    ]
+    return Experiment(name, train_set, errors.is_error, errors.true_labels, validation, False, None, config,
+                      description)
+
+
+def _rows_keeping(is_error: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """``count`` row positions: every known error plus a seeded random choice of the others."""
+    others = np.flatnonzero(~is_error)
+    chosen = np.random.default_rng(seed).choice(others, size=count - int(is_error.sum()), replace=False)
+    return np.sort(np.concatenate([np.flatnonzero(is_error), chosen]))
+
+
+def _injected(name: str, family: str, tag: str, size: Size, root, config: TrainConfig, seed: int) -> Experiment:
+    kind, rate = NOISE[tag]
+    if family == "digits":
+        clean, validation, test = (load_dataset(spec) for spec in ("sample", "sample:val", "sample:test"))
+        origin = "the embedded digits (sample:train); validation sample:val, test sample:test"
+    else:
+        data = root()
+        labels = cifar10_train_labels(data)
+        rows = None
+        if size.cifar_train is not None and size.cifar_train < len(labels):
+            rows = np.sort(train_test_split(np.arange(len(labels)), train_size=size.cifar_train, stratify=labels,
+                                            random_state=seed)[0])
+        clean = load_cifar10(data, "train", rows=rows)
+        validation, test = _validation_and_test(load_cifar10(data, "test"), size, seed)
+        origin = (f"CIFAR-10 train ({'all' if rows is None else 'stratified subset, seed ' + str(seed)}); "
+                  f"validation and test: disjoint stratified parts of the CIFAR-10 test set (seed {seed})")
+    noisy = with_injected_noise(clean, rate=rate, kind=kind, seed=seed)
+    description = [
+        f"Data: {len(clean):,} training rows from {origin}.",
+        f"Noise: {rate:.0%} {kind} flips (`with_injected_noise`, seed {seed}): {int(noisy.flipped.sum()):,} flipped rows.",
+        f"Validation: {len(validation):,} clean rows (**trusted**); test: {len(test):,} clean rows.",
+    ]
+    return Experiment(name, noisy.dataset, noisy.flipped, noisy.clean_labels, validation, True, test, config,
+                      description)
+
+
+def _validation_and_test(test_set: Dataset, size: Size, seed: int) -> tuple[Dataset, Dataset]:
+    n = len(test_set)
+    fractions = [size.validation / n]
+    if size.test is None or size.validation + size.test >= n:
+        fractions.append(1.0 - fractions[0])
+    else:
+        fractions += [size.test / n, 1.0 - (size.validation + size.test) / n]
+    parts = stratified_split(test_set, tuple(fractions), seed=seed)
+    return parts[0], parts[1]
+
+
+def train_base(exp: Experiment, progress: Progress) -> tuple[TrainedModel, dict]:
+    """Train θ* once; the row reports the recipe, its time and accuracies."""
+    start = time.perf_counter()
+    trained = train(exp.train, exp.config, progress=progress)
+    row = {"kind": "training", "method": "(training)", "n": len(exp.train), "seconds": time.perf_counter() - start,
+           "model": trained.model_name, "device": str(trained.device), "epochs": exp.config.epochs,
+           "batch_size": exp.config.batch_size, "learning_rate": exp.config.learning_rate,
+           "train_accuracy": trained.history[-1]["accuracy"],
+           "validation_accuracy": evaluate(trained, exp.validation)}
+    if exp.test is not None:
+        row["test_accuracy"] = evaluate(trained, exp.test)
+    return trained, row
+
+
+def detect(exp: Experiment, trained: TrainedModel, method: str, progress: Progress) -> tuple[dict, ScoreResult]:
+    """Score with one method on the shared model, and measure it against the truth."""
+    needs_validation = scorer_class(method).requires_validation
+    run = score_methods(exp.train, [method], validation=exp.validation if needs_validation else None,
+                        validation_trusted=exp.validation_trusted, config=exp.config, trained=trained,
+                        progress=progress)
+    result = run.results[method]
+    row = {"kind": "detection", "method": method, "n": len(exp.train), "n_noisy": int(exp.is_noisy.sum()),
+           **detection_metrics(result.scores, exp.is_noisy)}
+    if exp.test is None:
+        for k in REAL_TOP_K:
+            row[f"hits_at_{k}"] = int(exp.is_noisy[top_k(result.scores, k)].sum())
+    judged = exp.is_noisy & (exp.true_labels >= 0)
+    row["relabel_n"] = int(judged.sum())
+    row["relabel_top1"] = float((result.suggested_labels[judged] == exp.true_labels[judged]).mean()) \
+        if judged.any() else float("nan")
+    row["prepare_seconds"] = result.timings.get("prepare_seconds", 0.0)
+    row["score_seconds"] = result.timings.get("score_seconds", 0.0)
+    row["seconds"] = row["prepare_seconds"] + row["score_seconds"]
+    row["validation"] = (f"{len(exp.validation)} {'trusted' if exp.validation_trusted else 'untrusted'}"
+                         if needs_validation else "")
+    row["info"] = json.dumps(result.info, default=str)
+    row["settings"] = json.dumps(result.settings, default=str)
+    return row, result
+
+
+def _decisions(train_set: Dataset, rows: np.ndarray, action: str, new_labels: np.ndarray | None = None) -> pd.DataFrame:
+    return pd.DataFrame({"index": train_set.index[rows], "action": action,
+                         "new_label": -1 if new_labels is None else new_labels})
+
+
+def recovery(exp: Experiment, trained: TrainedModel, results: dict[str, ScoreResult], methods: list[str],
+             noisy_accuracy: float, progress: Progress) -> list[dict]:
+    """Drop / relabel the top-k (k = number of flips), retrain with the same recipe, test accuracy."""
+    k = int(exp.is_noisy.sum())
+    flips = np.flatnonzero(exp.is_noisy)
+    plans = [("oracle", "drop", flips, None), ("oracle", "relabel", flips, exp.true_labels[flips])]
+    for method in methods:
+        rows = top_k(results[method].scores, k)
+        plans += [(method, "drop", rows, None), (method, "relabel", rows, results[method].suggested_labels[rows])]
+    out = [{"kind": "recovery", "method": "(noisy baseline)", "action": "none", "k": 0, "n": len(exp.train),
+            "test_accuracy": noisy_accuracy, "delta": 0.0}]
+    for method, action, rows, new_labels in tqdm(plans, desc=f"{exp.name} recovery", leave=False):
+        start = time.perf_counter()
+        cleaned = apply_decisions(exp.train, _decisions(exp.train, rows, action, new_labels))
+        after = train(cleaned, replace(exp.config, model=trained.model_name), task=trained.task, progress=progress)
+        accuracy = evaluate(after, exp.test)
+        row = {"kind": "recovery", "method": method, "action": action, "k": len(rows), "n": len(cleaned),
+               "test_accuracy": accuracy, "delta": accuracy - noisy_accuracy,
+               "flips_in_top_k": int(exp.is_noisy[rows].sum()), "seconds": time.perf_counter() - start}
+        if new_labels is not None:
+            given = exp.train.labels[rows]
+            row["labels_changed"] = int((new_labels != given).sum())
+            row["labels_fixed"] = int((exp.is_noisy[rows] & (new_labels == exp.true_labels[rows])).sum())
+            row["labels_broken"] = int((~exp.is_noisy[rows] & (new_labels != given)).sum())
+        out.append(row)
+    return out
+
+
+def recovery_methods(detection_rows: list[dict], requested: list[str] | None, top: int) -> list[str]:
+    """``requested``, or loss and cleanlab plus the ``top`` best other methods by AUROC in this run."""
+    scored = [r for r in detection_rows if not r.get("error")]
+    names = [r["method"] for r in scored]
+    if requested:
+        return [m for m in requested if m in names]
+    best = sorted((r for r in scored if r["method"] not in NON_INFLUENCE), key=lambda r: -r["auroc"])[:top]
+    return [m for m in ("loss", "cleanlab") if m in names] + [r["method"] for r in best]
+
+
+def _model_state(trained: TrainedModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trained.model.state_dict().items()}
+
+
+def _restore_if_changed(trained: TrainedModel, reference: dict[str, torch.Tensor]) -> bool:
+    """A scorer must not touch θ*; if one did, put θ* back so the next method sees the same model."""
+    state = trained.model.state_dict()
+    changed = any(not torch.equal(state[k], v) for k, v in reference.items())
+    if changed:
+        trained.model.load_state_dict(reference)
+    trained.model.eval()
+    return changed
+
+
+def run_setting(name: str, size_name: str, methods: list[str], args: argparse.Namespace, root) -> list[dict]:
+    """Every measurement of one setting, as rows (also printed as JSON lines)."""
+    progress = tqdm_progress()
+    base = {"setting": name, "size": size_name}
+    exp = build_experiment(name, SIZES[size_name], root, seed=args.seed, device=args.device)
+    trained, training_row = train_base(exp, progress)
+    rows = [_emit({**base, **training_row})]
+    reference = _model_state(trained)
+    results: dict[str, ScoreResult] = {}
+    detection_rows = []
+    for method in tqdm(methods, desc=f"{name} methods", leave=False):
+        try:
+            row, results[method] = detect(exp, trained, method, progress)
+        except Exception as exc:  # one broken scorer must not hide the others' numbers
+            traceback.print_exc(file=sys.stderr)
+            row = {"kind": "detection", "method": method, "n": len(exp.train), "error": f"{type(exc).__name__}: {exc}"}
+        if _restore_if_changed(trained, reference):
+            row["error"] = (row.get("error", "") + " modified the trained model (restored)").strip()
+        detection_rows.append(_emit({**base, **row}))
+    rows += detection_rows
+    if args.recovery and exp.test is not None:
+        chosen = recovery_methods(detection_rows, args.recovery_methods, args.recovery_top)
+        for row in recovery(exp, trained, results, chosen, training_row["test_accuracy"], progress):
+            rows.append(_emit({**base, **row}))
+    write_tables(exp, rows, args, size_name)
+    return rows
+
+
+def _emit(row: dict) -> dict:
+    print(json.dumps({k: _round(v) for k, v in row.items()}, default=str), flush=True)
+    return row
+
+
+def _round(value):
+    return round(value, 6) if isinstance(value, float) else value
+
+
+# ---- tables ----------------------------------------------------------------------------------
+
+def _f(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    return f"{value:.{digits}f}"
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _detection_table(rows: list[dict], real: bool) -> pd.DataFrame:
+    ok = sorted((r for r in rows if r["kind"] == "detection" and not r.get("error")), key=lambda r: -r["auroc"])
+    table = []
+    for r in ok:
+        entry = {"method": r["method"]}
+        if real:
+            entry.update({f"top {k}": f"{r[f'hits_at_{k}']}/{r['n_noisy']}" for k in REAL_TOP_K})
+        entry.update({"AUROC": _f(r["auroc"]), "AP": _f(r["ap"]), "P@k": _f(r["precision_at_k"]),
+                      "R@1%": _f(r["recall_at_1pct"]), "R@2%": _f(r["recall_at_2pct"]),
+                      "R@5%": _f(r["recall_at_5pct"]),
+                      "relabel top-1": f"{_f(r['relabel_top1'], 2)} ({r['relabel_n']})" if r["relabel_n"] else "",
+                      "seconds": _f(r["seconds"], 1), "N": r["n"], "validation": r["validation"]})
+        table.append(entry)
+    return pd.DataFrame(table)
+
+
+def _recovery_table(rows: list[dict]) -> pd.DataFrame:
+    table = []
+    for r in (r for r in rows if r["kind"] == "recovery"):
+        changed = "" if "labels_changed" not in r else \
+            f"{r['labels_changed']} changed: {r['labels_fixed']} fixed, {r['labels_broken']} broken"
+        table.append({"method": r["method"], "action": r["action"], "k": r["k"], "train N": r["n"],
+                      "test accuracy": _f(r["test_accuracy"], 4), "Δ vs noisy": f"{r['delta'] * 100:+.2f} pt",
+                      "true flips in top-k": r.get("flips_in_top_k", ""), "relabels": changed})
+    return pd.DataFrame(table)
+
+
+def write_tables(exp: Experiment, rows: list[dict], args: argparse.Namespace, size_name: str) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = exp.name if size_name == "cpu" else f"{exp.name}-{size_name}"
+    pd.DataFrame(rows).to_csv(out / f"{stem}.csv", index=False)
+    training = next(r for r in rows if r["kind"] == "training")
+    accuracy = f", test accuracy {training['test_accuracy']:.4f}" if "test_accuracy" in training else ""
+    md = [f"# Detection: `{exp.name}` ({size_name} size)", "",
+          "```", args.command, "```", "",
+          f"Run {args.started} on {args.machine}. The CPU is shared with other jobs, so seconds are noisy "
+          "(±50% or worse); compare them within a table, not across runs.", ""]
+    md += [f"- {line}" for line in exp.description]
+    md += [f"- Model θ*: {training['model']} on {training['device']}, {training['epochs']} epochs, batch "
+           f"{training['batch_size']}, peak lr {training['learning_rate']}, seed {args.seed}; trained in "
+           f"{training['seconds']:.1f} s; accuracy on the given training labels {training['train_accuracy']:.4f}, "
+           f"validation {training['validation_accuracy']:.4f}{accuracy}.", ""]
+    real = exp.test is None
+    k = int(exp.is_noisy.sum())
+    md += [f"## Detection ({k} {'known errors' if real else 'flipped labels'} among {len(exp.train):,} rows; "
+           "P@k at k = that number; sorted by AUROC)", "", _markdown(_detection_table(rows, real)), ""]
+    errors = [r for r in rows if r["kind"] == "detection" and r.get("error")]
+    if errors:
+        md += ["Failed: " + "; ".join(f"`{r['method']}`: {r['error']}" for r in errors), ""]
+    if any(r["kind"] == "recovery" for r in rows):
+        md += [f"## Recovery (drop or relabel the top {k}, retrain with the same recipe and seed; test accuracy)",
+               "", _markdown(_recovery_table(rows)), ""]
+    md += ["Columns: AUROC and AP against the truth; P@k = precision of the top k; R@x% = recall of the truth in "
+           "the top x% of the ranking; relabel top-1 = share of the truly wrong rows (with a known right label) "
+           "whose suggested label is the right one (count in brackets); seconds = prepare + score, each method "
+           "including its own forward passes; N = rows scored.", ""]
+    (out / f"{stem}.md").write_text("\n".join(md))
+    write_summary(out)
+
+
+def write_summary(out: Path) -> None:
+    """AUROC of every method in every setting whose table is in ``out``."""
+    frames = [pd.read_csv(p) for p in sorted(out.glob("*.csv"))]
+    frames = [f for f in frames if "kind" in f.columns]
+    if not frames:
+        return
+    rows = pd.concat(frames, ignore_index=True)
+    detection = rows[(rows["kind"] == "detection") & rows["auroc"].notna()]
+    if detection.empty:
+        return
+    detection = detection.assign(column=[s if z == "cpu" else f"{s} ({z})" for s, z in
+                                         zip(detection["setting"], detection["size"])])
+    pivot = detection.pivot_table(index="method", columns="column", values="auroc", aggfunc="first")
+    pivot = pivot.loc[pivot.mean(axis=1).sort_values(ascending=False).index]
+    table = pivot.map(_f).reset_index()
+    text = ["# Detection AUROC by setting", "",
+            "Generated from the tables in this folder (each `<setting>.md` holds its command, data and model).", "",
+            _markdown(table), ""]
+    (out / "summary.md").write_text("\n".join(text))
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", action="append", required=True,
+                        help=f"one of {', '.join(SETTINGS)}, or all (repeatable, or comma-separated)")
+    parser.add_argument("--methods", default=None, help="comma-separated subset (default: every registered method)")
+    parser.add_argument("--size", default="cpu", choices=("cpu", "gpu"), help="data and model size (default cpu)")
+    parser.add_argument("--quick", action="store_true", help="a tiny smoke run (written to benchmarks/out/)")
+    parser.add_argument("--recovery", action="store_true", help="also drop / relabel the top-k and retrain")
+    parser.add_argument("--recovery-methods", default=None,
+                        help="comma-separated methods for recovery (default: loss, cleanlab and the best others)")
+    parser.add_argument("--recovery-top", type=int, default=2,
+                        help="how many of the best influence methods get a recovery run (default 2)")
+    parser.add_argument("--data-root", default=None, help="the shared data folder (default: ../shared/data, "
+                        "then device_data/; or $INFLUENCE_LENS_DATA)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (the gpu size always uses cuda)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for subsets, splits, noise and training")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: shared cores)")
+    parser.add_argument("--out", default=None, help="folder for the tables (default benchmarks/results, "
+                        "or benchmarks/out with --quick)")
+    return parser
+
+
+def _split(values: list[str] | str | None) -> list[str]:
+    if values is None:
+        return []
+    items = values if isinstance(values, list) else [values]
+    return [part.strip() for item in items for part in item.split(",") if part.strip()]
+
+
+def _settings(values: list[str]) -> list[str]:
+    names = _split(values)
+    if "all" in names:
+        return list(SETTINGS)
+    for name in names:
+        if name not in SETTINGS:
+            raise OptionError("setting", name, (*SETTINGS, "all"))
+    return list(dict.fromkeys(names))
+
+
+def _machine(device: str) -> str:
+    if torch.cuda.is_available() and device != "cpu":
+        return f"{torch.cuda.get_device_name(0)} (torch {torch.__version__})"
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    return (f"CPU ({os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} thread(s), "
+            f"{platform.machine()}), load average at start {load}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    size_name = "quick" if args.quick else args.size
+    args.out = args.out or str(QUICK_OUT if args.quick else DEFAULT_OUT)
+    args.command = "python benchmarks/detection.py " + " ".join(shlex.quote(a) for a in argv)
+    args.started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    args.machine = _machine(args.device)
+    try:
+        settings = _settings(args.setting)
+        methods = _split(args.methods) or available_methods()
+        for method in methods + _split(args.recovery_methods):
+            scorer_class(method)  # an unknown name fails now, listing the valid ones
+        args.recovery_methods = _split(args.recovery_methods) or None
+        if size_name == "gpu":
+            if not torch.cuda.is_available():
+                raise InfluenceLensError("--size gpu needs a CUDA GPU; use --size cpu (the default) here")
+            args.device = "cuda"
+        root_cache: dict[str, Path] = {}
+
+        def root() -> Path:
+            if "root" not in root_cache:
+                root_cache["root"] = data_root(args.data_root)
+            return root_cache["root"]
+
+        for name in settings:
+            run_setting(name, size_name, methods, args, root)
+    except InfluenceLensError as exc:
+        print(f"detection: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
