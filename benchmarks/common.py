@@ -110,7 +110,7 @@ def known_errors(dataset: Dataset, table: pd.DataFrame) -> KnownErrors:
     true_labels[is_error] = -1
     correctable = errors[errors["category"] == "correctable"]
     position = {int(i): p for p, i in enumerate(dataset.index)}
-    for idx, guessed in zip(correctable["index"], correctable["guessed_label"]):
+    for idx, guessed in zip(correctable["index"], correctable["guessed_label"], strict=True):
         if int(idx) in position:
             true_labels[position[int(idx)]] = int(guessed)
     return KnownErrors(is_error, true_labels)

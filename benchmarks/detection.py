@@ -173,7 +173,8 @@ def _injected(name: str, family: str, tag: str, size: Size, root, config: TrainC
     noisy = with_injected_noise(clean, rate=rate, kind=kind, seed=seed)
     description = [
         f"Data: {len(clean):,} training rows from {origin}.",
-        f"Noise: {rate:.0%} {kind} flips (`with_injected_noise`, seed {seed}): {int(noisy.flipped.sum()):,} flipped rows.",
+        f"Noise: {rate:.0%} {kind} flips (`with_injected_noise`, seed {seed}): "
+        f"{int(noisy.flipped.sum()):,} flipped rows.",
         f"Validation: {len(validation):,} clean rows (**trusted**); test: {len(test):,} clean rows.",
     ]
     return Experiment(name, noisy.dataset, noisy.flipped, noisy.clean_labels, validation, True, test, config,
@@ -411,7 +412,7 @@ def write_summary(out: Path) -> None:
     if detection.empty:
         return
     detection = detection.assign(column=[s if z == "cpu" else f"{s} ({z})" for s, z in
-                                         zip(detection["setting"], detection["size"])])
+                                         zip(detection["setting"], detection["size"], strict=True)])
     pivot = detection.pivot_table(index="method", columns="column", values="auroc", aggfunc="first")
     pivot = pivot.loc[pivot.mean(axis=1).sort_values(ascending=False).index]
     table = pivot.map(_f).reset_index()
