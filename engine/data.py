@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import io
+import warnings
+import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -22,6 +24,8 @@ NOISE_KINDS = ("symmetric", "pair")
 # Refuse images larger than this many pixels before decoding them, so a 20k×20k file cannot
 # exhaust memory (the classifier works on small images anyway).
 MAX_IMAGE_PIXELS = 4096 * 4096
+# Integer labels name classes 0..max; a stray huge number must not make a billion class names.
+MAX_CLASSES = 100_000
 
 
 @dataclass(frozen=True)
@@ -78,12 +82,20 @@ def _validate(ds: Dataset) -> None:
         raise DataError(f"{where}: images must be N×H×W or N×H×W×C with C in (1, 3), got shape {images.shape}")
     if not isinstance(labels, np.ndarray) or labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{where}: labels must be a 1-D integer array")
-    if len(images) != len(labels) or len(ds.index) != len(labels):
+    if len(images) != len(labels):
         raise DataError(f"{where}: {len(images)} images but {len(labels)} labels")
+    if 0 in images.shape[1:]:
+        raise DataError(f"{where}: images have an empty dimension, shape {images.shape}")
+    index = ds.index
+    if not isinstance(index, np.ndarray) or index.shape != labels.shape or not np.issubdtype(index.dtype, np.integer):
+        raise DataError(f"{where}: index must be 1-D integers, one per sample")
     if len(labels) == 0:
         raise DataError(f"{where}: the dataset has zero samples")
     if len(ds.class_names) < 2:
         raise DataError(f"{where}: a classifier needs at least 2 classes, found {len(ds.class_names)}")
+    if len(set(ds.class_names)) < len(ds.class_names):
+        repeated = next(c for c in ds.class_names if ds.class_names.count(c) > 1)
+        raise DataError(f"{where}: class names must be distinct, {repeated!r} appears more than once")
     if labels.min() < 0 or labels.max() >= len(ds.class_names):
         bad = labels[(labels < 0) | (labels >= len(ds.class_names))][0]
         raise DataError(f"{where}: label {bad} is out of range for {len(ds.class_names)} classes")
@@ -123,6 +135,8 @@ def load_npz(path: str | Path) -> Dataset:
     where = str(path)
     if not path.is_file():
         raise DataError(f"{where}: file not found")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{where}: not a .npz archive (expected a zip of arrays, as numpy.savez writes)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in archive.files}
@@ -132,25 +146,32 @@ def load_npz(path: str | Path) -> Dataset:
         if key not in arrays:
             raise DataError(f"{where}: missing array {key!r} (found: {', '.join(sorted(arrays)) or 'none'})")
     images = _squeeze_gray(_as_uint8_images(np.asarray(arrays["images"]), where))
+    if images.ndim not in (3, 4):
+        raise DataError(f"{where}: images must be N×H×W or N×H×W×C, got shape {images.shape}")
     labels = np.asarray(arrays["labels"])
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{where}: labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
     if len(images) != len(labels):
         raise DataError(f"{where}: {len(images)} images but {len(labels)} labels")
     if "class_names" in arrays:
-        class_names = tuple(str(c) for c in arrays["class_names"])
+        class_names = tuple(str(c) for c in np.atleast_1d(arrays["class_names"]))
     else:
-        class_names = tuple(str(c) for c in range(int(labels.max()) + 1 if labels.size else 0))
+        class_names = _integer_class_names(int(labels.max()) if labels.size else -1, where)
     index = arrays.get("index")
+    if index is not None and (index.shape != labels.shape or not np.issubdtype(index.dtype, np.integer)):
+        raise DataError(f"{where}: index must be 1-D integers, one per sample, got {index.dtype} {index.shape}")
     return Dataset(images, labels.astype(np.int64), class_names,
-                   None if index is None else np.asarray(index, dtype=np.int64), source=where)
+                   None if index is None else index.astype(np.int64), source=where)
 
 
 def _read_image(path: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # Pillow warns from ~89M pixels; our own, lower limit comes next
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             if img.width * img.height > MAX_IMAGE_PIXELS:
                 raise DataError(f"{path}: image is {img.width}×{img.height}, larger than the "
                                 f"{MAX_IMAGE_PIXELS} pixels this tool accepts")
@@ -158,7 +179,9 @@ def _read_image(path: Path) -> np.ndarray:
             return np.asarray(img.convert(mode), dtype=np.uint8)
     except DataError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow refuses > ~179M pixels at open, before our check
+        raise DataError(f"{path}: image is larger than the {MAX_IMAGE_PIXELS} pixels this tool accepts ({exc})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"{path}: unreadable image ({exc.__class__.__name__}: {exc})") from None
 
 
@@ -169,9 +192,9 @@ def _stack_images(arrays: list[np.ndarray], paths: list[Path], where: str) -> np
     shapes = {a.shape[:2] for a in arrays}
     if len(shapes) > 1:
         first = arrays[0].shape[:2]
-        odd = next(p for p, a in zip(paths, arrays) if a.shape[:2] != first)
-        raise DataError(f"{where}: images have different sizes ({paths[0].name} is "
-                        f"{first[1]}×{first[0]}, {odd} differs); resize them to one size first")
+        odd, size = next((p, a.shape[:2]) for p, a in zip(paths, arrays) if a.shape[:2] != first)
+        raise DataError(f"{where}: images have different sizes ({paths[0]} is {first[1]}×{first[0]}, "
+                        f"{odd} is {size[1]}×{size[0]}); resize them to one size first")
     return np.stack(arrays)
 
 
@@ -227,8 +250,13 @@ def load_csv_manifest(path: str | Path, *, skip_unreadable: bool = False) -> Dat
         text = csv_path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{where}: not UTF-8 text (byte {exc.start})") from None
-    rows = list(csv.DictReader(io.StringIO(text)))
-    header = [h.strip() for h in (csv.reader(io.StringIO(text)).__next__() if text.strip() else [])]
+    if "\x00" in text:
+        raise DataError(f"{where}: contains NUL bytes; a manifest is a text CSV with columns path,label")
+    try:
+        rows = list(csv.DictReader(io.StringIO(text)))
+        header = [h.strip() for h in (next(csv.reader(io.StringIO(text))) if text.strip() else [])]
+    except csv.Error as exc:
+        raise DataError(f"{where}: not a readable CSV ({exc})") from None
     missing = [c for c in ("path", "label") if c not in header]
     if missing:
         raise DataError(f"{where}: missing column(s) {', '.join(missing)} (header: {','.join(header) or 'empty'})")
@@ -244,29 +272,42 @@ def load_csv_manifest(path: str | Path, *, skip_unreadable: bool = False) -> Dat
             raise DataError(f"{where}, line {line}: blank path")
         if not label:
             raise DataError(f"{where}, line {line}: blank label for {rel}")
-        full = (root / rel).resolve()
-        if not full.is_relative_to(root):
-            raise DataError(f"{where}, line {line}: path {rel!r} points outside the manifest's folder")
-        if full in seen:
-            raise DataError(f"{where}, line {line}: duplicate path {rel!r} (first on line {seen[full]})")
-        if not full.is_file():
-            raise DataError(f"{where}, line {line}: image not found: {rel}")
+        try:
+            full = (root / rel).resolve()
+            if not full.is_relative_to(root):
+                raise DataError(f"{where}, line {line}: path {rel!r} points outside the manifest's folder")
+            if full in seen:
+                raise DataError(f"{where}, line {line}: duplicate path {rel!r} (first on line {seen[full]})")
+            if not full.is_file():
+                raise DataError(f"{where}, line {line}: image not found: {rel}")
+        except (OSError, ValueError) as exc:  # a name too long, a NUL byte, a symlink loop
+            raise DataError(f"{where}, line {line}: unusable path {rel!r} ({exc})") from None
         seen[full] = line
         files.append(full)
         raw_labels.append(label)
     if all(_is_int(s) for s in raw_labels):
-        labels = np.asarray([int(s) for s in raw_labels], dtype=np.int64)
-        if labels.min() < 0:
-            raise DataError(f"{where}: negative label {labels.min()}")
-        class_names = tuple(str(c) for c in range(int(labels.max()) + 1))
+        values = [int(s) for s in raw_labels]
+        if min(values) < 0:
+            raise DataError(f"{where}: negative label {min(values)}")
+        class_names = _integer_class_names(max(values), where)
+        labels = np.asarray(values, dtype=np.int64)
     else:
         class_names = tuple(sorted(set(raw_labels)))
-        labels = np.asarray([class_names.index(s) for s in raw_labels], dtype=np.int64)
+        position = {name: c for c, name in enumerate(class_names)}
+        labels = np.asarray([position[s] for s in raw_labels], dtype=np.int64)
     decoded, kept, skipped = _decode_all(files, where, skip_unreadable)
     kept_files = [files[i] for i in kept]
     return Dataset(_stack_images(decoded, kept_files, where), labels[kept], class_names,
                    np.asarray(kept, dtype=np.int64), source=where,
                    paths=tuple(str(f.relative_to(root)) for f in kept_files), skipped=tuple(skipped))
+
+
+def _integer_class_names(top: int, where: str) -> tuple[str, ...]:
+    """Class names "0".."top" for integer labels whose largest value is ``top``."""
+    if top >= MAX_CLASSES:
+        raise DataError(f"{where}: label {top} is too large; integer labels are class numbers 0..C-1, "
+                        f"with at most {MAX_CLASSES} classes")
+    return tuple(str(c) for c in range(top + 1))
 
 
 def _is_int(text: str) -> bool:
@@ -323,8 +364,12 @@ def stratified_split(dataset: Dataset, fractions: tuple[float, ...], *, seed: in
     parts: list[np.ndarray] = []
     remaining, left = positions, 1.0
     for frac in fractions[:-1]:
-        take, remaining = train_test_split(remaining, train_size=frac / left, random_state=seed,
-                                           stratify=dataset.labels[remaining])
+        try:
+            take, remaining = train_test_split(remaining, train_size=frac / left, random_state=seed,
+                                               stratify=dataset.labels[remaining])
+        except ValueError as exc:  # too few samples of a class, or parts smaller than the class count
+            raise DataError(f"{dataset.source or 'dataset'}: cannot split {len(dataset)} samples into "
+                            f"stratified parts {fractions} ({exc})") from None
         parts.append(np.sort(take))
         left -= frac
     parts.append(np.sort(remaining))

@@ -111,10 +111,10 @@ def score_methods(train_set: Dataset, methods: list[str], *, validation: Dataset
 def read_decisions(path: str, dataset: Dataset) -> pd.DataFrame:
     """Read and validate a decisions CSV (``index,action,new_label``) against ``dataset``."""
     try:
-        frame = pd.read_csv(path, dtype={"index": "Int64", "action": str, "new_label": str}, keep_default_na=False)
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # a folder, an empty file, a parser error, not UTF-8
         raise DataError(f"{path}: not a readable decisions CSV ({exc})") from None
     missing = [c for c in ("index", "action", "new_label") if c not in frame.columns]
     if missing:
@@ -122,14 +122,26 @@ def read_decisions(path: str, dataset: Dataset) -> pd.DataFrame:
     bad_actions = sorted(set(frame["action"]) - set(ACTIONS))
     if bad_actions:
         raise DataError(f"{path}: unknown action(s) {bad_actions}; valid: {', '.join(ACTIONS)}")
-    unknown = sorted(set(frame["index"].astype(int)) - set(dataset.index.tolist()))
+    indices = [_decision_index(text, row, path) for row, text in enumerate(frame["index"], start=1)]
+    unknown = sorted(set(indices) - set(dataset.index.tolist()))
     if unknown:
         raise DataError(f"{path}: index {unknown[0]} is not in the training set ({len(unknown)} unknown)")
+    frame["index"] = np.asarray(indices, dtype=np.int64)
     if frame["index"].duplicated().any():
         raise DataError(f"{path}: index {int(frame['index'][frame['index'].duplicated()].iloc[0])} has two decisions")
     frame["new_label"] = [_label_id(v, dataset, path) if a == "relabel" else -1
                           for v, a in zip(frame["new_label"], frame["action"])]
     return frame
+
+
+def _decision_index(text: str, row: int, path: str) -> int:
+    text = text.strip()
+    if not text:
+        raise DataError(f"{path}: decision {row} has a blank index")
+    try:
+        return int(text)
+    except ValueError:
+        raise DataError(f"{path}: decision {row} has index {text!r}, not an integer") from None
 
 
 def _label_id(value: str, dataset: Dataset, path: str) -> int:
@@ -156,6 +168,8 @@ def apply_decisions(dataset: Dataset, decisions: pd.DataFrame) -> Dataset:
             keep[row] = False
         elif action == "relabel":
             labels[row] = int(new_label)
+    if not keep.any():
+        raise DataError(f"the decisions drop all {len(dataset)} training samples; nothing is left to train on")
     return dataset.with_labels(labels).subset(keep)
 
 

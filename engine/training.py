@@ -53,9 +53,9 @@ class TrainConfig:
             raise OptionError("augment", self.augment, AUGMENTATIONS)
         for name in ("epochs", "batch_size", "checkpoints"):
             if getattr(self, name) < 1:
-                raise OptionError(name, getattr(self, name), ["a positive integer"])
-        if not self.learning_rate > 0:
-            raise OptionError("learning_rate", self.learning_rate, ["a positive number"])
+                raise TrainingError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not 0 < self.learning_rate < float("inf"):
+            raise TrainingError(f"learning_rate must be a positive number, got {self.learning_rate}")
         return self
 
 
@@ -136,6 +136,12 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), *, task: ImageT
           progress: Progress = no_progress) -> TrainedModel:
     """Train on ``dataset`` with ``config``; raises :class:`TrainingError` if the loss diverges."""
     config.validate()
+    if len(dataset) < 2:
+        raise TrainingError(f"{dataset.source or 'training set'}: training needs at least 2 training samples, "
+                            f"got {len(dataset)}")
+    if min(dataset.image_shape[:2]) < 2:
+        raise TrainingError(f"{dataset.source or 'training set'}: images of {dataset.image_shape[0]}×"
+                            f"{dataset.image_shape[1]} pixels are too small to train on (2×2 at least)")
     device = resolve_device(config.device)
     task = task or ImageTask.fit(dataset)
     model_name = choose_model(dataset.image_shape, device) if config.model == "auto" else config.model
@@ -227,6 +233,8 @@ def predict(model: nn.Module, task: ImageTask, images: np.ndarray, device: torch
         a = model.features(x)
         logits.append(model.head(a).float().cpu())
         feats.append(a.float().cpu())
+    if not all(torch.isfinite(z).all() for z in logits):
+        raise TrainingError("the model's outputs are NaN or infinite (training diverged); lower the learning rate")
     return Predictions(torch.cat(logits).numpy().astype(np.float64), torch.cat(feats).numpy().astype(np.float64))
 
 

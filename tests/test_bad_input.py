@@ -1,0 +1,338 @@
+"""The bad-input catalogue: every row is a mistake users make, with the one clear line it must give.
+
+Each row builds its bad input in a fresh folder and is tried two ways: through the CLI (exit
+status 2, the message as the last stderr line, no traceback) and, where the engine has an entry
+point for it, through the engine API (an ``InfluenceLensError`` with the same message). Both must
+leave the folder exactly as it was: no output file, no input changed. A handful of rows also run
+as a real subprocess, and the cases where the tool should recover rather than refuse follow the
+table.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import subprocess
+import sys
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_dataset, run_cli, save_image, snapshot, write_image_folder, write_manifest
+from PIL import Image
+
+from engine.cli import main
+from engine.data import load_dataset, save_npz
+from engine.device import resolve_device
+from engine.errors import InfluenceLensError
+from engine.pipeline import carve_validation, read_decisions, retrain_comparison, score_methods, with_injected_noise
+from engine.scorers import make_scorer
+from engine.training import TrainConfig, train
+
+FAST = TrainConfig(epochs=2, device="cpu")
+
+
+# --- builders: each writes files under ``root`` -------------------------------------------------
+
+def good_npz(root: Path, name: str = "train.npz", **kwargs) -> Path:
+    save_npz(make_dataset(**kwargs), root / name)
+    return root / name
+
+
+def raw_npz(root: Path, name: str = "bad.npz", **arrays) -> Path:
+    np.savez(root / name, **arrays)
+    return root / name
+
+
+def good_folder(root: Path, name: str = "folder") -> Path:
+    return write_image_folder(make_dataset(per_class=3), root / name)
+
+
+def write_png_header_only(path: Path, width: int, height: int) -> Path:
+    """A valid 1-bit PNG of zeros (a few kB on disk) that would need width·height bytes decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" * (1 + (width + 7) // 8)
+    compressor = zlib.compressobj(9)
+    body = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path
+
+
+def folder_with(root: Path, odd_name: str, odd_bytes: bytes | None = None) -> Path:
+    """A good two-class folder plus one extra file in class_0 (raw bytes)."""
+    folder = good_folder(root)
+    (folder / "class_0" / odd_name).write_bytes(odd_bytes or b"")
+    return folder
+
+
+def truncated_jpeg(root: Path) -> Path:
+    folder = good_folder(root)
+    save_image(np.full((8, 8), 99, dtype=np.uint8), folder / "class_1" / "cut.jpg")
+    data = (folder / "class_1" / "cut.jpg").read_bytes()
+    (folder / "class_1" / "cut.jpg").write_bytes(data[: len(data) // 2])
+    return folder
+
+
+def manifest(root: Path, lines: list[str] | bytes, images: int = 4) -> Path:
+    """``images`` small PNGs img0.png.. beside a CSV with the given lines (or raw bytes)."""
+    for i in range(images):
+        save_image(np.full((6, 6), 40 * i, dtype=np.uint8), root / f"img{i}.png")
+    path = root / "m.csv"
+    if isinstance(lines, bytes):
+        path.write_bytes(lines)
+    else:
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def decisions(root: Path, lines: list[str]) -> Path:
+    path = root / "decisions.csv"
+    path.write_text("\n".join(["index,action,new_label", *lines]) + "\n", encoding="utf-8")
+    return path
+
+
+# --- the table --------------------------------------------------------------------------------
+
+def score(target: str, *extra: str, method: str = "loss") -> list[str]:
+    return ["score", target, "--method", method, "--epochs", "2", "--device", "cpu", "--out", "out.csv", *extra]
+
+
+def retrain(decisions_csv: str, *extra: str, test: str = "train.npz") -> list[str]:
+    return ["retrain", "train.npz", "--decisions", decisions_csv, "--test", test, "--epochs", "2",
+            "--device", "cpu", *extra]
+
+
+def loading(name: str) -> Callable[[Path], object]:
+    return lambda root: load_dataset(root / name)
+
+
+def loading_skipping(name: str) -> Callable[[Path], object]:
+    return lambda root: load_dataset(root / name, skip_unreadable=True)
+
+
+def scoring(train_name: str, method: str = "loss", validation: str | None = None,
+            config: TrainConfig = FAST) -> Callable[[Path], object]:
+    return lambda root: score_methods(load_dataset(root / train_name), [method], config=config,
+                                      validation=None if validation is None else load_dataset(root / validation))
+
+
+def reading_decisions(name: str) -> Callable[[Path], object]:
+    return lambda root: read_decisions(str(root / name), load_dataset(root / "train.npz"))
+
+
+def retraining(name: str, test: str) -> Callable[[Path], object]:
+    def run(root: Path) -> object:
+        train_set = load_dataset(root / "train.npz")
+        return retrain_comparison(train_set, read_decisions(str(root / name), train_set),
+                                  load_dataset(root / test), config=FAST)
+    return run
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    build: Callable[[Path], object]  # writes the bad input under the folder it is given
+    args: list[str]  # the CLI arguments, relative to that folder
+    message: str  # a regular expression the error line must contain
+    api: Callable[[Path], object] | None  # the same mistake through the engine API, or None (CLI only)
+    marks: tuple = ()
+
+
+def npz_case(name: str, message: str, **arrays) -> Case:
+    return Case(name, lambda root: raw_npz(root, **arrays), score("bad.npz"), message, loading("bad.npz"))
+
+
+def csv_case(name: str, lines: list[str] | bytes, message: str) -> Case:
+    return Case(name, lambda root: manifest(root, lines), score("m.csv"), message, loading("m.csv"))
+
+
+IMAGES = np.zeros((4, 5, 5), dtype=np.uint8)
+TWO_CLASSES = np.array([0, 1, 0, 1])
+
+CASES = [
+    # paths and folders
+    Case("missing-path", lambda root: None, score("nope.npz"), r"nope\.npz: no such file or folder",
+         loading("nope.npz")),
+    Case("unsupported-file", lambda root: (root / "data.txt").write_text("1,2\n"), score("data.txt"),
+         r"data\.txt: unsupported data file", loading("data.txt")),
+    Case("empty-folder", lambda root: (root / "empty").mkdir(), score("empty"), r"empty: no class sub-folders",
+         loading("empty")),
+    Case("one-class-folder", lambda root: write_image_folder(make_dataset().subset(np.arange(6)), root / "one"),
+         score("one"),
+         r"only one class folder \(class_0\)", loading("one")),
+    Case("class-folder-without-images",
+         lambda root: [good_folder(root), (root / "folder" / "class_9").mkdir(),
+                       (root / "folder" / "class_9" / "notes.txt").write_text("no images")],
+         score("folder"), r"class_9: class folder has no images", loading("folder")),
+    Case("truncated-jpeg", truncated_jpeg, score("folder"), r"cut\.jpg: unreadable image", loading("folder")),
+    Case("png-that-is-text", lambda root: folder_with(root, "text.png", b"this is not a PNG\n"), score("folder"),
+         r"text\.png: unreadable image", loading("folder")),
+    Case("zero-byte-file", lambda root: folder_with(root, "empty.png"), score("folder"),
+         r"empty\.png: unreadable image", loading("folder")),
+    Case("image-20000x20000", lambda root: [good_folder(root),
+                                            write_png_header_only(root / "folder/class_0/huge.png", 20000, 20000)],
+         score("folder"), r"huge\.png: image is larger than the 16777216 pixels", loading("folder")),
+    Case("image-10000x10000", lambda root: [good_folder(root),
+                                            write_png_header_only(root / "folder/class_0/big.png", 10000, 10000)],
+         score("folder"), r"big\.png: image is 10000×10000, larger than", loading("folder")),
+    Case("mixed-image-sizes", lambda root: [good_folder(root),
+                                            save_image(np.zeros((9, 9), np.uint8), root / "folder/class_1/z.png")],
+         score("folder"), r"images have different sizes \(.*img_00000\.png is 8×8, .*z\.png is 9×9\)", loading("folder")),
+    Case("nothing-readable-even-skipping",
+         lambda root: [(root / "f" / c).mkdir(parents=True) or (root / "f" / c / "x.png").write_text("text")
+                       for c in ("a", "b")],
+         score("f", "--skip-unreadable"), r"f: no readable images", loading_skipping("f")),
+    Case("tiny-1x1-images", lambda root: raw_npz(root, images=np.zeros((4, 1, 1), np.uint8), labels=TWO_CLASSES),
+         score("bad.npz"), r"1×1.*too small", scoring("bad.npz")),
+    # CSV manifests
+    csv_case("csv-missing-column", ["file,label", "img0.png,a"], r"m\.csv: missing column\(s\) path"),
+    csv_case("csv-empty-file", b"", r"m\.csv: missing column\(s\) path, label"),
+    csv_case("csv-zero-rows", ["path,label"], r"m\.csv: the manifest has zero rows"),
+    csv_case("csv-blank-label", ["path,label", "img0.png,a", "img1.png, "], r"m\.csv, line 3: blank label"),
+    csv_case("csv-duplicate-path", ["path,label", "img0.png,a", "img1.png,b", "./img0.png,b"],
+             r"line 4: duplicate path './img0.png' \(first on line 2\)"),
+    csv_case("csv-path-escaping-folder", ["path,label", "img0.png,a", "../../etc/passwd,b"],
+             r"line 3: path '\.\./\.\./etc/passwd' points outside the manifest's folder"),
+    csv_case("csv-absolute-path", ["path,label", "img0.png,a", "/etc/passwd,b"], r"line 3: .* points outside"),
+    csv_case("csv-image-not-found", ["path,label", "img0.png,a", "missing.png,b"],
+             r"line 3: image not found: missing\.png"),
+    csv_case("csv-not-utf8", b"path,label\nimg0.png,caf\xe9\nimg1.png,b\n", r"m\.csv: not UTF-8 text \(byte 23\)"),
+    csv_case("csv-nul-byte", b"path,label\nimg0.png,a\x00\nimg1.png,b\n", r"m\.csv: contains NUL bytes"),
+    csv_case("csv-negative-label", ["path,label", "img0.png,0", "img1.png,-1"], r"m\.csv: negative label -1"),
+    csv_case("csv-huge-integer-label", ["path,label", "img0.png,0", "img1.png,99999999999"],
+             r"m\.csv: label 99999999999 .*at most \d+ classes"),
+    csv_case("csv-single-class", ["path,label", "img0.png,cat", "img1.png,cat"], r"at least 2 classes, found 1"),
+    # .npz archives
+    npz_case("npz-without-labels", r"bad\.npz: missing array 'labels' \(found: images\)", images=IMAGES),
+    npz_case("npz-labels-out-of-range", r"label 5 is out of range for 2 classes", images=IMAGES,
+             labels=np.array([0, 1, 5, 1]), class_names=np.array(["a", "b"])),
+    npz_case("npz-length-mismatch", r"bad\.npz: 4 images but 3 labels", images=IMAGES, labels=np.array([0, 1, 0])),
+    npz_case("npz-float-images-out-of-range", r"float images must lie in \[0, 1\] or \[0, 255\]",
+             images=np.full((4, 5, 5), 300.0), labels=TWO_CLASSES),
+    npz_case("npz-nan-images", r"images contain NaN", images=np.full((4, 5, 5), np.nan), labels=TWO_CLASSES),
+    npz_case("npz-float-labels", r"labels must be a 1-D integer array", images=IMAGES, labels=TWO_CLASSES + 0.5),
+    npz_case("npz-flat-images", r"images must be N×H×W", images=np.zeros((4, 25), np.uint8), labels=TWO_CLASSES),
+    npz_case("npz-scalar-images", r"images must be N×H×W", images=np.uint8(3), labels=TWO_CLASSES),
+    npz_case("npz-zero-samples", r"bad\.npz: the dataset has zero samples", images=np.zeros((0, 5, 5), np.uint8),
+             labels=np.zeros(0, np.int64)),
+    npz_case("npz-single-class", r"at least 2 classes, found 1", images=IMAGES, labels=np.zeros(4, np.int64)),
+    npz_case("npz-huge-label", r"label 1000000000000 .*at most \d+ classes", images=IMAGES,
+             labels=np.array([0, 1, 0, 10**12])),
+    npz_case("npz-text-index", r"bad\.npz: index must be 1-D integers", images=IMAGES, labels=TWO_CLASSES,
+             index=np.array(["a", "b", "c", "d"])),
+    npz_case("npz-duplicate-class-names", r"class names .*'a'.* more than once", images=IMAGES, labels=TWO_CLASSES,
+             class_names=np.array(["a", "a"])),
+    Case("npz-not-a-zip", lambda root: (root / "bad.npz").write_text("hello"), score("bad.npz"),
+         r"bad\.npz: not a \.npz archive", loading("bad.npz")),
+    Case("npz-one-sample", lambda root: raw_npz(root, images=IMAGES[:1], labels=np.array([1]),
+                                                class_names=np.array(["a", "b"])),
+         score("bad.npz"), r"at least 2 training samples", scoring("bad.npz")),
+    # training and scoring
+    Case("validation-classes-differ", lambda root: [good_npz(root), good_npz(root, "val.npz", classes=4)],
+         score("train.npz", "--val", "val.npz"), r"val\.npz: the validation classes .* differ from the training",
+         scoring("train.npz", validation="val.npz")),
+    Case("validation-image-size-differs", lambda root: [good_npz(root), good_npz(root, "val.npz", shape=(9, 9))],
+         score("train.npz", "--val", "val.npz"), r"validation images are \(9, 9\), training images are \(8, 8\)",
+         scoring("train.npz", validation="val.npz")),
+    Case("fewer-samples-than-cleanlab-folds", lambda root: good_npz(root, per_class=4),
+         score("train.npz", method="cleanlab"), r"has 4 samples, fewer than the 5 cross-validation folds",
+         scoring("train.npz", method="cleanlab")),
+    Case("carved-validation-too-small", lambda root: good_npz(root, per_class=2),
+         score("train.npz", "--val-from-train", "0.2"), r"train\.npz: cannot split 6 samples into stratified parts",
+         lambda root: carve_validation(load_dataset(root / "train.npz"), 0.2)),
+    Case("diverging-learning-rate", good_npz, score("train.npz", "--lr", "1e12", "--epochs", "3"),
+         r"training loss became (nan|inf) .* lower the learning rate",
+         scoring("train.npz", config=TrainConfig(epochs=3, learning_rate=1e12, device="cpu"))),
+    Case("unknown-method", good_npz, score("train.npz", method="magic"),
+         r"unknown method 'magic'; valid choices: .*loss", lambda root: make_scorer("magic")),
+    Case("unknown-device", good_npz, score("train.npz", "--device", "tpu"),
+         r"unknown device 'tpu'; valid choices: auto, cpu, cuda", lambda root: resolve_device("tpu")),
+    Case("cuda-without-gpu", good_npz, score("train.npz", "--device", "cuda"),
+         r"--device cuda was asked for, but no CUDA GPU", lambda root: resolve_device("cuda"),
+         marks=(pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present"),)),
+    Case("unknown-model", good_npz, score("train.npz", "--model", "vgg"), r"unknown model 'vgg'; valid choices",
+         lambda root: train(load_dataset(root / "train.npz"), TrainConfig(model="vgg"))),
+    Case("zero-epochs", good_npz, score("train.npz", "--epochs", "0"), r"epochs must be a positive integer, got 0",
+         lambda root: train(load_dataset(root / "train.npz"), TrainConfig(epochs=0))),
+    Case("negative-learning-rate", good_npz, score("train.npz", "--lr", "-1"),
+         r"learning_rate must be a positive number, got -1",
+         lambda root: TrainConfig(learning_rate=-1.0).validate()),
+    Case("unknown-noise-kind", good_npz, score("train.npz", "--noise-rate", "0.2", "--noise-kind", "asym"),
+         r"unknown noise kind 'asym'; valid choices: symmetric, pair",
+         lambda root: with_injected_noise(load_dataset(root / "train.npz"), rate=0.2, kind="asym")),
+    Case("noise-rate-out-of-range", good_npz, score("train.npz", "--noise-rate", "1.5"),
+         r"noise rate must be in \[0, 1\), got 1\.5",
+         lambda root: with_injected_noise(load_dataset(root / "train.npz"), rate=1.5)),
+    Case("noise-rate-flips-nothing", good_npz, score("train.npz", "--noise-rate", "0.001"),
+         r"--noise-rate 0\.001 flips 0 of 18 labels", None),
+    Case("out-folder-missing", good_npz, [*score("train.npz")[:-1], "no/such/dir/out.csv"],
+         r"the folder no/such/dir does not exist", None),
+    Case("unknown-sample-split", lambda root: None, score("sample:holdout"),
+         r"unknown sample split 'holdout'; valid choices: train, val, test",
+         lambda root: load_dataset("sample:holdout")),
+    # review decisions for retraining
+    Case("decisions-file-missing", good_npz, retrain("nope.csv"), r"nope\.csv: file not found",
+         reading_decisions("nope.csv")),
+    Case("decisions-unknown-index", lambda root: [good_npz(root), decisions(root, ["3,drop,", "999,drop,"])],
+         retrain("decisions.csv"), r"index 999 is not in the training set", reading_decisions("decisions.csv")),
+    Case("decisions-unknown-action", lambda root: [good_npz(root), decisions(root, ["3,delete,"])],
+         retrain("decisions.csv"), r"unknown action\(s\) \['delete'\]; valid: drop, relabel, keep",
+         reading_decisions("decisions.csv")),
+    Case("decisions-bad-new-label", lambda root: [good_npz(root), decisions(root, ["3,relabel,zebra"])],
+         retrain("decisions.csv"), r"new_label 'zebra' is not a class name or a label in 0\.\.2",
+         reading_decisions("decisions.csv")),
+    Case("decisions-missing-column", lambda root: [good_npz(root), (root / "d.csv").write_text("index,action\n1,drop\n")],
+         retrain("d.csv"), r"d\.csv: missing column\(s\) new_label", reading_decisions("d.csv")),
+    Case("decisions-duplicate-index", lambda root: [good_npz(root), decisions(root, ["3,drop,", "3,keep,"])],
+         retrain("decisions.csv"), r"index 3 has two decisions", reading_decisions("decisions.csv")),
+    Case("decisions-blank-index", lambda root: [good_npz(root), decisions(root, ["3,drop,", ",drop,"])],
+         retrain("decisions.csv"), r"decisions\.csv: decision 2 has a blank index", reading_decisions("decisions.csv")),
+    Case("decisions-text-index", lambda root: [good_npz(root), decisions(root, ["three,drop,"])],
+         retrain("decisions.csv"), r"decisions\.csv: decision 1 has index 'three', not an integer", reading_decisions("decisions.csv")),
+    Case("decisions-drop-everything",
+         lambda root: [good_npz(root), decisions(root, [f"{i},drop," for i in range(18)])],
+         retrain("decisions.csv"), r"the decisions drop all 18 training samples",
+         retraining("decisions.csv", "train.npz")),
+    Case("test-classes-differ", lambda root: [good_npz(root), good_npz(root, "test.npz", classes=2),
+                                              decisions(root, ["3,drop,"])],
+         retrain("decisions.csv", test="test.npz"), r"test\.npz: the test classes .* differ from the training",
+         retraining("decisions.csv", "test.npz")),
+]
+
+
+def params(cases: list[Case]) -> list:
+    return [pytest.param(case, id=case.name, marks=case.marks) for case in cases]
+
+
+@pytest.mark.parametrize("case", params(CASES))
+def test_catalogue_cli(case: Case, tmp_path, monkeypatch, capsys):
+    """``main(argv)`` exactly as the console script calls it: status 2, one clear last line."""
+    case.build(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    status = main(case.args)
+    err = capsys.readouterr().err
+    last_line = err.strip().splitlines()[-1]
+    assert status == 2
+    assert last_line.startswith("influence-lens: error: ")
+    assert re.search(case.message, last_line), last_line
+    assert "Traceback" not in err
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("case", params([case for case in CASES if case.api is not None]))
+def test_catalogue_api(case: Case, tmp_path):
+    """The engine raises the tool's own error type with the same message, and writes nothing."""
+    case.build(tmp_path)
+    before = snapshot(tmp_path)
+    with pytest.raises(InfluenceLensError, match=case.message):
+        case.api(tmp_path)
+    assert snapshot(tmp_path) == before
