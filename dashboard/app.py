@@ -1,0 +1,35 @@
+"""Entry of the dashboard: ``influence-lens dashboard [--data PATH]`` runs ``streamlit run`` on this file.
+
+Seeds the session and hands over to the page chosen in the navigation (each page draws the status
+bar itself: AppTest drops elements drawn outside the page on reruns, streamlit/streamlit#9446). Pages live in ``pages/``; charts in ``charts.py``; maths in ``engine``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `streamlit run dashboard/app.py` from a checkout without an install
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+
+from dashboard import state  # noqa: E402
+
+PAGES = [
+    st.Page("pages/setup.py", title="Set up a run", icon=":material/tune:", default=True),
+    st.Page("pages/review.py", title="Review suspects", icon=":material/grid_view:"),
+    st.Page("pages/detail.py", title="Sample detail", icon=":material/zoom_in:"),
+    st.Page("pages/recovery.py", title="Retrain & recovery", icon=":material/trending_up:"),
+    st.Page("pages/compare.py", title="Compare methods", icon=":material/leaderboard:"),
+    st.Page("pages/export.py", title="Export", icon=":material/download:"),
+]
+
+
+st.set_page_config(page_title="influence-lens", page_icon=":material/search:", layout="wide")
+# Tiny images are upscaled with nearest-neighbour; this keeps the browser from blurring them again.
+st.html("<style>img { image-rendering: pixelated; }</style>")
+state.init()
+page = st.navigation(PAGES)
+page.run()

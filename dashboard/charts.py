@@ -1,0 +1,238 @@
+"""Chart and table builders: data in, plotly figure or DataFrame out. No Streamlit, no maths.
+
+Kept pure so they are unit-tested without a server; the numbers come from ``engine``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from PIL import Image
+
+from engine.metrics import ranks
+
+UNREVIEWED = "unreviewed"
+STATUSES = (UNREVIEWED, "relabel", "drop", "keep")
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf")
+ORACLE = "oracle"
+GALLERY_COLUMNS = ["position", "index", "rank", "score", "given", "predicted", "suggested", "status", "new_label"]
+# plotly's SVG scatter gets sluggish beyond a few thousand points; WebGL keeps lasso selection.
+WEBGL_ABOVE = 5000
+
+
+def class_colour(label: int) -> str:
+    return PALETTE[int(label) % len(PALETTE)]
+
+
+def tile(image: np.ndarray, size: int) -> np.ndarray:
+    """Upscale (or shrink) to ``size`` px on the long side with nearest-neighbour: pixels stay crisp."""
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
+    pil = Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[2] == 1 else image)
+    return np.asarray(pil.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.NEAREST))
+
+
+# -- the gallery ----------------------------------------------------------------------------------
+
+def gallery_table(index: np.ndarray, scores: np.ndarray, given: np.ndarray, predicted: np.ndarray,
+                  suggested: np.ndarray, decisions: pd.DataFrame) -> pd.DataFrame:
+    """One row per training row, most suspicious first, with its decision status (``GALLERY_COLUMNS``)."""
+    table = pd.DataFrame({"position": np.arange(len(index)), "index": index, "rank": ranks(scores), "score": scores,
+                          "given": given, "predicted": predicted, "suggested": suggested})
+    current = decisions.set_index("index")[["action", "new_label"]] if len(decisions) else None
+    table["status"], table["new_label"] = UNREVIEWED, -1
+    if current is not None:
+        found = table["index"].isin(current.index)
+        table.loc[found, "status"] = current.loc[table.loc[found, "index"], "action"].to_numpy()
+        table.loc[found, "new_label"] = current.loc[table.loc[found, "index"], "new_label"].to_numpy()
+    return table.sort_values("rank").reset_index(drop=True)[GALLERY_COLUMNS]
+
+
+def filter_gallery(table: pd.DataFrame, *, top_k: int | None = None, given=None, suggested=None, status=None,
+                   score_range: tuple[float, float] | None = None, indices=None,
+                   cell: tuple[int, int] | None = None) -> pd.DataFrame:
+    """The rows passing every filter given (None = no filter), still in rank order."""
+    keep = np.ones(len(table), dtype=bool)
+    if top_k is not None:
+        keep &= table["rank"].to_numpy() <= top_k
+    if given:
+        keep &= table["given"].isin(given).to_numpy()
+    if suggested:
+        keep &= table["suggested"].isin(suggested).to_numpy()
+    if status:
+        keep &= table["status"].isin(status).to_numpy()
+    if score_range is not None:
+        keep &= table["score"].between(*score_range).to_numpy()
+    if indices is not None:
+        keep &= table["index"].isin(list(indices)).to_numpy()
+    if cell is not None:
+        keep &= ((table["given"] == cell[0]) & (table["suggested"] == cell[1])).to_numpy()
+    return table[keep]
+
+
+def page_of(table: pd.DataFrame, page: int, per_page: int) -> tuple[pd.DataFrame, int]:
+    """Rows of 1-based ``page`` (clamped) and the number of pages (at least 1)."""
+    pages = max(1, -(-len(table) // per_page))
+    page = min(max(1, page), pages)
+    return table.iloc[(page - 1) * per_page: page * per_page], pages
+
+
+def card_caption(row: pd.Series, class_names: tuple[str, ...]) -> str:
+    """The text under a gallery image: rank, score, given / predicted / suggested, decision."""
+    name = class_names
+    text = (f"**#{int(row['rank'])}** · {row['score']:.3g}  \n"
+            f"given **{name[row['given']]}** · pred {name[row['predicted']]} · sugg **{name[row['suggested']]}**")
+    if row["status"] == "relabel":
+        text += f"  \n:green[relabeled → {name[row['new_label']]}]"
+    elif row["status"] == "drop":
+        text += "  \n:red[dropped]"
+    elif row["status"] == "keep":
+        text += "  \n:blue[confirmed correct]"
+    return text
+
+
+# -- review charts --------------------------------------------------------------------------------
+
+def score_histogram(scores: np.ndarray, cut: float, *, method: str, flagged: int) -> go.Figure:
+    """Scores of every sample, with the cut (the score of the last flagged sample) marked."""
+    fig = go.Figure(go.Histogram(x=scores, nbinsx=60, marker_color="#7f7f7f", name="samples"))
+    fig.add_vline(x=cut, line_color="#d62728", line_dash="dash",
+                  annotation_text=f"top {flagged}", annotation_position="top right")
+    fig.update_layout(title=f"{method} scores", xaxis_title="score (higher = more suspicious)",
+                      yaxis_title="samples", height=320, margin=dict(l=10, r=10, t=40, b=10), showlegend=False)
+    return fig
+
+
+def confusion_figure(counts: np.ndarray, class_names: tuple[str, ...]) -> go.Figure:
+    """Given (rows) vs. suggested (columns) among flagged samples, as clickable squares.
+
+    A scatter of squares, not a heatmap, because a point click is what Streamlit reports as a
+    selection; each point carries ``customdata = [given, suggested]``.
+    """
+    given, suggested = np.nonzero(counts)
+    values = counts[given, suggested]
+    names = np.asarray(class_names, dtype=object)
+    fig = go.Figure(go.Scatter(
+        x=names[suggested], y=names[given], mode="markers+text", text=values.astype(str),
+        customdata=np.stack([given, suggested], axis=1),
+        marker=dict(symbol="square", size=26, color=values, colorscale="Reds", showscale=False,
+                    line=dict(width=1, color="#555")),
+        hovertemplate="given %{y} → suggested %{x}: %{text}<extra></extra>"))
+    axis = dict(type="category", categoryorder="array", categoryarray=list(class_names))
+    fig.update_layout(title="flagged: given vs. suggested (click a cell)", height=320,
+                      xaxis=dict(title="suggested", **axis), yaxis=dict(title="given", autorange="reversed", **axis),
+                      margin=dict(l=10, r=10, t=40, b=10), clickmode="event+select", dragmode=False)
+    return fig
+
+
+def feature_map_figure(xy: np.ndarray, labels: np.ndarray, index: np.ndarray, flagged: np.ndarray,
+                       class_names: tuple[str, ...]) -> go.Figure:
+    """The 2-D feature map coloured by given label; flagged samples outlined. ``customdata`` = index."""
+    scatter = go.Scattergl if len(xy) > WEBGL_ABOVE else go.Scatter
+    fig = go.Figure()
+    for c, name in enumerate(class_names):
+        for is_flagged in (False, True):
+            rows = np.flatnonzero((labels == c) & (flagged == is_flagged))
+            if not len(rows):
+                continue
+            fig.add_trace(scatter(
+                x=xy[rows, 0], y=xy[rows, 1], mode="markers", customdata=index[rows], legendgroup=name,
+                name=f"{name} (flagged)" if is_flagged else name, showlegend=not is_flagged,
+                marker=dict(color=class_colour(c), size=9 if is_flagged else 5, opacity=1.0 if is_flagged else 0.45,
+                            line=dict(width=1.5 if is_flagged else 0, color="black")),
+                hovertemplate=f"index %{{customdata}} · given {name}{' · flagged' if is_flagged else ''}<extra></extra>"))
+    fig.update_layout(title="feature map (lasso to filter)", height=320, dragmode="lasso",
+                      margin=dict(l=10, r=10, t=40, b=10), legend=dict(itemsizing="constant"),
+                      xaxis=dict(showticklabels=False), yaxis=dict(showticklabels=False))
+    return fig
+
+
+# -- one sample -----------------------------------------------------------------------------------
+
+def probability_figure(probabilities: np.ndarray, class_names: tuple[str, ...], *, given: int,
+                       suggested: int) -> go.Figure:
+    """Class probabilities; the given label red, the suggested label green."""
+    colours = ["#d62728" if c == given else "#2ca02c" if c == suggested else "#9e9e9e"
+               for c in range(len(class_names))]
+    fig = go.Figure(go.Bar(x=list(class_names), y=probabilities, marker_color=colours,
+                           hovertemplate="%{x}: %{y:.3f}<extra></extra>"))
+    fig.update_layout(title="class probabilities (red = given, green = suggested)", yaxis=dict(range=[0, 1]),
+                      xaxis=dict(type="category"), height=300, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def method_table(scores: dict[str, np.ndarray], suggested: dict[str, np.ndarray], position: int,
+                 class_names: tuple[str, ...]) -> pd.DataFrame:
+    """Score, rank (of N) and suggested label of one row under every method."""
+    rows = []
+    for method, values in scores.items():
+        rows.append({"method": method, "score": float(values[position]), "rank": int(ranks(values)[position]),
+                     "of": len(values), "suggested": class_names[int(suggested[method][position])]})
+    return pd.DataFrame(rows, columns=["method", "score", "rank", "of", "suggested"])
+
+
+# -- recovery -------------------------------------------------------------------------------------
+
+def class_accuracy_figure(before: list, after: list, class_names: tuple[str, ...]) -> go.Figure:
+    """Per-class test accuracy before and after applying the decisions."""
+    fig = go.Figure([go.Bar(name="before", x=list(class_names), y=before, marker_color="#9e9e9e"),
+                     go.Bar(name="after", x=list(class_names), y=after, marker_color="#2ca02c")])
+    fig.update_layout(barmode="group", title="test accuracy per class", yaxis=dict(range=[0, 1.02]),
+                      xaxis=dict(type="category"), height=320, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def cleaning_curve_figure(curve: pd.DataFrame) -> go.Figure:
+    """Test accuracy after fixing the top-k of each ranking (``curve, fixed, accuracy``); oracle dashed."""
+    fig = go.Figure()
+    for i, (name, part) in enumerate(curve.groupby("curve", sort=False)):
+        fig.add_trace(go.Scatter(x=part["fixed"], y=part["accuracy"], mode="lines+markers", name=name,
+                                 line=dict(dash="dash" if name == ORACLE else "solid",
+                                           color="black" if name == ORACLE else PALETTE[i % len(PALETTE)])))
+    fig.update_layout(title="cleaning curve", xaxis_title="top-k samples fixed", yaxis_title="test accuracy",
+                      height=360, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+# -- method comparison ----------------------------------------------------------------------------
+
+def roc_figure(curves: dict[str, dict[str, pd.DataFrame]], aurocs: dict[str, float]) -> go.Figure:
+    fig = go.Figure([go.Scatter(x=c["roc"]["fpr"], y=c["roc"]["tpr"], mode="lines", name=f"{m} ({aurocs[m]:.3f})")
+                     for m, c in curves.items()])
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="random", line=dict(dash="dot", color="grey")))
+    fig.update_layout(title="ROC (AUROC)", xaxis_title="false positive rate", yaxis_title="true positive rate",
+                      height=380, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def pr_figure(curves: dict[str, dict[str, pd.DataFrame]], aps: dict[str, float], noise_rate: float) -> go.Figure:
+    fig = go.Figure([go.Scatter(x=c["pr"]["recall"], y=c["pr"]["precision"], mode="lines", name=f"{m} ({aps[m]:.3f})")
+                     for m, c in curves.items()])
+    fig.add_hline(y=noise_rate, line_dash="dot", line_color="grey", annotation_text="random")
+    fig.update_layout(title="precision-recall (AP)", xaxis_title="recall", yaxis_title="precision",
+                      yaxis=dict(range=[0, 1.02]), height=380, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def found_figure(curves: dict[str, dict[str, pd.DataFrame]], n_errors: int, n: int) -> go.Figure:
+    """Label errors found vs. samples inspected, with the perfect and the random reviewer."""
+    fig = go.Figure([go.Scatter(x=c["found"]["inspected"], y=c["found"]["found"], mode="lines", name=m)
+                     for m, c in curves.items()])
+    fig.add_trace(go.Scatter(x=[0, n_errors, n], y=[0, n_errors, n_errors], mode="lines", name="perfect",
+                             line=dict(dash="dash", color="black")))
+    fig.add_trace(go.Scatter(x=[0, n], y=[0, n_errors], mode="lines", name="random", line=dict(dash="dot", color="grey")))
+    fig.update_layout(title="errors found vs. samples inspected", xaxis_title="samples inspected (in ranked order)",
+                      yaxis_title="label errors found", height=380, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def metrics_table(metrics: dict[str, dict[str, float]]) -> pd.DataFrame:
+    """AUROC / AP / precision@k (k = number of errors) and precision at fixed depths, best AUROC first."""
+    columns = {"auroc": "AUROC", "ap": "AP", "precision_at_k": "precision@k", "recall_at_k": "recall@k",
+               "precision_at_1pct": "precision@1%", "precision_at_5pct": "precision@5%",
+               "precision_at_10pct": "precision@10%"}
+    frame = pd.DataFrame([{"method": m, **{label: v[key] for key, label in columns.items()}} for m, v in metrics.items()],
+                         columns=["method", *columns.values()])
+    return frame.sort_values("AUROC", ascending=False, kind="stable").reset_index(drop=True)

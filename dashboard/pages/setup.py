@@ -1,0 +1,158 @@
+"""Journey 1: choose the data, the validation set, the demo noise, the methods and the preset; run."""
+
+from __future__ import annotations
+
+import json
+
+import streamlit as st
+import torch
+
+from dashboard import jobs, state, widgets
+from engine.data import NOISE_KINDS
+from engine.device import resolve_device
+from engine.errors import InfluenceLensError
+from engine.runs import RunSettings, config_hash, score_into
+from engine.scorers import available_methods, scorer_class
+from engine.training import PRESETS
+from engine.workspace import Workspace
+
+VALIDATION_MODES = {"none": "none", "trusted": "a trusted set (labels checked)",
+                    "carve": "carve from training (untrusted)"}
+DEFAULT_METHODS = ("loss", "cleanlab")
+
+
+def settings_form(base: RunSettings, methods_before: list[str]) -> tuple[RunSettings, list[str]]:
+    """The widgets; returns the settings and methods they describe (not yet validated)."""
+    left, right = st.columns(2)
+    with left:
+        st.subheader("Data")
+        data = st.text_input("Training data", value=base.data, key="setup_data",
+                             help="`sample` (the embedded digits), an image folder (one sub-folder per class), "
+                                  "a CSV manifest (`path,label`) or an `.npz`. Your files are never modified.")
+        sample = data.strip() == "sample" or data.strip().startswith("sample:")
+        mode_index = 1 if base.validation else 2 if base.val_from_train else 0
+        mode = st.radio("Validation set (needed by the methods marked ✱)", list(VALIDATION_MODES), index=mode_index,
+                        format_func=VALIDATION_MODES.get, horizontal=True, key="setup_val_mode")
+        validation, carve = None, None
+        if mode == "trusted":
+            validation = st.text_input("Trusted validation set", key="setup_val",
+                                       value=base.validation or ("sample:val" if sample else ""))
+        elif mode == "carve":
+            carve = st.slider("Fraction carved out of training", 0.05, 0.4, base.val_from_train or 0.1, 0.05,
+                              key="setup_carve")
+        test = st.text_input("Test set (for retraining)", key="setup_test",
+                             value=base.test or ("sample:test" if sample else ""),
+                             help="A clean held-out set; the recovery page reports accuracy on it.")
+        demo = st.toggle("Demo: inject label noise (the truth is then known)", value=base.noise_rate > 0,
+                         key="setup_demo")
+        rate, kind = 0.0, base.noise_kind
+        if demo:
+            c1, c2 = st.columns(2)
+            rate = c1.slider("Noise rate", 0.01, 0.5, base.noise_rate or 0.1, 0.01, key="setup_rate")
+            kind = c2.selectbox("Noise kind", NOISE_KINDS, index=NOISE_KINDS.index(base.noise_kind), key="setup_kind")
+    with right:
+        st.subheader("Methods and training")
+        names = available_methods()
+        default = [m for m in methods_before if m in names] or [m for m in DEFAULT_METHODS if m in names]
+        methods = st.multiselect(
+            "Methods (several at once share one trained model)", names, default=default, key="setup_methods",
+            format_func=lambda m: f"{m} ✱" if scorer_class(m).requires_validation else m,
+            help="\n".join(f"- **{m}**: {scorer_class(m).description}" for m in names))
+        preset = st.radio("Preset", list(PRESETS), index=list(PRESETS).index(base.preset), horizontal=True,
+                          key="setup_preset")
+        c1, c2, c3 = st.columns(3)
+        epochs = c1.number_input("Epochs", 1, 500, base.epochs or PRESETS[preset].epochs, key=f"setup_epochs_{preset}")
+        seed = c2.number_input("Seed", 0, 2**31 - 1, base.seed, key="setup_seed")
+        device = c3.selectbox("Device", ["preset", "auto", "cpu", "cuda"],
+                              index=["preset", "auto", "cpu", "cuda"].index(base.device or "preset"), key="setup_device")
+    settings = RunSettings(data=data.strip(), validation=(validation or "").strip() or None, val_from_train=carve,
+                           test=test.strip() or None, noise_rate=float(rate), noise_kind=kind, preset=preset,
+                           epochs=int(epochs), seed=int(seed), device=None if device == "preset" else device)
+    return settings, methods
+
+
+def device_line(settings: RunSettings) -> str:
+    device = resolve_device(settings.train_config().device)
+    if device.type == "cuda":
+        return f"Device: **{torch.cuda.get_device_name(device)}** (cuda)"
+    return f"Device: **cpu** ({torch.get_num_threads()} threads)"
+
+
+def start_run(settings: RunSettings, methods: list[str]) -> None:
+    """Load the data, open its workspace, and score what is not stored yet (in the background)."""
+    settings.validate()
+    if not methods:
+        raise InfluenceLensError("choose at least one method")
+    needing = [m for m in methods if scorer_class(m).requires_validation]
+    if needing and not (settings.validation or settings.val_from_train):
+        raise InfluenceLensError(f"{', '.join(needing)} need a validation set: give a trusted one, or carve one "
+                                 "out of the training data")
+    data = state.run_data(json.dumps(settings.to_dict(), sort_keys=True))
+    if data.full_train.skipped:
+        st.warning(f"{len(data.full_train.skipped)} unreadable file(s) left out: "
+                   + "; ".join(data.full_train.skipped[:5]))
+    workspace = Workspace.for_data(settings.data_key(), state.folder())
+    key = config_hash(settings, data)
+    state.activate(workspace, key, settings)
+    workspace.save_run(key, settings.to_dict())
+    if all(m in workspace.methods(key) for m in methods):
+        st.session_state["flash"] = "Every method was already computed for this configuration: loaded from the workspace."
+        st.switch_page("pages/review.py")
+    models = state.models()
+
+    def work(progress):
+        _, trained = score_into(workspace, settings, data, methods, trained=models.get(key), progress=progress)
+        models[key] = trained
+        return trained
+
+    job_key = jobs.key_for("score", workspace.path, key)
+    jobs.start(job_key, "Scoring", work)
+    st.session_state["awaiting"] = job_key
+
+
+st.title("Set up a run")
+widgets.status_bar()
+run = state.active()
+base = run.settings if run else RunSettings(data=state.app_args().data)
+settings, methods = settings_form(base, run.methods if run else [])
+try:
+    st.markdown(device_line(settings))
+except InfluenceLensError as exc:
+    st.warning(str(exc))
+
+if st.button("Run", type="primary", icon=":material/play_arrow:", key="run", shortcut="Ctrl+Enter"):
+    try:
+        start_run(settings, methods)
+    except InfluenceLensError as exc:
+        st.error(str(exc))
+
+run = state.active()
+if run is not None:
+    job_key = jobs.key_for("score", run.workspace.path, run.key)
+    job = jobs.get(job_key)
+    if job is not None and job.running:
+        jobs.watch(job_key)
+    elif job is not None:
+        if job.error:
+            st.error(f"Scoring failed: {job.error}")
+        else:
+            st.success(f"Scored {', '.join(run.methods)} in {job.seconds:.1f} s.")
+        if st.session_state.pop("awaiting", None) == job_key:
+            jobs.forget(job_key)
+            if not job.error:
+                st.session_state["flash"] = f"Scored {', '.join(run.methods)} in {job.seconds:.1f} s."
+                st.switch_page("pages/review.py")
+
+st.divider()
+st.subheader("Runs in this workspace folder")
+st.caption(f"Workspace folder: `{state.folder()}` (one SQLite file per dataset; results are cached per configuration).")
+known = state.known_runs()
+if known.empty:
+    st.caption("None yet.")
+else:
+    picked = st.dataframe(known, hide_index=True, on_select="rerun", selection_mode="single-row", key="known_runs")
+    rows = picked.selection.rows
+    if st.button("Open the selected run", disabled=not rows, key="open_run"):
+        chosen = known.iloc[rows[0]]
+        state.open_run(chosen["workspace"].removesuffix(".sqlite"), chosen["run"])
+        st.switch_page("pages/review.py")

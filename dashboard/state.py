@@ -1,0 +1,210 @@
+"""Session state seeded in one place, cached loaders, the active run, and writing decisions.
+
+The workspace (SQLite) is the source of truth: the session only remembers which workspace and
+run it shows (mirrored in the URL, so a browser refresh comes back to the same run), and reads
+the decisions afresh on every rerun, so two tabs see each other's decisions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from engine.errors import InfluenceLensError
+from engine.explain import feature_map
+from engine.metrics import ranks
+from engine.runs import RunData, RunSettings, load_run_data
+from engine.training import Predictions, TrainedModel
+from engine.workspace import SUFFIX, StoredResult, Workspace, default_folder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AppArgs:
+    """Command-line arguments after ``--`` (see ``influence-lens dashboard``)."""
+
+    data: str = "sample"
+    workspace: str | None = None  # the workspace folder (default ``workspaces/`` here)
+
+
+def app_args(argv: list[str] | None = None) -> AppArgs:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--data", default="sample")
+    parser.add_argument("--workspace", default=None)
+    known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return AppArgs(known.data, known.workspace)
+
+
+def folder() -> Path:
+    return default_folder(app_args().workspace)
+
+
+# -- cached loaders -------------------------------------------------------------------------------
+
+@st.cache_resource(show_spinner="Loading the data…", max_entries=8)
+def run_data(settings_json: str) -> RunData:
+    """Datasets of a run, shared by every session (never mutated)."""
+    return load_run_data(RunSettings.from_dict(json.loads(settings_json)))
+
+
+@st.cache_resource(max_entries=32)
+def _stored(path: str, key: str, methods: tuple[str, ...]) -> tuple[dict[str, StoredResult], dict[str, np.ndarray]]:
+    """Results and model outputs of a run; the method list in the cache key refreshes it after scoring."""
+    workspace = Workspace(path)
+    return workspace.results(key), workspace.arrays(key)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _ranks(path: str, key: str, method: str, methods: tuple[str, ...]) -> np.ndarray:
+    return ranks(_stored(path, key, methods)[0][method].scores)
+
+
+@st.cache_data(max_entries=16, show_spinner="Computing the feature map…")
+def feature_xy(path: str, key: str, method: str) -> np.ndarray:
+    """The 2-D map of the run's training features (PCA or t-SNE)."""
+    return feature_map(Workspace(path).arrays(key)["features"], method=method)
+
+
+@st.cache_resource
+def models() -> dict[str, TrainedModel]:
+    """Trained models by configuration hash, while the server lives (the workspace keeps the outputs)."""
+    return {}
+
+
+# -- the active run -------------------------------------------------------------------------------
+
+@dataclass
+class Active:
+    """The run the pages show."""
+
+    settings: RunSettings
+    workspace: Workspace
+    key: str
+    data: RunData
+    results: dict[str, StoredResult]
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.results)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.results) and "logits" in self.arrays
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.data.train.class_names
+
+    @property
+    def predictions(self) -> Predictions:
+        return Predictions(self.arrays["logits"].astype(np.float64), self.arrays["features"])
+
+    def ranks(self, method: str) -> np.ndarray:
+        return _ranks(str(self.workspace.path), self.key, method, tuple(self.methods))
+
+    def decisions(self) -> pd.DataFrame:
+        """Decisions in force on the scored rows (read now: another tab may have written)."""
+        current = self.workspace.decisions()
+        return current[current["index"].isin(self.data.train.index)].reset_index(drop=True)
+
+    def position_of(self, index: int) -> int:
+        return int(np.flatnonzero(self.data.train.index == index)[0])
+
+
+def activate(workspace: Workspace, key: str, settings: RunSettings) -> None:
+    """Show this run from now on (and after a browser refresh: the URL names it)."""
+    st.session_state["active"] = (str(workspace.path), key, json.dumps(settings.to_dict(), sort_keys=True))
+    st.query_params["run"] = key
+    st.query_params["workspace"] = workspace.path.stem
+    for name in ("gallery_page", "detail_index"):
+        st.session_state.pop(name, None)
+
+
+def active() -> Active | None:
+    """The active run, or None before the first run."""
+    if "active" not in st.session_state:
+        return None
+    path, key, settings_json = st.session_state["active"]
+    workspace = Workspace(path)
+    methods = tuple(workspace.methods(key))
+    results, arrays = _stored(path, key, methods)
+    return Active(RunSettings.from_dict(json.loads(settings_json)), workspace, key, run_data(settings_json),
+                  results, arrays)
+
+
+def _known_runs() -> list[tuple[str, Workspace, str, dict]]:
+    """(last_used, workspace, config hash, settings) of every run in the workspace folder."""
+    found = []
+    for path in sorted(folder().glob(f"*{SUFFIX}")):
+        try:
+            workspace = Workspace(path)
+            runs = workspace.runs()
+        except InfluenceLensError as exc:  # a foreign or newer file in the folder: skip it, say why
+            log.warning("skipping %s", exc)
+            continue
+        found += [(r.last_used, workspace, r.config_hash, r.settings) for r in runs.itertuples()]
+    return sorted(found, key=lambda r: r[0], reverse=True)
+
+
+def known_runs() -> pd.DataFrame:
+    """The runs in the workspace folder, most recent first, for the set-up page."""
+    rows = [{"last used": used[:19].replace("T", " "), "data": s.get("data"), "noise": s.get("noise_rate"),
+             "epochs": s.get("epochs"), "preset": s.get("preset"), "methods": ", ".join(ws.methods(key)),
+             "workspace": ws.path.name, "run": key} for used, ws, key, s in _known_runs()]
+    return pd.DataFrame(rows)
+
+
+def open_run(workspace_name: str, key: str) -> bool:
+    """Activate a stored run by workspace file stem and hash; False if it is not there."""
+    for _, workspace, run_key, settings in _known_runs():
+        if run_key == key and workspace.path.stem == workspace_name:
+            activate(workspace, key, RunSettings.from_dict(settings))
+            return True
+    return False
+
+
+def init() -> None:
+    """Seed the session once: restore the run named in the URL, else the latest run on this data."""
+    if st.session_state.get("_initialised"):
+        return
+    st.session_state["_initialised"] = True
+    st.session_state.setdefault("selected", set())
+    params = st.query_params
+    try:
+        if "run" in params and "workspace" in params and open_run(params["workspace"], params["run"]):
+            return
+        data = app_args().data
+        for _, workspace, key, settings in _known_runs():
+            if settings.get("data") == data:
+                activate(workspace, key, RunSettings.from_dict(settings))
+                return
+    except InfluenceLensError as exc:
+        st.session_state["startup_error"] = str(exc)
+
+
+# -- decisions ------------------------------------------------------------------------------------
+
+def decide(run: Active, indices, action: str, new_label: int | None = None) -> None:
+    """Write one decision (or one batch) to the workspace at once; say so."""
+    indices = [int(i) for i in np.atleast_1d(indices)]
+    run.workspace.decide(indices, action, new_label)
+    what = {"relabel": f"relabeled → {run.class_names[new_label]}" if new_label is not None else "relabeled",
+            "drop": "dropped", "keep": "confirmed correct"}[action]
+    st.toast(f"{len(indices)} sample{'s' if len(indices) > 1 else ''} {what}" if len(indices) > 1
+             else f"sample {indices[0]} {what}")
+    st.session_state["selected"] = set(st.session_state.get("selected", set())) - set(indices)
+
+
+def undo(run: Active) -> None:
+    undone = run.workspace.undo()
+    st.toast(f"undid the decision on {len(undone)} sample(s)" if len(undone) else "nothing to undo")
