@@ -175,12 +175,15 @@ def _read_image(path: Path) -> np.ndarray:
             if img.width * img.height > MAX_IMAGE_PIXELS:
                 raise DataError(f"{path}: image is {img.width}×{img.height}, larger than the "
                                 f"{MAX_IMAGE_PIXELS} pixels this tool accepts")
-            mode = "L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB"
+            if img.mode.startswith("I;16"):  # 16-bit grayscale PNG: rescale, as convert("L") would clip at 255
+                return np.round(np.asarray(img, dtype=np.float64) / 257.0).astype(np.uint8)
+            mode = "L" if img.mode in ("1", "L", "I", "F") else "RGB"
             return np.asarray(img.convert(mode), dtype=np.uint8)
     except DataError:
         raise
     except Image.DecompressionBombError as exc:  # Pillow refuses > ~179M pixels at open, before our check
-        raise DataError(f"{path}: image is larger than the {MAX_IMAGE_PIXELS} pixels this tool accepts ({exc})") from None
+        raise DataError(f"{path}: image is larger than the {MAX_IMAGE_PIXELS} pixels this tool accepts "
+                        f"({exc})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"{path}: unreadable image ({exc.__class__.__name__}: {exc})") from None
 

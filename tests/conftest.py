@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +54,7 @@ def save_image(array: np.ndarray, path: Path, **save_kwargs) -> Path:
 
 def write_image_folder(dataset: Dataset, root: Path, *, suffix: str = ".png") -> Path:
     """The folder layout: one sub-folder per class name, one file per row (named by its index)."""
-    for image, label, idx in zip(dataset.images, dataset.labels, dataset.index):
+    for image, label, idx in zip(dataset.images, dataset.labels, dataset.index, strict=True):
         save_image(image, root / dataset.class_names[label] / f"img_{idx:05d}{suffix}")
     return root
 
@@ -61,12 +63,26 @@ def write_manifest(dataset: Dataset, csv_path: Path, *, integer_labels: bool = F
                    image_dir: str = "images") -> Path:
     """A ``path,label`` CSV beside PNGs in ``image_dir``; labels as class names or integers."""
     lines = ["path,label"]
-    for image, label, idx in zip(dataset.images, dataset.labels, dataset.index):
+    for image, label, idx in zip(dataset.images, dataset.labels, dataset.index, strict=True):
         rel = f"{image_dir}/img_{idx:05d}.png"
         save_image(image, csv_path.parent / rel)
         lines.append(f"{rel},{int(label) if integer_labels else dataset.class_names[label]}")
     csv_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return csv_path
+
+
+def write_blank_png(path: Path, width: int, height: int) -> Path:
+    """A valid 1-bit PNG of zeros (a few kB on disk) that would need width·height bytes decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" * (1 + (width + 7) // 8)
+    compressor = zlib.compressobj(9)
+    body = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path
 
 
 def snapshot(root: Path) -> dict[str, str]:

@@ -11,18 +11,16 @@ table.
 from __future__ import annotations
 
 import re
-import struct
 import subprocess
 import sys
-import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_dataset, run_cli, save_image, snapshot, write_image_folder, write_manifest
+from conftest import last_json_line, make_dataset, run_cli, save_image, snapshot, write_blank_png, write_image_folder
 from PIL import Image
 
 from engine.cli import main
@@ -52,24 +50,24 @@ def good_folder(root: Path, name: str = "folder") -> Path:
     return write_image_folder(make_dataset(per_class=3), root / name)
 
 
-def write_png_header_only(path: Path, width: int, height: int) -> Path:
-    """A valid 1-bit PNG of zeros (a few kB on disk) that would need width·height bytes decoded."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    row = b"\x00" * (1 + (width + 7) // 8)
-    compressor = zlib.compressobj(9)
-    body = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
-                     + chunk(b"IDAT", body) + chunk(b"IEND", b""))
-    return path
-
-
 def folder_with(root: Path, odd_name: str, odd_bytes: bytes | None = None) -> Path:
     """A good two-class folder plus one extra file in class_0 (raw bytes)."""
     folder = good_folder(root)
     (folder / "class_0" / odd_name).write_bytes(odd_bytes or b"")
+    return folder
+
+
+def folder_with_empty_class(root: Path, name: str) -> Path:
+    folder = good_folder(root)
+    (folder / name).mkdir()
+    (folder / name / "notes.txt").write_text("no images here")
+    return folder
+
+
+def text_only_folder(folder: Path) -> Path:
+    for name in ("a", "b"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "x.png").write_text("not an image")
     return folder
 
 
@@ -168,9 +166,7 @@ CASES = [
     Case("one-class-folder", lambda root: write_image_folder(make_dataset().subset(np.arange(6)), root / "one"),
          score("one"),
          r"only one class folder \(class_0\)", loading("one")),
-    Case("class-folder-without-images",
-         lambda root: [good_folder(root), (root / "folder" / "class_9").mkdir(),
-                       (root / "folder" / "class_9" / "notes.txt").write_text("no images")],
+    Case("class-folder-without-images", lambda root: folder_with_empty_class(root, "class_9"),
          score("folder"), r"class_9: class folder has no images", loading("folder")),
     Case("truncated-jpeg", truncated_jpeg, score("folder"), r"cut\.jpg: unreadable image", loading("folder")),
     Case("png-that-is-text", lambda root: folder_with(root, "text.png", b"this is not a PNG\n"), score("folder"),
@@ -178,17 +174,16 @@ CASES = [
     Case("zero-byte-file", lambda root: folder_with(root, "empty.png"), score("folder"),
          r"empty\.png: unreadable image", loading("folder")),
     Case("image-20000x20000", lambda root: [good_folder(root),
-                                            write_png_header_only(root / "folder/class_0/huge.png", 20000, 20000)],
+                                            write_blank_png(root / "folder/class_0/huge.png", 20000, 20000)],
          score("folder"), r"huge\.png: image is larger than the 16777216 pixels", loading("folder")),
     Case("image-10000x10000", lambda root: [good_folder(root),
-                                            write_png_header_only(root / "folder/class_0/big.png", 10000, 10000)],
+                                            write_blank_png(root / "folder/class_0/big.png", 10000, 10000)],
          score("folder"), r"big\.png: image is 10000×10000, larger than", loading("folder")),
     Case("mixed-image-sizes", lambda root: [good_folder(root),
                                             save_image(np.zeros((9, 9), np.uint8), root / "folder/class_1/z.png")],
-         score("folder"), r"images have different sizes \(.*img_00000\.png is 8×8, .*z\.png is 9×9\)", loading("folder")),
-    Case("nothing-readable-even-skipping",
-         lambda root: [(root / "f" / c).mkdir(parents=True) or (root / "f" / c / "x.png").write_text("text")
-                       for c in ("a", "b")],
+         score("folder"), r"images have different sizes \(.*img_00000\.png is 8×8, .*z\.png is 9×9\)",
+         loading("folder")),
+    Case("nothing-readable-even-skipping", lambda root: text_only_folder(root / "f"),
          score("f", "--skip-unreadable"), r"f: no readable images", loading_skipping("f")),
     Case("tiny-1x1-images", lambda root: raw_npz(root, images=np.zeros((4, 1, 1), np.uint8), labels=TWO_CLASSES),
          score("bad.npz"), r"1×1.*too small", scoring("bad.npz")),
@@ -289,14 +284,17 @@ CASES = [
     Case("decisions-bad-new-label", lambda root: [good_npz(root), decisions(root, ["3,relabel,zebra"])],
          retrain("decisions.csv"), r"new_label 'zebra' is not a class name or a label in 0\.\.2",
          reading_decisions("decisions.csv")),
-    Case("decisions-missing-column", lambda root: [good_npz(root), (root / "d.csv").write_text("index,action\n1,drop\n")],
+    Case("decisions-missing-column",
+         lambda root: [good_npz(root), (root / "d.csv").write_text("index,action\n1,drop\n")],
          retrain("d.csv"), r"d\.csv: missing column\(s\) new_label", reading_decisions("d.csv")),
     Case("decisions-duplicate-index", lambda root: [good_npz(root), decisions(root, ["3,drop,", "3,keep,"])],
          retrain("decisions.csv"), r"index 3 has two decisions", reading_decisions("decisions.csv")),
     Case("decisions-blank-index", lambda root: [good_npz(root), decisions(root, ["3,drop,", ",drop,"])],
-         retrain("decisions.csv"), r"decisions\.csv: decision 2 has a blank index", reading_decisions("decisions.csv")),
+         retrain("decisions.csv"), r"decisions\.csv: decision 2 has a blank index",
+         reading_decisions("decisions.csv")),
     Case("decisions-text-index", lambda root: [good_npz(root), decisions(root, ["three,drop,"])],
-         retrain("decisions.csv"), r"decisions\.csv: decision 1 has index 'three', not an integer", reading_decisions("decisions.csv")),
+         retrain("decisions.csv"), r"decisions\.csv: decision 1 has index 'three', not an integer",
+         reading_decisions("decisions.csv")),
     Case("decisions-drop-everything",
          lambda root: [good_npz(root), decisions(root, [f"{i},drop," for i in range(18)])],
          retrain("decisions.csv"), r"the decisions drop all 18 training samples",
@@ -336,3 +334,71 @@ def test_catalogue_api(case: Case, tmp_path):
     with pytest.raises(InfluenceLensError, match=case.message):
         case.api(tmp_path)
     assert snapshot(tmp_path) == before
+
+
+SUBPROCESS_ROWS = ("missing-path", "truncated-jpeg", "csv-path-escaping-folder", "npz-labels-out-of-range",
+                   "unknown-method", "diverging-learning-rate", "decisions-unknown-action")
+
+
+@pytest.mark.parametrize("case", params([case for case in CASES if case.name in SUBPROCESS_ROWS]))
+def test_catalogue_as_a_real_process(case: Case, tmp_path):
+    """A sample of the rows through ``python -m engine.cli``: exactly one stderr line, status 2."""
+    case.build(tmp_path)
+    before = snapshot(tmp_path)
+    result = run_cli(*case.args, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("influence-lens")]
+    assert len(lines) == 1 and re.search(case.message, lines[0]), result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert snapshot(tmp_path) == before
+
+
+def test_skip_unreadable_recovers_and_reports_which(tmp_path):
+    """Corrupt files are left out and named on stderr; odd colour modes are converted, not refused."""
+    folder = truncated_jpeg(tmp_path)  # 3 × 3 good grayscale PNGs, class_1/cut.jpg cut in half
+    (folder / "class_0" / "text.png").write_text("not an image")
+    (folder / "class_0" / "empty.png").write_bytes(b"")
+    Image.fromarray(np.full((8, 8, 4), 200, dtype=np.uint8)).save(folder / "class_0" / "rgba.png")
+    Image.fromarray(np.full((8, 8, 3), 90, dtype=np.uint8)).convert("P").save(folder / "class_1" / "palette.png")
+    result = run_cli(*score("folder", "--skip-unreadable"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "skipped 3 unreadable image(s) in folder" in result.stderr
+    for name in ("cut.jpg", "text.png", "empty.png"):
+        assert re.search(rf"skipped .*{name}: unreadable image", result.stderr)
+    assert last_json_line(result.stdout)["n"] == 11
+    table = np.loadtxt(tmp_path / "out.csv", delimiter=",", skiprows=1)
+    assert len(table) == 11
+    loaded = load_dataset(folder, skip_unreadable=True)
+    assert loaded.images.shape == (11, 8, 8, 3)  # grayscale promoted to RGB beside the RGBA / palette files
+    assert sorted(table[:, 0].astype(int)) == sorted(loaded.index)
+    assert not {"class_0/empty.png", "class_0/text.png", "class_1/cut.jpg"} & set(loaded.paths)
+
+
+MEMORY_PROBE = """
+import resource, sys
+from PIL import Image, PngImagePlugin
+from engine.data import load_image_folder
+from engine.errors import DataError
+vm = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + 64 * 2**20, resource.RLIM_INFINITY))
+try:
+    load_image_folder(sys.argv[1])
+except DataError as exc:
+    print("refused:", exc)
+try:
+    Image.open(sys.argv[2]).load()
+except MemoryError:
+    print("decoding it: MemoryError")
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc for the memory limit")
+def test_huge_image_is_refused_before_it_is_decoded(tmp_path):
+    """Under an address-space limit 64 MiB above the loaded interpreter, the 100-megapixel image
+    is refused with our message, while decoding that same file runs out of memory."""
+    folder = good_folder(tmp_path)
+    big = write_blank_png(folder / "class_0" / "big.png", 10000, 10000)
+    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(folder), str(big)], capture_output=True,
+                            text=True, timeout=120)
+    assert "refused: " in result.stdout and "10000×10000, larger than" in result.stdout, result.stderr
+    assert "decoding it: MemoryError" in result.stdout

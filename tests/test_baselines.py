@@ -46,7 +46,7 @@ def test_loss_and_margin_follow_their_definitions(scored):
     rows = np.arange(len(labels))
     log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
     np.testing.assert_allclose(run.results["loss"].scores, -log_p[rows, labels], rtol=1e-9, atol=1e-12)
-    others = [max(z for c, z in enumerate(row) if c != y) for row, y in zip(logits, labels)]
+    others = [max(z for c, z in enumerate(row) if c != y) for row, y in zip(logits, labels, strict=True)]
     np.testing.assert_allclose(run.results["margin"].scores, np.asarray(others) - logits[rows, labels], atol=1e-12)
 
 

@@ -7,8 +7,16 @@ import pytest
 from conftest import make_dataset, save_image, write_image_folder, write_manifest
 from PIL import Image
 
-from engine.data import (Dataset, load_csv_manifest, load_dataset, load_image_folder, load_npz, load_sample,
-                         save_npz, stratified_split)
+from engine.data import (
+    Dataset,
+    load_csv_manifest,
+    load_dataset,
+    load_image_folder,
+    load_npz,
+    load_sample,
+    save_npz,
+    stratified_split,
+)
 
 
 def assert_same_rows(loaded: Dataset, written: Dataset) -> None:
@@ -51,7 +59,7 @@ def test_image_folder_round_trip_png(tmp_path, shape):
 def test_image_folder_jpeg_decodes_close_to_the_original(tmp_path):
     """JPEG is lossy: pixels come back within a few levels, labels and classes exactly."""
     written = make_dataset(shape=(16, 16, 3), per_class=4)
-    for image, label, idx in zip(written.images, written.labels, written.index):
+    for image, label, idx in zip(written.images, written.labels, written.index, strict=True):
         save_image(image, tmp_path / "jpg" / written.class_names[label] / f"{idx:03d}.jpg", quality=100,
                    subsampling=0)
     loaded = load_image_folder(tmp_path / "jpg")
@@ -86,10 +94,18 @@ def test_mixed_channel_modes_load_as_rgb(tmp_path):
     palette.save(tmp_path / "b" / "palette.png")
     loaded = load_image_folder(tmp_path)
     assert loaded.images.shape == (3, 4, 4, 3)
-    by_path = dict(zip(loaded.paths, loaded.images))
+    by_path = dict(zip(loaded.paths, loaded.images, strict=True))
     np.testing.assert_array_equal(by_path["a/gray.png"][0, 0], [200, 200, 200])
     np.testing.assert_array_equal(by_path["a/rgba.png"][0, 0], [255, 0, 0])
     np.testing.assert_array_equal(by_path["b/palette.png"][0, 0], [0, 0, 255])
+
+
+def test_sixteen_bit_png_is_rescaled_not_clipped(tmp_path):
+    """Pillow's own conversion would clip every value above 255 to white."""
+    save_image(np.array([[0, 1000, 30000, 65535]], dtype=np.uint16), tmp_path / "a" / "deep.png")
+    save_image(np.zeros((1, 4), dtype=np.uint8), tmp_path / "b" / "flat.png")
+    loaded = load_image_folder(tmp_path)
+    np.testing.assert_array_equal(loaded.images[0], [[0, 4, 117, 255]])
 
 
 def test_index_is_stable_under_subsetting():
@@ -104,13 +120,13 @@ def test_stratified_split_keeps_class_proportions_and_is_seeded():
     data = make_dataset(classes=4, per_class=50)
     parts = stratified_split(data, (0.6, 0.2, 0.2), seed=3)
     assert [len(p) for p in parts] == [120, 40, 40]
-    for part, fraction in zip(parts, (0.6, 0.2, 0.2)):
+    for part, fraction in zip(parts, (0.6, 0.2, 0.2), strict=True):
         np.testing.assert_array_equal(np.bincount(part.labels, minlength=4), [round(50 * fraction)] * 4)
     all_index = np.concatenate([p.index for p in parts])
     np.testing.assert_array_equal(np.sort(all_index), data.index)  # a partition: disjoint and complete
     again = stratified_split(data, (0.6, 0.2, 0.2), seed=3)
     other = stratified_split(data, (0.6, 0.2, 0.2), seed=4)
-    assert all(np.array_equal(a.index, b.index) for a, b in zip(parts, again))
+    assert all(np.array_equal(a.index, b.index) for a, b in zip(parts, again, strict=True))
     assert not np.array_equal(parts[1].index, other[1].index)
 
 
@@ -132,8 +148,8 @@ def test_example_folder_and_manifest_ship_the_same_images():
     folder = load_dataset(EXAMPLES / "images")
     manifest = load_csv_manifest(EXAMPLES / "manifest.csv")
     by_path = {f"images/{p}": (img, folder.class_names[y]) for p, img, y in zip(folder.paths, folder.images,
-                                                                               folder.labels)}
+                                                                               folder.labels, strict=True)}
     assert len(manifest) == len(folder) == 9
-    for path, image, label in zip(manifest.paths, manifest.images, manifest.labels):
+    for path, image, label in zip(manifest.paths, manifest.images, manifest.labels, strict=True):
         np.testing.assert_array_equal(image, by_path[path][0])
         assert manifest.class_names[label] == by_path[path][1]

@@ -30,7 +30,7 @@ def test_pair_flip_maps_each_class_to_the_next():
 
 def test_symmetric_flip_reaches_every_other_class():
     noisy, flipped = inject_noise(LABELS, 7, rate=0.5, kind="symmetric", seed=2)
-    pairs = set(zip(LABELS[flipped].tolist(), noisy[flipped].tolist()))
+    pairs = set(zip(LABELS[flipped].tolist(), noisy[flipped].tolist(), strict=True))
     assert len(pairs) == 7 * 6  # ~150 flips over 42 (from, to) pairs: all of them occur
 
 
