@@ -63,7 +63,7 @@ if report is not None:
     before, after = report["test_accuracy_before"], report["test_accuracy_after"]
     a, b, c = st.columns(3)
     a.metric("Test accuracy before", f"{before:.1%}")
-    b.metric("Test accuracy after", f"{after:.1%}", delta=f"{(after - before) * 100:+.1f} pts", key="accuracy_after")
+    b.metric("Test accuracy after", f"{after:.1%}", delta=f"{(after - before) * 100:+.1f} pts")
     c.metric("Decisions applied", report["decisions"], help=f"retrained {report['at']}")
     if report["decisions"] != len(decisions):
         st.caption(f"Computed with {report['decisions']} decisions; you have {len(decisions)} now: retrain to update.")

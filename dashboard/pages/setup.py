@@ -113,7 +113,9 @@ def start_run(settings: RunSettings, methods: list[str]) -> None:
 st.title("Set up a run")
 widgets.status_bar()
 run = state.active()
-base = run.settings if run else RunSettings(data=state.app_args().data)
+data_arg = state.app_args().data
+# On the sample data the trusted validation split is there to use (VM/FVM need one).
+base = run.settings if run else RunSettings(data=data_arg, validation="sample:val" if data_arg == "sample" else None)
 settings, methods = settings_form(base, run.methods if run else [])
 try:
     st.markdown(device_line(settings))

@@ -1,0 +1,179 @@
+"""The dashboard through Streamlit's AppTest, on the sample data with injected noise.
+
+One fast scoring run (loss, 2 epochs) goes through the set-up page; the other tests open fresh
+sessions on the same workspace folder, which is also what a browser refresh does.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from conftest import REPO_ROOT
+from engine.metrics import detection_metrics
+from engine.runs import RunSettings, load_run_data
+from engine.scorers import available_methods, scorer_class
+from engine.workspace import Workspace
+
+APP = str(REPO_ROOT / "dashboard" / "app.py")
+NOISE = 0.1
+
+
+def finish_jobs() -> None:
+    """Wait for the background jobs (scoring, retraining) the session started."""
+    from dashboard import jobs
+
+    for job in list(jobs._registry().values()):
+        job.wait(timeout=300)
+        assert not job.running, f"{job.label} did not finish"
+
+
+def new_session(page: str | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    if page is not None:
+        at.switch_page(page).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def workspace_file(folder: Path) -> Path:
+    (path,) = (folder / "workspaces").glob("*.sqlite")
+    return path
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A folder whose ``workspaces/`` holds one scored run, made through the set-up page."""
+    root = tmp_path_factory.mktemp("dashboard")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        at = new_session()
+        at.multiselect(key="setup_methods").set_value(["loss"])
+        at.toggle(key="setup_demo").set_value(True).run()
+        at.slider(key="setup_rate").set_value(NOISE)
+        at.number_input(key="setup_epochs_fast-cpu").set_value(2)
+        at.button(key="run").click().run()
+        assert not at.exception and not at.error, [e.value for e in at.error]
+        finish_jobs()
+        at.run()  # the job is done: the page switches to the gallery
+        assert not at.exception, at.exception
+        assert [t.value for t in at.title] == ["Review the suspects"]
+        assert sum(1 for b in at.button if (b.key or "").startswith("keep_")) == 24  # one page of cards
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def session_dir(folder, monkeypatch):
+    monkeypatch.chdir(folder)
+    return folder
+
+
+def test_setup_page_lists_the_registry(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    at = new_session()
+    options = at.multiselect(key="setup_methods").options
+    expected = [f"{m} ✱" if scorer_class(m).requires_validation else m for m in available_methods()]
+    assert options == expected
+    assert any("Device" in m.value for m in at.markdown)
+
+
+def test_a_method_needing_validation_is_refused_without_one(tmp_path, monkeypatch):
+    needing = [m for m in available_methods() if scorer_class(m).requires_validation]
+    if not needing:
+        pytest.skip("no registered method needs a validation set")
+    monkeypatch.chdir(tmp_path)
+    at = new_session()
+    at.radio(key="setup_val_mode").set_value("none")
+    at.multiselect(key="setup_methods").set_value([needing[0]])
+    at.button(key="run").click().run()
+    assert any("need a validation set" in e.value for e in at.error)
+    assert not (tmp_path / "workspaces").exists() or not list((tmp_path / "workspaces").glob("*.sqlite"))
+
+
+def test_relabel_reaches_the_sqlite_file_and_undo_restores(session_dir):
+    path = workspace_file(session_dir)
+    at = new_session("pages/review.py")  # a fresh session finds the run: as after a browser refresh
+    card = next(b for b in at.button if (b.key or "").startswith("accept_") and not b.disabled)
+    index = int(card.key.split("_")[1])
+    card.click().run()
+    decisions = Workspace(path).decisions()
+    assert decisions[["index", "action"]].values.tolist() == [[index, "relabel"]]
+    assert any(f"relabeled →" in m.value for m in at.markdown)
+    again = new_session("pages/review.py")  # refresh: the decision is still shown
+    assert any("relabeled →" in m.value for m in again.markdown)
+    again.button(key="undo").click().run()
+    assert Workspace(path).decisions().empty
+    assert Workspace(path).decision_log()["action"].tolist() == ["relabel", "undo"]
+
+
+def test_bulk_action_on_selected_samples_is_one_batch(session_dir):
+    path = workspace_file(session_dir)
+    at = new_session("pages/review.py")
+    boxes = [c for c in at.checkbox if (c.key or "").startswith("select_")][:3]
+    for box in boxes:
+        box.check().run()
+    at.button(key="bulk_drop").click().run()
+    chosen = sorted(int(b.key.split("_")[1]) for b in boxes)
+    current = Workspace(path).decisions()
+    assert sorted(current["index"]) == chosen and set(current["action"]) == {"drop"}
+    at.button(key="undo").click().run()  # one undo takes the whole batch back
+    assert Workspace(path).decisions().empty
+
+
+def test_every_page_renders(session_dir):
+    at = new_session()
+    for page in ("pages/setup.py", "pages/review.py", "pages/detail.py", "pages/recovery.py", "pages/compare.py",
+                 "pages/export.py"):
+        at.switch_page(page).run()
+        assert not at.exception, (page, at.exception)
+        assert not at.error, (page, [e.value for e in at.error])
+
+
+def test_compare_page_shows_the_methods_aurocs(session_dir):
+    at = new_session("pages/compare.py")
+    table = at.dataframe[0].value
+    data = load_run_data(RunSettings(noise_rate=NOISE, epochs=2))
+    (path,) = [workspace_file(session_dir)]
+    workspace = Workspace(path)
+    key = workspace.runs()["config_hash"][0]
+    scores = workspace.results(key)["loss"].scores
+    assert table["method"].tolist() == ["loss"]
+    assert table["AUROC"][0] == pytest.approx(detection_metrics(scores, data.flipped)["auroc"])
+
+
+def test_detail_page_explains_with_neighbours(session_dir):
+    at = new_session("pages/detail.py")
+    assert at.dataframe[0].value["method"].tolist() == ["loss"]
+    assert any("Validation images most like it" in m.value for m in at.markdown)
+    assert len(at.get("image")) == 1 + 3 * 6  # the sample, 6 validation and 2 × 6 training neighbours
+
+
+def test_retrain_reports_accuracy_after(session_dir):
+    path = workspace_file(session_dir)
+    at = new_session("pages/review.py")
+    next(b for b in at.button if (b.key or "").startswith("accept_") and not b.disabled).click().run()
+    at.switch_page("pages/recovery.py").run()
+    at.button(key="retrain").click().run()
+    finish_jobs()
+    at.run()
+    assert not at.exception, at.exception
+    after = next(m for m in at.metric if m.label == "Test accuracy after")
+    assert after.value.endswith("%")
+    report = Workspace(path).report(Workspace(path).runs()["config_hash"][0], "retrain")
+    assert report["n_relabeled"] == 1 and len(report["class_accuracy_after"]) == 10
+    assert np.isclose(float(after.value.rstrip("%")) / 100, report["test_accuracy_after"], atol=5e-4)
+    at.button(key="undo").click().run()
+
+
+def test_export_page_offers_the_three_csvs(session_dir):
+    at = new_session("pages/export.py")
+    assert not at.exception
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert labels == ["Cleaned labels (CSV)", "Decision log (CSV)", "Decisions for `influence-lens retrain`"]

@@ -1,0 +1,141 @@
+"""The dashboard's pure chart and table builders (no Streamlit running)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+
+from dashboard import charts
+from engine.explain import detection_curves
+from engine.metrics import detection_metrics, ranks
+
+NAMES = ("zero", "one", "two")
+
+
+def test_tile_upscales_with_nearest_neighbour_blocks():
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    big = charts.tile(gray, 96)
+    assert big.shape == (96, 96)
+    np.testing.assert_array_equal(big, np.kron(gray, np.ones((12, 12), dtype=np.uint8)))  # crisp 12×12 blocks
+    rgb = rng.integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    assert charts.tile(rgb, 60).shape == (40, 60, 3)
+    assert charts.tile(rgb[..., :1], 12).shape == (8, 12)
+
+
+@pytest.fixture
+def table():
+    scores = np.array([0.1, 3.0, 2.0, 0.5, 5.0, 1.0])
+    decisions = pd.DataFrame({"index": [11, 14, 99], "action": ["relabel", "drop", "keep"], "new_label": [2, -1, -1],
+                              "decided_at": ["t"] * 3})
+    return charts.gallery_table(np.arange(10, 16), scores, np.array([0, 1, 2, 0, 1, 2]), np.array([0, 2, 2, 0, 0, 1]),
+                                np.array([1, 2, 2, 0, 0, 1]), decisions)
+
+
+def test_gallery_table_is_ranked_with_decision_status(table):
+    assert list(table.columns) == charts.GALLERY_COLUMNS
+    assert table["index"].tolist() == [14, 11, 12, 15, 13, 10] and table["rank"].tolist() == [1, 2, 3, 4, 5, 6]
+    status = dict(zip(table["index"], table["status"]))
+    assert status == {14: "drop", 11: "relabel", 12: "unreviewed", 15: "unreviewed", 13: "unreviewed", 10: "unreviewed"}
+    assert table.set_index("index").loc[11, "new_label"] == 2
+    assert table.set_index("index").loc[14, "position"] == 4
+
+
+def test_filter_gallery_matches_brute_force(table):
+    shown = charts.filter_gallery(table, top_k=4, given=[1, 2], status=["unreviewed", "drop"])
+    brute = [r["index"] for _, r in table.iterrows()
+             if r["rank"] <= 4 and r["given"] in (1, 2) and r["status"] in ("unreviewed", "drop")]
+    assert shown["index"].tolist() == brute == [14, 12, 15]
+    assert charts.filter_gallery(table, cell=(1, 2))["index"].tolist() == [11]
+    assert charts.filter_gallery(table, score_range=(0.5, 2.0), suggested=[0, 1])["index"].tolist() == [15, 13]
+    assert charts.filter_gallery(table, indices={10, 13})["index"].tolist() == [13, 10]
+    assert len(charts.filter_gallery(table)) == 6
+
+
+def test_page_of_clamps_and_counts(table):
+    rows, pages = charts.page_of(table, 2, 4)
+    assert pages == 2 and rows["index"].tolist() == [13, 10]
+    assert charts.page_of(table, 9, 4)[0]["index"].tolist() == [13, 10]
+    assert charts.page_of(table.iloc[:0], 1, 4)[1] == 1
+
+
+def test_card_caption_names_labels_and_decision(table):
+    row = table.iloc[1]  # index 11: given one, predicted two, suggested two, relabeled → two
+    text = charts.card_caption(row, NAMES)
+    assert "#2" in text and "given **one**" in text and "sugg **two**" in text and "relabeled → two" in text
+    assert "dropped" in charts.card_caption(table.iloc[0], NAMES)
+
+
+def test_score_histogram_marks_the_cut():
+    scores = np.arange(20.0)
+    fig = charts.score_histogram(scores, 15.0, method="loss", flagged=5)
+    np.testing.assert_array_equal(fig.data[0].x, scores)
+    assert fig.layout.shapes[0].x0 == 15.0 and "top 5" in fig.layout.annotations[0].text
+
+
+def test_confusion_figure_has_one_clickable_square_per_nonzero_cell():
+    counts = np.array([[0, 2, 0], [0, 1, 0], [3, 0, 0]])
+    fig = charts.confusion_figure(counts, NAMES)
+    points = {tuple(c): int(t) for c, t in zip(fig.data[0].customdata, fig.data[0].text)}
+    assert points == {(0, 1): 2, (1, 1): 1, (2, 0): 3}
+    assert list(fig.data[0].y) == ["zero", "one", "two"] and list(fig.data[0].x) == ["one", "one", "zero"]
+
+
+def test_feature_map_figure_covers_every_sample_once_and_highlights_flagged():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 50)
+    flagged = rng.random(50) < 0.2
+    index = np.arange(100, 150)
+    fig = charts.feature_map_figure(rng.normal(size=(50, 2)), labels, index, flagged, NAMES)
+    seen = np.concatenate([t.customdata for t in fig.data])
+    assert sorted(seen.tolist()) == index.tolist()
+    outlined = np.concatenate([t.customdata for t in fig.data if t.marker.line.width])
+    assert sorted(outlined.tolist()) == index[flagged].tolist()
+    assert isinstance(fig.data[0], go.Scatter) and fig.layout.dragmode == "lasso"
+    many = charts.feature_map_figure(np.zeros((charts.WEBGL_ABOVE + 1, 2)), np.zeros(charts.WEBGL_ABOVE + 1, int),
+                                     np.arange(charts.WEBGL_ABOVE + 1), np.zeros(charts.WEBGL_ABOVE + 1, bool), NAMES)
+    assert isinstance(many.data[0], go.Scattergl)
+
+
+def test_probability_figure_colours_given_and_suggested():
+    fig = charts.probability_figure(np.array([0.2, 0.7, 0.1]), NAMES, given=0, suggested=1)
+    assert list(fig.data[0].marker.color) == ["#d62728", "#2ca02c", "#9e9e9e"]
+    assert list(fig.data[0].y) == [0.2, 0.7, 0.1]
+
+
+def test_method_table_uses_the_engine_ranks():
+    scores = {"loss": np.array([0.1, 0.9, 0.5]), "margin": np.array([3.0, 1.0, 2.0])}
+    suggested = {"loss": np.array([1, 2, 0]), "margin": np.array([2, 2, 2])}
+    table = charts.method_table(scores, suggested, 2, NAMES)
+    assert table.values.tolist() == [["loss", 0.5, int(ranks(scores["loss"])[2]), 3, "zero"], ["margin", 2.0, 2, 3, "two"]]
+
+
+def test_recovery_figures():
+    fig = charts.class_accuracy_figure([0.5, None, 1.0], [0.75, None, 1.0], NAMES)
+    assert [t.name for t in fig.data] == ["before", "after"] and list(fig.data[1].y) == [0.75, None, 1.0]
+    curve = pd.DataFrame({"curve": ["loss", "loss", charts.ORACLE, charts.ORACLE], "fixed": [0, 5, 0, 5],
+                          "accuracy": [0.8, 0.85, 0.8, 0.9]})
+    fig = charts.cleaning_curve_figure(curve)
+    assert [t.name for t in fig.data] == ["loss", charts.ORACLE]
+    assert fig.data[1].line.dash == "dash" and list(fig.data[1].y) == [0.8, 0.9]
+
+
+def test_comparison_figures_and_table():
+    rng = np.random.default_rng(2)
+    noisy = rng.random(100) < 0.2
+    scores = {"good": noisy + rng.normal(0, 0.3, 100), "random": rng.normal(size=100)}
+    metrics = {m: detection_metrics(s, noisy) for m, s in scores.items()}
+    curves = {m: detection_curves(s, noisy) for m, s in scores.items()}
+    roc = charts.roc_figure(curves, {m: v["auroc"] for m, v in metrics.items()})
+    assert [t.name for t in roc.data][:2] == [f"good ({metrics['good']['auroc']:.3f})",
+                                              f"random ({metrics['random']['auroc']:.3f})"]
+    pr = charts.pr_figure(curves, {m: v["ap"] for m, v in metrics.items()}, float(noisy.mean()))
+    assert len(pr.data) == 2 and pr.layout.shapes[0].y0 == pytest.approx(noisy.mean())
+    found = charts.found_figure(curves, int(noisy.sum()), 100)
+    assert [t.name for t in found.data] == ["good", "random", "perfect", "random"]
+    assert list(found.data[2].y) == [0, noisy.sum(), noisy.sum()]
+    table = charts.metrics_table(metrics)
+    assert table["method"].tolist() == ["good", "random"]
+    assert table.loc[0, "AUROC"] == metrics["good"]["auroc"] and table.loc[0, "precision@k"] == metrics["good"]["precision_at_k"]
