@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     dash = sub.add_parser("dashboard", help="start the Streamlit dashboard")
     dash.add_argument("--data", default="sample", help="dataset to open (default: the embedded sample)")
     dash.add_argument("--port", type=int, default=8501)
+    dash.add_argument("--workspace", default=None,
+                      help="folder of the review workspaces (default: ./workspaces); other --server.* / --theme.* "
+                           "options go to streamlit")
     return parser
 
 
@@ -146,21 +149,29 @@ def _retrain(args: argparse.Namespace) -> dict:
                               progress=tqdm_progress())
 
 
-def _dashboard(args: argparse.Namespace) -> int:
+def _dashboard(args: argparse.Namespace, streamlit_options: list[str]) -> int:
     app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
     command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
-               "--browser.gatherUsageStats", "false", "--", "--data", args.data]
+               "--browser.gatherUsageStats", "false", *streamlit_options, "--", "--data", args.data]
+    if args.workspace is not None:
+        command += ["--workspace", str(Path(args.workspace).resolve())]
     return subprocess.call(command)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # `dashboard` passes streamlit's own --server.* / --theme.* options (and their values) through
+    passed = args.command == "dashboard" and all(e.startswith(("--server.", "--theme.")) or not e.startswith("-")
+                                                 for e in extra)
+    if extra and not passed:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "methods":
             print("\n".join(available_methods()))
             return 0
         if args.command == "dashboard":
-            return _dashboard(args)
+            return _dashboard(args, extra)
         summary = _score(args) if args.command == "score" else _retrain(args)
     except InfluenceLensError as exc:
         print(f"influence-lens: error: {exc}", file=sys.stderr)
