@@ -4,7 +4,8 @@ Hooks store each supported layer's input (forward) and the gradient of its outpu
 With the loss taken as the *sum* of per-sample losses, row ``i`` of an output gradient is sample
 ``i``'s own gradient, so every per-sample weight gradient factors as G_i = Σ_s b[i,s] a[i,s]ᵀ over
 the layer's positions s (1 for a plain Linear, the tokens of a 3-D Linear input, the output
-pixels of a Conv2d). Its squared norm is then taken per layer by whichever is cheaper:
+pixels of a Conv2d). Its squared norm is then taken per layer by whichever is faster (operation
+counts prune, a one-off timing per layer shape decides; see :meth:`LayerCapture.variant`):
 
 * the "ghost norm"  Σ_{s,t} (a_s·a_t)(b_s·b_t)   — cost ~ S²(d_in + d_out), no G_i at all;
 * the explicit G_i = bᵀa, then ‖G_i‖²             — cost ~ S·d_in·d_out.
@@ -21,6 +22,7 @@ so :meth:`LayerCapture.factors` refuses it and :meth:`~LayerCapture.per_sample_s
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 import numpy as np
@@ -33,7 +35,13 @@ from engine.progress import Progress, no_progress
 from engine.task import ImageTask
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.BatchNorm2d)
-NORM_METHODS = ("auto", "ghost", "explicit")
+# "ghost" / "explicit" pick the faster variant of that family; a variant name forces it where it
+# applies: factors = from (a, b) (Conv2d: unfolded patches), pixels = Conv2d input Gram from the
+# padded pixels, conv = Conv2d weight-gradient kernel with the batch as groups.
+NORM_METHODS = ("auto", "ghost", "explicit", "ghost-factors", "ghost-pixels", "explicit-factors", "explicit-conv")
+# "auto" times only the variants within this factor of the fewest multiply-adds.
+PRUNE_FACTOR = 4
+_FASTEST_VARIANT: dict[tuple, str] = {}  # layer signature → fastest variant, for this process
 
 # Peak size (elements) of one intermediate (unfolded patches, Gram matrices, explicit gradients)
 # while taking norms; the batch is cut into row chunks below it. 2^25 floats = 128 MiB in fp32.
@@ -52,8 +60,8 @@ class LayerCapture:
     gradient is the sum over calls. A forward pass after a completed backward pass replaces
     what was stored; call :meth:`clear` to drop a batch whose backward pass never ran.
 
-    ``norm_method`` forces the ghost or the explicit path for every layer (tests, benchmarks);
-    ``auto`` picks the cheaper one per layer.
+    ``norm_method`` (one of ``NORM_METHODS``) forces a family or a variant for every layer (tests,
+    benchmarks); ``auto`` picks the fastest per layer.
     """
 
     def __init__(self, model: nn.Module, layers: Iterable[nn.Module] | None = None, *,
@@ -131,25 +139,44 @@ class LayerCapture:
         return self._factors(module, slice(None))
 
     def per_sample_grads(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """Each parameter's per-sample gradient, ``{name: (B, *param.shape)}``: the explicit path.
-        Materializes B × (layer size): meant for one batch of one layer, not for scoring."""
-        return self._explicit_grads(module, slice(None))
+        """Each parameter's per-sample gradient, ``{name: (B, *param.shape)}``. Materializes
+        B × (layer size): meant for one batch of one layer, not for scoring."""
+        if isinstance(module, (nn.BatchNorm2d, nn.Conv2d)):
+            return self._explicit_grads(module, slice(None))
+        a, b = self.factors(module)
+        g = torch.bmm(b.transpose(1, 2), a)
+        out = {"weight": g[:, :, :module.in_features]}
+        if module.bias is not None:
+            out["bias"] = g[:, :, -1]
+        return out
 
     def per_sample_sq_norm(self, module: nn.Module) -> torch.Tensor:
         """(B,) squared Frobenius norm of each sample's gradient over all the layer's parameters."""
-        n = self.batch_size(module)
-        per_row = self._elements_per_row(module)
-        step = max(1, self.chunk_elements // max(1, per_row))
-        return torch.cat([self._sq_norm(module, slice(lo, min(lo + step, n))) for lo in range(0, n, step)])
+        n, variant = self.batch_size(module), self.variant(module)
+        step = max(1, self.chunk_elements // max(1, self._elements_per_row(module, variant)))
+        return torch.cat([self._sq_norm(module, slice(lo, min(lo + step, n)), variant) for lo in range(0, n, step)])
 
     def path(self, module: nn.Module) -> str:
-        """``ghost`` or ``explicit``: the path :meth:`per_sample_sq_norm` takes for this layer."""
+        """``ghost`` or ``explicit``: the family of :meth:`variant` (BatchNorm2d: ``explicit``)."""
+        return self.variant(module).split("-")[0]
+
+    def variant(self, module: nn.Module) -> str:
+        """The implementation :meth:`per_sample_sq_norm` uses for this layer (see ``NORM_METHODS``).
+
+        ``auto`` keeps the variants within ``PRUNE_FACTOR`` of the fewest multiply-adds and, when
+        more than one is left, times them once on this batch and remembers the fastest for the
+        layer's shape for the rest of the process (like ``cudnn.benchmark``): kernel efficiency on
+        a given machine varies far more than operation counts say.
+        """
         if isinstance(module, nn.BatchNorm2d):
-            return "explicit"
-        if self.norm_method != "auto":
-            return self.norm_method
-        ghost, explicit, _ = self._costs(module)
-        return "ghost" if ghost < explicit else "explicit"
+            return "explicit-batchnorm"
+        candidates = self._candidates(module)
+        if len(candidates) == 1:
+            return candidates[0]
+        key = self._signature(module)
+        if key not in _FASTEST_VARIANT:
+            _FASTEST_VARIANT[key] = self._fastest(module, candidates)
+        return _FASTEST_VARIANT[key]
 
     def total_sq_norm(self) -> torch.Tensor:
         """(B,) squared gradient norm over every captured layer that took part in the pass."""
@@ -175,27 +202,59 @@ class LayerCapture:
         d_in = module.weight[0].numel() + (module.bias is not None)
         return s, d_in, module.weight.shape[0]
 
-    def _costs(self, module: nn.Module) -> tuple[int, int, bool]:
-        """Per-sample multiply-adds of the ghost and the explicit path, and whether the ghost path
-        takes a Conv2d's input Gram from products of padded pixels (cheaper for stride 1)."""
+    def _costs(self, module: nn.Module) -> dict[str, int]:
+        """Per-sample multiply-adds of every variant that applies to this Linear or Conv2d."""
         s, d_in, d_out = self._shape(module)
-        input_gram, from_pixels = s * s * d_in, False
+        costs = {"ghost-factors": s * s * (d_in + d_out), "explicit-factors": s * d_in * d_out}
         inputs = self._stored(module)[0]
-        if isinstance(module, nn.Conv2d) and len(inputs) == 1:
-            pixels = _padded_pixels(module, inputs[0].shape)
-            from_pixels = pixels * pixels * module.in_channels < input_gram
-            input_gram = min(input_gram, pixels * pixels * module.in_channels)
-        return input_gram + s * s * d_out, s * d_in * d_out, from_pixels
+        if isinstance(module, nn.Conv2d):
+            costs["explicit-conv"] = s * d_in * d_out
+            if len(inputs) == 1:  # cross-call pixel pairs would be missing from a per-call pixel Gram
+                pixels = _padded_pixels(module, inputs[0].shape)
+                kernel = module.weight[0, 0].numel()
+                costs["ghost-pixels"] = pixels * pixels * module.in_channels + s * s * (d_out + kernel)
+        return costs
 
-    def _elements_per_row(self, module: nn.Module) -> int:
-        if isinstance(module, nn.BatchNorm2d):
+    def _candidates(self, module: nn.Module) -> list[str]:
+        costs = self._costs(module)
+        if self.norm_method in costs:
+            return [self.norm_method]
+        family = self.norm_method.split("-")[0]
+        if family != "auto":  # a family, or a variant that does not apply here: its family
+            costs = {k: v for k, v in costs.items() if k.startswith(family)}
+        cheapest = min(costs.values())
+        return [k for k, v in costs.items() if v <= PRUNE_FACTOR * cheapest]
+
+    def _signature(self, module: nn.Module) -> tuple:
+        inputs = self._stored(module)[0]
+        return (repr(module), self.norm_method, tuple(tuple(x.shape[1:]) for x in inputs),
+                inputs[0].device.type, inputs[0].dtype)
+
+    def _fastest(self, module: nn.Module, candidates: list[str]) -> str:
+        rows = slice(0, max(1, self.chunk_elements // max(self._elements_per_row(module, v) for v in candidates)))
+        device = self._stored(module)[0][0].device
+        seconds = {}
+        for name in candidates:
+            for _ in range(2):  # the first run pays one-off allocations
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                self._sq_norm(module, rows, name)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds[name] = min(seconds.get(name, float("inf")), time.perf_counter() - start)
+        return min(seconds, key=seconds.get)
+
+    def _elements_per_row(self, module: nn.Module, variant: str) -> int:
+        """The largest intermediate of one row: the chunk size is set from it."""
+        if variant == "explicit-batchnorm":
             return 2 * self._stored(module)[0][0][0].numel()
         s, d_in, d_out = self._shape(module)
-        if self.path(module) == "explicit":
-            return max(d_in * d_out, s * (d_in + d_out))
-        if self._costs(module)[2]:
+        if variant == "ghost-pixels":
             return _padded_pixels(module, self._stored(module)[0][0].shape) ** 2
-        return max(s * s, s * (d_in + d_out))
+        if variant == "ghost-factors":
+            return max(s * s, s * (d_in + d_out))
+        return max(d_in * d_out, s * (d_in + d_out))
 
     def _factors(self, module: nn.Module, rows: slice, *, bias_column: bool = True):
         inputs, grads = self._stored(module)
@@ -216,7 +275,7 @@ class LayerCapture:
         return torch.cat(a_parts, dim=1), torch.cat(b_parts, dim=1)
 
     def _explicit_grads(self, module: nn.Module, rows: slice) -> dict[str, torch.Tensor]:
-        """Per-sample gradients of the rows, summed over the layer's calls."""
+        """Per-sample gradients of the rows, summed over the layer's calls (BatchNorm2d, Conv2d)."""
         inputs, grads = self._stored(module)
         out: dict[str, torch.Tensor] = {}
         for x, g in zip(inputs, grads, strict=True):
@@ -224,10 +283,13 @@ class LayerCapture:
                 out[name] = out[name] + value if name in out else value
         return out
 
-    def _sq_norm(self, module: nn.Module, rows: slice) -> torch.Tensor:
-        if self.path(module) == "explicit":
+    def _sq_norm(self, module: nn.Module, rows: slice, variant: str) -> torch.Tensor:
+        if variant in ("explicit-batchnorm", "explicit-conv"):
             return sum(value.flatten(1).square().sum(1) for value in self._explicit_grads(module, rows).values())
-        if self._costs(module)[2]:
+        if variant == "explicit-factors":
+            a, b = self._factors(module, rows)
+            return torch.bmm(b.transpose(1, 2), a).square().sum((1, 2))
+        if variant == "ghost-pixels":
             gram = _pixel_input_gram(module, self._stored(module)[0][0][rows])
             b = self._stored(module)[1][0][rows].flatten(2).transpose(1, 2)
         else:

@@ -11,7 +11,8 @@ from engine.models import SmallCNN
 from engine.per_sample import LayerCapture, per_sample_grad_sq_norms, trainable_layers
 from engine.task import ImageTask
 
-PATHS = ("ghost", "explicit")
+PATHS = ("ghost-factors", "explicit-factors")  # the variants that apply to every Linear and Conv2d
+CONV_PATHS = PATHS + ("ghost-pixels", "explicit-conv")
 
 
 def _randomize_batchnorm(model: nn.Module) -> nn.Module:
@@ -40,7 +41,7 @@ def _captured(model, x, y, layer, path):
     with LayerCapture(model, [layer], norm_method=path) as cap:
         x = x.clone().requires_grad_(True)
         F.cross_entropy(model(x), y, reduction="sum").backward()
-        return cap.per_sample_sq_norm(layer), cap.path(layer)
+        return cap.per_sample_sq_norm(layer), cap.variant(layer)
 
 
 CONVS = {
@@ -52,7 +53,7 @@ CONVS = {
 }
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", CONV_PATHS)
 @pytest.mark.parametrize("case", CONVS)
 def test_conv2d_norms_matchbrute_force_sq_norms(case, path):
     torch.manual_seed(0)
@@ -100,7 +101,7 @@ def test_batchnorm_eval_norms_and_grads_matchbrute_force_sq_norms():
     torch.testing.assert_close(grads["bias"][2], expected[1])
 
 
-@pytest.mark.parametrize("path", PATHS + ("auto",))
+@pytest.mark.parametrize("path", CONV_PATHS + ("auto", "ghost", "explicit"))
 def test_small_cnn_total_norm_matchesbrute_force_sq_norms(path):
     torch.manual_seed(0)
     model = _randomize_batchnorm(SmallCNN(3, 10, image_size=16, width=8).double()).eval()
@@ -113,14 +114,16 @@ def test_small_cnn_total_norm_matchesbrute_force_sq_norms(path):
     torch.testing.assert_close(norms, brute_force_sq_norms(model, x, y, list(model.parameters())), rtol=1e-4, atol=0)
 
 
-def test_auto_path_picks_the_cheaper_one_per_layer():
+def test_auto_times_only_variants_near_the_fewest_operations():
     model = SmallCNN(3, 10, image_size=32).eval()
     with LayerCapture(model) as cap:
         x = torch.randn(2, 3, 32, 32, requires_grad=True)
         torch.autograd.grad(model(x).sum(), x)
-        convs = [m for m in cap.layers if isinstance(m, nn.Conv2d)]
-        # 32×32 and 16×16 outputs: many positions, few channels → explicit; 8×8 × 576 inputs → ghost.
-        assert [cap.path(c) for c in convs] == ["explicit", "explicit", "ghost"]
+        first_conv = model.body[0]
+        # 1024 output pixels, 27 inputs, 32 outputs: a ghost Gram costs ~50× the explicit gradient.
+        assert cap._candidates(first_conv) == ["explicit-factors", "explicit-conv"]
+        assert cap.path(first_conv) == "explicit"
+        assert cap._candidates(model.head) == ["ghost-factors"]  # one position: ‖a‖²‖b‖²
 
 
 def test_factors_and_per_sample_grads_of_a_conv():
@@ -158,7 +161,7 @@ def test_shared_layer_sums_its_calls(kind):
     x = torch.randn(4, 5, dtype=torch.float64) if kind == "linear" else torch.randn(4, 2, 5, 5, dtype=torch.float64)
     model(x)
     y = torch.randint(0, 3, (4,))
-    for path in PATHS:
+    for path in PATHS if kind == "linear" else CONV_PATHS:
         norms, _ = _captured(model, x, y, shared, path)
         expected = brute_force_sq_norms(model, x, y, list(shared.parameters()))
         torch.testing.assert_close(norms, expected, rtol=1e-6, atol=0)
