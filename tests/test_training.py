@@ -72,3 +72,11 @@ def test_checkpoints_carry_the_schedule_learning_rates(digits, trained):
 def test_diverging_learning_rate_raises_a_clear_training_error(make_dataset):
     with pytest.raises(TrainingError, match=r"loss became (nan|inf).*lower the learning rate"):
         train(make_dataset(), replace(CONFIG, learning_rate=1e12))
+
+
+def test_divergence_in_the_last_step_is_caught_when_the_model_is_used(make_dataset):
+    """One step (18 rows, one batch): every loss seen was finite, but the weights it left are not usable."""
+    data = make_dataset()
+    trained = train(data, replace(CONFIG, epochs=1, learning_rate=1e12))
+    with pytest.raises(TrainingError, match=r"outputs are NaN or infinite .*lower the learning rate"):
+        predict(trained.model, trained.task, data.images, trained.device)
