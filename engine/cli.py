@@ -23,7 +23,8 @@ from engine.metrics import detection_metrics
 from engine.models import MODEL_NAMES
 from engine.pipeline import carve_validation, read_decisions, retrain_comparison, score_methods, with_injected_noise
 from engine.progress import tqdm_progress
-from engine.scorers import available_methods
+from engine.scorers import available_methods, scorer_class
+from engine.scorers.flat_validation import CURVATURES
 from engine.training import TrainConfig
 
 
@@ -52,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--val", default=None, help="a trusted validation set (needed by vm / fvm)")
     score.add_argument("--val-from-train", type=float, default=None, metavar="FRACTION",
                        help="carve an (untrusted) validation set out of TRAIN")
+    score.add_argument("--curvature", choices=CURVATURES, default=None,
+                       help="vm / fvm: exact last-layer GGN (default) or EK-FAC over the whole network")
     score.add_argument("--out", default=None, help="CSV to write (default: <method>_scores.csv)")
     _add_training_options(score)
 
@@ -108,6 +111,17 @@ def _check_truth(flipped: np.ndarray | None, args: argparse.Namespace) -> None:
                                  "labels; choose a rate that flips some labels and leaves some clean")
 
 
+def _method_settings(args: argparse.Namespace) -> dict:
+    """The scorer settings that options change (``--curvature``), checked before any training."""
+    if args.curvature is None:
+        return {}
+    defaults = scorer_class(args.method).Settings()
+    if not hasattr(defaults, "curvature"):
+        raise InfluenceLensError(f"--curvature applies to vm and fvm, not to {args.method!r} (influence "
+                                 "functions at the trained model: pick if-last or if-ekfac)")
+    return {args.method: replace(defaults, curvature=args.curvature)}
+
+
 def _score(args: argparse.Namespace) -> dict:
     config = _config(args)
     out = _output_path(args)
@@ -123,7 +137,7 @@ def _score(args: argparse.Namespace) -> dict:
         train_set, trusted = keep_rows, False
     _check_truth(flipped, args)
     run = score_methods(train_set, [args.method], validation=validation, validation_trusted=trusted,
-                        config=config, progress=tqdm_progress())
+                        config=config, settings=_method_settings(args), progress=tqdm_progress())
     try:
         run.table(args.method, flipped).to_csv(out, index=False)
     except OSError as exc:

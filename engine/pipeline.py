@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,7 @@ from engine.errors import DataError
 from engine.metrics import ranks
 from engine.progress import Progress, no_progress
 from engine.scorers import ScoreResult, ScoringContext, make_scorer, scorer_class
+from engine.scorers.flat_validation import TRUSTED_VALIDATION_HELP
 from engine.training import TrainConfig, TrainedModel, evaluate, predict, train
 
 ACTIONS = ("drop", "relabel", "keep")
@@ -89,13 +91,16 @@ class ScoringRun:
 
 def score_methods(train_set: Dataset, methods: list[str], *, validation: Dataset | None = None,
                   validation_trusted: bool = True, config: TrainConfig = TrainConfig(),
-                  trained: TrainedModel | None = None, progress: Progress = no_progress) -> ScoringRun:
-    """Train (unless ``trained`` is given) and score ``train_set`` with every named method."""
+                  trained: TrainedModel | None = None, settings: dict[str, Any] | None = None,
+                  progress: Progress = no_progress) -> ScoringRun:
+    """Train (unless ``trained`` is given) and score ``train_set`` with every named method.
+
+    ``settings``: method name → that scorer's ``Settings`` (defaults for methods not named).
+    """
+    settings = settings or {}
     for name in methods:
         if scorer_class(name).requires_validation and validation is None:
-            raise DataError(f"method {name!r} needs a trusted validation set: a small set whose labels you "
-                            "have checked (pass --val PATH), or carve an untrusted one out of the training "
-                            "data with --val-from-train FRACTION")
+            raise DataError(f"method {name!r} {TRUSTED_VALIDATION_HELP}")
     if validation is not None:
         check_compatible(train_set, validation, "validation")
     start = time.perf_counter()
@@ -104,7 +109,7 @@ def score_methods(train_set: Dataset, methods: list[str], *, validation: Dataset
     run = ScoringRun(ScoringContext(train_set, trained, validation, validation_trusted, progress),
                      train_seconds=time.perf_counter() - start)
     for name in methods:
-        run.results[name] = make_scorer(name).run(run.context)
+        run.results[name] = make_scorer(name, settings.get(name)).run(run.context)
     return run
 
 

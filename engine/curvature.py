@@ -1,0 +1,343 @@
+"""Damped Gauss-Newton curvature of the cross-entropy loss, for influence scores (METHODS.md §3–§4).
+
+Two levels, both of the *mean* loss over a fitting set (the training set for ``if-*``, the
+trusted validation set for VM / FVM), both returning quadratic forms s = gᵀ(H + λI)⁻¹g:
+
+* :class:`LastLayerCurvature`: the exact GGN of the head (weights and bias). A head gradient is
+  g = (p − e_y) ⊗ â (â = features with a 1 appended), and H = (1/M) Σ_m (diag p_m − p_m p_mᵀ) ⊗ â_m â_mᵀ
+  is built as FᵀF/M from the per-sample factors B_m = (I − p_m 1ᵀ) diag(√p_m). For the last layer
+  of a cross-entropy model the GGN *is* the Hessian. One Cholesky, then triangular solves; every
+  candidate label of every sample costs only a solve, no backward pass.
+* :class:`EKFAC`: eigenvalue-corrected K-FAC over every Linear and Conv2d layer (BatchNorm affine
+  parameters are left out, as in kronfluence). Per layer, the eigenvectors Q_A, Q_S of the input
+  and output-gradient covariances give a Kronecker basis, and the diagonal of the GGN *in that
+  basis*, Λ_ij = E[(Q_Sᵀ G Q_A)_ij²], replaces K-FAC's eigenvalue products (the correction that
+  "Better Hessians Matter" shows to carry most of the quality). Layers are independent blocks.
+
+The GGN of cross-entropy does not depend on the labels: E_{y∼p}[(p − e_y)(p − e_y)ᵀ] = diag p − ppᵀ.
+The EK-FAC statistics therefore use output gradients √p_k (e_k − p), k = 1..C (``fisher="exact"``:
+the GGN exactly, C backward passes per batch) or one label drawn from p per sample
+(``fisher="sampled"``: unbiased, one backward pass, for many classes or large fitting sets). Labels
+that may be wrong never enter the curvature.
+
+Damping: λ = ``relative_damping`` × the mean eigenvalue (trace / dimension), per layer for EK-FAC
+(the mean of that layer's Λ), unless an absolute ``damping`` is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.errors import OptionError
+from engine.per_sample import DEFAULT_CHUNK_ELEMENTS, LayerCapture
+from engine.progress import Progress, no_progress
+from engine.task import ImageTask
+
+FISHER_MODES = ("exact", "sampled")
+DEFAULT_RELATIVE_DAMPING = 0.1  # METHODS.md §3: 0.1 × the mean eigenvalue
+
+
+def _as_tensor(array, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(array) if not isinstance(array, torch.Tensor) else array,
+                           dtype=dtype, device=device)
+
+
+def _with_bias(features: torch.Tensor, bias: bool) -> torch.Tensor:
+    return torch.cat([features, features.new_ones(len(features), 1)], dim=1) if bias else features
+
+
+def _rows_per_chunk(elements_per_row: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
+    return max(1, chunk_elements // max(1, elements_per_row))
+
+
+def _damping(mean_eigenvalue: float, relative: float, absolute: float | None) -> float:
+    """The absolute damping if given, else ``relative`` × the mean eigenvalue (floored: a dead layer
+    with all-zero curvature must still give a positive definite system)."""
+    if absolute is not None:
+        return float(absolute)
+    return float(relative * mean_eigenvalue) or 1e-12
+
+
+def head_gradients(features, probabilities, labels, *, bias: bool = True) -> torch.Tensor:
+    """Per-sample head gradients vec((p − e_y) âᵀ), (N, C·D), row-major like ``head.weight`` with
+    the bias as the last column (the same order as :meth:`LayerCapture.factors`)."""
+    p = torch.as_tensor(probabilities)
+    a = _with_bias(_as_tensor(features, p.dtype, p.device), bias)
+    residual = p.clone()
+    residual[torch.arange(len(p)), torch.as_tensor(labels, device=p.device)] -= 1.0
+    return (residual[:, :, None] * a[:, None, :]).reshape(len(p), -1)
+
+
+def last_layer_ggn(features, probabilities, *, bias: bool = True, dtype: torch.dtype = torch.float64,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """The exact head GGN of the mean cross-entropy, (C·D, C·D), accumulated as FᵀF/M in row chunks.
+
+    Row k of sample m's factor is B_m[:, k] ⊗ â_m with B_m = (I − p_m 1ᵀ) diag(√p_m), so that
+    B_m B_mᵀ = diag p_m − p_m p_mᵀ and Σ_k (B_m[:, k] ⊗ â_m)(…)ᵀ = (diag p_m − p_m p_mᵀ) ⊗ â_m â_mᵀ.
+    """
+    p = _as_tensor(probabilities, dtype, device)
+    a = _with_bias(_as_tensor(features, dtype, device), bias)
+    (m, c), d = p.shape, a.shape[1]
+    eye = torch.eye(c, dtype=dtype, device=device)
+    ggn = torch.zeros(c * d, c * d, dtype=dtype, device=device)
+    step = _rows_per_chunk(c * c * d)
+    for lo in range(0, m, step):
+        pc, ac = p[lo:lo + step], a[lo:lo + step]
+        factor = (eye - pc[:, :, None]) * pc.sqrt()[:, None, :]            # (m, C, C): B_m
+        rows = (factor.transpose(1, 2)[:, :, :, None] * ac[:, None, None, :]).reshape(-1, c * d)
+        ggn.addmm_(rows.T, rows)
+    return ggn / m
+
+
+@dataclass(frozen=True)
+class LastLayerCurvature:
+    """The Cholesky factor L of H + λI for the head GGN; quadratic forms are triangular solves."""
+
+    cholesky: torch.Tensor
+    damping: float
+    bias: bool
+    num_classes: int
+
+    @classmethod
+    def fit(cls, features, probabilities, *, bias: bool = True,
+            relative_damping: float = DEFAULT_RELATIVE_DAMPING, damping: float | None = None,
+            dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> LastLayerCurvature:
+        """Fit on the fitting set's penultimate features (M, d) and softmax outputs (M, C)."""
+        ggn = last_layer_ggn(features, probabilities, bias=bias, dtype=dtype, device=device)
+        lam = _damping(float(ggn.diagonal().mean()), relative_damping, damping)
+        ggn.diagonal().add_(lam)
+        return cls(torch.linalg.cholesky(ggn), lam, bias, int(np.shape(probabilities)[1]))
+
+    @property
+    def dim(self) -> int:
+        return self.cholesky.shape[0]
+
+    def quadratic_form(self, vectors: torch.Tensor) -> torch.Tensor:
+        """vᵀ(H + λI)⁻¹v for each row v of ``vectors`` (n, dim): ‖L⁻¹v‖²."""
+        v = vectors.to(self.cholesky.dtype).to(self.cholesky.device)
+        return torch.linalg.solve_triangular(self.cholesky, v.T, upper=False).square().sum(0)
+
+    def inverse_product(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(H + λI)⁻¹v for each row v of ``vectors`` (n, dim)."""
+        v = vectors.to(self.cholesky.dtype).to(self.cholesky.device)
+        return torch.cholesky_solve(v.T, self.cholesky).T
+
+    def candidate_scores(self, features, probabilities) -> np.ndarray:
+        """s(z, c) = g(z, c)ᵀ(H + λI)⁻¹g(z, c) for every sample and every label c, (N, C) float64.
+
+        g(z, c) = (p − e_c) ⊗ â: the score under the given label is column y, the relabel
+        suggestion is the argmin over the row; all C candidates from one forward pass.
+        """
+        dtype, device, c = self.cholesky.dtype, self.cholesky.device, self.num_classes
+        p = _as_tensor(probabilities, dtype, device)
+        a = _with_bias(_as_tensor(features, dtype, device), self.bias)
+        residuals = p[:, None, :] - torch.eye(c, dtype=dtype, device=device)   # (N, candidate, C)
+        out = torch.empty(len(p), c, dtype=dtype, device=device)
+        step = _rows_per_chunk(c * self.dim)
+        for lo in range(0, len(p), step):
+            v = residuals[lo:lo + step, :, :, None] * a[lo:lo + step, None, None, :]
+            out[lo:lo + step] = self.quadratic_form(v.reshape(-1, self.dim)).reshape(-1, c)
+        return out.double().cpu().numpy()
+
+
+# ---- EK-FAC -------------------------------------------------------------------------------------
+
+def curvature_layers(model: nn.Module) -> list[nn.Module]:
+    """The Linear and Conv2d layers with trainable weights, in module order (EK-FAC's blocks)."""
+    return [m for m in model.modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.requires_grad]
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _batched_passes(model: nn.Module, layers: list[nn.Module], task: ImageTask, images: np.ndarray,
+                    device: torch.device | str, batch_size: int,
+                    output_gradients: Callable[[torch.Tensor, int], list[torch.Tensor]],
+                    progress: Progress, message: str) -> Iterator[tuple[int, int, int, LayerCapture]]:
+    """One forward per batch, then one backward per output gradient from ``output_gradients(p, lo)``.
+
+    Yields ``(lo, hi, k, capture)`` after the k-th backward: ``capture.factors(layer)`` then holds
+    the batch's inputs and the output gradients of that pass. The model runs in eval mode
+    (BatchNorm with running statistics: per-sample gradients need independent samples).
+    """
+    was_training = model.training
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    try:
+        with LayerCapture(model, layers) as capture:
+            for lo in range(0, len(images), batch_size):
+                hi = min(lo + batch_size, len(images))
+                x = task.inputs(images[lo:hi], device).to(dtype).requires_grad_(True)
+                logits = model(x)
+                grads = output_gradients(torch.softmax(logits.detach().double(), dim=1), lo)
+                for k, g in enumerate(grads):
+                    torch.autograd.grad(logits, x, grad_outputs=g.to(logits.dtype),
+                                        retain_graph=k < len(grads) - 1)
+                    yield lo, hi, k, capture
+                capture.clear()
+                progress(hi, len(images), message)
+    finally:
+        model.train(was_training)
+
+
+def _fisher_gradients(fisher: str, generator: torch.Generator) -> Callable[[torch.Tensor, int], list[torch.Tensor]]:
+    """Output gradients whose outer products average to the GGN's diag p − ppᵀ."""
+    def exact(p: torch.Tensor, lo: int) -> list[torch.Tensor]:
+        eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
+        return [p[:, k:k + 1].sqrt() * (eye[k] - p) for k in range(p.shape[1])]
+
+    def sampled(p: torch.Tensor, lo: int) -> list[torch.Tensor]:
+        labels = torch.multinomial(p.cpu(), 1, generator=generator).squeeze(1).to(p.device)
+        return [label_gradients(p, labels)]
+
+    return exact if fisher == "exact" else sampled
+
+
+def label_gradients(probabilities: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """∂ℓ/∂logits = p − e_y for each row (the output gradient of the summed cross-entropy)."""
+    out = probabilities.clone()
+    out[torch.arange(len(out), device=out.device), labels] -= 1.0
+    return out
+
+
+@dataclass
+class _LayerBasis:
+    q_a: torch.Tensor          # (d_in, d_in) eigenvectors of E[a aᵀ]
+    q_s: torch.Tensor          # (d_out, d_out) eigenvectors of E[b bᵀ]
+    eigenvalues: torch.Tensor  # (d_out, d_in) corrected: E[(Q_Sᵀ G Q_A)²]
+    damping: float
+
+
+def _rotated_gradients(a_rot: torch.Tensor, b: torch.Tensor, q_s: torch.Tensor) -> torch.Tensor:
+    """Q_Sᵀ G_i Q_A = Σ_s (Q_Sᵀ b_s)(Q_Aᵀ a_s)ᵀ per sample, (B, d_out, d_in), from rotated inputs."""
+    return torch.bmm((b @ q_s).transpose(1, 2), a_rot)
+
+
+class EKFAC:
+    """Eigenvalue-corrected K-FAC of the mean cross-entropy GGN over Linear and Conv2d layers.
+
+    ``EKFAC.fit(model, task, images, device)`` runs two passes over the fitting set (covariances,
+    then the eigenvalue correction); :meth:`scores` gives gᵀ(H + λI)⁻¹g for other samples under
+    their labels, or under every candidate label. Scores are for the model the fit was made on
+    (the same module objects, unchanged weights).
+    """
+
+    def __init__(self, model: nn.Module, bases: dict[nn.Module, _LayerBasis], names: list[str]):
+        self.model, self.bases, self.names = model, bases, names
+
+    @classmethod
+    def fit(cls, model: nn.Module, task: ImageTask, images: np.ndarray, device: torch.device | str, *,
+            layers: list[nn.Module] | None = None, fisher: str = "exact",
+            relative_damping: float = DEFAULT_RELATIVE_DAMPING, damping: float | None = None,
+            batch_size: int = 256, seed: int = 0, progress: Progress = no_progress) -> EKFAC:
+        if fisher not in FISHER_MODES:
+            raise OptionError("fisher", fisher, FISHER_MODES)
+        layers = list(layers) if layers is not None else curvature_layers(model)
+        names = {module: name for name, module in model.named_modules()}
+        args = (model, layers, task, images, device, batch_size)
+
+        def gradients():  # the same labels in both passes when sampled
+            return _fisher_gradients(fisher, torch.Generator().manual_seed(seed))
+
+        # Pass 1: covariances of layer inputs (over samples and positions) and output gradients.
+        cov_a = {layer: 0 for layer in layers}
+        cov_s = {layer: 0 for layer in layers}
+        for _, _, k, capture in _batched_passes(*args, gradients(), _half(progress, 0), "EK-FAC: covariances"):
+            for layer in layers:
+                a, b = capture.factors(layer)
+                if k == 0:
+                    cov_a[layer] = cov_a[layer] + _flat(a).T.double() @ _flat(a).double()
+                cov_s[layer] = cov_s[layer] + _flat(b).T.double() @ _flat(b).double()
+        dtype = next(model.parameters()).dtype
+        eigvecs = {layer: (torch.linalg.eigh(cov_a[layer])[1].to(dtype), torch.linalg.eigh(cov_s[layer])[1].to(dtype))
+                   for layer in layers}
+
+        # Pass 2: the diagonal of the GGN in each layer's Kronecker eigenbasis.
+        sums = {layer: 0 for layer in layers}
+        rotated_a: dict[nn.Module, torch.Tensor] = {}
+        for _, _, k, capture in _batched_passes(*args, gradients(), _half(progress, 1), "EK-FAC: eigenvalues"):
+            for layer in layers:
+                q_a, q_s = eigvecs[layer]
+                a, b = capture.factors(layer)
+                if k == 0:
+                    rotated_a[layer] = a @ q_a
+                sums[layer] = sums[layer] + _chunked_sum_sq(rotated_a[layer], b, q_s)
+        n = len(images)
+        bases = {}
+        for layer in layers:
+            eigenvalues = sums[layer] / n
+            lam = _damping(float(eigenvalues.mean()), relative_damping, damping)
+            bases[layer] = _LayerBasis(*eigvecs[layer], eigenvalues.to(dtype), lam)
+        return cls(model, bases, [names[layer] for layer in layers])
+
+    @property
+    def dampings(self) -> dict[str, float]:
+        return {name: basis.damping for name, basis in zip(self.names, self.bases.values())}
+
+    def scores(self, task: ImageTask, images: np.ndarray, labels: np.ndarray | None, device: torch.device | str, *,
+               batch_size: int = 256, progress: Progress = no_progress) -> np.ndarray:
+        """Σ_layers Σ_ij (Q_Sᵀ G Q_A)_ij² / (Λ_ij + λ) per sample, float64.
+
+        ``labels`` given: (N,) under those labels, one backward pass per batch. ``labels=None``:
+        (N, C) under every candidate label c (C backward passes per batch), for relabelling.
+        """
+        layers = list(self.bases)
+        candidates = 0
+
+        def output_gradients(p: torch.Tensor, lo: int) -> list[torch.Tensor]:
+            nonlocal candidates
+            if labels is not None:
+                y = torch.as_tensor(np.asarray(labels[lo:lo + len(p)]), device=p.device)
+                return [label_gradients(p, y)]
+            candidates = p.shape[1]
+            eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
+            return [p - eye[c] for c in range(p.shape[1])]
+
+        out: np.ndarray | None = None
+        rotated_a: dict[nn.Module, torch.Tensor] = {}
+        message = "EK-FAC scores" if labels is not None else "EK-FAC scores: every candidate label"
+        for lo, hi, k, capture in _batched_passes(self.model, layers, task, images, device, batch_size,
+                                                  output_gradients, progress, message):
+            total = 0
+            for layer in layers:
+                basis = self.bases[layer]
+                a, b = capture.factors(layer)
+                if k == 0:
+                    rotated_a[layer] = a @ basis.q_a
+                total = total + _chunked_weighted_sq(rotated_a[layer], b, basis)
+            if out is None:
+                out = np.empty((len(images), max(1, candidates)))
+            out[lo:hi, k] = total.double().cpu().numpy()
+        return out[:, 0] if labels is not None else out
+
+
+def _chunks(a_rot: torch.Tensor, b: torch.Tensor) -> Iterator[slice]:
+    step = _rows_per_chunk(b.shape[-1] * a_rot.shape[-1] + a_rot[0].numel() + b[0].numel())
+    for lo in range(0, len(b), step):
+        yield slice(lo, lo + step)
+
+
+def _chunked_sum_sq(a_rot: torch.Tensor, b: torch.Tensor, q_s: torch.Tensor) -> torch.Tensor:
+    """Σ_i (Q_Sᵀ G_i Q_A)², summed over the batch, (d_out, d_in) in float64."""
+    return sum(_rotated_gradients(a_rot[rows], b[rows], q_s).square().sum(0).double() for rows in _chunks(a_rot, b))
+
+
+def _chunked_weighted_sq(a_rot: torch.Tensor, b: torch.Tensor, basis: _LayerBasis) -> torch.Tensor:
+    """(B,) Σ_ij (Q_Sᵀ G_i Q_A)_ij² / (Λ_ij + λ)."""
+    weights = 1.0 / (basis.eigenvalues + basis.damping)
+    return torch.cat([(_rotated_gradients(a_rot[rows], b[rows], basis.q_s).square() * weights).sum((1, 2))
+                      for rows in _chunks(a_rot, b)])
+
+
+def _half(progress: Progress, part: int) -> Progress:
+    """Map one of the two fitting passes onto a single progress bar."""
+    def report(done: int, total: int, message: str) -> None:
+        progress(part * total + done, 2 * total, message)
+    return report

@@ -1,0 +1,108 @@
+"""Influence-function self-influence at the trained model θ* (METHODS.md §3).
+
+s(z) = g(z)ᵀ(H + λI)⁻¹g(z), g the gradient of the cross-entropy of z under its given label, H the
+GGN of the mean training loss: exact for the head (``if-last``, forward passes only) or EK-FAC
+over every Linear/Conv2d layer (``if-ekfac``). Relabel suggestion: argmin over candidate labels c
+of s(z, c), the label under which z would move the model least. The helpers here are shared with
+the flat-validation scorers, which fit the same curvature on the validation set at θ̃ instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.curvature import DEFAULT_RELATIVE_DAMPING, EKFAC, FISHER_MODES, LastLayerCurvature
+from engine.errors import OptionError
+from engine.progress import Progress
+from engine.scorers.base import Scorer, ScoringContext
+from engine.scorers.registry import register
+from engine.task import ImageTask
+from engine.training import Predictions
+
+
+def check_damping(damping: float) -> None:
+    if not damping > 0:
+        raise OptionError("damping", damping, ["a positive multiple of the mean curvature eigenvalue"])
+
+
+def fit_last_layer(model: nn.Module, fit: Predictions, device: torch.device, damping: float) -> LastLayerCurvature:
+    """The exact head GGN of the mean loss over the fitting rows' predictions, damped."""
+    return LastLayerCurvature.fit(fit.features, fit.probabilities, bias=model.head.bias is not None,
+                                  relative_damping=damping, device=device)
+
+
+def last_layer_influence(curvature: LastLayerCurvature, target: Predictions,
+                         labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Scores under the given labels, argmin-over-candidates suggestions, and the curvature's info."""
+    candidates = curvature.candidate_scores(target.features, target.probabilities)
+    info = {"layers": ["head"], "damping": curvature.damping, "curvature_dim": curvature.dim}
+    return candidates[np.arange(len(labels)), labels], candidates.argmin(1), info
+
+
+def fit_ekfac(model: nn.Module, task: ImageTask, images: np.ndarray, device: torch.device, settings,
+              progress: Progress) -> EKFAC:
+    if settings.fisher not in FISHER_MODES:
+        raise OptionError("fisher", settings.fisher, FISHER_MODES)
+    return EKFAC.fit(model, task, images, device, fisher=settings.fisher, relative_damping=settings.damping,
+                     batch_size=settings.batch_size, seed=settings.seed, progress=progress)
+
+
+def ekfac_influence(ekfac: EKFAC, task: ImageTask, images: np.ndarray, labels: np.ndarray, device: torch.device,
+                    settings, fallback_suggestions: np.ndarray,
+                    progress: Progress) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """EK-FAC scores; suggestions by argmin over candidates (C backward passes per batch) when
+    ``settings.candidate_labels``, else ``fallback_suggestions`` (the model's argmax)."""
+    info = {"layers": ekfac.names, "damping": ekfac.dampings, "fisher": settings.fisher}
+    if settings.candidate_labels:
+        candidates = ekfac.scores(task, images, None, device, batch_size=settings.batch_size, progress=progress)
+        return candidates[np.arange(len(labels)), labels], candidates.argmin(1), info
+    scores = ekfac.scores(task, images, labels, device, batch_size=settings.batch_size, progress=progress)
+    return scores, fallback_suggestions, info
+
+
+@register
+class LastLayerInfluenceScorer(Scorer):
+    name = "if-last"
+    description = "influence-function self-influence with the exact last-layer GGN of the training loss"
+
+    @dataclass(frozen=True)
+    class Settings:
+        damping: float = DEFAULT_RELATIVE_DAMPING  # λ as a multiple of the GGN's mean eigenvalue
+
+    def _prepare(self, context: ScoringContext) -> None:
+        check_damping(self.settings.damping)
+        self.curvature = fit_last_layer(context.trained.model, context.predictions, context.trained.device,
+                                        self.settings.damping)
+
+    def _score(self, context: ScoringContext):
+        return last_layer_influence(self.curvature, context.predictions, context.train.labels)
+
+
+@register
+class EKFACInfluenceScorer(Scorer):
+    name = "if-ekfac"
+    description = "influence-function self-influence with EK-FAC curvature of the training loss, all layers"
+
+    @dataclass(frozen=True)
+    class Settings:
+        damping: float = DEFAULT_RELATIVE_DAMPING  # λ per layer, a multiple of its mean corrected eigenvalue
+        fisher: str = "exact"  # exact GGN (C backward passes per batch) or one sampled label per sample
+        candidate_labels: bool = True  # suggestions by argmin over all labels (C backward passes) or argmax
+        batch_size: int = 256
+        seed: int = 0  # sampled Fisher labels
+
+    def _prepare(self, context: ScoringContext) -> None:
+        check_damping(self.settings.damping)
+        trained = context.trained
+        self.ekfac = fit_ekfac(trained.model, trained.task, context.train.images, trained.device, self.settings,
+                               context.progress)
+
+    def _score(self, context: ScoringContext):
+        trained = context.trained
+        return ekfac_influence(self.ekfac, trained.task, context.train.images, context.train.labels, trained.device,
+                               self.settings, context.predictions.predicted, context.progress)
