@@ -18,11 +18,12 @@ import numpy as np
 
 from engine.data import NOISE_KINDS, load_dataset
 from engine.device import DEVICE_NAMES
+from engine.distributed import LOCAL, from_torchrun
 from engine.errors import InfluenceLensError
 from engine.metrics import detection_metrics
 from engine.models import MODEL_NAMES
 from engine.pipeline import carve_validation, read_decisions, retrain_comparison, score_methods, with_injected_noise
-from engine.progress import tqdm_progress
+from engine.progress import no_progress, tqdm_progress
 from engine.scorers import available_methods, scorer_class
 from engine.scorers.flat_validation import CURVATURES
 from engine.training import TrainConfig
@@ -56,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--curvature", choices=CURVATURES, default=None,
                        help="vm / fvm: exact last-layer GGN (default) or EK-FAC over the whole network")
     score.add_argument("--out", default=None, help="CSV to write (default: <method>_scores.csv)")
+    score.add_argument("--distributed", action="store_true",
+                       help="under torchrun: train with DDP and score a shard of the rows per rank; rank 0 writes")
     _add_training_options(score)
 
     retrain = sub.add_parser("retrain", help="retrain with review decisions applied and compare test accuracy")
@@ -122,9 +125,10 @@ def _method_settings(args: argparse.Namespace) -> dict:
     return {args.method: replace(defaults, curvature=args.curvature)}
 
 
-def _score(args: argparse.Namespace) -> dict:
+def _score(args: argparse.Namespace) -> dict | None:
     config = _config(args)
     out = _output_path(args)
+    distributed = from_torchrun(config.device) if args.distributed else LOCAL
     start = time.perf_counter()
     train_set, flipped = _noisy(_load(args.train, args), args)
     validation, trusted = None, True
@@ -137,7 +141,10 @@ def _score(args: argparse.Namespace) -> dict:
         train_set, trusted = keep_rows, False
     _check_truth(flipped, args)
     run = score_methods(train_set, [args.method], validation=validation, validation_trusted=trusted,
-                        config=config, settings=_method_settings(args), progress=tqdm_progress())
+                        config=config, settings=_method_settings(args),
+                        progress=tqdm_progress() if distributed.is_main else no_progress, distributed=distributed)
+    if not distributed.is_main:
+        return None  # rank 0 writes the one merged result
     try:
         run.table(args.method, flipped).to_csv(out, index=False)
     except OSError as exc:
@@ -190,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     except InfluenceLensError as exc:
         print(f"influence-lens: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, default=str))
+    if summary is not None:
+        print(json.dumps(summary, default=str))
     return 0
 
 

@@ -14,12 +14,13 @@ import numpy as np
 import pandas as pd
 
 from engine.data import Dataset, inject_noise, stratified_split
+from engine.distributed import LOCAL, Distributed
 from engine.errors import DataError
 from engine.metrics import ranks
 from engine.progress import Progress, no_progress
 from engine.scorers import ScoreResult, ScoringContext, make_scorer, scorer_class
 from engine.scorers.flat_validation import TRUSTED_VALIDATION_HELP
-from engine.training import TrainConfig, TrainedModel, evaluate, predict, train
+from engine.training import Predictions, TrainConfig, TrainedModel, evaluate, predict, train
 
 ACTIONS = ("drop", "relabel", "keep")
 RESULT_COLUMNS = ["index", "score", "rank", "given_label", "predicted_label", "suggested_label"]
@@ -92,10 +93,12 @@ class ScoringRun:
 def score_methods(train_set: Dataset, methods: list[str], *, validation: Dataset | None = None,
                   validation_trusted: bool = True, config: TrainConfig = TrainConfig(),
                   trained: TrainedModel | None = None, settings: dict[str, Any] | None = None,
-                  progress: Progress = no_progress) -> ScoringRun:
+                  progress: Progress = no_progress, distributed: Distributed = LOCAL) -> ScoringRun:
     """Train (unless ``trained`` is given) and score ``train_set`` with every named method.
 
     ``settings``: method name → that scorer's ``Settings`` (defaults for methods not named).
+    ``distributed``: train with DDP and split the scoring across the ranks (:mod:`engine.distributed`);
+    every rank returns the same merged run.
     """
     settings = settings or {}
     for name in methods:
@@ -105,12 +108,44 @@ def score_methods(train_set: Dataset, methods: list[str], *, validation: Dataset
         check_compatible(train_set, validation, "validation")
     start = time.perf_counter()
     if trained is None:
-        trained = train(train_set, config, progress=progress)
-    run = ScoringRun(ScoringContext(train_set, trained, validation, validation_trusted, progress),
-                     train_seconds=time.perf_counter() - start)
+        trained = train(train_set, config, progress=progress, distributed=distributed)
+    context = ScoringContext(train_set, trained, validation, validation_trusted, progress)
+    if distributed.world_size > 1:
+        context._predictions = _sharded_predictions(context, distributed)
+    run = ScoringRun(context, train_seconds=time.perf_counter() - start)
     for name in methods:
-        run.results[name] = make_scorer(name, settings.get(name)).run(run.context)
+        scorer = make_scorer(name, settings.get(name))
+        run.results[name] = scorer.run(context) if distributed.world_size == 1 else \
+            _score_distributed(scorer, context, distributed)
     return run
+
+
+def _sharded_predictions(context: ScoringContext, distributed: Distributed) -> Predictions:
+    """θ*'s predictions on the training rows, one shard per rank, gathered in row order."""
+    trained, n = context.trained, len(context.train)
+    local = predict(trained.model, trained.task, context.train.images[distributed.shard(n)], trained.device)
+    return Predictions(distributed.gather_rows(local.logits, n), distributed.gather_rows(local.features, n))
+
+
+def _score_distributed(scorer, context: ScoringContext, distributed: Distributed) -> ScoreResult:
+    """A ``row_local`` scorer scores this rank's shard, the results gathered in row order; any other
+    scorer runs whole on every rank (the same result everywhere)."""
+    note = {"ranks": distributed.world_size, "sharded": scorer.row_local}
+    if not scorer.row_local:
+        result = scorer.run(context)
+        result.info["distributed"] = {**note, "note": "this method does not shard its rows yet: every rank "
+                                                      "computed all of them"}
+        return result
+    n = len(context.train)
+    rows = np.arange(n)[distributed.shard(n)]
+    full = context.predictions
+    shard = ScoringContext(context.train.subset(rows), context.trained, context.validation,
+                           context.validation_trusted, context.progress,
+                           _predictions=Predictions(full.logits[rows], full.features[rows]))
+    local = scorer.run(shard)
+    return replace(local, scores=distributed.gather_rows(local.scores, n),
+                   suggested_labels=distributed.gather_rows(local.suggested_labels, n),
+                   info={**local.info, "distributed": note})
 
 
 def read_decisions(path: str, dataset: Dataset) -> pd.DataFrame:

@@ -18,6 +18,7 @@ from torch import nn
 
 from engine.data import Dataset
 from engine.device import resolve_device
+from engine.distributed import LOCAL, Distributed
 from engine.errors import OptionError, TrainingError
 from engine.models import MODEL_NAMES, build_model, choose_model
 from engine.progress import Progress, no_progress
@@ -133,8 +134,12 @@ def _make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_
 
 
 def train(dataset: Dataset, config: TrainConfig = TrainConfig(), *, task: ImageTask | None = None,
-          progress: Progress = no_progress) -> TrainedModel:
-    """Train on ``dataset`` with ``config``; raises :class:`TrainingError` if the loss diverges."""
+          progress: Progress = no_progress, distributed: Distributed = LOCAL) -> TrainedModel:
+    """Train on ``dataset`` with ``config``; raises :class:`TrainingError` if the loss diverges.
+
+    ``distributed``: train with DDP, each global batch split across the ranks (see
+    :mod:`engine.distributed`); the result equals single-process training up to float rounding.
+    """
     config.validate()
     if len(dataset) < 2:
         raise TrainingError(f"{dataset.source or 'training set'}: training needs at least 2 training samples, "
@@ -159,6 +164,7 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), *, task: ImageT
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
         model = build_model(model_name, dataset.image_shape, dataset.num_classes, device).to(device)
+    net = distributed.training_module(model)  # ``model`` itself single-process
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum,
                                 nesterov=True, weight_decay=config.weight_decay)
     schedule = _make_schedule(optimizer, config, config.epochs * len(batches))
@@ -178,18 +184,21 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), *, task: ImageT
             x, y = x_all[idx], y_all[idx]
             if augment != "none":
                 x = _augment(x, augment, generator)
+            part = distributed.shard(hi - lo)  # this rank's rows of the global batch
+            x, y = x[part], y[part]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                logits = model(x)
-            loss = task.loss(logits, y)
+                logits = net(x)
+            loss = distributed.batch_loss(task.loss, logits, y, hi - lo)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             lrs.append(optimizer.param_groups[0]["lr"])
             optimizer.step()
             schedule.step()
-            loss_sum += loss.detach() * (hi - lo)
+            loss_sum += loss.detach() * ((hi - lo) / distributed.world_size)
             correct += (logits.argmax(1) == y).sum()
             seen += hi - lo
             progress((epoch - 1) * len(batches) + b + 1, config.epochs * len(batches), f"training: epoch {epoch}")
+        loss_sum, correct = distributed.all_reduce_sum(loss_sum), distributed.all_reduce_sum(correct)
         mean_loss = float(loss_sum) / seen
         if not np.isfinite(mean_loss):
             raise TrainingError(f"the training loss became {mean_loss} in epoch {epoch} "

@@ -62,6 +62,9 @@ class Scorer:
     name: ClassVar[str]
     description: ClassVar[str] = ""
     requires_validation: ClassVar[bool] = False
+    # True when a row's score depends only on that row, the model and the validation set (never on
+    # other training rows): distributed runs then score one shard of the rows per rank.
+    row_local: ClassVar[bool] = False
 
     @dataclass(frozen=True)
     class Settings:

@@ -19,6 +19,7 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 class LossScorer(Scorer):
     name = "loss"
     description = "cross-entropy of the given label at the trained model"
+    row_local = True
 
     def _score(self, context: ScoringContext):
         preds = context.predictions

@@ -12,6 +12,7 @@ from engine.scorers.registry import register
 class MarginScorer(Scorer):
     name = "margin"
     description = "max over other classes of logit_c - logit_y at the trained model"
+    row_local = True
 
     def _score(self, context: ScoringContext):
         logits = context.predictions.logits

@@ -62,6 +62,7 @@ def _checkpoint_info(checkpoints: list[Checkpoint]) -> list[dict[str, float]]:
 class TracInLastScorer(Scorer):
     name = "tracin-last"
     description = "TracIn self-influence of the final linear layer over the checkpoints (forward passes only)"
+    row_local = True
 
     @dataclass(frozen=True)
     class Settings:
@@ -84,6 +85,7 @@ class TracInLastScorer(Scorer):
 class TracInScorer(Scorer):
     name = "tracin"
     description = "TracIn self-influence of the whole network over the checkpoints (one batched backward each)"
+    row_local = True
 
     @dataclass(frozen=True)
     class Settings:
@@ -127,6 +129,7 @@ def dropout_member(model: nn.Module, rate: float, generator: torch.Generator) ->
 class TracInEnsembleScorer(Scorer):
     name = "tracin-ensemble"
     description = "squared gradient norm summed over dropout-perturbed copies of the final model"
+    row_local = True
 
     @dataclass(frozen=True)
     class Settings:
