@@ -22,11 +22,21 @@ from engine.distributed import LOCAL, from_torchrun
 from engine.errors import InfluenceLensError
 from engine.metrics import detection_metrics
 from engine.models import MODEL_NAMES
-from engine.pipeline import carve_validation, read_decisions, retrain_comparison, score_methods, with_injected_noise
+from engine.pipeline import (
+    carve_validation,
+    read_decisions,
+    result_table,
+    retrain_comparison,
+    score_methods,
+    with_injected_noise,
+)
 from engine.progress import no_progress, tqdm_progress
+from engine.runs import RunSettings, load_run_data, score_into
 from engine.scorers import available_methods, scorer_class
 from engine.scorers.flat_validation import CURVATURES
+from engine.stages import StageStore
 from engine.training import TrainConfig
+from engine.workspace import Workspace
 
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--out", default=None, help="CSV to write (default: <method>_scores.csv)")
     score.add_argument("--distributed", action="store_true",
                        help="under torchrun: train with DDP and score a shard of the rows per rank; rank 0 writes")
+    score.add_argument("--workspace", default=None, metavar="DIR",
+                       help="a workspace folder (as for 'dashboard'): the run is saved there stage by stage, so a "
+                            "killed run resumes where it stopped, a finished one is loaded instead of recomputed, "
+                            "and the dashboard opens it")
     _add_training_options(score)
 
     retrain = sub.add_parser("retrain", help="retrain with review decisions applied and compare test accuracy")
@@ -83,11 +97,15 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 
 def _load(spec: str, args: argparse.Namespace):
     dataset = load_dataset(spec, skip_unreadable=args.skip_unreadable)
+    _report_skipped(spec, dataset)
+    return dataset
+
+
+def _report_skipped(spec: str, dataset) -> None:
     if dataset.skipped:
         print(f"influence-lens: skipped {len(dataset.skipped)} unreadable image(s) in {spec}:", file=sys.stderr)
     for problem in dataset.skipped:
         print(f"influence-lens: skipped {problem}", file=sys.stderr)
-    return dataset
 
 
 def _noisy(dataset, args):
@@ -128,6 +146,8 @@ def _method_settings(args: argparse.Namespace) -> dict:
 def _score(args: argparse.Namespace) -> dict | None:
     config = _config(args)
     out = _output_path(args)
+    if args.workspace is not None:
+        return _score_in_workspace(args, config, out)
     distributed = from_torchrun(config.device) if args.distributed else LOCAL
     start = time.perf_counter()
     train_set, flipped = _noisy(_load(args.train, args), args)
@@ -145,21 +165,64 @@ def _score(args: argparse.Namespace) -> dict | None:
                         progress=tqdm_progress() if distributed.is_main else no_progress, distributed=distributed)
     if not distributed.is_main:
         return None  # rank 0 writes the one merged result
+    _write_scores(run.table(args.method, flipped), out)
+    trained = run.trained
+    return _summary(args, config, out, start, run.results[args.method], n=len(train_set), device=str(trained.device),
+                    model=trained.model_name, validation=validation, trusted=trusted, flipped=flipped,
+                    train_seconds=run.train_seconds)
+
+
+def _score_in_workspace(args: argparse.Namespace, config: TrainConfig, out: Path) -> dict:
+    """``score --workspace``: the dashboard's resumable run (:func:`engine.runs.score_into`), one method."""
+    if args.distributed:
+        raise InfluenceLensError("--workspace runs in one process; it cannot be combined with --distributed")
+    _method_settings(args)  # refuse a --curvature the method does not have, before any work
+    start = time.perf_counter()
+    settings = RunSettings(data=args.train, validation=args.val, val_from_train=args.val_from_train,
+                           noise_rate=args.noise_rate or 0.0, noise_kind=args.noise_kind, epochs=config.epochs,
+                           seed=config.seed, device=config.device, learning_rate=config.learning_rate,
+                           model=config.model, curvature=args.curvature)
+    data = load_run_data(settings, skip_unreadable=args.skip_unreadable)
+    _report_skipped(args.train, data.full_train)
+    if data.validation is not None and args.val is not None:
+        _report_skipped(args.val, data.validation)
+    _check_truth(data.flipped, args)
+    workspace = Workspace.for_data(settings.data_key(), args.workspace)
+    stages = StageStore.in_workspace_folder(args.workspace)
+    key, _ = score_into(workspace, settings, data, [args.method], progress=tqdm_progress(), stages=stages)
+    result = workspace.results(key)[args.method]
+    _write_scores(result_table(data.train, result, workspace.arrays(key)["logits"].argmax(1), data.flipped), out)
+    training = workspace.report(key, "training")
+    log = stages.summary() if stages.log else {"reused": ["result"], "computed": []}
+    for kind in ("reused", "computed"):
+        if log[kind]:
+            print(f"influence-lens: {kind} {', '.join(log[kind])}", file=sys.stderr)
+    summary = _summary(args, config, out, start, result, n=len(data.train), device=training["device"],
+                       model=training["model"], validation=data.validation, trusted=data.validation_trusted,
+                       flipped=data.flipped, train_seconds=training["seconds"])
+    summary["workspace"] = {"file": str(workspace.path), "run": key, "stages": log}
+    return summary
+
+
+def _write_scores(table, out: Path) -> None:
     try:
-        run.table(args.method, flipped).to_csv(out, index=False)
+        table.to_csv(out, index=False)
     except OSError as exc:
         raise InfluenceLensError(f"{out}: cannot write the scores ({exc.strerror or exc})") from None
-    result = run.results[args.method]
-    summary = {"method": args.method, "n": len(train_set), "seconds": round(time.perf_counter() - start, 3),
-               "device": str(run.trained.device), "model": run.trained.model_name, "epochs": config.epochs,
-               "out": str(out)}
+
+
+def _summary(args: argparse.Namespace, config: TrainConfig, out: Path, start: float, result, *, n: int, device: str,
+             model: str, validation, trusted: bool, flipped: np.ndarray | None, train_seconds: float) -> dict:
+    """The JSON line ``score`` prints last."""
+    summary = {"method": args.method, "n": n, "seconds": round(time.perf_counter() - start, 3), "device": device,
+               "model": model, "epochs": config.epochs, "out": str(out)}
     if validation is not None:
         summary["validation"] = {"n": len(validation), "trusted": trusted}
     if flipped is not None:
         metrics = detection_metrics(result.scores, flipped)
         summary.update({k: round(metrics[k], 6) for k in ("auroc", "ap", "precision_at_k")})
     summary.update({"settings": result.settings, "timings": {k: round(v, 3) for k, v in result.timings.items()},
-                    "info": result.info, "train_seconds": round(run.train_seconds, 3)})
+                    "info": result.info, "train_seconds": round(train_seconds, 3)})
     return summary
 
 

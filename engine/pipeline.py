@@ -6,20 +6,24 @@ results into the table the CLI writes, apply review decisions, and retrain to me
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from engine.data import Dataset, inject_noise, stratified_split
 from engine.distributed import LOCAL, Distributed
-from engine.errors import DataError
+from engine.errors import DataError, InfluenceLensError
 from engine.metrics import ranks
 from engine.progress import Progress, no_progress
 from engine.scorers import ScoreResult, ScoringContext, make_scorer, scorer_class
 from engine.scorers.flat_validation import TRUSTED_VALIDATION_HELP
+from engine.stages import PLAIN, StageStore, digest, fingerprint, train_in_stages, training_key
 from engine.training import Predictions, TrainConfig, TrainedModel, evaluate, predict, train
 
 ACTIONS = ("drop", "relabel", "keep")
@@ -76,48 +80,106 @@ class ScoringRun:
 
     def table(self, method: str, flipped: np.ndarray | None = None) -> pd.DataFrame:
         """The per-sample table the CLI writes (``RESULT_COLUMNS``, plus ``is_flipped``)."""
-        result = self.results[method]
-        frame = pd.DataFrame({
-            "index": self.context.train.index,
-            "score": result.scores,
-            "rank": ranks(result.scores),
-            "given_label": self.context.train.labels,
-            "predicted_label": self.context.predictions.predicted,
-            "suggested_label": result.suggested_labels,
-        })
-        if flipped is not None:
-            frame["is_flipped"] = np.asarray(flipped, dtype=int)
-        return frame.sort_values("rank", kind="stable").reset_index(drop=True)
+        return result_table(self.context.train, self.results[method], self.context.predictions.predicted, flipped)
+
+
+def result_table(train_set: Dataset, result: ScoreResult, predicted: np.ndarray,
+                 flipped: np.ndarray | None = None) -> pd.DataFrame:
+    """Rows by rank (most suspicious first): ``RESULT_COLUMNS``, plus ``is_flipped`` when known."""
+    frame = pd.DataFrame({
+        "index": train_set.index,
+        "score": result.scores,
+        "rank": ranks(result.scores),
+        "given_label": train_set.labels,
+        "predicted_label": predicted,
+        "suggested_label": result.suggested_labels,
+    })
+    if flipped is not None:
+        frame["is_flipped"] = np.asarray(flipped, dtype=int)
+    return frame.sort_values("rank", kind="stable").reset_index(drop=True)
 
 
 def score_methods(train_set: Dataset, methods: list[str], *, validation: Dataset | None = None,
                   validation_trusted: bool = True, config: TrainConfig = TrainConfig(),
                   trained: TrainedModel | None = None, settings: dict[str, Any] | None = None,
-                  progress: Progress = no_progress, distributed: Distributed = LOCAL) -> ScoringRun:
+                  progress: Progress = no_progress, distributed: Distributed = LOCAL,
+                  stages: StageStore | None = None) -> ScoringRun:
     """Train (unless ``trained`` is given) and score ``train_set`` with every named method.
 
     ``settings``: method name → that scorer's ``Settings`` (defaults for methods not named).
     ``distributed``: train with DDP and split the scoring across the ranks (:mod:`engine.distributed`);
     every rank returns the same merged run.
+    ``stages``: make the run resumable (:mod:`engine.stages`): the trained model, the scorers' own
+    stages and the scores are loaded when a previous run saved them, else saved once computed.
     """
     settings = settings or {}
+    if stages is not None and distributed.world_size > 1:
+        raise InfluenceLensError("a resumable run (a workspace) runs in one process; drop the workspace or "
+                                 "the distributed launch")
     for name in methods:
         if scorer_class(name).requires_validation and validation is None:
             raise DataError(f"method {name!r} {TRUSTED_VALIDATION_HELP}")
     if validation is not None:
         check_compatible(train_set, validation, "validation")
     start = time.perf_counter()
+    if trained is None and stages is not None:
+        trained = train_in_stages(train_set, config, stages, progress=progress)
     if trained is None:
         trained = train(train_set, config, progress=progress, distributed=distributed)
-    context = ScoringContext(train_set, trained, validation, validation_trusted, progress)
+    stage_key = digest(training_key(train_set, trained.config), fingerprint(validation)) if stages else ""
+    context = ScoringContext(train_set, trained, validation, validation_trusted, progress, stages, stage_key)
     if distributed.world_size > 1:
         context._predictions = _sharded_predictions(context, distributed)
     run = ScoringRun(context, train_seconds=time.perf_counter() - start)
     for name in methods:
         scorer = make_scorer(name, settings.get(name))
-        run.results[name] = scorer.run(context) if distributed.world_size == 1 else \
+        run.results[name] = _score_in_stages(scorer, context) if distributed.world_size == 1 else \
             _score_distributed(scorer, context, distributed)
     return run
+
+
+def _score_in_stages(scorer, context: ScoringContext) -> ScoreResult:
+    """``scorer.run(context)``; in a resumable run, shard by shard (row blocks for ``row_local``
+    scorers, else one), each loaded if saved, else computed and saved. ``prepare`` runs only when a
+    shard is missing: a finished configuration loads its scores and computes nothing."""
+    if context.stages is None:
+        return scorer.run(context)
+    start, n = time.perf_counter(), len(context.train)
+    step = context.stages.shard_rows if scorer.row_local else n
+    shards = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+    prepared = False
+
+    def compute(lo: int, hi: int) -> dict:
+        nonlocal prepared
+        if not prepared:
+            scorer.prepare(context)
+            prepared = True
+        part = scorer.score(context if (lo, hi) == (0, n) else context.rows(np.arange(lo, hi)))
+        return {"scores": torch.from_numpy(part.scores), "suggested": torch.from_numpy(part.suggested_labels),
+                "info": json.loads(json.dumps(part.info, default=_json_value))}
+
+    parts = [context.cached("scores", (scorer.name, scorer.settings, lo, hi), partial(compute, lo, hi), PLAIN,
+                            label=scorer.name if len(shards) == 1 else f"{scorer.name}[{lo}:{hi}]")
+             for lo, hi in shards]
+    scored = time.perf_counter() - start - scorer.timings.get("prepare_seconds", 0.0)
+    timings = {**scorer.timings, "score_seconds": scored}
+    return ScoreResult(scorer.name, np.concatenate([p["scores"].numpy() for p in parts]),
+                       np.concatenate([p["suggested"].numpy() for p in parts]), asdict(scorer.settings), timings,
+                       _merge_info([p["info"] for p in parts], [hi - lo for lo, hi in shards]))
+
+
+def _json_value(value: Any) -> Any:
+    return value.tolist() if isinstance(value, (np.ndarray, np.generic)) else str(value)
+
+
+def _merge_info(infos: list[dict], sizes: list[int]) -> dict:
+    """One info for the shards of a row-local scorer: what all shards agree on, and the row-weighted
+    mean of numbers that differ (per-row rates such as the share of suggestions agreeing with argmax)."""
+    merged = {}
+    for key, value in infos[0].items():
+        values = [info[key] for info in infos]
+        merged[key] = value if all(v == value for v in values) else float(np.average(values, weights=sizes))
+    return merged
 
 
 def _sharded_predictions(context: ScoringContext, distributed: Distributed) -> Predictions:

@@ -4,7 +4,9 @@ The dashboard's "set up a run" is this module: settings name the data (with the 
 any), the validation and test sets and the training recipe; :func:`score_into` trains once and
 stores every method's result, the model outputs the review pages show, and the training summary in
 the workspace under a hash of the settings and the data, so coming back to a configuration costs
-nothing and only methods not yet stored are computed.
+nothing and only methods not yet stored are computed. Within a method, the stages (trained model,
+fine-tuned model, curvature, score shards) are saved in the workspace folder as they finish
+(:mod:`engine.stages`), so a run killed mid-way resumes from its last finished stage.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,13 +24,17 @@ from engine.device import DEVICE_NAMES
 from engine.errors import DataError, OptionError
 from engine.pipeline import carve_validation, check_compatible, score_methods, with_injected_noise
 from engine.progress import Progress, no_progress
+from engine.scorers import scorer_class
+from engine.scorers.flat_validation import CURVATURES
+from engine.stages import StageStore, fingerprint
 from engine.training import PRESETS, TrainConfig, TrainedModel, predict
 from engine.workspace import Workspace
 
 
 @dataclass(frozen=True)
 class RunSettings:
-    """What defines a run. ``epochs`` / ``device`` of None take the preset's values."""
+    """What defines a run. ``epochs`` / ``device`` / ``learning_rate`` / ``model`` of None take the
+    preset's values; ``curvature`` of None, the vm / fvm default."""
 
     data: str = "sample"
     validation: str | None = None  # a trusted set (path, or ``sample:val``)
@@ -39,6 +46,9 @@ class RunSettings:
     epochs: int | None = None
     seed: int = 0
     device: str | None = None
+    learning_rate: float | None = None
+    model: str | None = None
+    curvature: str | None = None
 
     def validate(self) -> RunSettings:
         if self.preset not in PRESETS:
@@ -47,6 +57,8 @@ class RunSettings:
             raise OptionError("noise kind", self.noise_kind, NOISE_KINDS)
         if self.device is not None and self.device not in DEVICE_NAMES:
             raise OptionError("device", self.device, DEVICE_NAMES)
+        if self.curvature is not None and self.curvature not in CURVATURES:
+            raise OptionError("curvature", self.curvature, CURVATURES)
         if self.validation and self.val_from_train:
             raise DataError("choose either a trusted validation set or a fraction carved from training, not both")
         self.train_config()
@@ -54,8 +66,16 @@ class RunSettings:
 
     def train_config(self) -> TrainConfig:
         preset = PRESETS[self.preset]
-        return replace(preset, epochs=self.epochs or preset.epochs, seed=self.seed,
-                       device=self.device or preset.device).validate()
+        return replace(preset, epochs=self.epochs or preset.epochs, seed=self.seed, device=self.device or preset.device,
+                       learning_rate=self.learning_rate or preset.learning_rate,
+                       model=self.model or preset.model).validate()
+
+    def method_settings(self, methods: list[str]) -> dict[str, Any]:
+        """Scorer settings these settings change (``curvature`` for the methods that have one)."""
+        if self.curvature is None:
+            return {}
+        defaults = {m: scorer_class(m).Settings() for m in methods}
+        return {m: replace(d, curvature=self.curvature) for m, d in defaults.items() if hasattr(d, "curvature")}
 
     @property
     def test_spec(self) -> str | None:
@@ -98,26 +118,17 @@ class RunData:
         return self.flipped is not None
 
 
-def _fingerprint(*datasets: Dataset | None) -> str:
-    digest = hashlib.sha256()
-    for ds in datasets:
-        if ds is not None:
-            for array in (ds.images, ds.labels, ds.index):
-                digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()[:16]
-
-
-def load_run_data(settings: RunSettings) -> RunData:
+def load_run_data(settings: RunSettings, *, skip_unreadable: bool = True) -> RunData:
     """Load, inject the demo noise, and carve or load the validation set (as the CLI does)."""
     settings.validate()
-    full = load_dataset(settings.data, skip_unreadable=True)
+    full = load_dataset(settings.data, skip_unreadable=skip_unreadable)
     flipped = clean = None
     if settings.noise_rate > 0:
         noisy = with_injected_noise(full, rate=settings.noise_rate, kind=settings.noise_kind, seed=settings.seed)
         full, flipped, clean = noisy.dataset, noisy.flipped, noisy.clean_labels
     train_set, validation, trusted = full, None, True
     if settings.validation:
-        validation = load_dataset(settings.validation, skip_unreadable=True)
+        validation = load_dataset(settings.validation, skip_unreadable=skip_unreadable)
         check_compatible(train_set, validation, "validation")
     elif settings.val_from_train:
         train_set, validation = carve_validation(full, settings.val_from_train, seed=settings.seed)
@@ -127,9 +138,9 @@ def load_run_data(settings: RunSettings) -> RunData:
             flipped, clean = flipped[keep], clean[keep]
     test = None
     if settings.test_spec:
-        test = load_dataset(settings.test_spec, skip_unreadable=True)
+        test = load_dataset(settings.test_spec, skip_unreadable=skip_unreadable)
         check_compatible(full, test, "test")
-    return RunData(train_set, full, validation, trusted, test, flipped, clean, _fingerprint(train_set, validation))
+    return RunData(train_set, full, validation, trusted, test, flipped, clean, fingerprint(train_set, validation))
 
 
 def config_hash(settings: RunSettings, data: RunData) -> str:
@@ -141,19 +152,23 @@ def config_hash(settings: RunSettings, data: RunData) -> str:
 
 
 def score_into(workspace: Workspace, settings: RunSettings, data: RunData, methods: list[str], *,
-               trained: TrainedModel | None = None, progress: Progress = no_progress) -> tuple[str, TrainedModel | None]:
+               trained: TrainedModel | None = None, progress: Progress = no_progress,
+               stages: StageStore | None = None) -> tuple[str, TrainedModel | None]:
     """Score ``methods`` not yet stored for this configuration; returns ``(config_hash, model)``.
 
-    Each method's result is stored as soon as it is computed. The model is None when every method
-    was already stored and no ``trained`` model was handed in.
+    Each method's result is stored as soon as it is computed, and its stages as they finish in
+    ``stages`` (by default the ``stages`` folder beside the workspace file). The model is None when
+    every method was already stored and no ``trained`` model was handed in.
     """
     key = config_hash(settings, data)
     workspace.save_run(key, settings.to_dict())
+    stages = stages if stages is not None else StageStore.in_workspace_folder(workspace.path.parent)
     missing = [m for m in methods if m not in workspace.results(key)]
     for method in missing:
         run = score_methods(data.train, [method], validation=data.validation,
                             validation_trusted=data.validation_trusted, config=settings.train_config(),
-                            trained=trained, progress=progress)
+                            trained=trained, settings=settings.method_settings([method]), progress=progress,
+                            stages=stages)
         if trained is None:
             trained = run.trained
             _store_model_outputs(workspace, key, data, run)

@@ -11,6 +11,7 @@ table.
 from __future__ import annotations
 
 import re
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
@@ -20,7 +21,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import last_json_line, make_dataset, run_cli, save_image, snapshot, write_blank_png, write_image_folder
+from conftest import (
+    last_json_line,
+    make_dataset,
+    run_cli,
+    save_image,
+    snapshot,
+    write_blank_png,
+    write_image_folder,
+    write_manifest,
+)
 from PIL import Image
 
 from engine.cli import main
@@ -28,8 +38,10 @@ from engine.data import load_dataset, save_npz
 from engine.device import resolve_device
 from engine.errors import InfluenceLensError
 from engine.pipeline import carve_validation, read_decisions, retrain_comparison, score_methods, with_injected_noise
+from engine.runs import RunSettings
 from engine.scorers import make_scorer
 from engine.training import TrainConfig, train
+from engine.workspace import SCHEMA_VERSION, SUFFIX, Workspace, workspace_name
 
 FAST = TrainConfig(epochs=2, device="cpu")
 
@@ -88,6 +100,26 @@ def manifest(root: Path, lines: list[str] | bytes, images: int = 4) -> Path:
         path.write_bytes(lines)
     else:
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def workspace_file(root: Path) -> Path:
+    """Where ``score train.npz --workspace ws`` keeps the workspace of ``train.npz``."""
+    return root / "ws" / f"{workspace_name(RunSettings(data=str(root / 'train.npz')).data_key())}{SUFFIX}"
+
+
+def workspace_with(root: Path, content: bytes | None = None, *, schema_version: int | None = None) -> Path:
+    """``train.npz`` and, in ``ws/``, its workspace: raw ``content``, or a real one at ``schema_version``."""
+    good_npz(root)
+    path = workspace_file(root)
+    if content is not None:
+        path.parent.mkdir()
+        path.write_bytes(content)
+    else:
+        Workspace(path).decide([1], "drop")
+        with sqlite3.connect(path) as con:
+            con.execute("INSERT INTO schema_version VALUES (?)", (schema_version,))
+        con.close()
     return path
 
 
@@ -273,6 +305,10 @@ CASES = [
          r"--noise-rate 0\.001 flips 0 of 18 labels", None),
     Case("out-folder-missing", good_npz, [*score("train.npz")[:-1], "no/such/dir/out.csv"],
          r"the folder no/such/dir does not exist", None),
+    Case("csv-label-not-in-training-classes",
+         lambda root: [good_npz(root), write_manifest(make_dataset(classes=4, per_class=2), root / "val.csv")],
+         score("train.npz", "--val", "val.csv"), r"val\.csv: the validation classes .*class_3.* differ from the",
+         scoring("train.npz", validation="val.csv")),
     Case("unknown-sample-split", lambda root: None, score("sample:holdout"),
          r"unknown sample split 'holdout'; valid choices: train, val, test",
          lambda root: load_dataset("sample:holdout")),
@@ -306,6 +342,20 @@ CASES = [
                                               decisions(root, ["3,drop,"])],
          retrain("decisions.csv", test="test.npz"), r"test\.npz: the test classes .* differ from the training",
          retraining("decisions.csv", "test.npz")),
+    # the review workspace (score --workspace, the dashboard): refused, the file left as it is
+    Case("workspace-newer-schema", lambda root: workspace_with(root, schema_version=SCHEMA_VERSION + 1),
+         score("train.npz", "--workspace", "ws"),
+         rf"workspace written by a newer influence-lens \(schema version {SCHEMA_VERSION + 1}, .*upgrade",
+         lambda root: Workspace(workspace_file(root))),
+    Case("workspace-not-sqlite", lambda root: workspace_with(root, b"index,action\n3,drop\n"),
+         score("train.npz", "--workspace", "ws"), r"not a workspace \(not an SQLite database\); move the file away",
+         lambda root: Workspace(workspace_file(root))),
+    Case("workspace-damaged-sqlite", lambda root: workspace_with(root, b"SQLite format 3\x00" + b"\xff" * 2000),
+         score("train.npz", "--workspace", "ws"), r"not a usable workspace database",
+         lambda root: Workspace(workspace_file(root))),
+    Case("workspace-is-a-folder", lambda root: [good_npz(root), workspace_file(root).mkdir(parents=True)],
+         score("train.npz", "--workspace", "ws"), r"is a folder, not a workspace file",
+         lambda root: Workspace(workspace_file(root))),
 ]
 
 

@@ -6,14 +6,18 @@ Every score is a suspicion score: one float per training row, higher = more like
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
 from engine.data import Dataset
 from engine.progress import Progress, no_progress
+from engine.stages import Codec, StageStore, digest
 from engine.training import Predictions, TrainedModel, predict
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -25,6 +29,8 @@ class ScoringContext:
     validation: Dataset | None = None
     validation_trusted: bool = True
     progress: Progress = no_progress
+    stages: StageStore | None = None  # where a resumable run keeps its stages (engine.stages)
+    stage_key: str = ""  # hash of the trained model's data and recipe and of the validation set
     _predictions: Predictions | None = field(default=None, repr=False)
 
     @property
@@ -33,6 +39,20 @@ class ScoringContext:
         if self._predictions is None:
             self._predictions = predict(self.trained.model, self.trained.task, self.train.images, self.trained.device)
         return self._predictions
+
+    def cached(self, stage: str, what: Any, compute: Callable[[], T], codec: Codec[T], *, label: str = "") -> T:
+        """``compute()``; in a resumable run, the value a previous run saved for this run and ``what``
+        (``label`` names it in the run's log of reused and computed stages)."""
+        if self.stages is None:
+            return compute()
+        return self.stages.fetch(stage, digest(self.stage_key, stage, what), compute, codec,
+                                 label=f"{stage}:{label}" if label else stage)
+
+    def rows(self, rows: np.ndarray) -> ScoringContext:
+        """The same run restricted to some training rows (positions), sharing θ*'s predictions."""
+        full = self.predictions
+        return replace(self, train=self.train.subset(rows),
+                       _predictions=Predictions(full.logits[rows], full.features[rows]))
 
 
 @dataclass
@@ -63,7 +83,8 @@ class Scorer:
     description: ClassVar[str] = ""
     requires_validation: ClassVar[bool] = False
     # True when a row's score depends only on that row, the model and the validation set (never on
-    # other training rows): distributed runs then score one shard of the rows per rank.
+    # other training rows): distributed runs then score one shard of the rows per rank, and
+    # resumable runs (engine.stages) save the scores shard by shard.
     row_local: ClassVar[bool] = False
 
     @dataclass(frozen=True)

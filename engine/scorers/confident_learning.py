@@ -15,6 +15,7 @@ from sklearn.model_selection import StratifiedKFold
 from engine.errors import DataError
 from engine.scorers.base import Scorer, ScoringContext
 from engine.scorers.registry import register
+from engine.stages import ARRAY
 from engine.training import predict, train
 
 
@@ -42,11 +43,15 @@ class ConfidentLearningScorer(Scorer):
             def fold_progress(done: int, total: int, message: str, k: int = k) -> None:
                 context.progress(k * total + done, self.settings.folds * total, f"cleanlab cross-validation: fold {k + 1}")
 
-            fold_model = train(context.train.subset(fit_rows), replace(base, model=context.trained.model_name,
-                                                                   seed=base.seed + k + 1),
-                               task=context.trained.task, progress=fold_progress)
-            held = context.train.images[held_rows]
-            self.pred_probs[held_rows] = predict(fold_model.model, fold_model.task, held, fold_model.device).probabilities
+            def held_out_probabilities(k=k, fit_rows=fit_rows, held_rows=held_rows, fold_progress=fold_progress):
+                fold = replace(base, model=context.trained.model_name, seed=base.seed + k + 1)
+                fold_model = train(context.train.subset(fit_rows), fold, task=context.trained.task,
+                                   progress=fold_progress)
+                held = context.train.images[held_rows]
+                return predict(fold_model.model, fold_model.task, held, fold_model.device).probabilities
+
+            self.pred_probs[held_rows] = context.cached("cv-fold", (self.settings, k), held_out_probabilities, ARRAY,
+                                                        label=str(k + 1))
 
     def _score(self, context: ScoringContext):
         quality = get_label_quality_scores(context.train.labels, self.pred_probs, method="self_confidence")

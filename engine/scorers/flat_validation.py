@@ -25,6 +25,7 @@ from engine.scorers.influence import (check_damping, ekfac_influence, fit_ekfac,
                                       last_layer_influence)
 from engine.scorers.loss import cross_entropy
 from engine.scorers.registry import register
+from engine.stages import curvature_codec, finetuned_codec
 from engine.training import predict
 
 CURVATURES = ("last", "ekfac")
@@ -47,8 +48,10 @@ class _ValidationMinimumScorer(Scorer):
     def _finetune(self, context: ScoringContext) -> FinetunedModel:
         if context.validation is None or len(context.validation) == 0:
             raise DataError(f"method {self.name!r} {TRUSTED_VALIDATION_HELP}")
-        self.finetuned = finetune(context.trained, context.validation, self.settings.finetune,
-                                  progress=context.progress)
+        self.finetuned = context.cached(
+            "finetune", self.settings.finetune,
+            lambda: finetune(context.trained, context.validation, self.settings.finetune, progress=context.progress),
+            finetuned_codec(context.trained), label=self.settings.finetune.optimizer)
         self.timings["finetune_seconds"] = self.finetuned.seconds
         return self.finetuned
 
@@ -102,12 +105,15 @@ class FVMScorer(_ValidationMinimumScorer):
         check_damping(self.settings.damping)
         model = self._finetune(context).model
         trained, validation = context.trained, context.validation
-        if self.settings.curvature == "last":
-            fit = predict(model, trained.task, validation.images, trained.device)
-            self.curvature = fit_last_layer(model, fit, trained.device, self.settings.damping)
-        else:
-            self.curvature = fit_ekfac(model, trained.task, validation.images, trained.device, self.settings,
-                                       context.progress)
+
+        def fit_curvature():
+            if self.settings.curvature == "last":
+                fit = predict(model, trained.task, validation.images, trained.device)
+                return fit_last_layer(model, fit, trained.device, self.settings.damping)
+            return fit_ekfac(model, trained.task, validation.images, trained.device, self.settings, context.progress)
+
+        self.curvature = context.cached("curvature", (self.name, self.settings), fit_curvature,
+                                        curvature_codec(model, trained.device), label=self.name)
 
     def _score(self, context: ScoringContext):
         trained, train = context.trained, context.train

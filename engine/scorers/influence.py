@@ -21,6 +21,7 @@ from engine.errors import OptionError
 from engine.progress import Progress
 from engine.scorers.base import Scorer, ScoringContext
 from engine.scorers.registry import register
+from engine.stages import curvature_codec
 from engine.task import ImageTask
 from engine.training import Predictions
 
@@ -99,8 +100,11 @@ class EKFACInfluenceScorer(Scorer):
     def _prepare(self, context: ScoringContext) -> None:
         check_damping(self.settings.damping)
         trained = context.trained
-        self.ekfac = fit_ekfac(trained.model, trained.task, context.train.images, trained.device, self.settings,
-                               context.progress)
+        self.ekfac = context.cached(
+            "curvature", (self.name, self.settings),
+            lambda: fit_ekfac(trained.model, trained.task, context.train.images, trained.device, self.settings,
+                              context.progress),
+            curvature_codec(trained.model, trained.device), label=self.name)
 
     def _score(self, context: ScoringContext):
         trained = context.trained
