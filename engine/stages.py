@@ -198,9 +198,10 @@ def _decode_trained(state: dict) -> TrainedModel:
     model = build_model(state["model_name"], tuple(state["image_shape"]), state["num_classes"], device).to(device)
     model.load_state_dict(state["state"])
     checkpoints = [Checkpoint(c["epoch"], c["learning_rate"], c["state"]) for c in state["checkpoints"]]
-    return TrainedModel(model.eval(), ImageTask(tuple(state["task"]["mean"]), tuple(state["task"]["std"])), config,
-                        state["model_name"], device, state["num_classes"], checkpoints, state["history"],
-                        state["seconds"])
+    return TrainedModel(model=model.eval(), task=ImageTask(tuple(state["task"]["mean"]), tuple(state["task"]["std"])),
+                        config=config, model_name=state["model_name"], device=device,
+                        num_classes=state["num_classes"], checkpoints=checkpoints, history=state["history"],
+                        seconds=state["seconds"])
 
 
 def train_in_stages(dataset: Dataset, config: TrainConfig, stages: StageStore | None, *,

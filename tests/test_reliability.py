@@ -8,6 +8,7 @@ twenty interpreter start-ups of fresh ones) killed with SIGKILL; the scoring run
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import multiprocessing
@@ -48,16 +49,13 @@ def decision(number: int) -> tuple[list[int], str, int | None]:
     return list(range(3 * number, 3 * number + 1 + number % 3)), action, number % 5 if action == "relabel" else None
 
 
-def record_decisions(path: str, first: int, ack: int, count: int | None = None) -> None:
-    """Write decisions ``first, first+1, ...`` as fast as possible; after each ``decide`` returns
-    (its commit done), write its number to the ``ack`` pipe (unbuffered: the parent sees it at once)."""
+def record_decisions(path: str, first: int, ack: int) -> None:
+    """Write decisions ``first, first+1, ...`` as fast as possible until killed; after each ``decide``
+    returns (its commit done), write its number to the ``ack`` pipe (unbuffered: seen at once)."""
     workspace = Workspace(path)
-    number = first
-    while count is None or number < first + count:
+    for number in itertools.count(first):
         workspace.decide(*decision(number))
         os.write(ack, f"{number}\n".encode())
-        number += 1
-    os._exit(0)
 
 
 def read_acks(fd: int) -> list[int]:
@@ -99,11 +97,12 @@ def test_killed_writers_lose_no_acknowledged_decision(tmp_path):
     path = tmp_path / "ws.sqlite"
     rng = random.Random(6)
     acknowledged: list[int] = []
+    committed: dict[int, pd.DataFrame] = {}
     unacknowledged = 0
     deadline = time.monotonic() + 90
     for _ in range(KILLS):
         assert time.monotonic() < deadline, "the kill loop ran out of time"
-        first = max(committed_decisions(path), default=-1) + 1 if path.exists() else 0
+        first = max(committed, default=-1) + 1
         read_fd, write_fd = os.pipe()
         writer = FORK.Process(target=record_decisions, args=(str(path), first, write_fd))
         writer.start()
@@ -129,18 +128,14 @@ def test_killed_writers_lose_no_acknowledged_decision(tmp_path):
 
 # -- two writers at once ---------------------------------------------------------------------------
 
-def relabel_shared_samples(path: str, writer: int, count: int, errors) -> None:
-    """Relabel samples 0..9 (the other writer's too) ``count`` times; report any error text."""
-    try:
-        workspace = Workspace(path)
-        for i in range(count):
-            workspace.decide([i % 10], "relabel", writer)
-            if i % 10 == 9:
-                workspace.decisions()  # reads interleaved with the other writer's commits
-    except BaseException as exc:  # noqa: BLE001 (the parent reports whatever reached the "user")
-        errors.put(f"writer {writer}: {type(exc).__name__}: {exc}")
-        os._exit(1)
-    os._exit(0)
+def relabel_shared_samples(path: str, writer: int, count: int) -> None:
+    """Relabel samples 0..9 (the other writer's too) ``count`` times; any error ends the process
+    with status 1 (and its traceback on stderr)."""
+    workspace = Workspace(path)
+    for i in range(count):
+        workspace.decide([i % 10], "relabel", writer)
+        if i % 10 == 9:
+            workspace.decisions()  # reads interleaved with the other writer's commits
 
 
 def test_two_writers_on_the_same_samples_lose_nothing(tmp_path):
@@ -148,15 +143,13 @@ def test_two_writers_on_the_same_samples_lose_nothing(tmp_path):
     batches are numbered without a clash, and neither sees an error (no "database is locked")."""
     path = tmp_path / "ws.sqlite"
     Workspace(path)
-    errors = FORK.Queue()
     count = 80
-    writers = [FORK.Process(target=relabel_shared_samples, args=(str(path), w, count, errors)) for w in (1, 2)]
+    writers = [FORK.Process(target=relabel_shared_samples, args=(str(path), w, count)) for w in (1, 2)]
     for writer in writers:
         writer.start()
     for writer in writers:
         writer.join(timeout=120)
-    messages = [errors.get() for _ in range(errors.qsize())] if not errors.empty() else []
-    assert [w.exitcode for w in writers] == [0, 0], messages
+    assert [w.exitcode for w in writers] == [0, 0]  # no exception of any kind reached either writer
     log = Workspace(path).decision_log()
     assert len(log) == 2 * count and log["batch"].is_unique and sorted(log["batch"]) == list(range(1, 2 * count + 1))
     for w in (1, 2):
@@ -190,23 +183,22 @@ def test_a_lock_held_briefly_is_waited_out(tmp_path, monkeypatch):
     assert workspace.decisions()["index"].tolist() == [4]
 
 
-def test_a_lock_that_is_never_released_gives_a_clear_error_in_bounded_time(tmp_path, monkeypatch):
+def test_a_lock_held_past_the_retries_gives_a_clear_error_before_it_is_released(tmp_path, monkeypatch):
     monkeypatch.setattr(workspace_module, "BUSY_TIMEOUT_S", 0.1)
     monkeypatch.setattr(workspace_module, "LOCK_RETRIES", 3)
     path = tmp_path / "ws.sqlite"
     workspace = Workspace(path)
     held = threading.Event()
-    holder = threading.Thread(target=hold_write_lock, args=(path, 5.0, held))
+    holder = threading.Thread(target=hold_write_lock, args=(path, 3.0, held))
     holder.start()
     held.wait()
-    start = time.monotonic()
     with pytest.raises(InfluenceLensError, match=r"ws\.sqlite: the workspace stayed locked by another process; try "
                                                  r"again") as caught:
         workspace.decide([4], "drop")
-    waited = time.monotonic() - start
+    gave_up_while_locked = holder.is_alive()  # 3 × 0.1 s busy timeouts and the backoff, not the holder's 3 s
     holder.join()
+    assert gave_up_while_locked
     assert "database is locked" not in str(caught.value)
-    assert waited < 4.0  # 3 × 0.1 s busy timeouts plus the backoff, not the holder's 5 s
     assert workspace.decisions().empty
 
 
