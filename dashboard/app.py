@@ -1,7 +1,9 @@
 """Entry of the dashboard: ``influence-lens dashboard [--data PATH]`` runs ``streamlit run`` on this file.
 
-Seeds the session and hands over to the page chosen in the navigation (each page draws the status
-bar itself: AppTest drops elements drawn outside the page on reruns, streamlit/streamlit#9446). Pages live in ``pages/``; charts in ``charts.py``; maths in ``engine``.
+Seeds the session and hands over to the page chosen in the navigation. Each page draws the status
+bar itself (AppTest drops elements drawn outside the page on reruns, streamlit/streamlit#9446).
+Pages live in ``views/``: a folder named ``pages/`` would also be served by Streamlit on its own,
+bypassing this script after a server restart. Charts are in ``charts.py``, maths in ``engine``.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ import streamlit as st  # noqa: E402
 from dashboard import state  # noqa: E402
 
 PAGES = [
-    st.Page("pages/setup.py", title="Set up a run", icon=":material/tune:", default=True),
-    st.Page("pages/review.py", title="Review suspects", icon=":material/grid_view:"),
-    st.Page("pages/detail.py", title="Sample detail", icon=":material/zoom_in:"),
-    st.Page("pages/recovery.py", title="Retrain & recovery", icon=":material/trending_up:"),
-    st.Page("pages/compare.py", title="Compare methods", icon=":material/leaderboard:"),
-    st.Page("pages/export.py", title="Export", icon=":material/download:"),
+    st.Page("views/setup.py", title="Set up a run", icon=":material/tune:", default=True),
+    st.Page("views/review.py", title="Review suspects", icon=":material/grid_view:"),
+    st.Page("views/detail.py", title="Sample detail", icon=":material/zoom_in:"),
+    st.Page("views/recovery.py", title="Retrain & recovery", icon=":material/trending_up:"),
+    st.Page("views/compare.py", title="Compare methods", icon=":material/leaderboard:"),
+    st.Page("views/export.py", title="Export", icon=":material/download:"),
 ]
 
 

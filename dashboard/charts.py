@@ -199,8 +199,8 @@ def cleaning_curve_figure(curve: pd.DataFrame) -> go.Figure:
 # -- method comparison ----------------------------------------------------------------------------
 
 def roc_figure(curves: dict[str, dict[str, pd.DataFrame]], aurocs: dict[str, float]) -> go.Figure:
-    fig = go.Figure([go.Scatter(x=c["roc"]["fpr"], y=c["roc"]["tpr"], mode="lines", name=f"{m} ({aurocs[m]:.3f})")
-                     for m, c in curves.items()])
+    fig = go.Figure([go.Scatter(x=c["roc"]["fpr"], y=c["roc"]["tpr"], mode="lines", name=f"{m} ({aurocs[m]:.3f})",
+                                line=dict(color=PALETTE[i % len(PALETTE)])) for i, (m, c) in enumerate(curves.items())])
     fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="random", line=dict(dash="dot", color="grey")))
     fig.update_layout(title="ROC (AUROC)", xaxis_title="false positive rate", yaxis_title="true positive rate",
                       height=380, margin=dict(l=10, r=10, t=40, b=10))
@@ -208,8 +208,8 @@ def roc_figure(curves: dict[str, dict[str, pd.DataFrame]], aurocs: dict[str, flo
 
 
 def pr_figure(curves: dict[str, dict[str, pd.DataFrame]], aps: dict[str, float], noise_rate: float) -> go.Figure:
-    fig = go.Figure([go.Scatter(x=c["pr"]["recall"], y=c["pr"]["precision"], mode="lines", name=f"{m} ({aps[m]:.3f})")
-                     for m, c in curves.items()])
+    fig = go.Figure([go.Scatter(x=c["pr"]["recall"], y=c["pr"]["precision"], mode="lines", name=f"{m} ({aps[m]:.3f})",
+                                line=dict(color=PALETTE[i % len(PALETTE)])) for i, (m, c) in enumerate(curves.items())])
     fig.add_hline(y=noise_rate, line_dash="dot", line_color="grey", annotation_text="random")
     fig.update_layout(title="precision-recall (AP)", xaxis_title="recall", yaxis_title="precision",
                       yaxis=dict(range=[0, 1.02]), height=380, margin=dict(l=10, r=10, t=40, b=10))
@@ -218,8 +218,8 @@ def pr_figure(curves: dict[str, dict[str, pd.DataFrame]], aps: dict[str, float],
 
 def found_figure(curves: dict[str, dict[str, pd.DataFrame]], n_errors: int, n: int) -> go.Figure:
     """Label errors found vs. samples inspected, with the perfect and the random reviewer."""
-    fig = go.Figure([go.Scatter(x=c["found"]["inspected"], y=c["found"]["found"], mode="lines", name=m)
-                     for m, c in curves.items()])
+    fig = go.Figure([go.Scatter(x=c["found"]["inspected"], y=c["found"]["found"], mode="lines", name=m,
+                                line=dict(color=PALETTE[i % len(PALETTE)])) for i, (m, c) in enumerate(curves.items())])
     fig.add_trace(go.Scatter(x=[0, n_errors, n], y=[0, n_errors, n_errors], mode="lines", name="perfect",
                              line=dict(dash="dash", color="black")))
     fig.add_trace(go.Scatter(x=[0, n], y=[0, n_errors], mode="lines", name="random", line=dict(dash="dot", color="grey")))

@@ -35,17 +35,18 @@ def require_run() -> state.Active:
     run = state.active()
     if run is None:
         st.info("No run yet.")
-        st.page_link("pages/setup.py", label="Set up a run", icon=":material/tune:")
+        st.page_link("views/setup.py", label="Set up a run", icon=":material/tune:")
         st.stop()
+    job_key = jobs.key_for("score", run.workspace.path, run.key)
+    job = jobs.get(job_key)
+    if job is not None and job.running:  # the page shows what is stored; it reruns as methods finish
+        stored = len(run.methods)
+        with st.expander("Scoring the other methods…" if run.ready else "Scoring…", expanded=not run.ready):
+            jobs.watch(job_key, rerun_when=lambda: len(run.workspace.methods(run.key)) > stored)
     if not run.ready:
-        job_key = jobs.key_for("score", run.workspace.path, run.key)
-        job = jobs.get(job_key)
-        if job is not None and job.running:
-            st.info("Scoring is running; this page fills in when it is done.")
-            jobs.watch(job_key)
-        else:
+        if job is None or not job.running:
             st.info("This run has no results yet.")
-            st.page_link("pages/setup.py", label="Set up a run", icon=":material/tune:")
+            st.page_link("views/setup.py", label="Set up a run", icon=":material/tune:")
         st.stop()
     flash = st.session_state.pop("flash", None)
     if flash:

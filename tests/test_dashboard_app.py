@@ -99,14 +99,14 @@ def test_a_method_needing_validation_is_refused_without_one(tmp_path, monkeypatc
 
 def test_relabel_reaches_the_sqlite_file_and_undo_restores(session_dir):
     path = workspace_file(session_dir)
-    at = new_session("pages/review.py")  # a fresh session finds the run: as after a browser refresh
+    at = new_session("views/review.py")  # a fresh session finds the run: as after a browser refresh
     card = next(b for b in at.button if (b.key or "").startswith("accept_") and not b.disabled)
     index = int(card.key.split("_")[1])
     card.click().run()
     decisions = Workspace(path).decisions()
     assert decisions[["index", "action"]].values.tolist() == [[index, "relabel"]]
     assert any(f"relabeled →" in m.value for m in at.markdown)
-    again = new_session("pages/review.py")  # refresh: the decision is still shown
+    again = new_session("views/review.py")  # refresh: the decision is still shown
     assert any("relabeled →" in m.value for m in again.markdown)
     again.button(key="undo").click().run()
     assert Workspace(path).decisions().empty
@@ -115,7 +115,7 @@ def test_relabel_reaches_the_sqlite_file_and_undo_restores(session_dir):
 
 def test_bulk_action_on_selected_samples_is_one_batch(session_dir):
     path = workspace_file(session_dir)
-    at = new_session("pages/review.py")
+    at = new_session("views/review.py")
     boxes = [c for c in at.checkbox if (c.key or "").startswith("select_")][:3]
     for box in boxes:
         box.check().run()
@@ -129,15 +129,15 @@ def test_bulk_action_on_selected_samples_is_one_batch(session_dir):
 
 def test_every_page_renders(session_dir):
     at = new_session()
-    for page in ("pages/setup.py", "pages/review.py", "pages/detail.py", "pages/recovery.py", "pages/compare.py",
-                 "pages/export.py"):
+    for page in ("views/setup.py", "views/review.py", "views/detail.py", "views/recovery.py", "views/compare.py",
+                 "views/export.py"):
         at.switch_page(page).run()
         assert not at.exception, (page, at.exception)
         assert not at.error, (page, [e.value for e in at.error])
 
 
 def test_compare_page_shows_the_methods_aurocs(session_dir):
-    at = new_session("pages/compare.py")
+    at = new_session("views/compare.py")
     table = at.dataframe[0].value
     data = load_run_data(RunSettings(noise_rate=NOISE, epochs=2))
     (path,) = [workspace_file(session_dir)]
@@ -149,7 +149,7 @@ def test_compare_page_shows_the_methods_aurocs(session_dir):
 
 
 def test_detail_page_explains_with_neighbours(session_dir):
-    at = new_session("pages/detail.py")
+    at = new_session("views/detail.py")
     assert at.dataframe[0].value["method"].tolist() == ["loss"]
     assert any("Validation images most like it" in m.value for m in at.markdown)
     assert len(at.get("image")) == 1 + 3 * 6  # the sample, 6 validation and 2 × 6 training neighbours
@@ -157,9 +157,9 @@ def test_detail_page_explains_with_neighbours(session_dir):
 
 def test_retrain_reports_accuracy_after(session_dir):
     path = workspace_file(session_dir)
-    at = new_session("pages/review.py")
+    at = new_session("views/review.py")
     next(b for b in at.button if (b.key or "").startswith("accept_") and not b.disabled).click().run()
-    at.switch_page("pages/recovery.py").run()
+    at.switch_page("views/recovery.py").run()
     at.button(key="retrain").click().run()
     finish_jobs()
     at.run()
@@ -173,7 +173,7 @@ def test_retrain_reports_accuracy_after(session_dir):
 
 
 def test_export_page_offers_the_three_csvs(session_dir):
-    at = new_session("pages/export.py")
+    at = new_session("views/export.py")
     assert not at.exception
     labels = [b.proto.label for b in at.get("download_button")]
     assert labels == ["Cleaned labels (CSV)", "Decision log (CSV)", "Decisions for `influence-lens retrain`"]

@@ -50,8 +50,10 @@ if st.button("Retrain with decisions applied", type="primary", key="retrain",
     workspace, key, train_set, before = run.workspace, run.key, run.data.train, state.models().get(run.key)
 
     def retrain(progress):
+        start = time.perf_counter()
         report = retrain_comparison(train_set, decisions, test, config=config, before=before, progress=progress)
-        report.update(decisions=len(decisions), at=time.strftime("%Y-%m-%d %H:%M:%S"))
+        report.update(decisions=len(decisions), at=time.strftime("%Y-%m-%d %H:%M:%S"),
+                      seconds=round(time.perf_counter() - start, 1))
         workspace.save_report(key, "retrain", report)
         return report
 
@@ -64,7 +66,7 @@ if report is not None:
     a, b, c = st.columns(3)
     a.metric("Test accuracy before", f"{before:.1%}")
     b.metric("Test accuracy after", f"{after:.1%}", delta=f"{(after - before) * 100:+.1f} pts")
-    c.metric("Decisions applied", report["decisions"], help=f"retrained {report['at']}")
+    c.metric("Decisions applied", report["decisions"], help=f"retrained {report['at']} in {report.get('seconds', '?')} s")
     if report["decisions"] != len(decisions):
         st.caption(f"Computed with {report['decisions']} decisions; you have {len(decisions)} now: retrain to update.")
     st.plotly_chart(charts.class_accuracy_figure(report["class_accuracy_before"], report["class_accuracy_after"],
@@ -94,8 +96,10 @@ if st.button("Compute the cleaning curve", key="curve", disabled=not curve_metho
     workspace, key, train_set = run.workspace, run.key, run.data.train
 
     def curve_work(progress):
+        start = time.perf_counter()
         frame = cleaning_curves(train_set, test, rankings, depths=depths, config=config, progress=progress)
-        workspace.save_report(key, "cleaning_curve", {"rows": frame.to_dict("records")})
+        workspace.save_report(key, "cleaning_curve", {"rows": frame.to_dict("records"),
+                                                      "seconds": round(time.perf_counter() - start, 1)})
         return frame
 
     jobs.start(curve_key, "Cleaning curve", curve_work)
@@ -104,5 +108,5 @@ stored = run.workspace.report(run.key, "cleaning_curve")
 if stored is not None:
     curve = pd.DataFrame(stored["rows"])
     st.plotly_chart(charts.cleaning_curve_figure(curve), key="cleaning_curve")
-    with st.expander("Numbers"):
+    with st.expander(f"Numbers (computed in {stored.get('seconds', '?')} s)"):
         st.dataframe(curve, hide_index=True)

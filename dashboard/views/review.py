@@ -11,6 +11,7 @@ from engine.explain import MAP_METHODS, class_confusion
 
 PER_ROW = 6
 PAGE_SIZES = (12, 24, 48, 96)
+QUIET = {"displayModeBar": False}  # the tool bar hides the titles of these small charts; lasso is the drag mode
 
 
 def bump(name: str) -> None:
@@ -45,7 +46,7 @@ def clear_selection() -> None:
 
 
 if st.session_state.pop("goto_detail", False):
-    st.switch_page("pages/detail.py")
+    st.switch_page("views/detail.py")
 
 st.title("Review the suspects")
 run = widgets.require_run()
@@ -68,16 +69,17 @@ flagged_mask = run.ranks(method) <= cut
 with st.expander("Overview: score histogram, given vs. suggested, feature map", expanded=True):
     h, m, f = st.columns(3)
     cut_score = float(np.sort(result.scores)[::-1][cut - 1])
-    h.plotly_chart(charts.score_histogram(result.scores, cut_score, method=method, flagged=cut), key="histogram")
+    h.plotly_chart(charts.score_histogram(result.scores, cut_score, method=method, flagged=cut), key="histogram",
+                   config=QUIET)
     counts = class_confusion(run.data.train.labels[flagged_mask], result.suggested_labels[flagged_mask], len(names))
     cell_event = m.plotly_chart(charts.confusion_figure(counts, names), on_select="rerun", selection_mode="points",
-                                key=f"confusion_{st.session_state.get('confusion_key', 0)}")
+                                key=f"confusion_{st.session_state.get('confusion_key', 0)}", config=QUIET)
     map_method = f.radio("Map", MAP_METHODS, horizontal=True, key="map_method", label_visibility="collapsed",
                          format_func=lambda x: {"pca": "PCA", "tsne": "t-SNE"}[x])
     xy = state.feature_xy(str(run.workspace.path), run.key, map_method)
     map_event = f.plotly_chart(charts.feature_map_figure(xy, run.data.train.labels, run.data.train.index, flagged_mask,
                                                          names),
-                               on_select="rerun", selection_mode=("lasso", "box"),
+                               on_select="rerun", selection_mode=("lasso", "box"), config=QUIET,
                                key=f"map_{st.session_state.get('map_key', 0)}")
 
 cell = None

@@ -97,7 +97,7 @@ def start_run(settings: RunSettings, methods: list[str]) -> None:
     workspace.save_run(key, settings.to_dict())
     if all(m in workspace.methods(key) for m in methods):
         st.session_state["flash"] = "Every method was already computed for this configuration: loaded from the workspace."
-        st.switch_page("pages/review.py")
+        st.switch_page("views/review.py")
     models = state.models()
 
     def work(progress):
@@ -114,8 +114,11 @@ st.title("Set up a run")
 widgets.status_bar()
 run = state.active()
 data_arg = state.app_args().data
-# On the sample data the trusted validation split is there to use (VM/FVM need one).
-base = run.settings if run else RunSettings(data=data_arg, validation="sample:val" if data_arg == "sample" else None)
+# On the sample data: its trusted validation split (VM/FVM need one), and the demo noise on, so the
+# first run shows what the tool finds against a known truth.
+on_sample = data_arg == "sample"
+base = run.settings if run else RunSettings(data=data_arg, validation="sample:val" if on_sample else None,
+                                            noise_rate=0.1 if on_sample else 0.0)
 settings, methods = settings_form(base, run.methods if run else [])
 try:
     st.markdown(device_line(settings))
@@ -132,8 +135,13 @@ run = state.active()
 if run is not None:
     job_key = jobs.key_for("score", run.workspace.path, run.key)
     job = jobs.get(job_key)
+    if job is not None and job.running and st.session_state.get("awaiting") == job_key and run.ready:
+        del st.session_state["awaiting"]  # the first method is stored: review it while the others run
+        st.session_state["flash"] = f"{', '.join(run.methods)} ready; the other methods are still running."
+        st.switch_page("views/review.py")
     if job is not None and job.running:
-        jobs.watch(job_key)
+        stored = len(run.methods)
+        jobs.watch(job_key, rerun_when=lambda: len(run.workspace.methods(run.key)) > stored)
     elif job is not None:
         if job.error:
             st.error(f"Scoring failed: {job.error}")
@@ -143,7 +151,7 @@ if run is not None:
             jobs.forget(job_key)
             if not job.error:
                 st.session_state["flash"] = f"Scored {', '.join(run.methods)} in {job.seconds:.1f} s."
-                st.switch_page("pages/review.py")
+                st.switch_page("views/review.py")
 
 st.divider()
 st.subheader("Runs in this workspace folder")
@@ -157,4 +165,4 @@ else:
     if st.button("Open the selected run", disabled=not rows, key="open_run"):
         chosen = known.iloc[rows[0]]
         state.open_run(chosen["workspace"].removesuffix(".sqlite"), chosen["run"])
-        st.switch_page("pages/review.py")
+        st.switch_page("views/review.py")
