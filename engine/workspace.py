@@ -255,6 +255,14 @@ class Workspace:
                     for m, s, g, st, t, i in rows}
         return self._retrying(read)
 
+    def methods(self, config_hash: str) -> list[str]:
+        """Names of the methods stored for a run, oldest first (cheap: no arrays read)."""
+        def read():
+            with self._reading() as con:
+                return [m for (m,) in con.execute("SELECT method FROM results WHERE config_hash = ? ORDER BY created",
+                                                  (config_hash,))]
+        return self._retrying(read)
+
     def save_arrays(self, config_hash: str, arrays: dict[str, np.ndarray]) -> None:
         """Store named arrays of a run (model outputs the dashboard shows without the model)."""
         def write():
