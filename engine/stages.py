@@ -6,7 +6,8 @@ curvature (or its cross-validation folds), and the scores themselves in row shar
 :class:`StageStore`, every stage is looked up by a hash of everything that determines it (the
 data's fingerprint, the training recipe, the scorer and its settings, the rows) before it is
 computed, and saved as soon as it is. A run killed mid-way restarts from its last saved stage;
-a configuration that finished loads its stages and computes nothing.
+a configuration that finished loads its stages and computes nothing. The engine's own source is
+part of every hash: after an upgrade (or an edit) nothing computed by other code is reused.
 
 Files are written under a temporary name, flushed to disk, then moved into place with
 ``os.replace``: a kill leaves the complete file or none. Two processes computing the same stage
@@ -61,13 +62,23 @@ def fingerprint(*datasets: Dataset | None) -> str:
     return digest.hexdigest()[:16]
 
 
+def _source_hash() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).resolve().parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+_ENGINE_SOURCE = _source_hash()
+
+
 def _plain(value: Any) -> Any:
     return asdict(value) if is_dataclass(value) and not isinstance(value, type) else str(value)
 
 
 def digest(*parts: Any) -> str:
-    """A stable hash of JSON-able parts (dataclasses as their fields)."""
-    text = json.dumps(parts, sort_keys=True, default=_plain)
+    """A stable hash of JSON-able parts (dataclasses as their fields) and of the engine's source."""
+    text = json.dumps([_ENGINE_SOURCE, *parts], sort_keys=True, default=_plain)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
