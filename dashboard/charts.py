@@ -144,9 +144,19 @@ def feature_map_figure(xy: np.ndarray, labels: np.ndarray, index: np.ndarray, fl
                             line=dict(width=1.5 if is_flagged else 0, color="black")),
                 hovertemplate=f"index %{{customdata}} · given {name}{' · flagged' if is_flagged else ''}<extra></extra>"))
     fig.update_layout(title="feature map (lasso to filter)", height=320, dragmode="lasso",
-                      margin=dict(l=10, r=10, t=40, b=10), legend=dict(itemsizing="constant"),
+                      margin=dict(l=10, r=10, t=40, b=10),
+                      legend=dict(itemsizing="constant", orientation="h", yanchor="top", y=-0.02),
                       xaxis=dict(showticklabels=False), yaxis=dict(showticklabels=False))
     return fig
+
+
+def point_customdata(point: dict) -> list:
+    """The ``customdata`` of a point Streamlit reports as selected: a scalar, a list, or (for a row of
+    a 2-D array) a dict keyed "0", "1", …, as the browser serialises it."""
+    data = point.get("customdata")
+    if isinstance(data, dict):
+        return [data[k] for k in sorted(data, key=int)]
+    return list(np.ravel(data))
 
 
 # -- one sample -----------------------------------------------------------------------------------

@@ -83,6 +83,12 @@ def test_confusion_figure_has_one_clickable_square_per_nonzero_cell():
     assert list(fig.data[0].y) == ["zero", "one", "two"] and list(fig.data[0].x) == ["one", "one", "zero"]
 
 
+def test_point_customdata_reads_every_browser_shape():
+    assert charts.point_customdata({"customdata": {"1": 2, "0": 0}, "x": "2"}) == [0, 2]  # 2-D row, as sent
+    assert charts.point_customdata({"customdata": [3, 4]}) == [3, 4]
+    assert charts.point_customdata({"customdata": 17}) == [17]
+
+
 def test_feature_map_figure_covers_every_sample_once_and_highlights_flagged():
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 3, 50)

@@ -84,10 +84,11 @@ with st.expander("Overview: score histogram, given vs. suggested, feature map", 
 
 cell = None
 if cell_event and cell_event.selection.points:
-    cell = tuple(int(v) for v in cell_event.selection.points[0]["customdata"])
+    given_id, suggested_id = charts.point_customdata(cell_event.selection.points[0])
+    cell = (int(given_id), int(suggested_id))
 lasso = None
 if map_event and map_event.selection.points:
-    lasso = {int(np.ravel(p["customdata"])[0]) for p in map_event.selection.points}
+    lasso = {int(charts.point_customdata(p)[0]) for p in map_event.selection.points}
 
 f1, f2, f3, f4 = st.columns(4)
 label_ids = list(range(len(names)))
