@@ -13,6 +13,11 @@ Settings (``--setting``, repeatable, or ``all``):
   validation split and a separate clean test split, both from the CIFAR-10 test set.
 - ``digits-sym20`` / ``digits-pair20``: the embedded digits (val = sample:val, test = sample:test).
 
+On a GPU machine the data travel in the git-ignored ``device_data/`` (58 MB; the CIFAR-10 test ``.npz``
+is left behind, its compact form decodes to the same pixels)::
+
+    mkdir -p device_data && cp -r ../shared/data/{mnist_test.npz,*.bin,*_index.npz,label_errors} device_data/
+
 Sizes (``--size``; ``--quick`` is a smoke run) are in ``SIZES`` below. The CPU sizes were chosen so
 that ``--setting all --recovery`` with the baselines runs in about 20 minutes on two shared cores.
 
@@ -65,8 +70,9 @@ SETTINGS = ("mnist-real", "cifar-real", "cifar-sym20", "cifar-pair20", "digits-s
 NOISE = {"sym20": ("symmetric", 0.2), "pair20": ("pair", 0.2)}
 REAL_VALIDATION_FRACTION = 0.1  # 1,000 of 10,000: the size of the injected settings' clean validation
 REAL_TOP_K = (100, 200, 500)
-# Scores that are not influence estimates: recovery always runs loss and cleanlab, then the best others.
-NON_INFLUENCE = ("loss", "margin", "cleanlab", "val-loss")
+# Scores that are not influence estimates (the *-loss ones: the loss at the validation minimum θ̃):
+# recovery always runs loss and cleanlab, then the best of the others.
+NON_INFLUENCE = ("loss", "margin", "cleanlab", "vm-loss", "fvm-loss")
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
 QUICK_OUT = REPO_ROOT / "benchmarks" / "out"  # git-ignored
 
