@@ -252,9 +252,9 @@ class EKFAC:
         for _, _, k, capture in _batched_passes(*args, gradients(), _half(progress, 0), "EK-FAC: covariances"):
             for layer in layers:
                 a, b = capture.factors(layer)
-                if k == 0:
-                    cov_a[layer] = cov_a[layer] + _flat(a).T.double() @ _flat(a).double()
-                cov_s[layer] = cov_s[layer] + _flat(b).T.double() @ _flat(b).double()
+                if k == 0:  # one batch in the compute dtype, the running sum in float64
+                    cov_a[layer] = cov_a[layer] + (_flat(a).T @ _flat(a)).double()
+                cov_s[layer] = cov_s[layer] + (_flat(b).T @ _flat(b)).double()
         dtype = next(model.parameters()).dtype
         eigvecs = {layer: (torch.linalg.eigh(cov_a[layer])[1].to(dtype), torch.linalg.eigh(cov_s[layer])[1].to(dtype))
                    for layer in layers}

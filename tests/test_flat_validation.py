@@ -114,12 +114,15 @@ def test_fvm_reports_its_settings_and_the_validation_it_relied_on(tiny):
 def test_candidate_scores_pick_the_suggestion_and_include_the_given_label(tiny):
     noisy, validation, trained = tiny
     context = ScoringContext(noisy.dataset, trained, validation)
-    scorer = make_scorer("if-ekfac")
+    scorer = make_scorer("if-ekfac", replace(scorer_class("if-ekfac").Settings(), candidate_labels=True))
     scorer.prepare(context)
     candidates = scorer.ekfac.scores(trained.task, noisy.dataset.images, None, trained.device)
     result = scorer.score(context)
     np.testing.assert_allclose(result.scores, candidates[np.arange(len(candidates)), noisy.dataset.labels])
     np.testing.assert_array_equal(result.suggested_labels, candidates.argmin(1))
+    without = make_scorer("if-ekfac").run(context)  # default: θ*'s argmax, one backward pass per batch
+    np.testing.assert_allclose(without.scores, result.scores, rtol=1e-6)
+    np.testing.assert_array_equal(without.suggested_labels, context.predictions.predicted)
 
 
 @pytest.fixture(scope="module")

@@ -95,7 +95,7 @@ class FVMScorer(_ValidationMinimumScorer):
         curvature: str = "last"  # exact last-layer GGN, or ekfac (whole network)
         damping: float = DEFAULT_RELATIVE_DAMPING  # λ as a multiple of the mean curvature eigenvalue
         fisher: str = "exact"  # ekfac: exact GGN (C backward passes per batch) or one sampled label
-        candidate_labels: bool = True  # ekfac: suggestions by argmin over every label (C backward passes)
+        candidate_labels: bool = False  # ekfac: argmin over every label (C backward passes) instead of θ̃'s argmax
         batch_size: int = 256  # ekfac
         seed: int = 0  # ekfac, sampled Fisher labels
 

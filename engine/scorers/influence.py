@@ -93,7 +93,9 @@ class EKFACInfluenceScorer(Scorer):
     class Settings:
         damping: float = DEFAULT_RELATIVE_DAMPING  # λ per layer, a multiple of its mean corrected eigenvalue
         fisher: str = "exact"  # exact GGN (C backward passes per batch) or one sampled label per sample
-        candidate_labels: bool = True  # suggestions by argmin over all labels (C backward passes) or argmax
+        # Suggestions by argmin over every label (C backward passes per batch) instead of θ*'s argmax:
+        # measured no better on the digits (relabel top-1 0.880 vs 0.889), so off by default.
+        candidate_labels: bool = False
         batch_size: int = 256
         seed: int = 0  # sampled Fisher labels
 
