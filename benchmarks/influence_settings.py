@@ -9,8 +9,9 @@ A variant is ``method[:key=value,...]``; ``finetune.key`` reaches the fine-tune 
 (e.g. ``fvm:finetune.optimizer=lpf,finetune.gamma=0.003``). Data (``--data``): the embedded digits
 (train = sample, validation = sample:val, trusted), or ``cifar``: the first 4,000 CIFAR-10 test
 images as training rows and the next 1,000 as the trusted validation (../shared/data; a CPU-sized
-check on harder data). Noise injected with seed 0, the default training recipe. Prints one Markdown row per variant: AUROC, AP, precision at k = #flips, relabel
-top-1 on the flipped rows, seconds, and θ̃'s validation accuracy where there is one.
+check on harder data). Noise injected with seed 0, the default training recipe. Prints one
+Markdown row per variant: AUROC, AP, precision at k = #flips, relabel top-1 on the flipped rows,
+seconds, and θ̃'s validation accuracy where there is one.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def main() -> None:
     noisy = with_injected_noise(base, rate=args.noise_rate, kind=args.noise_kind, seed=args.seed)
     trained = train(noisy.dataset, replace(TrainConfig(), seed=args.seed, device="cpu"))
     flipped = noisy.flipped
-    print(f"{args.data}, {args.noise_kind} {args.noise_rate:.0%} noise, {int(flipped.sum())} of {len(flipped)} flipped\n")
+    print(f"{args.data}, {args.noise_kind} {args.noise_rate:.0%} noise, "
+          f"{int(flipped.sum())} of {len(flipped)} flipped\n")
     print("| variant | AUROC | AP | P@k | relabel top-1 | seconds | θ̃ val. acc. |\n|---|---|---|---|---|---|---|")
     for spec, method, settings in variants:
         context = ScoringContext(noisy.dataset, trained, validation, validation_trusted=True)

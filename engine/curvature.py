@@ -279,7 +279,7 @@ class EKFAC:
 
     @property
     def dampings(self) -> dict[str, float]:
-        return {name: basis.damping for name, basis in zip(self.names, self.bases.values())}
+        return {name: basis.damping for name, basis in zip(self.names, self.bases.values(), strict=True)}
 
     def scores(self, task: ImageTask, images: np.ndarray, labels: np.ndarray | None, device: torch.device | str, *,
                batch_size: int = 256, progress: Progress = no_progress) -> np.ndarray:

@@ -115,13 +115,13 @@ def _perturbed_gradient(model: nn.Module, loss_fn, config: FinetuneConfig, gener
                 if id(p) in weights:
                     scale = config.gamma * p.flatten(1).norm(dim=1).view(-1, *[1] * (p.ndim - 1))
                     shifts[i] = torch.randn(p.shape, generator=generator).to(p) * scale
-        for p, shift in zip(params, shifts):
+        for p, shift in zip(params, shifts, strict=True):
             if shift is not None:
                 p.add_(shift)
     model.zero_grad(set_to_none=True)
     loss_fn().backward()
     with torch.no_grad():
-        for p, shift in zip(params, shifts):
+        for p, shift in zip(params, shifts, strict=True):
             if shift is not None:
                 p.sub_(shift)
 

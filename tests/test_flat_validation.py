@@ -69,7 +69,8 @@ def test_bad_settings_name_the_valid_choices(tiny):
     with pytest.raises(OptionError, match="last, ekfac"):
         make_scorer("fvm", replace(scorer_class("fvm").Settings(), curvature="full")).run(context)
     with pytest.raises(OptionError, match="sgd, sam, lpf"):
-        make_scorer("vm", replace(scorer_class("vm").Settings(), finetune=FinetuneConfig(optimizer="adam"))).run(context)
+        settings = replace(scorer_class("vm").Settings(), finetune=FinetuneConfig(optimizer="adam"))
+        make_scorer("vm", settings).run(context)
     with pytest.raises(OptionError, match="exact, sampled"):
         make_scorer("if-ekfac", replace(scorer_class("if-ekfac").Settings(), fisher="mc")).run(context)
 

@@ -21,8 +21,7 @@ from engine.curvature import DEFAULT_RELATIVE_DAMPING
 from engine.errors import DataError, OptionError
 from engine.finetune import FinetuneConfig, FinetunedModel, finetune
 from engine.scorers.base import Scorer, ScoringContext
-from engine.scorers.influence import (check_damping, ekfac_influence, fit_ekfac, fit_last_layer,
-                                      last_layer_influence)
+from engine.scorers.influence import check_damping, ekfac_influence, fit_ekfac, fit_last_layer, last_layer_influence
 from engine.scorers.loss import cross_entropy
 from engine.scorers.registry import register
 from engine.stages import curvature_codec, finetuned_codec
