@@ -58,26 +58,46 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> N
     raise TimeoutError(f"{url}/_stcore/health did not answer ok in {timeout} s")
 
 
+class Dashboard:
+    """`influence-lens dashboard` as a user starts it, in a folder of its own (its workspaces/ land there)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port = folder, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        with open(self.folder / "server.log", "a") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "engine.cli", "dashboard", "--port", str(self.port),
+                                             "--server.headless", "true"], cwd=self.folder, env=env, stdout=log,
+                                            stderr=subprocess.STDOUT)
+        wait_healthy(self.url, self.process)
+
+    def stop(self) -> None:
+        """Terminate the CLI and the streamlit server it started (its child), by their ids."""
+        if self.process is None:
+            return
+        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.process.pid)], capture_output=True,
+                                  text=True).stdout.split()
+        for pid in [int(c) for c in children] + [self.process.pid]:
+            try:
+                os.kill(pid, 15)
+            except ProcessLookupError:
+                pass
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.process = None
+
+
 @pytest.fixture
 def server(tmp_path):
-    """The dashboard as a user starts it, in a fresh folder (its workspaces/ lands there)."""
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "2"}
-    log = open(tmp_path / "server.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "engine.cli", "dashboard", "--port", str(port),
-                                "--server.headless", "true"], cwd=tmp_path, env=env, stdout=log,
-                               stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, process)
-        yield url, tmp_path
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+    dashboard = Dashboard(tmp_path)
+    dashboard.start()
+    yield dashboard
+    dashboard.stop()
 
 
 @pytest.fixture
@@ -113,11 +133,10 @@ def card_text(driver, index: int) -> str:
     return driver.find_element(By.CSS_SELECTOR, f".st-key-card_{index}").text
 
 
-def test_fast_run_relabel_persists_across_reload(server, browser, tmp_path):
-    url, folder = server
+def test_fast_run_relabel_persists_across_reload_and_restart(server, browser, tmp_path):
     shots = shots_dir(tmp_path)
     started = time.time()
-    browser.get(url)
+    browser.get(server.url)
     wait_for(browser, ".st-key-run button")
     # one fast method (drop the other defaults), 2 epochs; the demo noise is on for the sample data
     for remove in browser.find_elements(By.CSS_SELECTOR, ".st-key-setup_methods button[aria-label^='Remove']"):
@@ -133,10 +152,10 @@ def test_fast_run_relabel_persists_across_reload(server, browser, tmp_path):
     browser.save_screenshot(str(shots / "1-setup.png"))
     browser.find_element(By.CSS_SELECTOR, ".st-key-run button").click()
 
-    cards = wait_for(browser, "[class*='st-key-card_']", timeout=180)
-    wait_idle(browser)
+    WebDriverWait(browser, 180).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "[class*='st-key-card_']")) >= 24)
     first_gallery_seconds = time.time() - started
-    assert len(cards) == 24
+    wait_idle(browser)
+    assert len(browser.find_elements(By.CSS_SELECTOR, "[class*='st-key-card_']")) == 24  # one page
     assert browser.find_elements(By.CSS_SELECTOR, "[class*='st-key-card_'] img")
     browser.save_screenshot(str(shots / "2-gallery.png"))
 
@@ -147,16 +166,31 @@ def test_fast_run_relabel_persists_across_reload(server, browser, tmp_path):
     index = int(key.removeprefix("st-key-accept_"))
     new_label = accept.text.strip().lstrip("✓").strip()
     accept.click()
-    WebDriverWait(browser, 60).until(lambda d: "relabeled" in card_text(d, index))
+    WebDriverWait(browser, 180).until(lambda d: "relabeled" in card_text(d, index))
     browser.save_screenshot(str(shots / "3-relabeled.png"))
 
-    (workspace_path,) = (folder / "workspaces").glob("*.sqlite")
+    (workspace_path,) = (server.folder / "workspaces").glob("*.sqlite")
     decisions = Workspace(workspace_path).decisions()
     assert decisions[["index", "action"]].values.tolist() == [[index, "relabel"]]
     assert str(decisions["new_label"][0]) == new_label  # the sample data's class names are the digits
 
     browser.refresh()
     wait_for(browser, f".st-key-card_{index}")
-    WebDriverWait(browser, 60).until(lambda d: f"relabeled → {new_label}" in card_text(d, index))
-    browser.save_screenshot(str(shots / "4-after-reload.png"))
+    WebDriverWait(browser, 180).until(lambda d: f"relabeled → {new_label}" in card_text(d, index))
+
+    server.stop()  # a server restart loses nothing either
+    server.start()
+    browser.refresh()
+    wait_for(browser, f".st-key-card_{index}")
+    WebDriverWait(browser, 180).until(lambda d: f"relabeled → {new_label}" in card_text(d, index))
+    browser.save_screenshot(str(shots / "4-after-restart.png"))
+
+    browser.get(f"{server.url}/recovery")  # journey 4: retrain with the decision applied
+    wait_for(browser, ".st-key-retrain button")[0].click()
+    WebDriverWait(browser, 300).until(lambda d: any(
+        "Test accuracy after" in m.text for m in d.find_elements(By.CSS_SELECTOR, "[data-testid='stMetric']")))
+    wait_idle(browser)
+    browser.save_screenshot(str(shots / "5-recovery.png"))
+    report = Workspace(workspace_path).report(Workspace(workspace_path).runs()["config_hash"][0], "retrain")
+    assert report["n_relabeled"] == 1
     print(f"launch to first gallery: {first_gallery_seconds:.1f} s; screenshots in {shots}")
