@@ -164,7 +164,8 @@ def load_npz(path: str | Path) -> Dataset:
                    None if index is None else index.astype(np.int64), source=where)
 
 
-def _read_image(path: Path) -> np.ndarray:
+def read_image(path: Path) -> np.ndarray:
+    """One image file as uint8 H×W or H×W×3; a :class:`DataError` naming the file otherwise."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -206,7 +207,7 @@ def _decode_all(paths: list[Path], where: str, skip_unreadable: bool) -> tuple[l
     images, kept, skipped = [], [], []
     for i, p in enumerate(paths):
         try:
-            images.append(_read_image(p))
+            images.append(read_image(p))
             kept.append(i)
         except DataError as exc:
             if not skip_unreadable:
@@ -220,6 +221,17 @@ def _decode_all(paths: list[Path], where: str, skip_unreadable: bool) -> tuple[l
 def load_image_folder(path: str | Path, *, skip_unreadable: bool = False) -> Dataset:
     """One sub-folder per class (sorted names are the classes), PNG/JPEG files inside."""
     root = Path(path)
+    where = str(root)
+    files, labels, class_names = image_folder_files(root)
+    decoded, kept, skipped = _decode_all(files, where, skip_unreadable)
+    kept_files = [files[i] for i in kept]
+    return Dataset(_stack_images(decoded, kept_files, where), labels[kept], class_names,
+                   np.asarray(kept, dtype=np.int64), source=where,
+                   paths=tuple(str(f.relative_to(root)) for f in kept_files), skipped=tuple(skipped))
+
+
+def image_folder_files(root: Path) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
+    """The image files of a class-per-folder tree (sorted), their labels and the class names; nothing decoded."""
     where = str(root)
     if not root.is_dir():
         raise DataError(f"{where}: folder not found")
@@ -236,16 +248,25 @@ def load_image_folder(path: str | Path, *, skip_unreadable: bool = False) -> Dat
         labels += [c] * len(found)
     if len(class_dirs) < 2:
         raise DataError(f"{where}: only one class folder ({class_dirs[0].name}); a classifier needs at least 2")
-    decoded, kept, skipped = _decode_all(files, where, skip_unreadable)
-    kept_files = [files[i] for i in kept]
-    return Dataset(_stack_images(decoded, kept_files, where), np.asarray(labels, dtype=np.int64)[kept],
-                   tuple(d.name for d in class_dirs), np.asarray(kept, dtype=np.int64), source=where,
-                   paths=tuple(str(f.relative_to(root)) for f in kept_files), skipped=tuple(skipped))
+    return files, np.asarray(labels, dtype=np.int64), tuple(d.name for d in class_dirs)
 
 
 def load_csv_manifest(path: str | Path, *, skip_unreadable: bool = False) -> Dataset:
     """A CSV with columns ``path,label``; paths relative to the CSV, labels names or integers."""
     csv_path = Path(path)
+    where = str(csv_path)
+    files, labels, class_names = manifest_files(csv_path)
+    root = csv_path.parent.resolve()
+    decoded, kept, skipped = _decode_all(files, where, skip_unreadable)
+    kept_files = [files[i] for i in kept]
+    return Dataset(_stack_images(decoded, kept_files, where), labels[kept], class_names,
+                   np.asarray(kept, dtype=np.int64), source=where,
+                   paths=tuple(str(f.relative_to(root)) for f in kept_files), skipped=tuple(skipped))
+
+
+def manifest_files(csv_path: Path) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
+    """A manifest's image files (resolved, checked to exist inside its folder), labels and class names;
+    nothing decoded."""
     where = str(csv_path)
     if not csv_path.is_file():
         raise DataError(f"{where}: file not found")
@@ -298,11 +319,7 @@ def load_csv_manifest(path: str | Path, *, skip_unreadable: bool = False) -> Dat
         class_names = tuple(sorted(set(raw_labels)))
         position = {name: c for c, name in enumerate(class_names)}
         labels = np.asarray([position[s] for s in raw_labels], dtype=np.int64)
-    decoded, kept, skipped = _decode_all(files, where, skip_unreadable)
-    kept_files = [files[i] for i in kept]
-    return Dataset(_stack_images(decoded, kept_files, where), labels[kept], class_names,
-                   np.asarray(kept, dtype=np.int64), source=where,
-                   paths=tuple(str(f.relative_to(root)) for f in kept_files), skipped=tuple(skipped))
+    return files, labels, class_names
 
 
 def _integer_class_names(top: int, where: str) -> tuple[str, ...]:
