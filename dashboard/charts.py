@@ -142,7 +142,8 @@ def feature_map_figure(xy: np.ndarray, labels: np.ndarray, index: np.ndarray, fl
                 name=f"{name} (flagged)" if is_flagged else name, showlegend=not is_flagged,
                 marker=dict(color=class_colour(c), size=9 if is_flagged else 5, opacity=1.0 if is_flagged else 0.45,
                             line=dict(width=1.5 if is_flagged else 0, color="black")),
-                hovertemplate=f"index %{{customdata}} · given {name}{' · flagged' if is_flagged else ''}<extra></extra>"))
+                hovertemplate=f"index %{{customdata}} · given {name}{' · flagged' if is_flagged else ''}"
+                              "<extra></extra>"))
     fig.update_layout(title="feature map (lasso to filter)", height=320, dragmode="lasso",
                       margin=dict(l=10, r=10, t=40, b=10),
                       legend=dict(itemsizing="constant", orientation="h", yanchor="top", y=-0.02),
@@ -232,7 +233,8 @@ def found_figure(curves: dict[str, dict[str, pd.DataFrame]], n_errors: int, n: i
                                 line=dict(color=PALETTE[i % len(PALETTE)])) for i, (m, c) in enumerate(curves.items())])
     fig.add_trace(go.Scatter(x=[0, n_errors, n], y=[0, n_errors, n_errors], mode="lines", name="perfect",
                              line=dict(dash="dash", color="black")))
-    fig.add_trace(go.Scatter(x=[0, n], y=[0, n_errors], mode="lines", name="random", line=dict(dash="dot", color="grey")))
+    fig.add_trace(go.Scatter(x=[0, n], y=[0, n_errors], mode="lines", name="random",
+                             line=dict(dash="dot", color="grey")))
     fig.update_layout(title="errors found vs. samples inspected", xaxis_title="samples inspected (in ranked order)",
                       yaxis_title="label errors found", height=380, margin=dict(l=10, r=10, t=40, b=10))
     return fig
@@ -243,6 +245,6 @@ def metrics_table(metrics: dict[str, dict[str, float]]) -> pd.DataFrame:
     columns = {"auroc": "AUROC", "ap": "AP", "precision_at_k": "precision@k", "recall_at_k": "recall@k",
                "precision_at_1pct": "precision@1%", "precision_at_5pct": "precision@5%",
                "precision_at_10pct": "precision@10%"}
-    frame = pd.DataFrame([{"method": m, **{label: v[key] for key, label in columns.items()}} for m, v in metrics.items()],
-                         columns=["method", *columns.values()])
+    rows = [{"method": m, **{label: v[key] for key, label in columns.items()}} for m, v in metrics.items()]
+    frame = pd.DataFrame(rows, columns=["method", *columns.values()])
     return frame.sort_values("AUROC", ascending=False, kind="stable").reset_index(drop=True)

@@ -12,8 +12,9 @@ import os
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import streamlit as st
 import torch
@@ -109,7 +110,7 @@ def forget(key: str) -> None:
 def draw(job: Job) -> None:
     """One progress bar per stage reported so far."""
     st.caption(f"{job.label}: {job.seconds:.0f} s")
-    for stage, (done, total, message) in job.stages.items():
+    for done, total, message in job.stages.values():
         st.progress(min(1.0, done / total) if total else 0.0, text=message)
 
 

@@ -97,5 +97,5 @@ def tiles(run: state.Active, images: np.ndarray, captions: list[str], *, per_row
         st.caption("none")
         return
     columns = st.columns(per_row)
-    for i, (image, caption) in enumerate(zip(images, captions)):
+    for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
         columns[i % per_row].image(charts.tile(image, size), caption=caption, width=size)

@@ -28,7 +28,8 @@ def _unit_rows(features: np.ndarray) -> np.ndarray:
     return features / np.maximum(norms, 1e-12)
 
 
-def nearest(query: np.ndarray, pool: np.ndarray, k: int, *, among: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def nearest(query: np.ndarray, pool: np.ndarray, k: int, *,
+            among: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` rows of ``pool`` most cosine-similar to one feature vector: ``(positions, similarities)``.
 
     ``among``: a boolean mask restricting the candidates.
@@ -107,7 +108,7 @@ def fix_top(dataset: Dataset, scores: np.ndarray, k: int, fix_labels: np.ndarray
 
 
 def cleaning_curves(dataset: Dataset, test_set: Dataset, rankings: dict[str, tuple[np.ndarray, np.ndarray]], *,
-                    depths: list[int], config: TrainConfig = TrainConfig(),
+                    depths: list[int], config: TrainConfig | None = None,
                     progress: Progress = no_progress) -> pd.DataFrame:
     """Test accuracy after fixing the top-k of each ranking, for each k in ``depths``.
 
@@ -116,6 +117,7 @@ def cleaning_curves(dataset: Dataset, test_set: Dataset, rankings: dict[str, tup
     retrains with the same recipe and seed; identical decision sets are trained once.
     Returns ``curve, fixed, relabeled, accuracy``.
     """
+    config = config or TrainConfig()
     task = ImageTask.fit(dataset)  # relabeling leaves the images, hence the normalization, unchanged
     trained_for: dict[tuple, float] = {}
     rows = []
@@ -123,7 +125,7 @@ def cleaning_curves(dataset: Dataset, test_set: Dataset, rankings: dict[str, tup
     for step, (name, k) in enumerate(jobs):
         scores, fix_labels = rankings[name]
         decisions = fix_top(dataset, scores, k, fix_labels)
-        key = tuple(sorted(zip(decisions["index"].tolist(), decisions["new_label"].tolist())))
+        key = tuple(sorted(zip(decisions["index"].tolist(), decisions["new_label"].tolist(), strict=True)))
         if key not in trained_for:
             progress(step, len(jobs), f"cleaning curve: {name}, top {k}")
             model = train(apply_decisions(dataset, decisions), config, task=task)

@@ -16,11 +16,12 @@ import json
 import re
 import sqlite3
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -228,7 +229,8 @@ class Workspace:
         def read():
             with self._reading() as con:
                 rows = con.execute("SELECT r.config_hash, r.settings, r.created, r.last_used, "
-                                   "(SELECT group_concat(method, ',') FROM results s WHERE s.config_hash = r.config_hash) "
+                                   "(SELECT group_concat(method, ',') FROM results s "
+                                   " WHERE s.config_hash = r.config_hash) "
                                    "FROM runs r ORDER BY r.last_used DESC").fetchall()
             return pd.DataFrame([(h, json.loads(s), c, u, sorted((m or "").split(",")) if m else [])
                                  for h, s, c, u, m in rows],

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 from streamlit.testing.v1 import AppTest
 
-from conftest import REPO_ROOT
 from engine.metrics import detection_metrics
 from engine.runs import RunSettings, load_run_data
 from engine.scorers import available_methods, scorer_class
@@ -105,7 +105,7 @@ def test_relabel_reaches_the_sqlite_file_and_undo_restores(session_dir):
     card.click().run()
     decisions = Workspace(path).decisions()
     assert decisions[["index", "action"]].values.tolist() == [[index, "relabel"]]
-    assert any(f"relabeled →" in m.value for m in at.markdown)
+    assert any("relabeled →" in m.value for m in at.markdown)
     again = new_session("views/review.py")  # refresh: the decision is still shown
     assert any("relabeled →" in m.value for m in again.markdown)
     again.button(key="undo").click().run()

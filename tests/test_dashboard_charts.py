@@ -37,7 +37,7 @@ def table():
 def test_gallery_table_is_ranked_with_decision_status(table):
     assert list(table.columns) == charts.GALLERY_COLUMNS
     assert table["index"].tolist() == [14, 11, 12, 15, 13, 10] and table["rank"].tolist() == [1, 2, 3, 4, 5, 6]
-    status = dict(zip(table["index"], table["status"]))
+    status = dict(zip(table["index"], table["status"], strict=True))
     assert status == {14: "drop", 11: "relabel", 12: "unreviewed", 15: "unreviewed", 13: "unreviewed", 10: "unreviewed"}
     assert table.set_index("index").loc[11, "new_label"] == 2
     assert table.set_index("index").loc[14, "position"] == 4
@@ -78,7 +78,7 @@ def test_score_histogram_marks_the_cut():
 def test_confusion_figure_has_one_clickable_square_per_nonzero_cell():
     counts = np.array([[0, 2, 0], [0, 1, 0], [3, 0, 0]])
     fig = charts.confusion_figure(counts, NAMES)
-    points = {tuple(c): int(t) for c, t in zip(fig.data[0].customdata, fig.data[0].text)}
+    points = {tuple(c): int(t) for c, t in zip(fig.data[0].customdata, fig.data[0].text, strict=True)}
     assert points == {(0, 1): 2, (1, 1): 1, (2, 0): 3}
     assert list(fig.data[0].y) == ["zero", "one", "two"] and list(fig.data[0].x) == ["one", "one", "zero"]
 
@@ -115,7 +115,8 @@ def test_method_table_uses_the_engine_ranks():
     scores = {"loss": np.array([0.1, 0.9, 0.5]), "margin": np.array([3.0, 1.0, 2.0])}
     suggested = {"loss": np.array([1, 2, 0]), "margin": np.array([2, 2, 2])}
     table = charts.method_table(scores, suggested, 2, NAMES)
-    assert table.values.tolist() == [["loss", 0.5, int(ranks(scores["loss"])[2]), 3, "zero"], ["margin", 2.0, 2, 3, "two"]]
+    assert table.values.tolist() == [["loss", 0.5, int(ranks(scores["loss"])[2]), 3, "zero"],
+                                     ["margin", 2.0, 2, 3, "two"]]
 
 
 def test_recovery_figures():
@@ -144,4 +145,5 @@ def test_comparison_figures_and_table():
     assert list(found.data[2].y) == [0, noisy.sum(), noisy.sum()]
     table = charts.metrics_table(metrics)
     assert table["method"].tolist() == ["good", "random"]
-    assert table.loc[0, "AUROC"] == metrics["good"]["auroc"] and table.loc[0, "precision@k"] == metrics["good"]["precision_at_k"]
+    assert table.loc[0, "AUROC"] == metrics["good"]["auroc"]
+    assert table.loc[0, "precision@k"] == metrics["good"]["precision_at_k"]

@@ -18,8 +18,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO_ROOT
+
 from engine.workspace import Workspace
 
 pytestmark = pytest.mark.e2e

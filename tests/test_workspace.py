@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import make_dataset
+
 from engine.errors import InfluenceLensError
 from engine.pipeline import apply_decisions
 from engine.scorers import ScoreResult

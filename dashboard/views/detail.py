@@ -96,7 +96,7 @@ validation = run.data.validation
 if validation is not None and len(why.validation[0]):
     st.markdown("**Validation images most like it** (by the model's features) and their labels")
     widgets.tiles(run, validation.images[why.validation[0]],
-                  [f"{names[int(validation.labels[p])]} · sim {s:.2f}" for p, s in zip(*why.validation)])
+                  [f"{names[int(validation.labels[p])]} · sim {s:.2f}" for p, s in zip(*why.validation, strict=True)])
 else:
     st.caption("No validation set in this run: the nearest validation images need one.")
 for title, (positions, similarity) in ((f"Training images like it labelled **{names[given]}** (pulling towards the "
@@ -105,4 +105,4 @@ for title, (positions, similarity) in ((f"Training images like it labelled **{na
                                         "the suggested label)", why.same_suggested)):
     st.markdown(title)
     widgets.tiles(run, train.images[positions],
-                  [f"#{int(train.index[p])} · sim {s:.2f}" for p, s in zip(positions, similarity)])
+                  [f"#{int(train.index[p])} · sim {s:.2f}" for p, s in zip(positions, similarity, strict=True)])

@@ -15,7 +15,8 @@ stem = workspace.path.stem
 cleaned = workspace.cleaned_labels(run.data.full_train)
 log = workspace.decision_log_export(names)
 decisions = workspace.decisions()[["index", "action", "new_label"]]
-decisions["new_label"] = [names[v] if a == "relabel" else "" for v, a in zip(decisions["new_label"], decisions["action"])]
+decisions["new_label"] = [names[v] if a == "relabel" else ""
+                          for v, a in zip(decisions["new_label"], decisions["action"], strict=True)]
 
 st.markdown(f"Workspace `{workspace.path}`: **{len(decisions)}** decisions in force, **{len(log)}** rows in the log.")
 a, b, c = st.columns(3)

@@ -66,7 +66,8 @@ if report is not None:
     a, b, c = st.columns(3)
     a.metric("Test accuracy before", f"{before:.1%}")
     b.metric("Test accuracy after", f"{after:.1%}", delta=f"{(after - before) * 100:+.1f} pts")
-    c.metric("Decisions applied", report["decisions"], help=f"retrained {report['at']} in {report.get('seconds', '?')} s")
+    c.metric("Decisions applied", report["decisions"],
+             help=f"retrained {report['at']} in {report.get('seconds', '?')} s")
     if report["decisions"] != len(decisions):
         st.caption(f"Computed with {report['decisions']} decisions; you have {len(decisions)} now: retrain to update.")
     st.plotly_chart(charts.class_accuracy_figure(report["class_accuracy_before"], report["class_accuracy_after"],

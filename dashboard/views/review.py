@@ -34,7 +34,7 @@ def bulk(run: state.Active, action: str, label_of=None) -> None:
         return
     labels = label_of(selected)
     for label in sorted(set(labels)):  # one batch per target label
-        state.decide(run, [i for i, lab in zip(selected, labels) if lab == label], action, label)
+        state.decide(run, [i for i, lab in zip(selected, labels, strict=True) if lab == label], action, label)
 
 
 def select(indices) -> None:
@@ -118,7 +118,7 @@ with st.container(horizontal=True, vertical_alignment="center"):
     st.markdown(f"**{len(shown)}** shown · **{len(selected)}** selected")
     st.button("Select page", key="select_page", on_click=select, args=(page_rows["index"].tolist(),))
     st.button("Clear selection", key="clear_selection", on_click=clear_selection, disabled=not selected)
-    suggested_of = dict(zip(table["index"], table["suggested"]))
+    suggested_of = dict(zip(table["index"], table["suggested"], strict=True))
     st.button("Accept suggestions", key="bulk_accept", shortcut="A", disabled=not selected, type="primary",
               on_click=bulk, args=(run, "relabel", lambda ids: [int(suggested_of[i]) for i in ids]))
     st.button("Confirm correct", key="bulk_keep", shortcut="K", disabled=not selected,
@@ -142,7 +142,7 @@ if page_rows.empty:
     st.info("No image passes the filters.")
 for start in range(0, len(page_rows), PER_ROW):
     columns = st.columns(PER_ROW)
-    for column, (_, row) in zip(columns, page_rows.iloc[start:start + PER_ROW].iterrows()):
+    for column, (_, row) in zip(columns, page_rows.iloc[start:start + PER_ROW].iterrows(), strict=False):
         with column:
             widgets.card(run, row)
 st.caption("Shortcuts: A accept suggestions · K confirm correct · D drop (selected images) · N / P next / previous "

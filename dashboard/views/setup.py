@@ -63,8 +63,8 @@ def settings_form(base: RunSettings, methods_before: list[str]) -> tuple[RunSett
         c1, c2, c3 = st.columns(3)
         epochs = c1.number_input("Epochs", 1, 500, base.epochs or PRESETS[preset].epochs, key=f"setup_epochs_{preset}")
         seed = c2.number_input("Seed", 0, 2**31 - 1, base.seed, key="setup_seed")
-        device = c3.selectbox("Device", ["preset", "auto", "cpu", "cuda"],
-                              index=["preset", "auto", "cpu", "cuda"].index(base.device or "preset"), key="setup_device")
+        devices = ["preset", "auto", "cpu", "cuda"]
+        device = c3.selectbox("Device", devices, index=devices.index(base.device or "preset"), key="setup_device")
     settings = RunSettings(data=data.strip(), validation=(validation or "").strip() or None, val_from_train=carve,
                            test=test.strip() or None, noise_rate=float(rate), noise_kind=kind, preset=preset,
                            epochs=int(epochs), seed=int(seed), device=None if device == "preset" else device)
@@ -96,7 +96,8 @@ def start_run(settings: RunSettings, methods: list[str]) -> None:
     state.activate(workspace, key, settings)
     workspace.save_run(key, settings.to_dict())
     if all(m in workspace.methods(key) for m in methods):
-        st.session_state["flash"] = "Every method was already computed for this configuration: loaded from the workspace."
+        st.session_state["flash"] = ("Every method was already computed for this configuration: loaded from the "
+                                     "workspace.")
         st.switch_page("views/review.py")
     models = state.models()
 
