@@ -98,3 +98,19 @@ def test_distributed_outside_torchrun_says_how_to_start_it(tmp_path):
     assert result.returncode == 2
     assert not (tmp_path / "scores.csv").exists()
     assert "torchrun --nproc_per_node" in result.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (NCCL: one GPU per rank)")
+def test_two_gpus_write_the_one_gpu_scores(tmp_path):
+    """NCCL, nn.SyncBatchNorm, bf16 autocast: rounding differs more than on the CPU, the ranking must not."""
+    args = ("score", "sample", "--method", "tracin", "--device", "cuda", *COMMON)
+    single = run_cli(*args, "--out", tmp_path / "single.csv")
+    assert single.returncode == 0, single.stderr[-3000:]
+    result = torchrun(2, "-m", "engine.cli", *args, "--out", tmp_path / "dist.csv", "--distributed")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours = pd.read_csv(tmp_path / "single.csv").set_index("index").sort_index()
+    theirs = pd.read_csv(tmp_path / "dist.csv").set_index("index").sort_index()
+    assert theirs["score"].corr(ours["score"], method="spearman") > 0.99
+    assert (theirs["predicted_label"] == ours["predicted_label"]).mean() > 0.98
