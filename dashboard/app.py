@@ -25,6 +25,7 @@ PAGES = [
     st.Page("views/detail.py", title="Sample detail", icon=":material/zoom_in:"),
     st.Page("views/recovery.py", title="Retrain & recovery", icon=":material/trending_up:"),
     st.Page("views/compare.py", title="Compare methods", icon=":material/leaderboard:"),
+    st.Page("views/loop.py", title="Close the loop", icon=":material/sync:"),
     st.Page("views/export.py", title="Export", icon=":material/download:"),
 ]
 
@@ -32,6 +33,7 @@ PAGES = [
 st.set_page_config(page_title="influence-lens", page_icon=":material/search:", layout="wide")
 # Tiny images are upscaled with nearest-neighbour; this keeps the browser from blurring them again.
 st.html("<style>img { image-rendering: pixelated; }</style>")
+state.warm_up()
 state.init()
 page = st.navigation(PAGES)
 page.run()

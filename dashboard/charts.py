@@ -207,6 +207,39 @@ def cleaning_curve_figure(curve: pd.DataFrame) -> go.Figure:
     return fig
 
 
+# -- closing the loop -----------------------------------------------------------------------------
+
+def rank_change_figure(before: np.ndarray, after: np.ndarray, reviewed: np.ndarray,
+                       flipped: np.ndarray | None = None) -> go.Figure:
+    """Rank of every sample before vs. after re-scoring (log axes; below the diagonal = now more
+    suspicious). Reviewed samples grey; with the truth known, label errors red."""
+    fig = go.Figure()
+    groups = [("reviewed", reviewed, "#9e9e9e")]
+    if flipped is None:
+        groups.append(("not reviewed", ~reviewed, PALETTE[0]))
+    else:
+        groups += [("not reviewed, label correct", ~reviewed & ~flipped, PALETTE[0]),
+                   ("not reviewed, label error", ~reviewed & flipped, "#d62728")]
+    for name, mask, colour in groups:
+        fig.add_trace(go.Scatter(x=before[mask], y=after[mask], mode="markers", name=name,
+                                 marker=dict(color=colour, size=5, opacity=0.7)))
+    top = int(max(before.max(), after.max()))
+    fig.add_trace(go.Scatter(x=[1, top], y=[1, top], mode="lines", name="unchanged",
+                             line=dict(dash="dot", color="grey")))
+    fig.update_layout(title="rank before vs. after (1 = most suspicious)", height=420,
+                      xaxis=dict(title="rank before", type="log"), yaxis=dict(title="rank after", type="log"),
+                      margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def rank_change_table(index: np.ndarray, before: np.ndarray, after: np.ndarray, given: np.ndarray,
+                      class_names: tuple[str, ...], *, among: np.ndarray, top: int = 15) -> pd.DataFrame:
+    """The samples (of ``among``) that climbed most towards the top of the ranking."""
+    frame = pd.DataFrame({"index": index, "given": np.asarray(class_names, dtype=object)[given],
+                          "rank before": before, "rank after": after, "climbed": before - after})[among]
+    return frame.sort_values(["climbed", "rank after"], ascending=[False, True]).head(top).reset_index(drop=True)
+
+
 # -- method comparison ----------------------------------------------------------------------------
 
 def roc_figure(curves: dict[str, dict[str, pd.DataFrame]], aurocs: dict[str, float]) -> go.Figure:

@@ -11,12 +11,14 @@ import argparse
 import json
 import logging
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import streamlit as st
+import torch
 
 from engine.errors import InfluenceLensError
 from engine.explain import feature_map
@@ -72,6 +74,16 @@ def _ranks(path: str, key: str, method: str, methods: tuple[str, ...]) -> np.nda
 def feature_xy(path: str, key: str, method: str) -> np.ndarray:
     """The 2-D map of the run's training features (PCA or t-SNE)."""
     return feature_map(Workspace(path).arrays(key)["features"], method=method)
+
+
+@st.cache_resource
+def warm_up() -> threading.Thread:
+    """Build a throw-away optimizer in the background once per server: the first one costs ~3 s of
+    imports (torch._dynamo), which would otherwise land in the user's first run."""
+    thread = threading.Thread(target=lambda: torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1),
+                              name="influence-lens warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 @st.cache_resource

@@ -44,7 +44,9 @@ def require_run() -> state.Active:
         with st.expander("Scoring the other methods…" if run.ready else "Scoring…", expanded=not run.ready):
             jobs.watch(job_key, rerun_when=lambda: len(run.workspace.methods(run.key)) > stored)
     if not run.ready:
-        if job is None or not job.running:
+        if job is not None and job.error:
+            st.error(f"Scoring failed: {job.error}")
+        elif job is None or not job.running:
             st.info("This run has no results yet.")
             st.page_link("views/setup.py", label="Set up a run", icon=":material/tune:")
         st.stop()

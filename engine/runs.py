@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from engine.data import NOISE_KINDS, Dataset, load_dataset
 from engine.device import DEVICE_NAMES
@@ -143,6 +144,27 @@ def load_run_data(settings: RunSettings, *, skip_unreadable: bool = True) -> Run
     return RunData(train_set, full, validation, trusted, test, flipped, clean, fingerprint(train_set, validation))
 
 
+def reviewed_validation(data: RunData, decisions: pd.DataFrame) -> Dataset:
+    """A trusted validation set grown by the samples a person reviewed (METHODS.md §4: "the samples
+    a person has reviewed and confirmed or relabeled"): confirmed ones with their given label,
+    relabeled ones with the new label, after the run's own validation set when that one is trusted.
+    Rows are re-indexed 0..M-1 (the two sets' indices may overlap)."""
+    decided = decisions.set_index("index")
+    reviewed = decided[decided["action"].isin(["keep", "relabel"])]
+    rows = np.flatnonzero(np.isin(data.train.index, reviewed.index))
+    if not len(rows):
+        raise DataError("no reviewed samples yet: confirm or relabel some first")
+    action = reviewed.loc[data.train.index[rows], "action"].to_numpy()
+    new_label = reviewed.loc[data.train.index[rows], "new_label"].to_numpy()
+    labels = np.where(action == "relabel", new_label, data.train.labels[rows])
+    parts = [(data.train.images[rows], labels)]
+    if data.validation is not None and data.validation_trusted:
+        parts.insert(0, (data.validation.images, data.validation.labels))
+    images = np.concatenate([p[0] for p in parts])
+    return Dataset(images, np.concatenate([p[1] for p in parts]).astype(np.int64), data.train.class_names,
+                   source=f"{data.train.source or 'training'}: reviewed samples as validation")
+
+
 def config_hash(settings: RunSettings, data: RunData) -> str:
     """Identifies the trained model: the settings that shape it and the data it saw (not the test set)."""
     values = {k: v for k, v in settings.to_dict().items() if k != "test"}
@@ -169,9 +191,8 @@ def score_into(workspace: Workspace, settings: RunSettings, data: RunData, metho
                             validation_trusted=data.validation_trusted, config=settings.train_config(),
                             trained=trained, settings=settings.method_settings([method]), progress=progress,
                             stages=stages)
-        if trained is None:
-            trained = run.trained
-            _store_model_outputs(workspace, key, data, run)
+        trained = run.trained
+        _store_model_outputs(workspace, key, data, run)  # also when a model was handed in: a new key
         workspace.save_result(key, run.results[method])
     return key, trained
 

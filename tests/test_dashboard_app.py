@@ -130,7 +130,7 @@ def test_bulk_action_on_selected_samples_is_one_batch(session_dir):
 def test_every_page_renders(session_dir):
     at = new_session()
     for page in ("views/setup.py", "views/review.py", "views/detail.py", "views/recovery.py", "views/compare.py",
-                 "views/export.py"):
+                 "views/loop.py", "views/export.py"):
         at.switch_page(page).run()
         assert not at.exception, (page, at.exception)
         assert not at.error, (page, [e.value for e in at.error])
@@ -177,3 +177,29 @@ def test_export_page_offers_the_three_csvs(session_dir):
     assert not at.exception
     labels = [b.proto.label for b in at.get("download_button")]
     assert labels == ["Cleaned labels (CSV)", "Decision log (CSV)", "Decisions for `influence-lens retrain`"]
+
+
+def test_close_the_loop_rescoring_with_reviewed_samples(session_dir):
+    """Runs last in this module: it makes the re-scored run the latest one in the workspace."""
+    needing = [m for m in available_methods() if scorer_class(m).requires_validation]
+    if not needing:
+        pytest.skip("no registered method needs a validation set")
+    path = workspace_file(session_dir)
+    at = new_session("views/review.py")
+    accepts = [b.key for b in at.button if (b.key or "").startswith("accept_") and not b.disabled][:2]
+    for key in accepts:
+        at.button(key=key).click().run()
+    at.switch_page("views/loop.py").run()
+    at.multiselect(key="loop_methods").set_value([needing[0]])
+    at.button(key="loop_run").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    finish_jobs()
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    workspace = Workspace(path)
+    latest = workspace.runs()["config_hash"][0]
+    loop = workspace.report(latest, "loop")
+    assert loop["size"] == 359 + 2  # the trusted sample:val split plus the two relabeled samples
+    assert workspace.methods(latest) == [needing[0]]
+    assert [m.label for m in at.metric][1] == f"AUROC on the unreviewed samples, {needing[0]}"
+    assert len(at.dataframe[0].value) == 15  # the samples that climbed most

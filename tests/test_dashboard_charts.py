@@ -147,3 +147,18 @@ def test_comparison_figures_and_table():
     assert table["method"].tolist() == ["good", "random"]
     assert table.loc[0, "AUROC"] == metrics["good"]["auroc"]
     assert table.loc[0, "precision@k"] == metrics["good"]["precision_at_k"]
+
+
+def test_rank_change_figure_and_table():
+    before, after = np.array([1, 2, 3, 4, 5]), np.array([5, 1, 2, 3, 4])
+    reviewed = np.array([True, False, False, False, False])
+    flipped = np.array([False, False, True, False, True])
+    fig = charts.rank_change_figure(before, after, reviewed, flipped)
+    assert [t.name for t in fig.data] == ["reviewed", "not reviewed, label correct", "not reviewed, label error",
+                                          "unchanged"]
+    assert list(fig.data[2].x) == [3, 5] and list(fig.data[2].y) == [2, 4]
+    assert [t.name for t in charts.rank_change_figure(before, after, reviewed).data][:2] == ["reviewed", "not reviewed"]
+    table = charts.rank_change_table(np.arange(10, 15), before, after, np.array([0, 1, 2, 0, 1]), NAMES,
+                                     among=~reviewed, top=2)
+    assert table["index"].tolist() == [11, 12] and table["climbed"].tolist() == [1, 1]
+    assert table["given"].tolist() == ["one", "two"]

@@ -127,3 +127,25 @@ def test_run_settings_key_the_workspace_by_labelled_data(tiny_npz):
     assert RunSettings(preset="full-gpu").train_config().model == "resnet18"
     with pytest.raises(Exception, match="preset"):
         RunSettings(preset="huge").validate()
+
+
+def test_reviewed_validation_adds_confirmed_and_relabeled_samples(tiny_npz):
+    import pandas as pd
+
+    from engine.errors import DataError
+    from engine.runs import reviewed_validation
+
+    data = load_run_data(RunSettings(data=tiny_npz, validation=tiny_npz))
+    decisions = pd.DataFrame({"index": [2, 5, 7, 99], "action": ["keep", "relabel", "drop", "relabel"],
+                              "new_label": [-1, 0, -1, 1], "decided_at": ["t"] * 4})
+    grown = reviewed_validation(data, decisions)
+    n = len(data.validation)
+    assert len(grown) == n + 2 and grown.index.tolist() == list(range(n + 2))
+    np.testing.assert_array_equal(grown.images[n:], data.train.images[[2, 5]])
+    assert grown.labels[n:].tolist() == [data.train.labels[2], 0]  # confirmed keeps its label, relabeled takes the new
+    carved = load_run_data(RunSettings(data=tiny_npz, val_from_train=0.2))
+    kept = [i for i in (2, 5) if i in carved.train.index]
+    if kept:  # the carved (untrusted) validation set is left out: only the reviewed rows remain
+        assert len(reviewed_validation(carved, decisions)) == len(kept)
+    with pytest.raises(DataError, match="no reviewed samples"):
+        reviewed_validation(data, decisions[decisions["action"] == "drop"])
