@@ -20,7 +20,7 @@ from engine.scorers import available_methods, scorer_class
 from engine.workspace import Workspace
 
 APP = str(REPO_ROOT / "dashboard" / "app.py")
-NOISE = 0.1
+NOISE, KIND = 0.1, "symmetric"
 
 
 def finish_jobs() -> None:
@@ -56,6 +56,7 @@ def folder(tmp_path_factory):
         at.multiselect(key="setup_methods").set_value(["loss"])
         at.toggle(key="setup_demo").set_value(True).run()
         at.slider(key="setup_rate").set_value(NOISE)
+        at.selectbox(key="setup_kind").set_value(KIND)
         at.number_input(key="setup_epochs_fast-cpu").set_value(2)
         at.button(key="run").click().run()
         assert not at.exception and not at.error, [e.value for e in at.error]
@@ -139,7 +140,7 @@ def test_every_page_renders(session_dir):
 def test_compare_page_shows_the_methods_aurocs(session_dir):
     at = new_session("views/compare.py")
     table = at.dataframe[0].value
-    data = load_run_data(RunSettings(noise_rate=NOISE, epochs=2))
+    data = load_run_data(RunSettings(noise_rate=NOISE, noise_kind=KIND, epochs=2))
     (path,) = [workspace_file(session_dir)]
     workspace = Workspace(path)
     key = workspace.runs()["config_hash"][0]

@@ -11,6 +11,7 @@ from engine.explain import MAP_METHODS, class_confusion
 
 PER_ROW = 6
 PAGE_SIZES = (12, 24, 48, 96)
+TSNE_MAX_ROWS = 10_000  # scikit-learn's t-SNE takes minutes beyond this on a CPU; PCA is offered alone then
 QUIET = {"displayModeBar": False}  # the tool bar hides the titles of these small charts; lasso is the drag mode
 
 
@@ -74,8 +75,8 @@ with st.expander("Overview: score histogram, given vs. suggested, feature map", 
     counts = class_confusion(run.data.train.labels[flagged_mask], result.suggested_labels[flagged_mask], len(names))
     cell_event = m.plotly_chart(charts.confusion_figure(counts, names), on_select="rerun", selection_mode="points",
                                 key=f"confusion_{st.session_state.get('confusion_key', 0)}", config=QUIET)
-    map_method = f.radio("Map", MAP_METHODS, horizontal=True, key="map_method", label_visibility="collapsed",
-                         format_func=lambda x: {"pca": "PCA", "tsne": "t-SNE"}[x])
+    map_method = f.radio("Map", MAP_METHODS if n <= TSNE_MAX_ROWS else ("pca",), horizontal=True, key="map_method",
+                         label_visibility="collapsed", format_func=lambda x: {"pca": "PCA", "tsne": "t-SNE"}[x])
     xy = state.feature_xy(str(run.workspace.path), run.key, map_method)
     map_event = f.plotly_chart(charts.feature_map_figure(xy, run.data.train.labels, run.data.train.index, flagged_mask,
                                                          names),

