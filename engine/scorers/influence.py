@@ -92,7 +92,9 @@ class EKFACInfluenceScorer(Scorer):
     @dataclass(frozen=True)
     class Settings:
         damping: float = DEFAULT_RELATIVE_DAMPING  # λ per layer, a multiple of its mean corrected eigenvalue
-        fisher: str = "exact"  # exact GGN (C backward passes per batch) or one sampled label per sample
+        # The fit runs over the whole training set: one label sampled from p per sample (one backward
+        # pass) instead of the exact GGN's C; as good on the digits (small-CNN Spearman 0.996 both).
+        fisher: str = "sampled"
         # Suggestions by argmin over every label (C backward passes per batch) instead of θ*'s argmax:
         # measured no better on the digits (relabel top-1 0.880 vs 0.889), so off by default.
         candidate_labels: bool = False
