@@ -187,17 +187,32 @@ def _batched_passes(model: nn.Module, layers: list[nn.Module], task: ImageTask, 
         model.train(was_training)
 
 
-def _fisher_gradients(fisher: str, generator: torch.Generator) -> Callable[[torch.Tensor, int], list[torch.Tensor]]:
-    """Output gradients whose outer products average to the GGN's diag p − ppᵀ."""
+def _fisher_gradients(fisher: str, uniforms: np.ndarray) -> Callable[[torch.Tensor, int], list[torch.Tensor]]:
+    """Output gradients whose outer products average to the GGN's diag p − ppᵀ.
+
+    ``sampled`` draws row i's label by inverting p's CDF at ``uniforms[i]``: fixed per sample, so
+    the draw does not depend on batching or on where the row sits.
+    """
     def exact(p: torch.Tensor, lo: int) -> list[torch.Tensor]:
         eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
         return [p[:, k:k + 1].sqrt() * (eye[k] - p) for k in range(p.shape[1])]
 
     def sampled(p: torch.Tensor, lo: int) -> list[torch.Tensor]:
-        labels = torch.multinomial(p.cpu(), 1, generator=generator).squeeze(1).to(p.device)
+        u = torch.as_tensor(uniforms[lo:lo + len(p)], dtype=p.dtype, device=p.device)
+        labels = (p.cumsum(1) < u[:, None]).sum(1).clamp(max=p.shape[1] - 1)
         return [label_gradients(p, labels)]
 
     return exact if fisher == "exact" else sampled
+
+
+def sample_uniforms(sample_ids: np.ndarray, seed: int) -> np.ndarray:
+    """A uniform in [0, 1) per sample id (splitmix64 of id and seed): the same id, the same draw."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(sample_ids, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(2**53)
 
 
 def label_gradients(probabilities: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -236,15 +251,21 @@ class EKFAC:
     def fit(cls, model: nn.Module, task: ImageTask, images: np.ndarray, device: torch.device | str, *,
             layers: list[nn.Module] | None = None, fisher: str = "exact",
             relative_damping: float = DEFAULT_RELATIVE_DAMPING, damping: float | None = None,
-            batch_size: int = 256, seed: int = 0, progress: Progress = no_progress) -> EKFAC:
+            batch_size: int = 256, seed: int = 0, sample_ids: np.ndarray | None = None,
+            progress: Progress = no_progress) -> EKFAC:
+        """Fit on ``images``; ``sample_ids`` (default: row positions) fix each row's sampled Fisher
+        label, so pass the dataset's stable index to make the fit independent of row order."""
         if fisher not in FISHER_MODES:
             raise OptionError("fisher", fisher, FISHER_MODES)
         layers = list(layers) if layers is not None else curvature_layers(model)
         names = {module: name for name, module in model.named_modules()}
         args = (model, layers, task, images, device, batch_size)
 
-        def gradients():  # the same labels in both passes when sampled
-            return _fisher_gradients(fisher, torch.Generator().manual_seed(seed))
+        ids = np.arange(len(images)) if sample_ids is None else np.asarray(sample_ids)
+        uniforms = sample_uniforms(ids, seed)
+
+        def gradients():  # the same sampled labels in both passes
+            return _fisher_gradients(fisher, uniforms)
 
         # Pass 1: covariances of layer inputs (over samples and positions) and output gradients.
         cov_a = {layer: 0 for layer in layers}

@@ -157,11 +157,15 @@ def test_ekfac_ranks_like_the_explicit_whole_network_ggn_on_a_small_cnn():
     assert spearmanr(sampled.scores(TASK, images, labels, "cpu"), explicit)[0] >= 0.9
 
 
-def test_ekfac_does_not_depend_on_batch_size_or_sample_order():
+@pytest.mark.parametrize("fisher", ["exact", "sampled"])
+def test_ekfac_does_not_depend_on_batch_size_or_sample_order(fisher):
+    """Sampled Fisher labels are keyed by sample id, so they too follow the rows."""
     images, labels = _images(n=50)
+    ids = np.arange(100, 150)
     model = _tiny_cnn().eval()
-    reference = EKFAC.fit(model, TASK, images, "cpu", batch_size=64).scores(TASK, images, labels, "cpu")
+    reference = EKFAC.fit(model, TASK, images, "cpu", batch_size=64, fisher=fisher, sample_ids=ids).scores(
+        TASK, images, labels, "cpu")
     order = np.random.default_rng(0).permutation(len(labels))
-    ekfac = EKFAC.fit(model, TASK, images[order], "cpu", batch_size=7)
+    ekfac = EKFAC.fit(model, TASK, images[order], "cpu", batch_size=7, fisher=fisher, sample_ids=ids[order])
     np.testing.assert_allclose(ekfac.scores(TASK, images[order], labels[order], "cpu", batch_size=11),
                                reference[order], rtol=1e-8)

@@ -109,7 +109,7 @@ class FVMScorer(_ValidationMinimumScorer):
             if self.settings.curvature == "last":
                 fit = predict(model, trained.task, validation.images, trained.device)
                 return fit_last_layer(model, fit, trained.device, self.settings.damping)
-            return fit_ekfac(model, trained.task, validation.images, trained.device, self.settings, context.progress)
+            return fit_ekfac(model, trained.task, validation, trained.device, self.settings, context.progress)
 
         self.curvature = context.cached("curvature", (self.name, self.settings), fit_curvature,
                                         curvature_codec(model, trained.device), label=self.name)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from engine.curvature import DEFAULT_RELATIVE_DAMPING, EKFAC, FISHER_MODES, LastLayerCurvature
+from engine.data import Dataset
 from engine.errors import OptionError
 from engine.progress import Progress
 from engine.scorers.base import Scorer, ScoringContext
@@ -45,12 +46,13 @@ def last_layer_influence(curvature: LastLayerCurvature, target: Predictions,
     return candidates[np.arange(len(labels)), labels], candidates.argmin(1), info
 
 
-def fit_ekfac(model: nn.Module, task: ImageTask, images: np.ndarray, device: torch.device, settings,
+def fit_ekfac(model: nn.Module, task: ImageTask, fit: Dataset, device: torch.device, settings,
               progress: Progress) -> EKFAC:
+    """EK-FAC on the fitting rows; sampled Fisher labels keyed by their stable index (order-free)."""
     if settings.fisher not in FISHER_MODES:
         raise OptionError("fisher", settings.fisher, FISHER_MODES)
-    return EKFAC.fit(model, task, images, device, fisher=settings.fisher, relative_damping=settings.damping,
-                     batch_size=settings.batch_size, seed=settings.seed, progress=progress)
+    return EKFAC.fit(model, task, fit.images, device, fisher=settings.fisher, relative_damping=settings.damping,
+                     batch_size=settings.batch_size, seed=settings.seed, sample_ids=fit.index, progress=progress)
 
 
 def ekfac_influence(ekfac: EKFAC, task: ImageTask, images: np.ndarray, labels: np.ndarray, device: torch.device,
@@ -106,7 +108,7 @@ class EKFACInfluenceScorer(Scorer):
         trained = context.trained
         self.ekfac = context.cached(
             "curvature", (self.name, self.settings),
-            lambda: fit_ekfac(trained.model, trained.task, context.train.images, trained.device, self.settings,
+            lambda: fit_ekfac(trained.model, trained.task, context.train, trained.device, self.settings,
                               context.progress),
             curvature_codec(trained.model, trained.device), label=self.name)
 
