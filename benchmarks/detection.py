@@ -386,12 +386,14 @@ def write_tables(exp: Experiment, rows: list[dict], args: argparse.Namespace, si
     accuracy = f", test accuracy {training['test_accuracy']:.4f}" if "test_accuracy" in training else ""
     md = [f"# Detection: `{exp.name}` ({size_name} size)", "",
           "```", args.command, "```", "",
-          f"Run {args.started} on {args.machine}. The CPU is shared with other jobs, so seconds are noisy "
-          "(±50% or worse); compare them within a table, not across runs.", ""]
+          f"Run {args.started} on {args.machine}." + (
+              " The CPU is shared with other jobs, so seconds are noisy (±50% or worse); compare them within a "
+              "table, not across runs." if training["device"] == "cpu" else ""), ""]
     md += [f"- {line}" for line in exp.description]
     md += [f"- Model θ*: {training['model']} on {training['device']}, {training['epochs']} epochs, batch "
            f"{training['batch_size']}, peak lr {training['learning_rate']}, seed {args.seed}; trained in "
-           f"{training['seconds']:.1f} s; accuracy on the given training labels {training['train_accuracy']:.4f}, "
+           f"{training['seconds']:.1f} s; last-epoch accuracy on the given (augmented) training labels "
+           f"{training['train_accuracy']:.4f}, "
            f"validation {training['validation_accuracy']:.4f}{accuracy}.", ""]
     real = exp.test is None
     k = int(exp.is_noisy.sum())
