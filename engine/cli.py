@@ -20,6 +20,7 @@ from engine.data import NOISE_KINDS, load_dataset
 from engine.device import DEVICE_NAMES
 from engine.distributed import LOCAL, from_torchrun
 from engine.errors import InfluenceLensError
+from engine.guidance import scoring_advice
 from engine.metrics import detection_metrics
 from engine.models import MODEL_NAMES
 from engine.pipeline import (
@@ -42,7 +43,8 @@ from engine.workspace import Workspace
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help="training epochs (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed for training and noise (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="seed for training and noise (default %(default)s)")
     parser.add_argument("--lr", type=float, default=defaults.learning_rate,
                         help="peak learning rate of the schedule (default %(default)s)")
     parser.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICE_NAMES)}")
@@ -165,11 +167,14 @@ def _score(args: argparse.Namespace) -> dict | None:
                         progress=tqdm_progress() if distributed.is_main else no_progress, distributed=distributed)
     if not distributed.is_main:
         return None  # rank 0 writes the one merged result
-    _write_scores(run.table(args.method, flipped), out)
+    table = run.table(args.method, flipped)
+    _write_scores(table, out)
     trained = run.trained
-    return _summary(args, config, out, start, run.results[args.method], n=len(train_set), device=str(trained.device),
-                    model=trained.model_name, validation=validation, trusted=trusted, flipped=flipped,
-                    train_seconds=run.train_seconds)
+    summary = _summary(args, config, out, start, run.results[args.method], n=len(train_set),
+                       device=str(trained.device), model=trained.model_name, validation=validation, trusted=trusted,
+                       flipped=flipped, train_seconds=run.train_seconds)
+    return _with_advice(summary, scoring_advice(train_set, table, validation=validation, trusted=trusted,
+                                                info=run.results[args.method].info, history=trained.history))
 
 
 def _score_in_workspace(args: argparse.Namespace, config: TrainConfig, out: Path) -> dict:
@@ -191,7 +196,8 @@ def _score_in_workspace(args: argparse.Namespace, config: TrainConfig, out: Path
     stages = StageStore.in_workspace_folder(args.workspace)
     key, _ = score_into(workspace, settings, data, [args.method], progress=tqdm_progress(), stages=stages)
     result = workspace.results(key)[args.method]
-    _write_scores(result_table(data.train, result, workspace.arrays(key)["logits"].argmax(1), data.flipped), out)
+    table = result_table(data.train, result, workspace.arrays(key)["logits"].argmax(1), data.flipped)
+    _write_scores(table, out)
     training = workspace.report(key, "training")
     log = stages.summary() if stages.log else {"reused": ["result"], "computed": []}
     for kind in ("reused", "computed"):
@@ -201,6 +207,15 @@ def _score_in_workspace(args: argparse.Namespace, config: TrainConfig, out: Path
                        model=training["model"], validation=data.validation, trusted=data.validation_trusted,
                        flipped=data.flipped, train_seconds=training["seconds"])
     summary["workspace"] = {"file": str(workspace.path), "run": key, "stages": log}
+    return _with_advice(summary, scoring_advice(data.train, table, validation=data.validation,
+                                                trusted=data.validation_trusted, info=result.info))
+
+
+def _with_advice(summary: dict, advice: list) -> dict:
+    """Print each misuse warning on stderr (it never stops the run) and list them in the JSON."""
+    for item in advice:
+        print(f"influence-lens: warning: {item.message}", file=sys.stderr)
+    summary["warnings"] = [{"code": a.code, "message": a.message} for a in advice]
     return summary
 
 
