@@ -93,7 +93,7 @@ def _toggle_selected(index: int) -> None:
     st.session_state["selected"] = selected
 
 
-def tiles(run: state.Active, images: np.ndarray, captions: list[str], *, per_row: int = 6, size: int = 96) -> None:
+def tiles(images: np.ndarray, captions: list[str], *, per_row: int = 6, size: int = 96) -> None:
     """A row of small images with captions (neighbours on the detail page)."""
     if not len(images):
         st.caption("none")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +32,7 @@ if shutil.which("chromium") is None or not Path(CHROMEDRIVER).exists():
     pytest.skip("Debian's chromium and chromium-driver are not installed "
                 "(apt-get install -y chromium chromium-driver)", allow_module_level=True)
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
@@ -80,16 +82,31 @@ class Dashboard:
             return
         children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.process.pid)], capture_output=True,
                                   text=True).stdout.split()
-        for pid in [int(c) for c in children] + [self.process.pid]:
+        pids = [int(c) for c in children] + [self.process.pid]
+        for pid in pids:
             try:
-                os.kill(pid, 15)
+                os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        deadline = time.time() + 30  # streamlit shuts down gracefully, which can take a while
+        while time.time() < deadline and any(Path(f"/proc/{pid}").exists() and self._alive(pid) for pid in pids):
+            self.process.poll()
+            time.sleep(0.2)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.wait(timeout=10)
         self.process = None
+
+    @staticmethod
+    def _alive(pid: int) -> bool:
+        """Running (a zombie waiting to be reaped counts as gone)."""
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        except OSError:
+            return False
 
 
 @pytest.fixture
@@ -130,7 +147,11 @@ def wait_idle(driver, timeout: float = 60) -> None:
 
 
 def card_text(driver, index: int) -> str:
-    return driver.find_element(By.CSS_SELECTOR, f".st-key-card_{index}").text
+    """The card's text, or "" while Streamlit is re-rendering it."""
+    try:
+        return driver.find_element(By.CSS_SELECTOR, f".st-key-card_{index}").text
+    except (NoSuchElementException, StaleElementReferenceException):
+        return ""
 
 
 def test_fast_run_relabel_persists_across_reload_and_restart(server, browser, tmp_path):

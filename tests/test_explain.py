@@ -149,3 +149,13 @@ def test_reviewed_validation_adds_confirmed_and_relabeled_samples(tiny_npz):
         assert len(reviewed_validation(carved, decisions)) == len(kept)
     with pytest.raises(DataError, match="no reviewed samples"):
         reviewed_validation(data, decisions[decisions["action"] == "drop"])
+
+
+def test_the_dashboards_engine_modules_do_not_import_streamlit():
+    import subprocess
+    import sys
+
+    code = "import sys, engine.explain, engine.runs, engine.workspace; print('streamlit' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

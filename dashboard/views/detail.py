@@ -95,7 +95,7 @@ why = explain(position, features=run.arrays["features"], labels=train.labels, su
 validation = run.data.validation
 if validation is not None and len(why.validation[0]):
     st.markdown("**Validation images most like it** (by the model's features) and their labels")
-    widgets.tiles(run, validation.images[why.validation[0]],
+    widgets.tiles(validation.images[why.validation[0]],
                   [f"{names[int(validation.labels[p])]} · sim {s:.2f}" for p, s in zip(*why.validation, strict=True)])
 else:
     st.caption("No validation set in this run: the nearest validation images need one.")
@@ -104,5 +104,5 @@ for title, (positions, similarity) in ((f"Training images like it labelled **{na
                                        (f"Training images like it labelled **{names[suggested]}** (pulling towards "
                                         "the suggested label)", why.same_suggested)):
     st.markdown(title)
-    widgets.tiles(run, train.images[positions],
+    widgets.tiles(train.images[positions],
                   [f"#{int(train.index[p])} · sim {s:.2f}" for p, s in zip(positions, similarity, strict=True)])

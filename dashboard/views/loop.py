@@ -69,9 +69,10 @@ if loop is not None and loop["from"] != run.key:
     st.subheader("How the ranking changed")
     before_results = run.workspace.results(loop["from"])
     c1, c2 = st.columns(2)
-    before_method = c1.selectbox("Before: the previous run's", list(before_results), key="loop_before")
-    after_method = c2.selectbox("After: this run's", run.methods, key="loop_after",
-                                index=len(run.methods) - 1)
+    after_method = c2.selectbox("After: this run's", run.methods, key="loop_after", index=len(run.methods) - 1)
+    before_methods = list(before_results)
+    before_method = c1.selectbox("Before: the previous run's", before_methods, key="loop_before",
+                                 index=before_methods.index(after_method) if after_method in before_methods else 0)
     before_scores, after_scores = before_results[before_method].scores, run.results[after_method].scores
     before_ranks, after_ranks = ranks(before_scores), ranks(after_scores)
     train = run.data.train

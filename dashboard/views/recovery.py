@@ -80,7 +80,7 @@ st.markdown("Test accuracy after fixing the top 0, k, 2k, … flagged samples: "
                if truth else "fixed by accepting each method's suggestion."))
 n = len(run.data.train)
 c1, c2, c3 = st.columns(3)
-curve_methods = c1.multiselect("Methods", run.methods, default=run.methods[:2], key="curve_methods")
+curve_methods = c1.multiselect("Methods", run.methods, default=run.methods[:4], key="curve_methods")
 default_step = max(1, int(run.data.flipped.sum()) // 4 if truth else round(0.025 * n))
 step = int(c2.number_input("k (step)", 1, n, default_step, key="curve_step"))
 points = int(c3.number_input("Points", 2, 12, 5, key="curve_points"))
