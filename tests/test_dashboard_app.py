@@ -107,11 +107,13 @@ def test_relabel_reaches_the_sqlite_file_and_undo_restores(session_dir):
     decisions = Workspace(path).decisions()
     assert decisions[["index", "action"]].values.tolist() == [[index, "relabel"]]
     assert any("relabeled →" in m.value for m in at.markdown)
-    again = new_session("views/review.py")  # refresh: the decision is still shown
+    again = new_session("views/review.py")  # a refresh, or a second tab: the decision is shown
     assert any("relabeled →" in m.value for m in again.markdown)
-    again.button(key="undo").click().run()
+    again.button(key="undo").click().run()  # undo in the second tab
     assert Workspace(path).decisions().empty
     assert Workspace(path).decision_log()["action"].tolist() == ["relabel", "undo"]
+    at.run()  # the first tab sees it on its next rerun
+    assert not any("relabeled →" in m.value for m in at.markdown)
 
 
 def test_bulk_action_on_selected_samples_is_one_batch(session_dir):

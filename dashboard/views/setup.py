@@ -53,7 +53,9 @@ def settings_form(base: RunSettings, methods_before: list[str]) -> tuple[RunSett
     with right:
         st.subheader("Methods and training")
         names = available_methods()
-        default = [m for m in methods_before if m in names] or [m for m in DEFAULT_METHODS if m in names]
+        has_validation = bool(validation or carve)
+        default = [m for m in methods_before if m in names] or [
+            m for m in DEFAULT_METHODS if m in names and (has_validation or not scorer_class(m).requires_validation)]
         methods = st.multiselect(
             "Methods (several at once share one trained model)", names, default=default, key="setup_methods",
             format_func=lambda m: f"{m} ✱" if scorer_class(m).requires_validation else m,
