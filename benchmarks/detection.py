@@ -18,8 +18,13 @@ is left behind, its compact form decodes to the same pixels)::
 
     mkdir -p device_data && cp -r ../shared/data/{mnist_test.npz,*.bin,*_index.npz,label_errors} device_data/
 
-Sizes (``--size``; ``--quick`` is a smoke run) are in ``SIZES`` below. The CPU sizes were chosen so
-that ``--setting all --recovery`` with the baselines runs in about 20 minutes on two shared cores.
+Sizes (``--size``; ``--quick`` is a smoke run, about a minute per setting) are in ``SIZES`` below.
+Cost of the CPU size, measured on two cores shared with other jobs (load 2-7, one torch thread):
+``--setting all --recovery`` with all 12 registered methods took 67 min wall, 37 min CPU. if-ekfac
+is a third of it (7-9 min on each 10k real set), the four vm/fvm scorers 14 min (each repeats its
+own fine-tune), cleanlab's cross-validation 12, recovery retraining 8, training 3. The real sets
+must stay whole (10k rows, every known error), so for a quicker pass leave out the slow methods
+with ``--methods`` or run only some settings (each is independent and seeded).
 
 Every method runs through ``engine.pipeline.score_methods`` on one trained model (its own context,
 so its seconds include its own forward passes); validation goes only to methods that require it.
