@@ -189,6 +189,13 @@ def _with_synced_batchnorm(model: nn.Module, group: dist.ProcessGroup | None, de
     return synced
 
 
+def _leave_process_group() -> None:
+    """Wait for every rank before tearing down: a rank that leaves while rank 0 still writes its
+    output can make gloo abort the other process (SIGABRT, "terminate called ...")."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def from_torchrun(device_name: str = "auto") -> Distributed:
     """Join the process group that ``torchrun`` describes in the environment (destroyed at exit).
 
@@ -205,5 +212,5 @@ def from_torchrun(device_name: str = "auto") -> Distributed:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        atexit.register(dist.destroy_process_group)
+        atexit.register(_leave_process_group)
     return Distributed(dist.get_rank(), dist.get_world_size(), device, dist.new_group())
