@@ -54,6 +54,16 @@ def _layer_names(model: nn.Module) -> list[str]:
     return [names[layer] for layer in trainable_layers(model)]
 
 
+def _sum_over_checkpoints(trained: TrainedModel, weight_by_learning_rate: bool, squared_norms) -> np.ndarray:
+    """TracIn-CP: Σ_t η_t · squared_norms(model at checkpoint t, t, number of checkpoints)."""
+    checkpoints = _checkpoints(trained)
+    total = 0.0
+    for j, checkpoint in enumerate(checkpoints):
+        weight = checkpoint.learning_rate if weight_by_learning_rate else 1.0
+        total = total + weight * squared_norms(trained.model_at(checkpoint), j, len(checkpoints))
+    return np.asarray(total, dtype=np.float64)
+
+
 def _checkpoint_info(checkpoints: list[Checkpoint]) -> list[dict[str, float]]:
     return [{"epoch": c.epoch, "learning_rate": c.learning_rate} for c in checkpoints]
 
@@ -70,14 +80,14 @@ class TracInLastScorer(Scorer):
 
     def _score(self, context: ScoringContext):
         trained, train = context.trained, context.train
-        checkpoints = _checkpoints(trained)
-        scores = np.zeros(len(train))
-        for j, checkpoint in enumerate(checkpoints):
-            weight = checkpoint.learning_rate if self.settings.weight_by_learning_rate else 1.0
-            scores += weight * last_layer_sq_norms(trained.model_at(checkpoint), trained.task, train.images,
-                                                   train.labels, trained.device)
-            context.progress(j + 1, len(checkpoints), "tracin-last")
-        info = {"layers": ["head"], "checkpoints": _checkpoint_info(checkpoints)}
+
+        def head_norms(model: nn.Module, j: int, count: int) -> np.ndarray:
+            norms = last_layer_sq_norms(model, trained.task, train.images, train.labels, trained.device)
+            context.progress(j + 1, count, "tracin-last")
+            return norms
+
+        scores = _sum_over_checkpoints(trained, self.settings.weight_by_learning_rate, head_norms)
+        info = {"layers": ["head"], "checkpoints": _checkpoint_info(trained.checkpoints)}
         return scores, context.predictions.predicted, info
 
 
@@ -97,15 +107,14 @@ class TracInScorer(Scorer):
         if self.settings.norm_method not in NORM_METHODS:
             raise OptionError("norm_method", self.settings.norm_method, NORM_METHODS)
         trained, train = context.trained, context.train
-        checkpoints = _checkpoints(trained)
-        scores = np.zeros(len(train))
-        for j, checkpoint in enumerate(checkpoints):
-            weight = checkpoint.learning_rate if self.settings.weight_by_learning_rate else 1.0
-            scores += weight * per_sample_grad_sq_norms(
-                trained.model_at(checkpoint), trained.task, train.images, train.labels, trained.device,
-                batch_size=self.settings.batch_size, norm_method=self.settings.norm_method,
-                progress=_stage(context.progress, "tracin", j, len(checkpoints)))
-        info = {"layers": _layer_names(trained.model), "checkpoints": _checkpoint_info(checkpoints)}
+
+        def all_layer_norms(model: nn.Module, j: int, count: int) -> np.ndarray:
+            return per_sample_grad_sq_norms(model, trained.task, train.images, train.labels, trained.device,
+                                            batch_size=self.settings.batch_size, norm_method=self.settings.norm_method,
+                                            progress=_stage(context.progress, "tracin", j, count))
+
+        scores = _sum_over_checkpoints(trained, self.settings.weight_by_learning_rate, all_layer_norms)
+        info = {"layers": _layer_names(trained.model), "checkpoints": _checkpoint_info(trained.checkpoints)}
         return scores, context.predictions.predicted, info
 
 
