@@ -9,7 +9,9 @@ of the ranking and the expected number of label errors in the whole set.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize
@@ -42,6 +44,7 @@ class ReviewEstimate:
     reviewed: int  # samples decided so far
     calibration: tuple[float, float]  # (slope, offset) on the logit of the model's probability
     cleanlab_total: int | None = None  # cleanlab's estimate of the number of issues, when given
+    source: str = ""  # whose probabilities the estimate started from (see PROBABILITY_SOURCES)
 
     @property
     def expected_noise_rate(self) -> float:
@@ -107,6 +110,37 @@ def cleanlab_issue_count(labels: np.ndarray, out_of_sample_probabilities: np.nda
     from cleanlab.count import num_label_issues
 
     return int(num_label_issues(labels, out_of_sample_probabilities))
+
+
+# Methods whose stored ``probabilities`` come from a model that did not fit the given training labels,
+# best first: the validation minimum θ̃ (fine-tuned on the trusted set), then cleanlab's held-out folds.
+PROBABILITY_SOURCES = ("fvm-loss", "fvm", "vm-loss", "vm", "cleanlab")
+TRAINED_MODEL_SOURCE = "trained model (in-sample: it saw the labels, so it underestimates errors once it memorizes)"
+
+
+def error_probability_source(results: Mapping[str, Any], labels: np.ndarray,
+                             trained_probabilities: np.ndarray) -> tuple[str, np.ndarray]:
+    """(source, P(label wrong) per row) from the best stored probabilities of a run's results (each
+    with an ``arrays`` dict), falling back to the trained model's own probabilities."""
+    for method in PROBABILITY_SOURCES:
+        if method in results and "probabilities" in results[method].arrays:
+            return method, label_error_probability(results[method].arrays["probabilities"], labels)
+    return TRAINED_MODEL_SOURCE, label_error_probability(trained_probabilities, labels)
+
+
+def review_estimate(results: Mapping[str, Any], ranked_by: str, labels: np.ndarray, trained_probabilities: np.ndarray,
+                    *, reviewed_rows: np.ndarray | None = None, reviewed_is_error: np.ndarray | None = None,
+                    threshold: float = 0.5) -> ReviewEstimate:
+    """:func:`estimate_review_depth` for one scored run: the ranking of method ``ranked_by``, the best
+    probability source among the results, cleanlab's count on its held-out probabilities when it ran."""
+    source, prob = error_probability_source(results, labels, trained_probabilities)
+    cleanlab = results.get("cleanlab")
+    cleanlab_total = (cleanlab_issue_count(labels, cleanlab.arrays["probabilities"])
+                      if cleanlab is not None and "probabilities" in cleanlab.arrays else None)
+    estimate = estimate_review_depth(results[ranked_by].scores, prob, reviewed_rows=reviewed_rows,
+                                     reviewed_is_error=reviewed_is_error, threshold=threshold,
+                                     cleanlab_total=cleanlab_total)
+    return replace(estimate, source=source)
 
 
 # ---------------------------------------------------------------------------------------------

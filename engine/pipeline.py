@@ -156,7 +156,8 @@ def _score_in_stages(scorer, context: ScoringContext) -> ScoreResult:
             prepared = True
         part = scorer.score(context if (lo, hi) == (0, n) else context.rows(np.arange(lo, hi)))
         return {"scores": torch.from_numpy(part.scores), "suggested": torch.from_numpy(part.suggested_labels),
-                "info": json.loads(json.dumps(part.info, default=_json_value))}
+                "info": json.loads(json.dumps(part.info, default=_json_value)),
+                "arrays": {name: torch.from_numpy(a) for name, a in part.arrays.items()}}
 
     parts = [context.cached("scores", (scorer.name, scorer.settings, lo, hi), partial(compute, lo, hi), PLAIN,
                             label=scorer.name if len(shards) == 1 else f"{scorer.name}[{lo}:{hi}]")
@@ -165,7 +166,9 @@ def _score_in_stages(scorer, context: ScoringContext) -> ScoreResult:
     timings = {**scorer.timings, "score_seconds": scored}
     return ScoreResult(scorer.name, np.concatenate([p["scores"].numpy() for p in parts]),
                        np.concatenate([p["suggested"].numpy() for p in parts]), asdict(scorer.settings), timings,
-                       _merge_info([p["info"] for p in parts], [hi - lo for lo, hi in shards]))
+                       _merge_info([p["info"] for p in parts], [hi - lo for lo, hi in shards]),
+                       {name: np.concatenate([p["arrays"][name].numpy() for p in parts])
+                        for name in parts[0].get("arrays", {})})
 
 
 def _json_value(value: Any) -> Any:
@@ -207,7 +210,8 @@ def _score_distributed(scorer, context: ScoringContext, distributed: Distributed
     local = scorer.run(shard)
     return replace(local, scores=distributed.gather_rows(local.scores, n),
                    suggested_labels=distributed.gather_rows(local.suggested_labels, n),
-                   info={**local.info, "distributed": note})
+                   info={**local.info, "distributed": note},
+                   arrays={name: distributed.gather_rows(a, n) for name, a in local.arrays.items()})
 
 
 def read_decisions(path: str, dataset: Dataset) -> pd.DataFrame:

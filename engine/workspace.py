@@ -18,7 +18,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -124,6 +124,7 @@ class StoredResult:
     settings: dict[str, Any]
     timings: dict[str, float]
     info: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # per-row arrays, e.g. probabilities
 
 
 class Workspace:
@@ -238,22 +239,33 @@ class Workspace:
         return self._retrying(read)
 
     def save_result(self, config_hash: str, result) -> None:
-        """Store one method's ``ScoreResult`` (scores and suggested labels as ``.npy`` blobs)."""
+        """Store one method's ``ScoreResult`` (scores and suggested labels as ``.npy`` blobs, its per-row
+        arrays in the run's arrays as ``method/name``), in one transaction."""
         def write():
             with self._transaction() as con:
                 con.execute("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                             (config_hash, result.method, _to_blob(result.scores), _to_blob(result.suggested_labels),
                              json.dumps(result.settings, default=str), json.dumps(result.timings),
                              json.dumps(result.info, default=str), _now()))
+                con.executemany("INSERT OR REPLACE INTO arrays VALUES (?, ?, ?)",
+                                [(config_hash, f"{result.method}/{name}", _to_blob(a))
+                                 for name, a in result.arrays.items()])
         self._retrying(write)
 
     def results(self, config_hash: str) -> dict[str, StoredResult]:
-        """Every stored method result of a run, by method name."""
+        """Every stored method result of a run, by method name, with its per-row arrays."""
         def read():
             with self._reading() as con:
                 rows = con.execute("SELECT method, scores, suggested, settings, timings, info FROM results "
                                    "WHERE config_hash = ? ORDER BY created", (config_hash,)).fetchall()
-            return {m: StoredResult(m, _from_blob(s), _from_blob(g), json.loads(st), json.loads(t), json.loads(i))
+                named = con.execute("SELECT name, data FROM arrays WHERE config_hash = ? AND name LIKE '%/%'",
+                                    (config_hash,)).fetchall()
+            per_method: dict[str, dict[str, np.ndarray]] = {}
+            for name, data in named:
+                method, _, array = name.partition("/")
+                per_method.setdefault(method, {})[array] = _from_blob(data)
+            return {m: StoredResult(m, _from_blob(s), _from_blob(g), json.loads(st), json.loads(t), json.loads(i),
+                                    per_method.get(m, {}))
                     for m, s, g, st, t, i in rows}
         return self._retrying(read)
 

@@ -1,14 +1,18 @@
 """Review-depth estimate and misuse guards, on constructed cases where the answer is known."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
 from engine.data import Dataset
 from engine.guidance import (
+    TRAINED_MODEL_SOURCE,
     cleaning_test_set_warnings,
     estimate_review_depth,
     label_error_probability,
     model_warnings,
+    review_estimate,
     validation_warnings,
 )
 
@@ -58,6 +62,21 @@ def test_decisions_recalibrate_an_overconfident_model():
 def test_label_error_probability_is_one_minus_given_class_probability():
     probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
     assert label_error_probability(probs, np.array([0, 0])) == pytest.approx([0.3, 0.9])
+
+
+def test_review_estimate_reads_the_validation_model_before_the_trained_model():
+    labels = np.array([0, 1, 1, 0])
+    held_out = np.array([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9], [0.3, 0.7]])
+    memorized = np.eye(2)[labels]  # the trained model fits every given label
+    scores = np.array([0.1, 0.9, 0.2, 0.6])
+    plain = {"loss": SimpleNamespace(scores=scores, arrays={})}
+    estimate = review_estimate(plain, "loss", labels, memorized)
+    assert estimate.source == TRAINED_MODEL_SOURCE and estimate.expected_total == pytest.approx(0.0, abs=1e-3)
+    with_fvm = {**plain, "fvm-loss": SimpleNamespace(scores=scores, arrays={"probabilities": held_out})}
+    estimate = review_estimate(with_fvm, "loss", labels, memorized)
+    assert estimate.source == "fvm-loss"
+    assert estimate.expected_total == pytest.approx(0.1 + 0.8 + 0.1 + 0.7, abs=1e-3)
+    assert estimate.cleanlab_total is None
 
 
 def test_validation_guards_fire_only_when_they_should():

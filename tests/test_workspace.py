@@ -109,6 +109,19 @@ def test_results_and_arrays_round_trip(workspace):
     assert runs["settings"][0] == {"data": "sample", "epochs": 3}
 
 
+def test_per_row_arrays_of_a_result_are_stored_with_it(workspace):
+    probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]], dtype=np.float32)
+    workspace.save_run("abc", {})
+    workspace.save_result("abc", ScoreResult("fvm-loss", np.zeros(3), np.zeros(3), {}, {},
+                                             arrays={"probabilities": probabilities}))
+    workspace.save_result("abc", ScoreResult("loss", np.ones(3), np.zeros(3), {}, {}))
+    stored = Workspace(workspace.path).results("abc")
+    np.testing.assert_array_equal(stored["fvm-loss"].arrays["probabilities"], probabilities)
+    assert stored["loss"].arrays == {}
+    with pytest.raises(ValueError, match="one row per score"):
+        ScoreResult("fvm-loss", np.zeros(3), np.zeros(3), {}, {}, arrays={"probabilities": probabilities[:2]})
+
+
 def test_newer_schema_is_refused(tmp_path):
     path = tmp_path / "ws.sqlite"
     Workspace(path)

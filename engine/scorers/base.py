@@ -65,12 +65,17 @@ class ScoreResult:
     settings: dict[str, Any]
     timings: dict[str, float]
     info: dict[str, Any] = field(default_factory=dict)
+    # Per-row arrays beside the scores, e.g. ``probabilities`` (N×C) of the model that did not fit
+    # the given labels (θ̃, cleanlab's held-out folds): engine.guidance estimates review depth from them.
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.scores = np.asarray(self.scores, dtype=np.float64)
         self.suggested_labels = np.asarray(self.suggested_labels, dtype=np.int64)
         if self.scores.shape != self.suggested_labels.shape or self.scores.ndim != 1:
             raise ValueError(f"{self.method}: scores and suggested labels must be aligned 1-D arrays")
+        if any(len(a) != len(self.scores) for a in self.arrays.values()):
+            raise ValueError(f"{self.method}: every per-row array must have one row per score")
         if not np.isfinite(self.scores).all():
             raise ValueError(f"{self.method}: produced non-finite scores")
 
@@ -102,9 +107,10 @@ class Scorer:
 
     def score(self, context: ScoringContext) -> ScoreResult:
         start = time.perf_counter()
-        scores, suggested, info = self._score(context)
+        scores, suggested, info, *arrays = self._score(context)
         self.timings["score_seconds"] = time.perf_counter() - start
-        return ScoreResult(self.name, scores, suggested, asdict(self.settings), dict(self.timings), info)
+        return ScoreResult(self.name, scores, suggested, asdict(self.settings), dict(self.timings), info,
+                           arrays[0] if arrays else {})
 
     def run(self, context: ScoringContext) -> ScoreResult:
         self.prepare(context)
@@ -113,5 +119,6 @@ class Scorer:
     def _prepare(self, context: ScoringContext) -> None:
         """Expensive one-off work (fine-tuning, curvature, cross-validation); default: none."""
 
-    def _score(self, context: ScoringContext) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    def _score(self, context: ScoringContext) -> tuple:
+        """(scores, suggested labels, info) or (scores, suggested labels, info, per-row arrays)."""
         raise NotImplementedError

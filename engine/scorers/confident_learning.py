@@ -56,4 +56,5 @@ class ConfidentLearningScorer(Scorer):
     def _score(self, context: ScoringContext):
         quality = get_label_quality_scores(context.train.labels, self.pred_probs, method="self_confidence")
         accuracy = float((self.pred_probs.argmax(1) == context.train.labels).mean())
-        return 1.0 - quality, self.pred_probs.argmax(1), {"cross_validated_accuracy": accuracy}
+        return (1.0 - quality, self.pred_probs.argmax(1), {"cross_validated_accuracy": accuracy},
+                {"probabilities": self.pred_probs.astype(np.float32)})

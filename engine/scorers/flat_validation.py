@@ -70,7 +70,8 @@ class FVMLossScorer(_ValidationMinimumScorer):
     def _score(self, context: ScoringContext):
         trained = context.trained
         preds = predict(self.finetuned.model, trained.task, context.train.images, trained.device)
-        return cross_entropy(preds.logits, context.train.labels), preds.predicted, self._validation_info(context)
+        return (cross_entropy(preds.logits, context.train.labels), preds.predicted, self._validation_info(context),
+                {"probabilities": preds.probabilities.astype(np.float32)})
 
 
 @register
@@ -126,7 +127,7 @@ class FVMScorer(_ValidationMinimumScorer):
                                                       context.progress)
         info = {"curvature": self.settings.curvature, **info, **self._validation_info(context),
                 "suggestions_agree_with_argmax": float(np.mean(suggested == target.predicted))}
-        return scores, suggested, info
+        return scores, suggested, info, {"probabilities": target.probabilities.astype(np.float32)}
 
 
 @register
