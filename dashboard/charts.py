@@ -281,3 +281,30 @@ def metrics_table(metrics: dict[str, dict[str, float]]) -> pd.DataFrame:
     rows = [{"method": m, **{label: v[key] for key, label in columns.items()}} for m, v in metrics.items()]
     frame = pd.DataFrame(rows, columns=["method", *columns.values()])
     return frame.sort_values("AUROC", ascending=False, kind="stable").reset_index(drop=True)
+
+
+# -- how deep to review ---------------------------------------------------------------------------
+
+MAX_CURVE_POINTS = 2000  # a 50k-row curve drawn at every depth makes the browser crawl
+
+
+def review_depth_figure(estimate, threshold: float, cut: int) -> go.Figure:
+    """Estimated precision against review depth (``engine.guidance.ReviewEstimate``): the precision
+    of the top-d, the chance that the sample at depth d is an error, the threshold, the "review down
+    to here" line and the current cut."""
+    n = len(estimate.precision)
+    depth = np.unique(np.linspace(1, n, min(n, MAX_CURVE_POINTS)).round().astype(int))
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=depth, y=estimate.precision[depth - 1], mode="lines", name="precision of the top d",
+                             line=dict(color=PALETTE[0])))
+    fig.add_trace(go.Scatter(x=depth, y=estimate.marginal[depth - 1], mode="lines", name="P(error) at depth d",
+                             line=dict(color=PALETTE[1], dash="dot")))
+    fig.add_hline(y=threshold, line=dict(color="grey", dash="dash", width=1))
+    fig.add_vline(x=max(1, estimate.stop_depth), line=dict(color=PALETTE[3], width=2),
+                  annotation_text=f"review down to here ({estimate.stop_depth})", annotation_position="top right")
+    fig.add_vline(x=cut, line=dict(color="black", dash="dot", width=1), annotation_text=f"cut ({cut})",
+                  annotation_position="bottom right")
+    fig.update_layout(title="estimated precision vs. review depth", xaxis_title="review depth (samples, by rank)",
+                      yaxis_title="estimated precision", yaxis_range=[0, 1.02], height=320,
+                      margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.25))
+    return fig

@@ -22,7 +22,9 @@ import torch
 
 from engine.errors import InfluenceLensError
 from engine.explain import feature_map
+from engine.guidance import Advice, ReviewEstimate, cleaning_test_set_warnings, review_estimate, scoring_advice
 from engine.metrics import ranks
+from engine.pipeline import result_table
 from engine.runs import RunData, RunSettings, load_run_data
 from engine.training import Predictions, TrainedModel
 from engine.workspace import SUFFIX, StoredResult, Workspace, default_folder
@@ -131,6 +133,38 @@ class Active:
 
     def position_of(self, index: int) -> int:
         return int(np.flatnonzero(self.data.train.index == index)[0])
+
+    def review_estimate(self, method: str, threshold: float) -> ReviewEstimate:
+        """How deep to review ``method``'s ranking, recalibrated by the decisions made so far
+        (relabel or drop = a label error, keep = a correct label)."""
+        decisions = self.decisions()
+        rows = pd.Index(self.data.train.index).get_indexer(decisions["index"])
+        reviewed = tuple(zip(rows.tolist(), (decisions["action"] != "keep").tolist(), strict=True))
+        return _review_estimate(self, str(self.workspace.path), self.key, method, tuple(self.methods), reviewed,
+                                threshold)
+
+    def advice(self, method: str) -> list[Advice]:
+        """The misuse guards for this run, judged on ``method``'s flagged samples."""
+        return _advice(self, str(self.workspace.path), self.key, method, tuple(self.methods))
+
+
+@st.cache_data(max_entries=32, show_spinner="Estimating how deep to review…")
+def _review_estimate(_run: Active, path: str, key: str, method: str, methods: tuple[str, ...],
+                     reviewed: tuple[tuple[int, bool], ...], threshold: float) -> ReviewEstimate:
+    rows = np.array([r for r, _ in reviewed], dtype=np.int64)
+    is_error = np.array([e for _, e in reviewed], dtype=bool)
+    return review_estimate(_run.results, method, _run.data.train.labels, _run.predictions.probabilities,
+                           reviewed_rows=rows, reviewed_is_error=is_error, threshold=threshold)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _advice(_run: Active, path: str, key: str, method: str, methods: tuple[str, ...]) -> list[Advice]:
+    data, result = _run.data, _run.results[method]
+    table = result_table(data.train, result, _run.predictions.predicted)
+    training = _run.workspace.report(key, "training") or {}
+    return scoring_advice(data.train, table, validation=data.validation, trusted=data.validation_trusted,
+                          info=result.info, history=training.get("history")) + \
+        cleaning_test_set_warnings(data.train, data.test)
 
 
 def activate(workspace: Workspace, key: str, settings: RunSettings) -> None:

@@ -14,6 +14,7 @@ import pytest
 from conftest import REPO_ROOT
 from streamlit.testing.v1 import AppTest
 
+from engine.guidance import review_estimate
 from engine.metrics import detection_metrics
 from engine.runs import RunSettings, load_run_data
 from engine.scorers import available_methods, scorer_class
@@ -128,6 +129,35 @@ def test_bulk_action_on_selected_samples_is_one_batch(session_dir):
     assert sorted(current["index"]) == chosen and set(current["action"]) == {"drop"}
     at.button(key="undo").click().run()  # one undo takes the whole batch back
     assert Workspace(path).decisions().empty
+
+
+def test_review_depth_estimate_follows_the_decisions(session_dir):
+    path = workspace_file(session_dir)
+    workspace = Workspace(path)
+    key = workspace.runs()["config_hash"][0]
+    data = load_run_data(RunSettings(noise_rate=NOISE, noise_kind=KIND, epochs=2))
+    logits = workspace.arrays(key)["logits"].astype(np.float64)
+    probabilities = np.exp(logits - logits.max(1, keepdims=True))
+    probabilities /= probabilities.sum(1, keepdims=True)
+    expected = review_estimate(workspace.results(key), "loss", data.train.labels, probabilities)
+
+    at = new_session("views/review.py")
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Review down to"] == f"{expected.stop_depth:,}"
+    assert metrics["Found so far / estimated total"] == f"0 / {expected.expected_total:,.0f}"
+    at.button(key="flag_down_to").click().run()
+    assert at.number_input(key="review_cut").value == max(1, expected.stop_depth)
+
+    top = int(data.train.index[expected.order[0]])
+    at.button(key=f"drop_{top}").click().run()  # a confirmed error at the top of the ranking
+    assert {m.label: m.value for m in at.metric}["Found so far / estimated total"].startswith("1 / ")
+    at.button(key="undo").click().run()
+    assert Workspace(path).decisions().empty
+
+
+def test_review_page_warns_about_an_unconverged_model(session_dir):
+    at = new_session("views/review.py")  # the run trained for 2 epochs only
+    assert any("may not have converged" in w.value for w in at.warning)
 
 
 def test_every_page_renders(session_dir):

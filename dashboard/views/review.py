@@ -46,6 +46,11 @@ def clear_selection() -> None:
     st.session_state["selected"] = set()
 
 
+def flag_down_to(depth: int) -> None:
+    """Callback: move the cut to the estimated review depth."""
+    st.session_state["review_cut"] = max(1, depth)
+
+
 if st.session_state.pop("goto_detail", False):
     st.switch_page("views/detail.py")
 
@@ -61,6 +66,26 @@ cut = int(c2.number_input("Flag the top", 1, n, min(n, max(10, round(0.1 * n))),
                           help="the cut: samples ranked above it are 'flagged'"))
 only_flagged = c3.toggle("Only flagged", value=True, key="review_only_flagged")
 per_page = c4.selectbox("Images per page", PAGE_SIZES, index=1, key="review_per_page")
+
+for advice in run.advice(method):
+    st.warning(advice.message, icon=":material/warning:")
+
+with st.expander("How deep to review", expanded=True, key="review_depth"):
+    chart, numbers = st.columns([3, 1])
+    threshold = numbers.slider("Stop when precision falls below", 0.05, 0.95, 0.5, 0.05, key="review_threshold",
+                               format="%.2f", help="the estimated chance that the next sample is a label error")
+    estimate = run.review_estimate(method, threshold)
+    numbers.metric("Review down to", f"{estimate.stop_depth:,}", f"{estimate.stop_depth / n:.1%} of the set",
+                   delta_color="off")
+    numbers.metric("Found so far / estimated total", f"{estimate.found:,} / {estimate.expected_total:,.0f}",
+                   f"estimated noise rate {estimate.expected_noise_rate:.1%}", delta_color="off")
+    numbers.button("Flag down to here", key="flag_down_to", on_click=flag_down_to, args=(estimate.stop_depth,),
+                   disabled=estimate.stop_depth in (0, cut))
+    chart.plotly_chart(charts.review_depth_figure(estimate, threshold, cut), key="review_depth_chart", config=QUIET)
+    second = f" cleanlab counts {estimate.cleanlab_total:,} issues." if estimate.cleanlab_total is not None else ""
+    chart.caption(f"Estimated from the probabilities of **{estimate.source}**, recalibrated with your "
+                  f"{estimate.reviewed:,} decisions so far (relabel and drop count as errors, keep as correct); "
+                  f"the estimate of the top {cut:,} is {estimate.precision_at(cut):.0%} precision.{second}")
 
 predicted = run.predictions.predicted
 table = charts.gallery_table(run.data.train.index, result.scores, run.data.train.labels, predicted,
