@@ -20,7 +20,7 @@ from engine.data import NOISE_KINDS, load_dataset
 from engine.device import DEVICE_NAMES
 from engine.distributed import LOCAL, from_torchrun
 from engine.errors import InfluenceLensError
-from engine.guidance import scoring_advice
+from engine.guidance import review_estimate, scoring_advice
 from engine.metrics import detection_metrics
 from engine.models import MODEL_NAMES
 from engine.pipeline import (
@@ -36,8 +36,10 @@ from engine.runs import RunSettings, load_run_data, score_into
 from engine.scorers import available_methods, scorer_class
 from engine.scorers.flat_validation import CURVATURES
 from engine.stages import StageStore
-from engine.training import TrainConfig
+from engine.training import Predictions, TrainConfig
 from engine.workspace import Workspace
+
+REVIEW_DEPTHS_PERCENT = (1, 2, 5, 10)  # depths at which `score` reports the estimated precision
 
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
@@ -173,6 +175,7 @@ def _score(args: argparse.Namespace) -> dict | None:
     summary = _summary(args, config, out, start, run.results[args.method], n=len(train_set),
                        device=str(trained.device), model=trained.model_name, validation=validation, trusted=trusted,
                        flipped=flipped, train_seconds=run.train_seconds)
+    summary["review"] = _review(run.results, args.method, train_set.labels, run.context.predictions.probabilities)
     return _with_advice(summary, scoring_advice(train_set, table, validation=validation, trusted=trusted,
                                                 info=run.results[args.method].info, history=trained.history))
 
@@ -195,8 +198,9 @@ def _score_in_workspace(args: argparse.Namespace, config: TrainConfig, out: Path
     workspace = Workspace.for_data(settings.data_key(), args.workspace)
     stages = StageStore.in_workspace_folder(args.workspace)
     key, _ = score_into(workspace, settings, data, [args.method], progress=tqdm_progress(), stages=stages)
-    result = workspace.results(key)[args.method]
-    table = result_table(data.train, result, workspace.arrays(key)["logits"].argmax(1), data.flipped)
+    results, arrays = workspace.results(key), workspace.arrays(key)
+    result = results[args.method]
+    table = result_table(data.train, result, arrays["logits"].argmax(1), data.flipped)
     _write_scores(table, out)
     training = workspace.report(key, "training")
     log = stages.summary() if stages.log else {"reused": ["result"], "computed": []}
@@ -207,8 +211,19 @@ def _score_in_workspace(args: argparse.Namespace, config: TrainConfig, out: Path
                        model=training["model"], validation=data.validation, trusted=data.validation_trusted,
                        flipped=data.flipped, train_seconds=training["seconds"])
     summary["workspace"] = {"file": str(workspace.path), "run": key, "stages": log}
+    summary["review"] = _review(results, args.method, data.train.labels,
+                                Predictions(arrays["logits"].astype(np.float64), arrays["features"]).probabilities)
     return _with_advice(summary, scoring_advice(data.train, table, validation=data.validation,
                                                 trusted=data.validation_trusted, info=result.info))
+
+
+def _review(results: dict, method: str, labels: np.ndarray, trained_probabilities: np.ndarray) -> dict:
+    """How deep to review this ranking (:func:`engine.guidance.review_estimate`), for the JSON summary."""
+    estimate = review_estimate(results, method, labels, trained_probabilities)
+    depths = {f"{p}%": max(1, round(len(labels) * p / 100)) for p in REVIEW_DEPTHS_PERCENT}
+    return {"stop_depth": estimate.stop_depth, "expected_label_errors": round(estimate.expected_total, 1),
+            "expected_noise_rate": round(estimate.expected_noise_rate, 4), "probabilities_from": estimate.source,
+            "estimated_precision": {name: round(estimate.precision_at(d), 4) for name, d in depths.items()}}
 
 
 def _with_advice(summary: dict, advice: list) -> dict:

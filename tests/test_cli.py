@@ -60,6 +60,11 @@ def test_score_ends_stdout_with_a_json_summary(scored):
     # 3 epochs on 20% symmetric noise: AUROC ~0.99 (tests/test_baselines.py has the measured floors).
     assert summary["auroc"] > 0.95 and 0 < summary["ap"] <= 1 and 0 < summary["precision_at_k"] <= 1
     assert "Traceback" not in result.stderr
+    review = summary["review"]  # how deep to review, from θ*'s probabilities (loss stores none of its own)
+    assert review["probabilities_from"].startswith("trained model") and 0 <= review["stop_depth"] <= 1078
+    assert review["expected_label_errors"] == pytest.approx(1078 * review["expected_noise_rate"], abs=0.1)
+    assert list(review["estimated_precision"]) == ["1%", "2%", "5%", "10%"]
+    assert all(0 <= p <= 1 for p in review["estimated_precision"].values())
 
 
 @pytest.fixture(scope="module")

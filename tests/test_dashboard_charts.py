@@ -162,3 +162,18 @@ def test_rank_change_figure_and_table():
                                      among=~reviewed, top=2)
     assert table["index"].tolist() == [11, 12] and table["climbed"].tolist() == [1, 1]
     assert table["given"].tolist() == ["one", "two"]
+
+
+def test_review_depth_figure_marks_the_stop_and_thins_long_curves():
+    from engine.guidance import estimate_review_depth
+
+    rng = np.random.default_rng(0)
+    prob = rng.beta(0.3, 2.0, size=30_000)
+    estimate = estimate_review_depth(prob, prob, threshold=0.5)
+    fig = charts.review_depth_figure(estimate, 0.5, cut=3000)
+    precision, marginal = fig.data
+    assert len(precision.x) <= charts.MAX_CURVE_POINTS and precision.x[0] == 1 and precision.x[-1] == 30_000
+    np.testing.assert_allclose(precision.y, estimate.precision[np.asarray(precision.x) - 1])
+    np.testing.assert_allclose(marginal.y, estimate.marginal[np.asarray(marginal.x) - 1])
+    lines = {shape.line.color: shape.x0 for shape in fig.layout.shapes if shape.x0 == shape.x1}
+    assert lines[charts.PALETTE[3]] == estimate.stop_depth and lines["black"] == 3000
