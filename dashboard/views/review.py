@@ -76,9 +76,9 @@ with st.expander("How deep to review", expanded=True, key="review_depth"):
                                format="%.2f", help="the estimated chance that the next sample is a label error")
     estimate = run.review_estimate(method, threshold)
     numbers.metric("Review down to", f"{estimate.stop_depth:,}", f"{estimate.stop_depth / n:.1%} of the set",
-                   delta_color="off")
+                   delta_color="off", delta_arrow="off")
     numbers.metric("Found so far / estimated total", f"{estimate.found:,} / {estimate.expected_total:,.0f}",
-                   f"estimated noise rate {estimate.expected_noise_rate:.1%}", delta_color="off")
+                   f"estimated noise rate {estimate.expected_noise_rate:.1%}", delta_color="off", delta_arrow="off")
     numbers.button("Flag down to here", key="flag_down_to", on_click=flag_down_to, args=(estimate.stop_depth,),
                    disabled=estimate.stop_depth in (0, cut))
     chart.plotly_chart(charts.review_depth_figure(estimate, threshold, cut), key="review_depth_chart", config=QUIET)
