@@ -308,3 +308,57 @@ def review_depth_figure(estimate, threshold: float, cut: int) -> go.Figure:
                       yaxis_title="estimated precision", yaxis_range=[0, 1.02], height=320,
                       margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.25))
     return fig
+
+
+# -- why it works (the guided demo; numbers from engine.demo) ----------------------------------------
+
+DEMO_COLOURS = {"loss": "#7f7f7f", "cleanlab": PALETTE[0], "fvm": PALETTE[2], "sgd": PALETTE[3], "sam": PALETTE[2]}
+
+
+def auroc_budget_figure(budgets: dict) -> go.Figure:
+    """AUROC against the flipped labels vs. training epochs, one line per method (``numbers["budgets"]``)."""
+    fig = go.Figure([go.Scatter(x=budgets["epochs"], y=values, mode="lines+markers", name=method,
+                                line=dict(color=DEMO_COLOURS.get(method), width=3 if method == "fvm" else 2))
+                     for method, values in budgets["auroc"].items()])
+    fig.update_layout(title="finding the flipped labels vs. training length", xaxis_title="training epochs",
+                      yaxis_title="AUROC (1 = every error ranked first)", height=360,
+                      xaxis=dict(tickmode="array", tickvals=budgets["epochs"]),
+                      margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def landscape_figure(landscape: dict, labels: dict[str, str]) -> go.Figure:
+    """Validation loss along a random filter-normalised direction around θ̃ (α = 0), one line per
+    fine-tune (``numbers["landscape"]``); ``labels``: optimizer → legend text."""
+    fig = go.Figure([go.Scatter(x=landscape["alphas"], y=losses, mode="lines+markers", name=labels.get(opt, opt),
+                                line=dict(color=DEMO_COLOURS.get(opt)))
+                     for opt, losses in landscape["loss"].items()])
+    fig.add_vline(x=0, line=dict(color="grey", dash="dot", width=1), annotation_text="θ̃")
+    fig.update_layout(title="validation loss around the validation minimum θ̃",
+                      xaxis_title="step along a random direction (in filter norms)", yaxis_title="validation loss",
+                      height=360, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def demo_recovery_figure(recovery: dict) -> go.Figure:
+    """Test accuracy after relabeling the top-k by FVM (k = 0: as trained), and the all-correct ceiling
+    (``numbers["recovery"]``)."""
+    ks = [0] + [p["k"] for p in recovery["points"]]
+    accuracy = [recovery["before"]] + [p["accuracy"] for p in recovery["points"]]
+    fig = go.Figure(go.Scatter(x=ks, y=accuracy, mode="lines+markers+text", name="FVM's top-k relabeled",
+                               text=[f"{a:.1%}" for a in accuracy], textposition="top center",
+                               line=dict(color=DEMO_COLOURS["fvm"], width=3)))
+    fig.add_hline(y=recovery["clean"], line=dict(color="black", dash="dash", width=1),
+                  annotation_text=f"every label correct ({recovery['clean']:.1%})", annotation_position="bottom right")
+    low = min(accuracy + [recovery["clean"]])
+    fig.update_layout(title="test accuracy after relabeling FVM's top k", height=360, showlegend=False,
+                      xaxis=dict(title="k (images relabeled to FVM's suggestion)", tickmode="array", tickvals=ks),
+                      yaxis=dict(title="test accuracy", range=[max(0.0, low - 0.05), 1.0], tickformat=".0%"),
+                      margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def demo_caption(row: dict, class_names: list[str]) -> str:
+    """Under a top-flagged image: given → suggested, and whether the given label was one we flipped."""
+    verdict = "flipped by us" if row["flipped"] else "label was right"
+    return f"{class_names[row['given']]} → {class_names[row['suggested']]} ({verdict})"
