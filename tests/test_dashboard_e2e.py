@@ -176,6 +176,9 @@ def test_three_accepted_suggestions_persist_and_retrain(server, page, tmp_path):
         page.locator(f".st-key-accept_{index} button").first.click()
         expect_accepted(page, {index: accepted[index]})
     page.screenshot(path=shots / "3-accepted.png")
+    # the review-depth estimate counts the three relabels as confirmed errors
+    expect(page.locator(".st-key-review_depth_chart .js-plotly-plot")).to_be_visible()
+    expect(page.locator("[data-testid='stMetric']", has_text="Found so far")).to_contain_text("3 / ")
 
     (workspace_path,) = (server.folder / "workspaces").glob("*.sqlite")
     decisions = Workspace(workspace_path).decisions()
