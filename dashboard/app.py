@@ -27,6 +27,7 @@ PAGES = [
     st.Page("views/compare.py", title="Compare methods", icon=":material/leaderboard:"),
     st.Page("views/loop.py", title="Close the loop", icon=":material/sync:"),
     st.Page("views/export.py", title="Export", icon=":material/download:"),
+    st.Page("views/why.py", title="Why it works", icon=":material/lightbulb:"),
 ]
 
 

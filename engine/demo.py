@@ -265,7 +265,7 @@ def compute_demo(settings: DemoSettings, *, progress: Progress = no_progress) ->
                      "clean": evaluate(clean, data.test), "points": points},
         "seconds": round(time.perf_counter() - start, 1),
     }
-    return DemoResult(numbers, train_set.images[rows])
+    return DemoResult(json.loads(json.dumps(numbers)), train_set.images[rows])  # as the cache gives it back
 
 
 # -- the cache --------------------------------------------------------------------------------------
