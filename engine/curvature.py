@@ -22,6 +22,10 @@ that may be wrong never enter the curvature.
 
 Damping: λ = ``relative_damping`` × the mean eigenvalue (trace / dimension), per layer for EK-FAC
 (the mean of that layer's Λ), unless an absolute ``damping`` is given.
+
+Distributed (``distributed=``, :mod:`engine.distributed`): each rank passes its shard of the fitting
+rows; every statistic is a sum over rows (GGN, covariances, eigenvalue corrections, the row count)
+and is all-reduced before it is used, so every rank fits the curvature of the whole set.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.distributed import LOCAL, Distributed
 from engine.errors import OptionError
 from engine.per_sample import DEFAULT_CHUNK_ELEMENTS, LayerCapture
 from engine.progress import Progress, no_progress
@@ -74,8 +79,9 @@ def head_gradients(features, probabilities, labels, *, bias: bool = True) -> tor
 
 
 def last_layer_ggn(features, probabilities, *, bias: bool = True, dtype: torch.dtype = torch.float64,
-                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """The exact head GGN of the mean cross-entropy, (C·D, C·D), accumulated as FᵀF/M in row chunks.
+                   device: torch.device | str = "cpu", distributed: Distributed = LOCAL) -> torch.Tensor:
+    """The exact head GGN of the mean cross-entropy, (C·D, C·D), accumulated as FᵀF/M in row chunks
+    (FᵀF and M summed over the ranks' shards of the rows).
 
     Row k of sample m's factor is B_m[:, k] ⊗ â_m with B_m = (I − p_m 1ᵀ) diag(√p_m), so that
     B_m B_mᵀ = diag p_m − p_m p_mᵀ and Σ_k (B_m[:, k] ⊗ â_m)(…)ᵀ = (diag p_m − p_m p_mᵀ) ⊗ â_m â_mᵀ.
@@ -91,7 +97,7 @@ def last_layer_ggn(features, probabilities, *, bias: bool = True, dtype: torch.d
         factor = (eye - pc[:, :, None]) * pc.sqrt()[:, None, :]            # (m, C, C): B_m
         rows = (factor.transpose(1, 2)[:, :, :, None] * ac[:, None, None, :]).reshape(-1, c * d)
         ggn.addmm_(rows.T, rows)
-    return ggn / m
+    return distributed.all_reduce_sum(ggn) / int(distributed.all_reduce_sum(torch.tensor(m)))
 
 
 @dataclass(frozen=True)
@@ -106,9 +112,11 @@ class LastLayerCurvature:
     @classmethod
     def fit(cls, features, probabilities, *, bias: bool = True,
             relative_damping: float = DEFAULT_RELATIVE_DAMPING, damping: float | None = None,
-            dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> LastLayerCurvature:
-        """Fit on the fitting set's penultimate features (M, d) and softmax outputs (M, C)."""
-        ggn = last_layer_ggn(features, probabilities, bias=bias, dtype=dtype, device=device)
+            dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu",
+            distributed: Distributed = LOCAL) -> LastLayerCurvature:
+        """Fit on the fitting set's penultimate features (M, d) and softmax outputs (M, C) (this
+        rank's shard of them in a distributed run)."""
+        ggn = last_layer_ggn(features, probabilities, bias=bias, dtype=dtype, device=device, distributed=distributed)
         lam = _damping(float(ggn.diagonal().mean()), relative_damping, damping)
         ggn.diagonal().add_(lam)
         return cls(torch.linalg.cholesky(ggn), lam, bias, int(np.shape(probabilities)[1]))
@@ -252,9 +260,10 @@ class EKFAC:
             layers: list[nn.Module] | None = None, fisher: str = "exact",
             relative_damping: float = DEFAULT_RELATIVE_DAMPING, damping: float | None = None,
             batch_size: int = 256, seed: int = 0, sample_ids: np.ndarray | None = None,
-            progress: Progress = no_progress) -> EKFAC:
-        """Fit on ``images``; ``sample_ids`` (default: row positions) fix each row's sampled Fisher
-        label, so pass the dataset's stable index to make the fit independent of row order."""
+            progress: Progress = no_progress, distributed: Distributed = LOCAL) -> EKFAC:
+        """Fit on ``images`` (this rank's shard of the fitting rows in a distributed run);
+        ``sample_ids`` (default: row positions) fix each row's sampled Fisher label, so pass the
+        dataset's stable index to make the fit independent of row order and of the sharding."""
         if fisher not in FISHER_MODES:
             raise OptionError("fisher", fisher, FISHER_MODES)
         layers = list(layers) if layers is not None else curvature_layers(model)
@@ -268,20 +277,24 @@ class EKFAC:
             return _fisher_gradients(fisher, uniforms)
 
         # Pass 1: covariances of layer inputs (over samples and positions) and output gradients.
-        cov_a = {layer: 0 for layer in layers}
-        cov_s = {layer: 0 for layer in layers}
+        # Sums start at zero tensors, so a rank with no rows still takes part in the all-reduces.
+        sizes = {layer: _factor_sizes(layer) for layer in layers}
+        cov_a = {layer: _zeros(layer, sizes[layer][0], sizes[layer][0]) for layer in layers}
+        cov_s = {layer: _zeros(layer, sizes[layer][1], sizes[layer][1]) for layer in layers}
         for _, _, k, capture in _batched_passes(*args, gradients(), _half(progress, 0), "EK-FAC: covariances"):
             for layer in layers:
                 a, b = capture.factors(layer)
                 if k == 0:  # one batch in the compute dtype, the running sum in float64
                     cov_a[layer] = cov_a[layer] + (_flat(a).T @ _flat(a)).double()
                 cov_s[layer] = cov_s[layer] + (_flat(b).T @ _flat(b)).double()
+        cov_a = {layer: distributed.all_reduce_sum(cov) for layer, cov in cov_a.items()}
+        cov_s = {layer: distributed.all_reduce_sum(cov) for layer, cov in cov_s.items()}
         dtype = next(model.parameters()).dtype
         eigvecs = {layer: (torch.linalg.eigh(cov_a[layer])[1].to(dtype), torch.linalg.eigh(cov_s[layer])[1].to(dtype))
                    for layer in layers}
 
         # Pass 2: the diagonal of the GGN in each layer's Kronecker eigenbasis.
-        sums = {layer: 0 for layer in layers}
+        sums = {layer: _zeros(layer, sizes[layer][1], sizes[layer][0]) for layer in layers}
         rotated_a: dict[nn.Module, torch.Tensor] = {}
         for _, _, k, capture in _batched_passes(*args, gradients(), _half(progress, 1), "EK-FAC: eigenvalues"):
             for layer in layers:
@@ -290,10 +303,10 @@ class EKFAC:
                 if k == 0:
                     rotated_a[layer] = a @ q_a
                 sums[layer] = sums[layer] + _chunked_sum_sq(rotated_a[layer], b, q_s)
-        n = len(images)
+        n = int(distributed.all_reduce_sum(torch.tensor(len(images))))
         bases = {}
         for layer in layers:
-            eigenvalues = sums[layer] / n
+            eigenvalues = distributed.all_reduce_sum(sums[layer]) / n
             lam = _damping(float(eigenvalues.mean()), relative_damping, damping)
             bases[layer] = _LayerBasis(*eigvecs[layer], eigenvalues.to(dtype), lam)
         return cls(model, bases, [names[layer] for layer in layers])
@@ -337,6 +350,15 @@ class EKFAC:
                 out = np.empty((len(images), max(1, candidates)))
             out[lo:hi, k] = total.double().cpu().numpy()
         return out[:, 0] if labels is not None else out
+
+
+def _factor_sizes(layer: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of :meth:`LayerCapture.factors`: inputs (patches for Conv2d) with the bias column."""
+    return layer.weight[0].numel() + (layer.bias is not None), layer.weight.shape[0]
+
+
+def _zeros(layer: nn.Module, rows: int, columns: int) -> torch.Tensor:
+    return torch.zeros(rows, columns, dtype=torch.float64, device=layer.weight.device)
 
 
 def _chunks(a_rot: torch.Tensor, b: torch.Tensor) -> Iterator[slice]:

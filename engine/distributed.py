@@ -14,15 +14,21 @@ Every rank loads the same data and runs the same seeded code; only three things 
   the averaged gradient is exactly the full batch's mean-loss gradient even when the parts differ in
   size. The trained model equals the single-process one up to float rounding (summation order).
 * **Scoring** (:func:`engine.pipeline.score_methods` with ``distributed=``): θ*'s predictions on
-  the training rows are computed one contiguous shard per rank and all-gathered. A scorer that
-  declares ``row_local`` (a row's score depends only on that row, the model and the validation
-  set, never on other training rows) scores only its rank's shard; scores and suggestions are
-  all-gathered in row order. Any other scorer runs whole on every rank (same result everywhere) and
-  says so in its ``info["distributed"]``.
+  the training rows are computed one contiguous shard per rank and all-gathered. Every rank runs
+  the scorer's ``prepare``; where it fits curvature (if-last, if-ekfac on the training rows; vm,
+  fvm on the validation rows) each rank sums the statistics over its shard of the fitting rows
+  (GGN sums, K-FAC covariances, eigenvalue corrections, counts) and :meth:`Distributed.all_reduce_sum`
+  adds them up, so every rank holds the curvature of the whole set. A fine-tuned θ̃ (vm, fvm) is
+  trained by every rank alike and rank 0's weights are broadcast (:meth:`Distributed.broadcast_module`),
+  so the ranks agree bit for bit even where kernels are not deterministic. cleanlab trains its folds
+  round-robin across the ranks and all-reduces the held-out probabilities. Then a scorer that is
+  ``row_local`` or ``prepared_row_local`` (once prepared, a row's score depends only on that row)
+  scores only its rank's shard; scores, suggestions and per-row arrays are all-gathered in row
+  order. Any other scorer scores every row on every rank (the same result everywhere) and says so
+  in its ``info["distributed"]``.
 * **Output**: only rank 0 (:attr:`Distributed.is_main`) writes the CSV and prints the JSON line.
 
-Sums over samples (curvature statistics, counts) are combined with :meth:`Distributed.all_reduce_sum`;
-single-process, every method here is the identity, so the engine's code paths do not branch.
+Single-process, every method here is the identity, so the engine's code paths do not branch.
 Backends: NCCL with one GPU per rank (``LOCAL_RANK``), gloo on the CPU.
 """
 
@@ -82,6 +88,24 @@ class Distributed:
         total = tensor.detach().to(self.device, copy=True)
         dist.all_reduce(total)
         return total.to(tensor.device)
+
+    def broadcast_module(self, module: nn.Module) -> None:
+        """Overwrite ``module``'s parameters and buffers, in place, with rank 0's on every rank."""
+        if self.world_size == 1:
+            return
+        with torch.no_grad():
+            for tensor in chain(module.parameters(), module.buffers()):
+                value = tensor.detach().to(self.device, copy=True)
+                dist.broadcast(value, src=0)
+                tensor.copy_(value)
+
+    def gather_objects(self, value: object) -> list:
+        """Every rank's ``value`` (picklable), in rank order, on every rank."""
+        if self.world_size == 1:
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
 
     def gather_rows(self, local: np.ndarray, n: int) -> np.ndarray:
         """Every rank's :meth:`shard` of an ``n``-row array, concatenated in row order, on every rank."""

@@ -116,6 +116,8 @@ def score_methods(train_set: Dataset, methods: list[str], *, validation: Dataset
     if stages is not None and distributed.world_size > 1:
         raise InfluenceLensError("a resumable run (a workspace) runs in one process; drop the workspace or "
                                  "the distributed launch")
+    if len(train_set) < distributed.world_size:
+        raise DataError(f"{len(train_set)} training rows cannot be shared among {distributed.world_size} ranks")
     for name in methods:
         if scorer_class(name).requires_validation and validation is None:
             raise DataError(f"method {name!r} {TRUSTED_VALIDATION_HELP}")
@@ -127,7 +129,8 @@ def score_methods(train_set: Dataset, methods: list[str], *, validation: Dataset
     if trained is None:
         trained = train(train_set, config, progress=progress, distributed=distributed)
     stage_key = digest(training_key(train_set, trained.config), fingerprint(validation)) if stages else ""
-    context = ScoringContext(train_set, trained, validation, validation_trusted, progress, stages, stage_key)
+    context = ScoringContext(train_set, trained, validation, validation_trusted, progress, stages, stage_key,
+                             distributed)
     if distributed.world_size > 1:
         context._predictions = _sharded_predictions(context, distributed)
     run = ScoringRun(context, train_seconds=time.perf_counter() - start)
@@ -177,11 +180,14 @@ def _json_value(value: Any) -> Any:
 
 def _merge_info(infos: list[dict], sizes: list[int]) -> dict:
     """One info for the shards of a row-local scorer: what all shards agree on, and the row-weighted
-    mean of numbers that differ (per-row rates such as the share of suggestions agreeing with argmax)."""
+    mean of numbers that differ (per-row rates such as the share of suggestions agreeing with argmax;
+    anything else that differs, e.g. float rounding across ranks, is the first shard's)."""
     merged = {}
     for key, value in infos[0].items():
         values = [info[key] for info in infos]
-        merged[key] = value if all(v == value for v in values) else float(np.average(values, weights=sizes))
+        numbers = all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in values)
+        merged[key] = value if all(v == value for v in values) or not numbers else \
+            float(np.average(values, weights=sizes))
     return merged
 
 
@@ -193,24 +199,23 @@ def _sharded_predictions(context: ScoringContext, distributed: Distributed) -> P
 
 
 def _score_distributed(scorer, context: ScoringContext, distributed: Distributed) -> ScoreResult:
-    """A ``row_local`` scorer scores this rank's shard, the results gathered in row order; any other
-    scorer runs whole on every rank (the same result everywhere)."""
-    note = {"ranks": distributed.world_size, "sharded": scorer.row_local}
-    if not scorer.row_local:
+    """Every rank prepares (sums over rows, such as curvature, all-reduced inside ``prepare``); a
+    ``row_local`` or ``prepared_row_local`` scorer then scores this rank's shard of rows, the results
+    and infos gathered in row order; any other scorer scores every row on every rank (the same
+    result everywhere)."""
+    sharded = scorer.row_local or scorer.prepared_row_local
+    note = {"ranks": distributed.world_size, "sharded": sharded}
+    if not sharded:
         result = scorer.run(context)
-        result.info["distributed"] = {**note, "note": "this method does not shard its rows yet: every rank "
-                                                      "computed all of them"}
+        result.info["distributed"] = {**note, "note": "every rank scored every row"}
         return result
     n = len(context.train)
-    rows = np.arange(n)[distributed.shard(n)]
-    full = context.predictions
-    shard = ScoringContext(context.train.subset(rows), context.trained, context.validation,
-                           context.validation_trusted, context.progress,
-                           _predictions=Predictions(full.logits[rows], full.features[rows]))
-    local = scorer.run(shard)
+    scorer.prepare(context)
+    local = scorer.score(context.rows(np.arange(n)[distributed.shard(n)]))
+    info = _merge_info(distributed.gather_objects(local.info), np.diff(distributed.bounds(n)).tolist())
     return replace(local, scores=distributed.gather_rows(local.scores, n),
                    suggested_labels=distributed.gather_rows(local.suggested_labels, n),
-                   info={**local.info, "distributed": note},
+                   info={**info, "distributed": note},
                    arrays={name: distributed.gather_rows(a, n) for name, a in local.arrays.items()})
 
 

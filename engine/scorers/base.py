@@ -13,6 +13,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 from engine.data import Dataset
+from engine.distributed import LOCAL, Distributed
 from engine.progress import Progress, no_progress
 from engine.stages import Codec, StageStore, digest
 from engine.training import Predictions, TrainedModel, predict
@@ -31,6 +32,7 @@ class ScoringContext:
     progress: Progress = no_progress
     stages: StageStore | None = None  # where a resumable run keeps its stages (engine.stages)
     stage_key: str = ""  # hash of the trained model's data and recipe and of the validation set
+    distributed: Distributed = LOCAL  # the ranks a prepare's sums over rows are all-reduced across
     _predictions: Predictions | None = field(default=None, repr=False)
 
     @property
@@ -47,6 +49,13 @@ class ScoringContext:
             return compute()
         return self.stages.fetch(stage, digest(self.stage_key, stage, what), compute, codec,
                                  label=f"{stage}:{label}" if label else stage)
+
+    def fitting_shard(self, rows: Dataset) -> Dataset:
+        """This rank's shard of a fitting set (the set itself single-process): a ``prepare`` sums its
+        curvature statistics over it and all-reduces them through ``distributed``."""
+        if self.distributed.world_size == 1:
+            return rows
+        return rows.subset(np.arange(len(rows))[self.distributed.shard(len(rows))])
 
     def rows(self, rows: np.ndarray) -> ScoringContext:
         """The same run restricted to some training rows (positions), sharing θ*'s predictions."""
@@ -91,6 +100,12 @@ class Scorer:
     # other training rows): distributed runs then score one shard of the rows per rank, and
     # resumable runs (engine.stages) save the scores shard by shard.
     row_local: ClassVar[bool] = False
+    # True when, once ``prepare`` has run on the whole context, a row's score depends only on that row
+    # (a ``prepare`` that fits curvature on the training rows or fine-tunes on the validation set).
+    # Distributed runs then prepare on every rank (sums over rows taken over this rank's
+    # ``context.fitting_shard`` and all-reduced through ``context.distributed``) and score one shard
+    # of rows per rank. Unlike ``row_local``, a chunk of rows alone could not be prepared.
+    prepared_row_local: ClassVar[bool] = False
 
     @dataclass(frozen=True)
     class Settings:

@@ -2,6 +2,8 @@
 
 The probabilities come from retraining the same recipe on K-1 folds; the ranking itself is the
 ``cleanlab`` package's (never re-implemented here), turned into suspicion as 1 − quality.
+In a distributed run the folds are trained round-robin across the ranks (fold k on rank k mod K)
+and the held-out probabilities all-reduced: each row is held out by exactly one fold.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 from cleanlab.rank import get_label_quality_scores
 from sklearn.model_selection import StratifiedKFold
 
@@ -38,8 +41,11 @@ class ConfidentLearningScorer(Scorer):
                             "cross-validation folds cleanlab needs")
         folds = StratifiedKFold(self.settings.folds, shuffle=True, random_state=context.trained.config.seed)
         self.pred_probs = np.zeros((len(labels), context.train.num_classes))
-        base = context.trained.config
+        base, distributed = context.trained.config, context.distributed
         for k, (fit_rows, held_rows) in enumerate(folds.split(np.zeros(len(labels)), labels)):
+            if k % distributed.world_size != distributed.rank:
+                continue  # another rank's fold
+
             def fold_progress(done: int, total: int, message: str, k: int = k) -> None:
                 context.progress(k * total + done, self.settings.folds * total, f"cleanlab cross-validation: fold {k + 1}")
 
@@ -52,9 +58,13 @@ class ConfidentLearningScorer(Scorer):
 
             self.pred_probs[held_rows] = context.cached("cv-fold", (self.settings, k), held_out_probabilities, ARRAY,
                                                         label=str(k + 1))
+        self.pred_probs = distributed.all_reduce_sum(torch.from_numpy(self.pred_probs)).numpy()
 
     def _score(self, context: ScoringContext):
         quality = get_label_quality_scores(context.train.labels, self.pred_probs, method="self_confidence")
         accuracy = float((self.pred_probs.argmax(1) == context.train.labels).mean())
-        return (1.0 - quality, self.pred_probs.argmax(1), {"cross_validated_accuracy": accuracy},
+        info = {"cross_validated_accuracy": accuracy}
+        if context.distributed.world_size > 1:  # the rank that trained each fold
+            info["fold_ranks"] = [k % context.distributed.world_size for k in range(self.settings.folds)]
+        return (1.0 - quality, self.pred_probs.argmax(1), info,
                 {"probabilities": self.pred_probs.astype(np.float32)})

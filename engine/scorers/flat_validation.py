@@ -8,6 +8,10 @@ change of the validation risk if z were up-weighted. The validation gradient is 
 no first-order term appears. ``vm-loss`` / ``fvm-loss`` report the loss at θ̃ alone, beside them
 (METHODS.md: the curvature must earn its place against it). Relabel suggestion: argmin over
 candidate labels of s(z, c), or θ̃'s argmax for the loss scorers.
+
+Distributed: every rank fine-tunes alike and takes rank 0's θ̃ (bit-identical across ranks), fits
+the validation curvature on its shard of the validation rows (sums all-reduced) and scores its
+shard of the training rows.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class _ValidationMinimumScorer(Scorer):
     """Fine-tunes θ* to θ̃ on the validation set in ``prepare``; subclasses score at θ̃."""
 
     requires_validation = True
+    prepared_row_local = True
 
     @dataclass(frozen=True)
     class Settings:
@@ -51,6 +56,7 @@ class _ValidationMinimumScorer(Scorer):
             "finetune", self.settings.finetune,
             lambda: finetune(context.trained, context.validation, self.settings.finetune, progress=context.progress),
             finetuned_codec(context.trained), label=self.settings.finetune.optimizer)
+        context.distributed.broadcast_module(self.finetuned.model)  # ranks agree even if kernels do not
         self.timings["finetune_seconds"] = self.finetuned.seconds
         return self.finetuned
 
@@ -104,13 +110,14 @@ class FVMScorer(_ValidationMinimumScorer):
             raise OptionError("curvature", self.settings.curvature, CURVATURES)
         check_damping(self.settings.damping)
         model = self._finetune(context).model
-        trained, validation = context.trained, context.validation
+        trained, validation = context.trained, context.fitting_shard(context.validation)
 
         def fit_curvature():
             if self.settings.curvature == "last":
                 fit = predict(model, trained.task, validation.images, trained.device)
-                return fit_last_layer(model, fit, trained.device, self.settings.damping)
-            return fit_ekfac(model, trained.task, validation, trained.device, self.settings, context.progress)
+                return fit_last_layer(model, fit, trained.device, self.settings.damping, context.distributed)
+            return fit_ekfac(model, trained.task, validation, trained.device, self.settings, context.progress,
+                             context.distributed)
 
         self.curvature = context.cached("curvature", (self.name, self.settings), fit_curvature,
                                         curvature_codec(model, trained.device), label=self.name)

@@ -5,6 +5,7 @@ GGN of the mean training loss: exact for the head (``if-last``, forward passes o
 over every Linear/Conv2d layer (``if-ekfac``). Relabel suggestion: argmin over candidate labels c
 of s(z, c), the label under which z would move the model least. The helpers here are shared with
 the flat-validation scorers, which fit the same curvature on the validation set at θ̃ instead.
+In a distributed run each rank fits on its shard of the rows, the sums all-reduced, and scores its shard.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from engine.curvature import DEFAULT_RELATIVE_DAMPING, EKFAC, FISHER_MODES, LastLayerCurvature
 from engine.data import Dataset
+from engine.distributed import LOCAL, Distributed
 from engine.errors import OptionError
 from engine.progress import Progress
 from engine.scorers.base import Scorer, ScoringContext
@@ -32,10 +34,12 @@ def check_damping(damping: float) -> None:
         raise OptionError("damping", damping, ["a positive multiple of the mean curvature eigenvalue"])
 
 
-def fit_last_layer(model: nn.Module, fit: Predictions, device: torch.device, damping: float) -> LastLayerCurvature:
-    """The exact head GGN of the mean loss over the fitting rows' predictions, damped."""
+def fit_last_layer(model: nn.Module, fit: Predictions, device: torch.device, damping: float,
+                   distributed: Distributed = LOCAL) -> LastLayerCurvature:
+    """The exact head GGN of the mean loss over the fitting rows' predictions (this rank's shard of
+    them, summed across ranks), damped."""
     return LastLayerCurvature.fit(fit.features, fit.probabilities, bias=model.head.bias is not None,
-                                  relative_damping=damping, device=device)
+                                  relative_damping=damping, device=device, distributed=distributed)
 
 
 def last_layer_influence(curvature: LastLayerCurvature, target: Predictions,
@@ -47,12 +51,14 @@ def last_layer_influence(curvature: LastLayerCurvature, target: Predictions,
 
 
 def fit_ekfac(model: nn.Module, task: ImageTask, fit: Dataset, device: torch.device, settings,
-              progress: Progress) -> EKFAC:
-    """EK-FAC on the fitting rows; sampled Fisher labels keyed by their stable index (order-free)."""
+              progress: Progress, distributed: Distributed = LOCAL) -> EKFAC:
+    """EK-FAC on the fitting rows (this rank's shard of them, summed across ranks); sampled Fisher
+    labels keyed by their stable index (free of the order and of the sharding)."""
     if settings.fisher not in FISHER_MODES:
         raise OptionError("fisher", settings.fisher, FISHER_MODES)
     return EKFAC.fit(model, task, fit.images, device, fisher=settings.fisher, relative_damping=settings.damping,
-                     batch_size=settings.batch_size, seed=settings.seed, sample_ids=fit.index, progress=progress)
+                     batch_size=settings.batch_size, seed=settings.seed, sample_ids=fit.index, progress=progress,
+                     distributed=distributed)
 
 
 def ekfac_influence(ekfac: EKFAC, task: ImageTask, images: np.ndarray, labels: np.ndarray, device: torch.device,
@@ -72,6 +78,7 @@ def ekfac_influence(ekfac: EKFAC, task: ImageTask, images: np.ndarray, labels: n
 class LastLayerInfluenceScorer(Scorer):
     name = "if-last"
     description = "influence-function self-influence with the exact last-layer GGN of the training loss"
+    prepared_row_local = True
 
     @dataclass(frozen=True)
     class Settings:
@@ -79,8 +86,9 @@ class LastLayerInfluenceScorer(Scorer):
 
     def _prepare(self, context: ScoringContext) -> None:
         check_damping(self.settings.damping)
-        self.curvature = fit_last_layer(context.trained.model, context.predictions, context.trained.device,
-                                        self.settings.damping)
+        full, rows = context.predictions, context.distributed.shard(len(context.train))
+        self.curvature = fit_last_layer(context.trained.model, Predictions(full.logits[rows], full.features[rows]),
+                                        context.trained.device, self.settings.damping, context.distributed)
 
     def _score(self, context: ScoringContext):
         return last_layer_influence(self.curvature, context.predictions, context.train.labels)
@@ -90,6 +98,7 @@ class LastLayerInfluenceScorer(Scorer):
 class EKFACInfluenceScorer(Scorer):
     name = "if-ekfac"
     description = "influence-function self-influence with EK-FAC curvature of the training loss, all layers"
+    prepared_row_local = True
 
     @dataclass(frozen=True)
     class Settings:
@@ -108,8 +117,8 @@ class EKFACInfluenceScorer(Scorer):
         trained = context.trained
         self.ekfac = context.cached(
             "curvature", (self.name, self.settings),
-            lambda: fit_ekfac(trained.model, trained.task, context.train, trained.device, self.settings,
-                              context.progress),
+            lambda: fit_ekfac(trained.model, trained.task, context.fitting_shard(context.train), trained.device,
+                              self.settings, context.progress, context.distributed),
             curvature_codec(trained.model, trained.device), label=self.name)
 
     def _score(self, context: ScoringContext):
