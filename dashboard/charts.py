@@ -360,5 +360,5 @@ def demo_recovery_figure(recovery: dict) -> go.Figure:
 
 def demo_caption(row: dict, class_names: list[str]) -> str:
     """Under a top-flagged image: given → suggested, and whether the given label was one we flipped."""
-    verdict = "flipped by us" if row["flipped"] else "label was right"
+    verdict = "error" if row["flipped"] else "was right"
     return f"{class_names[row['given']]} → {class_names[row['suggested']]} ({verdict})"

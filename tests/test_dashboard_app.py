@@ -236,3 +236,28 @@ def test_close_the_loop_rescoring_with_reviewed_samples(session_dir):
     assert workspace.methods(latest) == [needing[0]]
     assert [m.label for m in at.metric][1] == f"AUROC on the unreviewed samples, {needing[0]}"
     assert len(at.dataframe[0].value) == 15  # the samples that climbed most
+
+
+@pytest.mark.slow
+def test_why_page_prepares_in_the_background_then_shows_the_four_steps(tmp_path, monkeypatch):
+    from engine.demo import DemoSettings, cached_demo
+
+    monkeypatch.chdir(tmp_path)
+    at = new_session("views/why.py")
+    at.toggle(key="why_quick").set_value(True).run()
+    assert not at.subheader  # nothing prepared yet: only the button
+    at.button(key="why_prepare").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    finish_jobs()
+    settings = DemoSettings().quick()
+    assert cached_demo(settings, tmp_path / "workspaces" / "demo") is not None
+    at.run()  # the job is done: the same session now shows the demo
+    assert not at.exception and len(at.subheader) == 4
+
+    again = new_session("views/why.py")  # a fresh session: drawn straight from the cache, no button
+    again.toggle(key="why_quick").set_value(True).run()
+    assert not again.exception and not again.error, [e.value for e in again.error]
+    assert [s.value[:1] for s in again.subheader] == ["1", "2", "3", "4"]
+    assert len(again.get("plotly_chart")) == 3
+    assert len(again.get("image")) == settings.top
+    assert not [b for b in again.button if b.key == "why_prepare"]

@@ -93,7 +93,7 @@ with st.container(key="why_top"):
     st.subheader("3 · What FVM flags first, and what it suggests")
     st.markdown(f"The {len(top['rows'])} images FVM finds most suspicious after {top['epochs']} epochs, each with "
                 f"the label it was given → the label FVM suggests: **{top['flipped_in_top']}** of them are labels "
-                "we flipped.")
+                "we flipped (marked *error*).")
     widgets.tiles(result.images, [charts.demo_caption(row, names) for row in top["rows"]], per_row=8, size=96)
 
 with st.container(key="why_recovery"):
