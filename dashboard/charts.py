@@ -334,7 +334,8 @@ def landscape_figure(landscape: dict, labels: dict[str, str]) -> go.Figure:
                                 line=dict(color=DEMO_COLOURS.get(opt)))
                      for opt, losses in landscape["loss"].items()])
     fig.add_vline(x=0, line=dict(color="grey", dash="dot", width=1), annotation_text="θ̃")
-    fig.update_layout(title="validation loss around the validation minimum θ̃",
+    directions = len(next(iter(landscape["per_direction"].values())))
+    fig.update_layout(title=f"validation loss around the validation minimum θ̃ (mean of {directions} random directions)",
                       xaxis_title="step along a random direction (in filter norms)", yaxis_title="validation loss",
                       height=360, margin=dict(l=10, r=10, t=40, b=10))
     return fig
@@ -349,7 +350,7 @@ def demo_recovery_figure(recovery: dict) -> go.Figure:
                                text=[f"{a:.1%}" for a in accuracy], textposition="top center",
                                line=dict(color=DEMO_COLOURS["fvm"], width=3)))
     fig.add_hline(y=recovery["clean"], line=dict(color="black", dash="dash", width=1),
-                  annotation_text=f"every label correct ({recovery['clean']:.1%})", annotation_position="bottom right")
+                  annotation_text=f"every label correct ({recovery['clean']:.1%})", annotation_position="bottom left")
     low = min(accuracy + [recovery["clean"]])
     fig.update_layout(title="test accuracy after relabeling FVM's top k", height=360, showlegend=False,
                       xaxis=dict(title="k (images relabeled to FVM's suggestion)", tickmode="array", tickvals=ks),

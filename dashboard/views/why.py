@@ -83,10 +83,11 @@ with st.container(key="why_budgets"):
 with st.container(key="why_landscape"):
     st.subheader("2 · A flat validation minimum: scores that do not hinge on where fine-tuning stopped")
     rise = landscape["rise"]
-    st.markdown(f"Fine-tuned on the trusted validation set, plain SGD (VM) stops in a minimum whose loss rises by "
-                f"**{rise['sgd']:.2f}** a small step away, SAM (FVM) in one where it rises by **{rise['sam']:.2f}**: "
-                "FVM scores the training images at the flatter one, where small changes of the weights barely "
-                "change the verdict.")
+    st.markdown(f"Fine-tuned on the trusted validation set, plain SGD (VM) stops in a minimum where moving each "
+                f"weight filter by {landscape['alphas'][-1]:g}× its own size in a random direction raises the "
+                f"validation loss by **{rise['sgd']:.2f}**, against **{rise['sam']:.2f}** around the minimum SAM "
+                "(FVM) finds: FVM scores the training images at the flatter one, where small changes of the weights "
+                "barely change the verdict.")
     st.plotly_chart(charts.landscape_figure(landscape, LANDSCAPE_OPTIMIZERS), key="why_landscape_chart")
 
 with st.container(key="why_top"):
