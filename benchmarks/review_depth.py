@@ -21,7 +21,6 @@ Output: one JSON line per measurement on stdout, a markdown table per setting on
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shlex
 import sys
@@ -50,7 +49,15 @@ from benchmarks.detection import (  # noqa: E402
     train_base,
 )
 from engine.errors import InfluenceLensError, OptionError  # noqa: E402
-from engine.guidance import estimate_review_depth, label_error_probability, review_estimate  # noqa: E402
+from engine.guidance import (  # noqa: E402
+    cleanlab_issue_count,
+    estimate_review_depth,
+    label_error_probability,
+    likeliest_noise_rate,
+    noise_rate_offset,
+    offset_matching_total,
+    review_estimate,
+)
 from engine.metrics import DEPTH_FRACTIONS  # noqa: E402
 from engine.progress import tqdm_progress  # noqa: E402
 from engine.training import predict  # noqa: E402
@@ -58,8 +65,7 @@ from engine.training import predict  # noqa: E402
 SETTINGS = ("digits-sym20", "digits-pair20", "mnist-real", "cifar-real", "cifar-sym20")
 METHODS = ("fvm-loss", "cleanlab", "loss")
 RANKINGS = ("fvm-loss", "cleanlab", "loss")
-THETA_STAR = "θ*"
-SOURCES = ("fvm-loss", "cleanlab", THETA_STAR)  # whose probabilities P(label wrong) comes from
+ALL_SOURCES_RANKINGS = ("fvm-loss", "cleanlab")  # every source on these; only the product's default on loss
 REVIEWED_FRACTION = 0.02
 
 
@@ -67,11 +73,11 @@ def _depth(n: int, fraction: float) -> int:
     return max(1, math.ceil(fraction * n))
 
 
-def measure(exp: Experiment, ranking_scores: np.ndarray, error_probability: np.ndarray | None = None, *,
-            results=None, ranked_by: str = "", trained_probabilities=None) -> dict:
+def measure(exp: Experiment, ranking_scores: np.ndarray, error_probability: np.ndarray | None = None,
+            offset: float = 0.0, *, results=None, ranked_by: str = "", trained_probabilities=None) -> dict:
     """Estimated vs. true along one ranking; before and after a reviewer decides its top 2%.
 
-    With ``results`` the product's own entry point (``review_estimate``) picks the source.
+    With ``results`` the product's own entry point (``review_estimate``) picks the source and offset.
     """
     truth = exp.is_noisy
     n = len(truth)
@@ -79,7 +85,7 @@ def measure(exp: Experiment, ranking_scores: np.ndarray, error_probability: np.n
     def estimate(**reviewed):
         if results is not None:
             return review_estimate(results, ranked_by, exp.train.labels, trained_probabilities, **reviewed)
-        return estimate_review_depth(ranking_scores, error_probability, **reviewed)
+        return estimate_review_depth(ranking_scores, error_probability, prior_offset=offset, **reviewed)
 
     before = estimate()
     row = {"n": n, "true_total": int(truth.sum()), "true_rate": float(truth.mean()),
@@ -113,16 +119,28 @@ def run_setting(name: str, size_name: str, args: argparse.Namespace, root) -> li
         rows.append(_emit({**base, **{k: detection_row[k] for k in ("kind", "method", "auroc", "ap", "seconds")}}))
     theta_star = predict(trained.model, trained.task, exp.train.images, trained.device).probabilities
     probabilities = {"fvm-loss": results["fvm-loss"].arrays["probabilities"],
-                     "cleanlab": results["cleanlab"].arrays["probabilities"], THETA_STAR: theta_star}
+                     "cleanlab": results["cleanlab"].arrays["probabilities"]}
+    labels = exp.train.labels
+    sources = {  # name → (1 − p_y, logit offset), the offsets as engine.guidance.error_probability_source sets them
+        "θ̃ (fvm-loss), 1 − p_y": (label_error_probability(probabilities["fvm-loss"], labels), 0.0),
+        "θ̃ (fvm-loss), likeliest noise rate": (
+            label_error_probability(probabilities["fvm-loss"], labels),
+            noise_rate_offset(likeliest_noise_rate(probabilities["fvm-loss"], labels), exp.train.num_classes)),
+        "cleanlab held-out, 1 − p_y": (label_error_probability(probabilities["cleanlab"], labels), 0.0),
+        "θ* (in-sample), 1 − p_y": (label_error_probability(theta_star, labels), 0.0),
+    }
+    cleanlab_raw = sources["cleanlab held-out, 1 − p_y"][0]
+    sources["cleanlab held-out, cleanlab's count"] = (
+        cleanlab_raw, offset_matching_total(cleanlab_raw, cleanlab_issue_count(labels, probabilities["cleanlab"])))
     for ranked_by in RANKINGS:
         scores = results[ranked_by].scores
-        for source in SOURCES:
-            prob = label_error_probability(probabilities[source], exp.train.labels)
-            row = measure(exp, scores, prob)
-            rows.append(_emit({**base, "kind": "review-depth", "ranking": ranked_by, **row, "source": source}))
+        if ranked_by in ALL_SOURCES_RANKINGS:
+            for source, (prob, offset) in sources.items():
+                rows.append(_emit({**base, "kind": "review-depth", "ranking": ranked_by,
+                                   **measure(exp, scores, prob, offset), "source": source}))
         row = measure(exp, scores, results=results, ranked_by=ranked_by, trained_probabilities=theta_star)
         rows.append(_emit({**base, "kind": "review-depth", "ranking": ranked_by, **row,
-                           "source": f"default ({row['source']})"}))
+                           "source": f"default: review_estimate ({row['source']})"}))
     return rows
 
 

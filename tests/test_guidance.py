@@ -9,9 +9,12 @@ from engine.data import Dataset
 from engine.guidance import (
     TRAINED_MODEL_SOURCE,
     cleaning_test_set_warnings,
+    cleanlab_issue_count,
     estimate_review_depth,
     label_error_probability,
+    likeliest_noise_rate,
     model_warnings,
+    noise_rate_offset,
     review_estimate,
     validation_warnings,
 )
@@ -64,6 +67,13 @@ def test_label_error_probability_is_one_minus_given_class_probability():
     assert label_error_probability(probs, np.array([0, 0])) == pytest.approx([0.3, 0.9])
 
 
+def _brute_force_noise_rate(given_probability: np.ndarray, classes: int) -> float:
+    grid = np.linspace(0.0, (classes - 1) / classes, 200_001)
+    likelihood = [np.sum(np.log(given_probability * (1 - r) + (1 - given_probability) * r / (classes - 1)))
+                  for r in grid]
+    return float(grid[int(np.argmax(likelihood))])
+
+
 def test_review_estimate_reads_the_validation_model_before_the_trained_model():
     labels = np.array([0, 1, 1, 0])
     held_out = np.array([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9], [0.3, 0.7]])
@@ -75,8 +85,50 @@ def test_review_estimate_reads_the_validation_model_before_the_trained_model():
     with_fvm = {**plain, "fvm-loss": SimpleNamespace(scores=scores, arrays={"probabilities": held_out})}
     estimate = review_estimate(with_fvm, "loss", labels, memorized)
     assert estimate.source == "fvm-loss"
-    assert estimate.expected_total == pytest.approx(0.1 + 0.8 + 0.1 + 0.7, abs=1e-3)
-    assert estimate.cleanlab_total is None
+    rho = _brute_force_noise_rate(np.array([0.9, 0.2, 0.9, 0.3]), 2)
+    assert 0.0 < rho < 0.5  # the labels carry information: fewer errors than 1 − p_y's 0.1 + 0.8 + 0.1 + 0.7
+    # Bayes with noise rate ρ: P(wrong) = (1 − p_y)ρ / (p_y(1 − ρ) + (1 − p_y)ρ) for two classes
+    p = np.array([0.9, 0.2, 0.9, 0.3])
+    assert estimate.expected_total == pytest.approx(np.sum((1 - p) * rho / (p * (1 - rho) + (1 - p) * rho)), abs=1e-3)
+    assert estimate.prior_noise_rate == pytest.approx(rho, abs=1e-3) and estimate.cleanlab_total is None
+
+
+def test_a_doubtful_model_is_not_read_as_label_errors():
+    """A calibrated but weak model of the true class, labels flipped at 5%: 1 − p_y counts every doubt
+    of the model as a label error; Bayes with the likeliest noise rate recovers the rate and the curve."""
+    rng = np.random.default_rng(2)
+    n, classes, rate = 20_000, 10, 0.05
+    probabilities = rng.dirichlet(np.full(classes, 0.3), size=n)  # the model's (calibrated) P(true class)
+    true = np.array([rng.choice(classes, p=row) for row in probabilities])
+    flipped = rng.random(n) < rate
+    given = np.where(flipped, (true + rng.integers(1, classes, size=n)) % classes, true)
+    raw = label_error_probability(probabilities, given)
+    assert raw.sum() > 5 * flipped.sum()  # the bias: the model's doubt, not the labels' noise
+    rho = likeliest_noise_rate(probabilities, given)
+    assert rho == pytest.approx(rate, abs=0.01)
+    assert noise_rate_offset((classes - 1) / classes, classes) == pytest.approx(0.0)  # 1 − p_y's implicit rate
+    est = estimate_review_depth(raw, raw, prior_offset=noise_rate_offset(rho, classes))
+    assert est.expected_total == pytest.approx(flipped.sum(), rel=0.1)
+    for depth in (200, 1000, 4000):
+        true_precision = flipped[est.order[:depth]].mean()
+        assert est.precision_at(depth) == pytest.approx(true_precision, abs=3 * np.sqrt(0.25 / depth) + 0.01)
+
+
+def test_cleanlab_probabilities_start_from_cleanlabs_count():
+    rng = np.random.default_rng(3)
+    n, classes = 600, 3
+    labels = rng.integers(0, classes, size=n)
+    held_out = np.full((n, classes), 0.05)
+    held_out[np.arange(n), labels] = 0.9
+    wrong = rng.choice(n, size=30, replace=False)
+    held_out[wrong] = np.full(classes, 0.05)
+    held_out[wrong, (labels[wrong] + 1) % classes] = 0.9  # the held-out model is sure of another class
+    results = {"cleanlab": SimpleNamespace(scores=1 - held_out[np.arange(n), labels],
+                                           arrays={"probabilities": held_out})}
+    estimate = review_estimate(results, "cleanlab", labels, np.eye(classes)[labels])
+    count = cleanlab_issue_count(labels, held_out)
+    assert estimate.source == "cleanlab" and estimate.cleanlab_total == count and 20 <= count <= 40
+    assert estimate.expected_total == pytest.approx(count, abs=1e-3)  # 1 − p_y alone says 0.1 × 570 + 0.9 × 30
 
 
 def test_validation_guards_fire_only_when_they_should():
