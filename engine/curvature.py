@@ -277,7 +277,7 @@ class EKFAC:
             return _fisher_gradients(fisher, uniforms)
 
         # Pass 1: covariances of layer inputs (over samples and positions) and output gradients.
-        # Sums start at zero tensors, so a rank with no rows still takes part in the all-reduces.
+        # Running sums in float64, from zero tensors of each layer's factor sizes.
         sizes = {layer: _factor_sizes(layer) for layer in layers}
         cov_a = {layer: _zeros(layer, sizes[layer][0], sizes[layer][0]) for layer in layers}
         cov_s = {layer: _zeros(layer, sizes[layer][1], sizes[layer][1]) for layer in layers}

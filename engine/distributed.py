@@ -215,8 +215,18 @@ def _with_synced_batchnorm(model: nn.Module, group: dist.ProcessGroup | None, de
 
 def _leave_process_group() -> None:
     """Wait for every rank before tearing down: a rank that leaves while rank 0 still writes its
-    output can make gloo abort the other process (SIGABRT, "terminate called ...")."""
-    dist.barrier()
+    output can make gloo abort the other process.
+
+    Under gloo the wait is ``monitored_barrier`` (send/receive in this thread), not ``barrier``:
+    gloo's barrier holds on to the collectives still in flight before it (their tensors are Python
+    objects) and a worker thread drops them after the barrier returns, needing the GIL while the
+    interpreter is already shutting down; the thread is then killed inside a destructor, which
+    aborts the process ("terminate called without an active exception", seen in a core dump).
+    """
+    if dist.get_backend() == "gloo":
+        dist.monitored_barrier()
+    else:
+        dist.barrier()
     dist.destroy_process_group()
 
 

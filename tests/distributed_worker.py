@@ -40,7 +40,8 @@ def check_collectives(distributed) -> None:
     np.testing.assert_array_equal(distributed.gather_rows(rows * 2, 10), np.arange(10.0) * 2)
     total = distributed.all_reduce_sum(torch.tensor([distributed.rank + 1.0]))
     assert float(total) == distributed.world_size * (distributed.world_size + 1) / 2
-    assert distributed.gather_objects({"rank": distributed.rank}) == [{"rank": r} for r in range(distributed.world_size)]
+    ranks = [{"rank": r} for r in range(distributed.world_size)]
+    assert distributed.gather_objects({"rank": distributed.rank}) == ranks
     layer = nn.BatchNorm1d(3)
     with torch.no_grad():
         layer.weight.fill_(distributed.rank + 2.0)

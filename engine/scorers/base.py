@@ -14,6 +14,7 @@ import numpy as np
 
 from engine.data import Dataset
 from engine.distributed import LOCAL, Distributed
+from engine.errors import DataError
 from engine.progress import Progress, no_progress
 from engine.stages import Codec, StageStore, digest
 from engine.training import Predictions, TrainedModel, predict
@@ -55,6 +56,9 @@ class ScoringContext:
         curvature statistics over it and all-reduces them through ``distributed``."""
         if self.distributed.world_size == 1:
             return rows
+        if len(rows) < self.distributed.world_size:  # every rank raises: none is left waiting in a collective
+            raise DataError(f"{rows.source or 'the fitting set'}: {len(rows)} rows cannot be shared among "
+                            f"{self.distributed.world_size} ranks")
         return rows.subset(np.arange(len(rows))[self.distributed.shard(len(rows))])
 
     def rows(self, rows: np.ndarray) -> ScoringContext:
