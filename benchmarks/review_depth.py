@@ -53,8 +53,7 @@ from engine.guidance import (  # noqa: E402
     cleanlab_issue_count,
     estimate_review_depth,
     label_error_probability,
-    likeliest_noise_rate,
-    noise_rate_offset,
+    noise_aware_error_probability,
     offset_matching_total,
     review_estimate,
 )
@@ -123,14 +122,12 @@ def run_setting(name: str, size_name: str, args: argparse.Namespace, root) -> li
     labels = exp.train.labels
     sources = {  # name → (1 − p_y, logit offset), the offsets as engine.guidance.error_probability_source sets them
         "θ̃ (fvm-loss), 1 − p_y": (label_error_probability(probabilities["fvm-loss"], labels), 0.0),
-        "θ̃ (fvm-loss), likeliest noise rate": (
-            label_error_probability(probabilities["fvm-loss"], labels),
-            noise_rate_offset(likeliest_noise_rate(probabilities["fvm-loss"], labels), exp.train.num_classes)),
+        "θ̃ (fvm-loss), noise-aware": (noise_aware_error_probability(probabilities["fvm-loss"], labels), 0.0),
         "cleanlab held-out, 1 − p_y": (label_error_probability(probabilities["cleanlab"], labels), 0.0),
         "θ* (in-sample), 1 − p_y": (label_error_probability(theta_star, labels), 0.0),
     }
     cleanlab_raw = sources["cleanlab held-out, 1 − p_y"][0]
-    sources["cleanlab held-out, cleanlab's count"] = (
+    sources["cleanlab held-out, offset to cleanlab's count"] = (
         cleanlab_raw, offset_matching_total(cleanlab_raw, cleanlab_issue_count(labels, probabilities["cleanlab"])))
     for ranked_by in RANKINGS:
         scores = results[ranked_by].scores

@@ -1,18 +1,18 @@
 """Guidance for reviewers: how deep to review a ranking, and warnings about misuse.
 
 The review-depth estimate needs no ground truth. It starts from a per-sample probability that the
-given label is wrong: 1 − p_y under the model that knows the label least (the validation model θ̃,
-or cleanlab's out-of-sample model), moved by one offset on the logit scale so that the given labels
-count as evidence (the noise rate that makes them most likely under θ̃, or cleanlab's count of
-issues), recalibrated with the decisions already made (confirmed errors vs. confirmed correct), and
-turned into the expected precision at every depth of the ranking and the expected number of label
-errors in the whole set.
+given label is wrong, from the model that knows the label least (the validation model θ̃, or
+cleanlab's out-of-sample model), with the given labels counted as evidence: under θ̃, the Bayes
+posterior with the class-conditional noise that makes the labels likeliest; under cleanlab's model,
+1 − p_y moved by one logit offset to cleanlab's count of issues. The decisions already made
+(confirmed errors vs. confirmed correct) recalibrate it, and it becomes the expected precision at
+every depth of the ranking and the expected number of label errors in the whole set.
 
-Why the offset: 1 − p_y is the chance that the image belongs to another class *before reading its
-label*. Read as P(label wrong) it assumes the labels carry no information (a noise rate of
-(C−1)/C), so every doubt of the model counts as a label error. benchmarks/results/review-depth.md
-measured that bias: on the MNIST test set (15 known errors) 1 − p_y under θ̃ sums to 424 and gives
-an estimated precision of 0.88 in the top 1% where the true one is 0.03.
+Why not 1 − p_y alone: it is the chance that the image belongs to another class *before reading
+its label*. Read as P(label wrong) it assumes the labels carry no information, so every doubt of the
+model counts as a label error. benchmarks/results/review-depth.md measured that bias: on the MNIST
+test set (15 known errors) 1 − p_y under θ̃ sums to 424 and gives an estimated precision of 0.88 in
+the top 1% where the true one is 0.03.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-from scipy.optimize import brentq, minimize, minimize_scalar
+from scipy.optimize import brentq, minimize
 from scipy.special import expit, logit
 from sklearn.isotonic import IsotonicRegression
 
@@ -87,7 +87,7 @@ def estimate_review_depth(scores: np.ndarray, error_probability: np.ndarray, *,
     """Expected precision at each depth of the ranking by ``scores`` (higher = more suspicious).
 
     ``error_probability[i]`` is a model's probability that row i's label is wrong, moved by
-    ``prior_offset`` on the logit scale before any decision (see :func:`noise_rate_offset`);
+    ``prior_offset`` on the logit scale before any decision (see :func:`offset_matching_total`);
     reviewed rows (positions) with their outcomes (True = a label error: relabeled or dropped)
     recalibrate it, and replace the estimate by the known outcome for those rows.
     """
@@ -124,27 +124,43 @@ def cleanlab_issue_count(labels: np.ndarray, out_of_sample_probabilities: np.nda
     return int(num_label_issues(labels, out_of_sample_probabilities))
 
 
-def likeliest_noise_rate(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    """The rate ρ of symmetric label noise (spread evenly over the other C−1 classes) that makes the
-    given labels most likely under a model of the true class: argmax Σ log(p_y(1−ρ) + (1−p_y)ρ/(C−1)),
-    concave in ρ. Only for a model that did not fit the given labels (θ̃): one trained on them already
-    explains the noise and gives ρ ≈ 0."""
+def fit_noise_transitions(probabilities: np.ndarray, labels: np.ndarray, *, max_iterations: int = 1000,
+                          tolerance: float = 1e-10) -> np.ndarray:
+    """T[c, j] = P(given label j | true class c), the class-conditional noise that makes the given labels
+    most likely under a model of the true class: argmax Σ_n log Σ_c p_n(c) T[c, y_n]. The objective is
+    concave in T, so EM reaches the global maximum from any start. Only for a model that did not fit the
+    given labels (θ̃): one trained on them already explains the noise, and T comes out ≈ identity."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
     classes = probabilities.shape[1]
-    given = np.clip(probabilities[np.arange(len(labels)), labels].astype(np.float64), _EPS, 1.0)
+    order = np.argsort(labels, kind="stable")
+    p, given = probabilities[order], np.asarray(labels)[order]
+    present = np.unique(given)
+    starts = np.searchsorted(given, present)
+    transitions = np.full((classes, classes), 0.1 / max(classes - 1, 1))
+    np.fill_diagonal(transitions, 0.9)
+    previous = -np.inf
+    for _ in range(max_iterations):
+        joint = p * transitions[:, given].T  # p_n(c) T[c, y_n]
+        evidence = np.maximum(joint.sum(axis=1, keepdims=True), 1e-300)
+        log_likelihood = float(np.log(evidence).sum())
+        posterior = joint / evidence
+        counts = np.zeros((classes, classes))
+        counts[:, present] = np.add.reduceat(posterior, starts, axis=0).T  # Σ over rows labeled j of P(true = c)
+        transitions = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1e-300)
+        if log_likelihood - previous <= tolerance * len(given):
+            break
+        previous = log_likelihood
+    return transitions
 
-    def negative_log_likelihood(rho: float) -> float:
-        return -np.sum(np.log(given * (1 - rho) + (1 - given) * rho / (classes - 1)))
 
-    upper = (classes - 1) / classes  # beyond it the label would point away from its class
-    return float(minimize_scalar(negative_log_likelihood, bounds=(0.0, upper), method="bounded",
-                                 options={"xatol": 1e-7}).x)
-
-
-def noise_rate_offset(noise_rate: float, num_classes: int) -> float:
-    """Logit offset turning 1 − p_y into P(label wrong) under symmetric noise at ``noise_rate`` (Bayes:
-    odds(wrong) = odds(1 − p_y) · ρ / ((C−1)(1−ρ)); zero at ρ = (C−1)/C, labels without information)."""
-    rho = float(np.clip(noise_rate, _EPS, 1 - _EPS))
-    return float(np.log(rho / ((num_classes - 1) * (1 - rho))))
+def noise_aware_error_probability(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """P(label wrong | image, given label) = 1 − p(y)T[y, y] / Σ_c p(c)T[c, y] with the fitted noise
+    (:func:`fit_noise_transitions`). 1 − p_y is the special case T = "every label equally likely",
+    which counts every doubt of the model as a label error."""
+    transitions = fit_noise_transitions(probabilities, labels)
+    rows = np.arange(len(labels))
+    joint = np.asarray(probabilities, dtype=np.float64) * transitions[:, labels].T
+    return 1.0 - joint[rows, labels] / np.maximum(joint.sum(axis=1), 1e-300)
 
 
 def offset_matching_total(error_probability: np.ndarray, total: float) -> float:
@@ -169,17 +185,17 @@ def error_probability_source(results: Mapping[str, Any], labels: np.ndarray,
     """(source, 1 − p_y per row, logit offset) from the best stored probabilities of a run's results
     (each with an ``arrays`` dict), falling back to the trained model's own probabilities.
 
-    The offset makes the given labels count as evidence: θ̃'s likeliest noise rate; for cleanlab's
-    held-out model (trained on the noisy labels, so that rate is ≈ 0) its own count of issues; none for
-    the trained model, which has no ground-truth-free correction.
+    The given labels count as evidence: under θ̃, through the label noise that makes them likeliest
+    (:func:`noise_aware_error_probability`, offset 0); under cleanlab's held-out model (trained on the
+    noisy labels, so that fit finds no noise) by an offset to cleanlab's own count of issues; not at all
+    under the trained model, which has no ground-truth-free correction.
     """
     for method in PROBABILITY_SOURCES:
         if method in results and "probabilities" in results[method].arrays:
             probabilities = results[method].arrays["probabilities"]
-            prob = label_error_probability(probabilities, labels)
             if method in VALIDATION_MINIMUM_SOURCES:
-                return method, prob, noise_rate_offset(likeliest_noise_rate(probabilities, labels),
-                                                       probabilities.shape[1])
+                return method, noise_aware_error_probability(probabilities, labels), 0.0
+            prob = label_error_probability(probabilities, labels)
             return method, prob, offset_matching_total(prob, cleanlab_issue_count(labels, probabilities))
     return TRAINED_MODEL_SOURCE, label_error_probability(trained_probabilities, labels), 0.0
 

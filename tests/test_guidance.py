@@ -11,10 +11,10 @@ from engine.guidance import (
     cleaning_test_set_warnings,
     cleanlab_issue_count,
     estimate_review_depth,
+    fit_noise_transitions,
     label_error_probability,
-    likeliest_noise_rate,
     model_warnings,
-    noise_rate_offset,
+    noise_aware_error_probability,
     review_estimate,
     validation_warnings,
 )
@@ -67,47 +67,46 @@ def test_label_error_probability_is_one_minus_given_class_probability():
     assert label_error_probability(probs, np.array([0, 0])) == pytest.approx([0.3, 0.9])
 
 
-def _brute_force_noise_rate(given_probability: np.ndarray, classes: int) -> float:
-    grid = np.linspace(0.0, (classes - 1) / classes, 200_001)
-    likelihood = [np.sum(np.log(given_probability * (1 - r) + (1 - given_probability) * r / (classes - 1)))
-                  for r in grid]
-    return float(grid[int(np.argmax(likelihood))])
-
-
 def test_review_estimate_reads_the_validation_model_before_the_trained_model():
-    labels = np.array([0, 1, 1, 0])
-    held_out = np.array([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9], [0.3, 0.7]])
+    labels = np.array([0, 1, 1, 0, 0])
+    held_out = np.array([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9], [0.3, 0.7], [0.6, 0.4]])
     memorized = np.eye(2)[labels]  # the trained model fits every given label
-    scores = np.array([0.1, 0.9, 0.2, 0.6])
+    scores = np.array([0.1, 0.9, 0.2, 0.6, 0.3])
     plain = {"loss": SimpleNamespace(scores=scores, arrays={})}
     estimate = review_estimate(plain, "loss", labels, memorized)
     assert estimate.source == TRAINED_MODEL_SOURCE and estimate.expected_total == pytest.approx(0.0, abs=1e-3)
     with_fvm = {**plain, "fvm-loss": SimpleNamespace(scores=scores, arrays={"probabilities": held_out})}
     estimate = review_estimate(with_fvm, "loss", labels, memorized)
-    assert estimate.source == "fvm-loss"
-    rho = _brute_force_noise_rate(np.array([0.9, 0.2, 0.9, 0.3]), 2)
-    assert 0.0 < rho < 0.5  # the labels carry information: fewer errors than 1 − p_y's 0.1 + 0.8 + 0.1 + 0.7
-    # Bayes with noise rate ρ: P(wrong) = (1 − p_y)ρ / (p_y(1 − ρ) + (1 − p_y)ρ) for two classes
-    p = np.array([0.9, 0.2, 0.9, 0.3])
-    assert estimate.expected_total == pytest.approx(np.sum((1 - p) * rho / (p * (1 - rho) + (1 - p) * rho)), abs=1e-3)
-    assert estimate.prior_noise_rate == pytest.approx(rho, abs=1e-3) and estimate.cleanlab_total is None
+    assert estimate.source == "fvm-loss" and estimate.cleanlab_total is None
+    # brute force over every 2×2 noise matrix T[true, given] on a grid: the likeliest one, then Bayes
+    grid = np.linspace(0.0, 1.0, 1001)
+    t01, t10 = np.meshgrid(grid, grid, indexing="ij")  # P(given 1 | true 0), P(given 0 | true 1)
+    p0 = held_out[:, 0][:, None, None]
+    given_0 = p0 * (1 - t01) + (1 - p0) * t10  # P(given label 0)
+    likelihood = np.log(np.clip(np.where(labels[:, None, None] == 0, given_0, 1 - given_0), 1e-300, 1)).sum(axis=0)
+    i, j = np.unravel_index(np.argmax(likelihood), likelihood.shape)
+    transitions = np.array([[1 - grid[i], grid[i]], [grid[j], 1 - grid[j]]])
+    joint = held_out * transitions[:, labels].T
+    expected = 1 - joint[np.arange(5), labels] / joint.sum(axis=1)
+    assert expected.sum() < 0.1 + 0.8 + 0.1 + 0.7 + 0.4  # the labels carry information: fewer than 1 − p_y says
+    assert estimate.expected_total == pytest.approx(expected.sum(), abs=0.01)
 
 
 def test_a_doubtful_model_is_not_read_as_label_errors():
-    """A calibrated but weak model of the true class, labels flipped at 5%: 1 − p_y counts every doubt
-    of the model as a label error; Bayes with the likeliest noise rate recovers the rate and the curve."""
+    """A calibrated but weak model of the true class, 10% of labels flipped to a fixed other class:
+    1 − p_y counts every doubt of the model as a label error; the likeliest class-conditional noise
+    recovers the flips, their total and the precision curve."""
     rng = np.random.default_rng(2)
-    n, classes, rate = 20_000, 10, 0.05
+    n, classes, rate = 20_000, 5, 0.1
     probabilities = rng.dirichlet(np.full(classes, 0.3), size=n)  # the model's (calibrated) P(true class)
-    true = np.array([rng.choice(classes, p=row) for row in probabilities])
+    true = (rng.random(n)[:, None] > probabilities.cumsum(axis=1)).sum(axis=1)
     flipped = rng.random(n) < rate
-    given = np.where(flipped, (true + rng.integers(1, classes, size=n)) % classes, true)
+    given = np.where(flipped, (true + 1) % classes, true)  # pair noise: c → c + 1
     raw = label_error_probability(probabilities, given)
-    assert raw.sum() > 5 * flipped.sum()  # the bias: the model's doubt, not the labels' noise
-    rho = likeliest_noise_rate(probabilities, given)
-    assert rho == pytest.approx(rate, abs=0.01)
-    assert noise_rate_offset((classes - 1) / classes, classes) == pytest.approx(0.0)  # 1 − p_y's implicit rate
-    est = estimate_review_depth(raw, raw, prior_offset=noise_rate_offset(rho, classes))
+    assert raw.sum() > 3 * flipped.sum()  # the bias: the model's doubt, not the labels' noise
+    true_transitions = (1 - rate) * np.eye(classes) + rate * np.roll(np.eye(classes), 1, axis=1)
+    np.testing.assert_allclose(fit_noise_transitions(probabilities, given), true_transitions, atol=0.03)
+    est = estimate_review_depth(raw, noise_aware_error_probability(probabilities, given))
     assert est.expected_total == pytest.approx(flipped.sum(), rel=0.1)
     for depth in (200, 1000, 4000):
         true_precision = flipped[est.order[:depth]].mean()
