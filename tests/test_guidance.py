@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from scipy.special import expit, logit
 
 from engine.data import Dataset
 from engine.guidance import (
@@ -52,14 +53,22 @@ def test_decisions_recalibrate_an_overconfident_model():
     n = 5_000
     true_prob = rng.beta(0.3, 2.0, size=n)
     is_error = rng.random(n) < true_prob
-    overconfident = true_prob ** 3  # the model says "probably fine" far too often
+    overconfident = expit(logit(true_prob) - 2.0)  # the model says "probably fine" far too often
     scores = true_prob
     before = estimate_review_depth(scores, overconfident)
-    reviewed = rng.choice(n, size=400, replace=False)  # a reviewer samples across the ranking
-    after = estimate_review_depth(scores, overconfident, reviewed_rows=reviewed, reviewed_is_error=is_error[reviewed])
     truth = is_error.sum()
-    assert abs(after.expected_total - truth) < 0.5 * abs(before.expected_total - truth)
-    assert after.found == int(is_error[reviewed].sum()) and after.reviewed == 400
+    assert before.expected_total < 0.6 * truth
+    top = np.argsort(-scores)
+    after = estimate_review_depth(scores, overconfident, reviewed_rows=top[:250], reviewed_is_error=is_error[top[:250]])
+    assert abs(after.expected_total - truth) < 0.4 * abs(before.expected_total - truth)  # a reviewer decides the top 5%
+    assert after.found == int(is_error[top[:250]].sum()) and after.reviewed == 250
+    deeper = estimate_review_depth(scores, overconfident, reviewed_rows=top[:1000],
+                                   reviewed_is_error=is_error[top[:1000]])
+    assert deeper.calibration[1] == pytest.approx(2.0, abs=0.3)  # the offset the model was off by
+    assert deeper.expected_total == pytest.approx(truth, rel=0.05)
+    sampled = rng.choice(n, size=400, replace=False)  # or samples across the ranking
+    across = estimate_review_depth(scores, overconfident, reviewed_rows=sampled, reviewed_is_error=is_error[sampled])
+    assert abs(across.expected_total - truth) < 0.6 * abs(before.expected_total - truth)
 
 
 def test_label_error_probability_is_one_minus_given_class_probability():
