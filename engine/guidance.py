@@ -185,8 +185,8 @@ TRAINED_MODEL_SOURCE = "trained model (in-sample: it saw the labels, so it under
 
 def error_probability_source(results: Mapping[str, Any], labels: np.ndarray,
                              trained_probabilities: np.ndarray) -> tuple[str, np.ndarray, float]:
-    """(source, 1 − p_y per row, logit offset) from the best stored probabilities of a run's results
-    (each with an ``arrays`` dict), falling back to the trained model's own probabilities.
+    """(source, P(label wrong) per row, logit offset to add before any decision) from the best stored
+    probabilities of a run's results (each with an ``arrays`` dict), falling back to the trained model's.
 
     The given labels count as evidence: under θ̃, through the label noise that makes them likeliest
     (:func:`noise_aware_error_probability`, offset 0); under cleanlab's held-out model (trained on the
