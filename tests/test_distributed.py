@@ -17,7 +17,9 @@ from conftest import REPO_ROOT, last_json_line, make_dataset, run_cli
 from distributed_worker import CONFIG, DATASET, SCORED, SETTINGS, scoring_data
 
 from engine.distributed import LOCAL, Distributed
+from engine.errors import DataError
 from engine.pipeline import score_methods
+from engine.scorers import ScoringContext
 from engine.training import train
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -40,6 +42,15 @@ def test_contiguous_shards_cover_every_row_once():
         np.testing.assert_array_equal(np.concatenate(parts), np.arange(n))
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
     assert LOCAL.shard(5) == slice(None)
+
+
+def test_a_rank_fits_curvature_on_its_shard_and_too_few_rows_are_refused():
+    rows = make_dataset(classes=3, per_class=3)
+    middle = ScoringContext(rows, trained=None, distributed=Distributed(1, 3)).fitting_shard(rows)
+    np.testing.assert_array_equal(middle.index, rows.index[3:6])
+    assert ScoringContext(rows, trained=None).fitting_shard(rows) is rows  # single-process: no copy
+    with pytest.raises(DataError, match="9 rows cannot be shared among 10 ranks"):
+        ScoringContext(rows, trained=None, distributed=Distributed(0, 10)).fitting_shard(rows)
 
 
 @pytest.fixture(scope="module")
