@@ -22,7 +22,15 @@ import torch
 
 from engine.errors import InfluenceLensError
 from engine.explain import feature_map
-from engine.guidance import Advice, ReviewEstimate, cleaning_test_set_warnings, review_estimate, scoring_advice
+from engine.guidance import (
+    Advice,
+    ErrorPrior,
+    ReviewEstimate,
+    cleaning_test_set_warnings,
+    error_prior,
+    review_estimate,
+    scoring_advice,
+)
 from engine.metrics import ranks
 from engine.pipeline import result_table
 from engine.runs import RunData, RunSettings, load_run_data
@@ -148,13 +156,21 @@ class Active:
         return _advice(self, str(self.workspace.path), self.key, method, tuple(self.methods))
 
 
-@st.cache_data(max_entries=32, show_spinner="Estimating how deep to review…")
+@st.cache_data(max_entries=8, show_spinner="Estimating the label noise…")
+def _error_prior(_run: Active, path: str, key: str, methods: tuple[str, ...]) -> ErrorPrior:
+    """Fitted once per run and set of methods (the noise fit takes seconds on large sets); decisions
+    only recalibrate it."""
+    return error_prior(_run.results, _run.data.train.labels, _run.predictions.probabilities)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
 def _review_estimate(_run: Active, path: str, key: str, method: str, methods: tuple[str, ...],
                      reviewed: tuple[tuple[int, bool], ...], threshold: float) -> ReviewEstimate:
     rows = np.array([r for r, _ in reviewed], dtype=np.int64)
     is_error = np.array([e for _, e in reviewed], dtype=bool)
     return review_estimate(_run.results, method, _run.data.train.labels, _run.predictions.probabilities,
-                           reviewed_rows=rows, reviewed_is_error=is_error, threshold=threshold)
+                           reviewed_rows=rows, reviewed_is_error=is_error, threshold=threshold,
+                           prior=_error_prior(_run, path, key, methods))
 
 
 @st.cache_data(max_entries=32, show_spinner=False)

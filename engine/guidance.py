@@ -203,19 +203,36 @@ def error_probability_source(results: Mapping[str, Any], labels: np.ndarray,
     return TRAINED_MODEL_SOURCE, label_error_probability(trained_probabilities, labels), 0.0
 
 
-def review_estimate(results: Mapping[str, Any], ranked_by: str, labels: np.ndarray, trained_probabilities: np.ndarray,
-                    *, reviewed_rows: np.ndarray | None = None, reviewed_is_error: np.ndarray | None = None,
-                    threshold: float = 0.5) -> ReviewEstimate:
-    """:func:`estimate_review_depth` for one scored run: the ranking of method ``ranked_by``, the best
-    probability source among the results, cleanlab's count on its held-out probabilities when it ran."""
+@dataclass(frozen=True)
+class ErrorPrior:
+    """What a run's estimate starts from before any decision (the same for every ranking and decision,
+    so a dashboard computes it once per run)."""
+
+    source: str
+    probability: np.ndarray  # P(label wrong) per row
+    offset: float  # logit offset added before any decision
+    cleanlab_total: int | None  # cleanlab's count of issues on its held-out probabilities, when it ran
+
+
+def error_prior(results: Mapping[str, Any], labels: np.ndarray, trained_probabilities: np.ndarray) -> ErrorPrior:
+    """The best probability source among a run's results (:func:`error_probability_source`) and cleanlab's count."""
     source, prob, offset = error_probability_source(results, labels, trained_probabilities)
     cleanlab = results.get("cleanlab")
     cleanlab_total = (cleanlab_issue_count(labels, cleanlab.arrays["probabilities"])
                       if cleanlab is not None and "probabilities" in cleanlab.arrays else None)
-    estimate = estimate_review_depth(results[ranked_by].scores, prob, reviewed_rows=reviewed_rows,
+    return ErrorPrior(source, prob, offset, cleanlab_total)
+
+
+def review_estimate(results: Mapping[str, Any], ranked_by: str, labels: np.ndarray, trained_probabilities: np.ndarray,
+                    *, reviewed_rows: np.ndarray | None = None, reviewed_is_error: np.ndarray | None = None,
+                    threshold: float = 0.5, prior: ErrorPrior | None = None) -> ReviewEstimate:
+    """:func:`estimate_review_depth` for one scored run: the ranking of method ``ranked_by`` from the
+    run's :func:`error_prior` (pass ``prior`` when it is already known)."""
+    prior = prior if prior is not None else error_prior(results, labels, trained_probabilities)
+    estimate = estimate_review_depth(results[ranked_by].scores, prior.probability, reviewed_rows=reviewed_rows,
                                      reviewed_is_error=reviewed_is_error, threshold=threshold,
-                                     cleanlab_total=cleanlab_total, prior_offset=offset)
-    return replace(estimate, source=source)
+                                     cleanlab_total=prior.cleanlab_total, prior_offset=prior.offset)
+    return replace(estimate, source=prior.source)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import streamlit as st
 
 from dashboard import charts, state, widgets
 from engine.explain import MAP_METHODS, class_confusion
+from engine.guidance import TRAINED_MODEL_SOURCE
 
 PER_ROW = 6
 PAGE_SIZES = (12, 24, 48, 96)
@@ -83,6 +84,8 @@ with st.expander("How deep to review", expanded=True, key="review_depth"):
                    disabled=estimate.stop_depth in (0, cut))
     chart.plotly_chart(charts.review_depth_figure(estimate, threshold, cut), key="review_depth_chart", config=QUIET)
     second = f" cleanlab counts {estimate.cleanlab_total:,} issues." if estimate.cleanlab_total is not None else ""
+    if estimate.source == TRAINED_MODEL_SOURCE:
+        second += " Score with fvm-loss, fvm or cleanlab for an estimate from a model that did not learn the labels."
     chart.caption(f"Estimated from the probabilities of **{estimate.source}**, recalibrated with your "
                   f"{estimate.reviewed:,} decisions so far (relabel and drop count as errors, keep as correct); "
                   f"the estimate of the top {cut:,} is {estimate.precision_at(cut):.0%} precision.{second}")
