@@ -142,12 +142,16 @@ class Active:
     def position_of(self, index: int) -> int:
         return int(np.flatnonzero(self.data.train.index == index)[0])
 
-    def review_estimate(self, method: str, threshold: float) -> ReviewEstimate:
-        """How deep to review ``method``'s ranking, recalibrated by the decisions made so far
-        (relabel or drop = a label error, keep = a correct label)."""
+    def reviewed(self) -> tuple[np.ndarray, np.ndarray]:
+        """Row positions decided so far, and whether each was a label error (relabel or drop; keep = correct)."""
         decisions = self.decisions()
-        rows = pd.Index(self.data.train.index).get_indexer(decisions["index"])
-        reviewed = tuple(zip(rows.tolist(), (decisions["action"] != "keep").tolist(), strict=True))
+        return (pd.Index(self.data.train.index).get_indexer(decisions["index"]),
+                (decisions["action"] != "keep").to_numpy())
+
+    def review_estimate(self, method: str, threshold: float) -> ReviewEstimate:
+        """How deep to review ``method``'s ranking, recalibrated by the decisions made so far."""
+        rows, is_error = self.reviewed()
+        reviewed = tuple(zip(rows.tolist(), is_error.tolist(), strict=True))
         return _review_estimate(self, str(self.workspace.path), self.key, method, tuple(self.methods), reviewed,
                                 threshold)
 

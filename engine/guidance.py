@@ -115,6 +115,15 @@ def estimate_review_depth(scores: np.ndarray, error_probability: np.ndarray, *,
                           prior_noise_rate=float(expit(logit(np.clip(prob, _EPS, 1 - _EPS)) + prior_offset).mean()))
 
 
+def spot_check_rows(estimate: ReviewEstimate, reviewed_rows: np.ndarray, size: int, *, seed: int = 0) -> np.ndarray:
+    """``size`` random unreviewed rows (positions) ranked below the stop line. Decisions at the top of the
+    ranking say little about the tail, where most of the uncertainty about the total sits; a uniform
+    sample there recalibrates the estimate without bias."""
+    beyond = estimate.order[estimate.stop_depth:]
+    candidates = beyond[~np.isin(beyond, reviewed_rows)]
+    return np.sort(np.random.default_rng(seed).choice(candidates, size=min(size, len(candidates)), replace=False))
+
+
 def label_error_probability(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """1 − p_y: a model's probability that each given label is wrong."""
     return 1.0 - probabilities[np.arange(len(labels)), labels]

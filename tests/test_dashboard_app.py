@@ -15,7 +15,7 @@ from conftest import REPO_ROOT
 from streamlit.testing.v1 import AppTest
 
 from engine.guidance import review_estimate
-from engine.metrics import detection_metrics
+from engine.metrics import detection_metrics, ranks
 from engine.runs import RunSettings, load_run_data
 from engine.scorers import available_methods, scorer_class
 from engine.workspace import Workspace
@@ -153,6 +153,22 @@ def test_review_depth_estimate_follows_the_decisions(session_dir):
     assert {m.label: m.value for m in at.metric}["Found so far / estimated total"].startswith("1 / ")
     at.button(key="undo").click().run()
     assert Workspace(path).decisions().empty
+
+
+def test_spot_check_shows_random_samples_beyond_the_line(session_dir):
+    workspace = Workspace(workspace_file(session_dir))
+    key = workspace.runs()["config_hash"][0]
+    scores = workspace.results(key)["loss"].scores
+    data = load_run_data(RunSettings(noise_rate=NOISE, noise_kind=KIND, epochs=2))
+    rank_of = dict(zip(data.train.index.tolist(), ranks(scores).tolist(), strict=True))
+    at = new_session("views/review.py")
+    stop = int(at.metric[0].value.replace(",", ""))  # "Review down to"
+    at.button(key="spot_check").click().run()
+    shown = [int(b.key.split("_")[1]) for b in at.button if (b.key or "").startswith("keep_")]
+    assert len(shown) == 12 and all(rank_of[i] > stop for i in shown)
+    at.button(key="end_spot_check").click().run()
+    shown = [int(b.key.split("_")[1]) for b in at.button if (b.key or "").startswith("keep_")]
+    assert sorted(rank_of[i] for i in shown) == list(range(1, 25))  # the top of the ranking again
 
 
 def test_review_page_warns_about_an_unconverged_model(session_dir):

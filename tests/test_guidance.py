@@ -17,6 +17,7 @@ from engine.guidance import (
     model_warnings,
     noise_aware_error_probability,
     review_estimate,
+    spot_check_rows,
     validation_warnings,
 )
 
@@ -69,6 +70,28 @@ def test_decisions_recalibrate_an_overconfident_model():
     sampled = rng.choice(n, size=400, replace=False)  # or samples across the ranking
     across = estimate_review_depth(scores, overconfident, reviewed_rows=sampled, reviewed_is_error=is_error[sampled])
     assert abs(across.expected_total - truth) < 0.6 * abs(before.expected_total - truth)
+
+
+def test_a_spot_check_beyond_the_line_corrects_the_tail_where_the_top_cannot():
+    rng = np.random.default_rng(2)
+    n = 20_000
+    model = np.clip(rng.beta(0.3, 6.0, size=n), 1e-4, 1 - 1e-4)
+    sure = rng.random(n) < 0.03
+    model[sure] = 0.995  # the model is right about its top, and too sure the rest is clean:
+    true_prob = np.where(sure, model, expit(logit(model) + 1.5))
+    is_error = rng.random(n) < true_prob
+    truth = is_error.sum()
+    before = estimate_review_depth(model, model)
+    top = np.argsort(-model)[:400]
+    reviewed_top = estimate_review_depth(model, model, reviewed_rows=top, reviewed_is_error=is_error[top])
+    assert abs(reviewed_top.expected_total - truth) > 0.9 * abs(before.expected_total - truth)  # the top says little
+    spot = spot_check_rows(reviewed_top, top, 400, seed=0)
+    assert len(np.unique(spot)) == 400 and not np.isin(spot, top).any()
+    assert np.isin(spot, reviewed_top.order[reviewed_top.stop_depth:]).all()  # all ranked below the line
+    np.testing.assert_array_equal(spot, spot_check_rows(reviewed_top, top, 400, seed=0))
+    rows = np.concatenate([top, spot])
+    checked = estimate_review_depth(model, model, reviewed_rows=rows, reviewed_is_error=is_error[rows])
+    assert abs(checked.expected_total - truth) < 0.6 * abs(reviewed_top.expected_total - truth)
 
 
 def test_label_error_probability_is_one_minus_given_class_probability():

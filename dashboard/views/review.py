@@ -8,9 +8,10 @@ import streamlit as st
 
 from dashboard import charts, state, widgets
 from engine.explain import MAP_METHODS, class_confusion
-from engine.guidance import TRAINED_MODEL_SOURCE
+from engine.guidance import TRAINED_MODEL_SOURCE, spot_check_rows
 
 PER_ROW = 6
+SPOT_CHECK_SIZE = 12
 PAGE_SIZES = (12, 24, 48, 96)
 TSNE_MAX_ROWS = 10_000  # scikit-learn's t-SNE takes minutes beyond this on a CPU; PCA is offered alone then
 QUIET = {"displayModeBar": False}  # the tool bar hides the titles of these small charts; lasso is the drag mode
@@ -52,6 +53,16 @@ def flag_down_to(depth: int) -> None:
     st.session_state["review_cut"] = max(1, depth)
 
 
+def spot_check(indices: list[int]) -> None:
+    """Callback: show these samples (random ones beyond the line) instead of the flagged ones."""
+    st.session_state["spot_check_indices"] = set(indices)
+    set_page(1)
+
+
+def end_spot_check() -> None:
+    st.session_state.pop("spot_check_indices", None)
+
+
 if st.session_state.pop("goto_detail", False):
     st.switch_page("views/detail.py")
 
@@ -82,6 +93,12 @@ with st.expander("How deep to review", expanded=True, key="review_depth"):
                    f"estimated noise rate {estimate.expected_noise_rate:.1%}", delta_color="off", delta_arrow="off")
     numbers.button("Flag down to here", key="flag_down_to", on_click=flag_down_to, args=(estimate.stop_depth,),
                    disabled=estimate.stop_depth in (0, cut))
+    reviewed_rows, _ = run.reviewed()
+    sample = run.data.train.index[spot_check_rows(estimate, reviewed_rows, SPOT_CHECK_SIZE, seed=len(reviewed_rows))]
+    numbers.button("Spot-check beyond the line", key="spot_check", on_click=spot_check, args=(sample.tolist(),),
+                   disabled=len(sample) == 0,
+                   help=f"show {SPOT_CHECK_SIZE} random unreviewed samples ranked below the line: your decisions on "
+                        "them correct the estimate of how many errors remain there")
     chart.plotly_chart(charts.review_depth_figure(estimate, threshold, cut), key="review_depth_chart", config=QUIET)
     second = f" cleanlab counts {estimate.cleanlab_total:,} issues." if estimate.cleanlab_total is not None else ""
     if estimate.source == TRAINED_MODEL_SOURCE:
@@ -135,8 +152,13 @@ if cell is not None:
                  on_click=bump, args=("confusion_key",))
 if lasso is not None:
     chips.button(f"map selection: {len(lasso)} samples  ✕", key="clear_lasso", on_click=bump, args=("map_key",))
+checking = st.session_state.get("spot_check_indices")
+if checking is not None:
+    chips.button(f"spot-check: {len(checking)} random samples beyond the line  ✕", key="end_spot_check",
+                 on_click=end_spot_check)
+    lasso = checking if lasso is None else lasso & checking
 
-shown = charts.filter_gallery(table, top_k=cut if only_flagged else None, given=given_filter,
+shown = charts.filter_gallery(table, top_k=cut if only_flagged and checking is None else None, given=given_filter,
                               suggested=suggested_filter, status=status_filter, score_range=score_range,
                               indices=lasso, cell=cell)
 page_rows, pages = charts.page_of(shown, st.session_state.get("gallery_page", 1), per_page)
