@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.data import NOISE_KINDS, load_dataset
+from engine.data import NOISE_KINDS, Dataset, conform, load_dataset
 from engine.device import DEVICE_NAMES
 from engine.distributed import LOCAL, from_torchrun
 from engine.errors import InfluenceLensError
@@ -99,17 +99,23 @@ def _config(args: argparse.Namespace) -> TrainConfig:
                    learning_rate=args.lr).validate()
 
 
-def _load(spec: str, args: argparse.Namespace):
+def _load(spec: str, args: argparse.Namespace, *, like: Dataset | None = None, role: str = "training"):
+    """Load ``spec``; a validation or test set is brought to the images' shape of ``like`` (the training set)."""
     dataset = load_dataset(spec, skip_unreadable=args.skip_unreadable)
-    _report_skipped(spec, dataset)
+    if like is not None:
+        dataset = conform(dataset, like.image_shape, role)
+    _report_loading(spec, dataset)
     return dataset
 
 
-def _report_skipped(spec: str, dataset) -> None:
+def _report_loading(spec: str, dataset) -> None:
+    """What loading left out (unreadable files) or changed (resized images), on stderr."""
     if dataset.skipped:
         print(f"influence-lens: skipped {len(dataset.skipped)} unreadable image(s) in {spec}:", file=sys.stderr)
     for problem in dataset.skipped:
         print(f"influence-lens: skipped {problem}", file=sys.stderr)
+    for note in dataset.notes:
+        print(f"influence-lens: {note}", file=sys.stderr)
 
 
 def _noisy(dataset, args):
@@ -157,7 +163,7 @@ def _score(args: argparse.Namespace) -> dict | None:
     train_set, flipped = _noisy(_load(args.train, args), args)
     validation, trusted = None, True
     if args.val is not None:
-        validation = _load(args.val, args)
+        validation = _load(args.val, args, like=train_set, role="validation")
     elif args.val_from_train is not None:
         keep_rows, validation = carve_validation(train_set, args.val_from_train, seed=args.seed)
         if flipped is not None:
@@ -191,9 +197,9 @@ def _score_in_workspace(args: argparse.Namespace, config: TrainConfig, out: Path
                            seed=config.seed, device=config.device, learning_rate=config.learning_rate,
                            model=config.model, curvature=args.curvature)
     data = load_run_data(settings, skip_unreadable=args.skip_unreadable)
-    _report_skipped(args.train, data.full_train)
+    _report_loading(args.train, data.full_train)
     if data.validation is not None and args.val is not None:
-        _report_skipped(args.val, data.validation)
+        _report_loading(args.val, data.validation)
     _check_truth(data.flipped, args)
     workspace = Workspace.for_data(settings.data_key(), args.workspace)
     stages = StageStore.in_workspace_folder(args.workspace)
@@ -259,7 +265,8 @@ def _summary(args: argparse.Namespace, config: TrainConfig, out: Path, start: fl
 def _retrain(args: argparse.Namespace) -> dict:
     train_set, _ = _noisy(_load(args.train, args), args)
     decisions = read_decisions(args.decisions, train_set)
-    return retrain_comparison(train_set, decisions, _load(args.test, args), config=_config(args),
+    return retrain_comparison(train_set, decisions, _load(args.test, args, like=train_set, role="test"),
+                              config=_config(args),
                               progress=tqdm_progress())
 
 

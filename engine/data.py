@@ -11,6 +11,7 @@ import csv
 import io
 import warnings
 import zipfile
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -39,6 +40,7 @@ class Dataset:
     source: str = ""
     paths: tuple[str, ...] | None = None
     skipped: tuple[str, ...] = ()  # unreadable files left out at load (``skip_unreadable=True``)
+    notes: tuple[str, ...] = ()  # what loading changed, e.g. images resized to one size
 
     def __post_init__(self) -> None:
         if self.index is None:
@@ -189,17 +191,46 @@ def read_image(path: Path) -> np.ndarray:
         raise DataError(f"{path}: unreadable image ({exc.__class__.__name__}: {exc})") from None
 
 
-def _stack_images(arrays: list[np.ndarray], paths: list[Path], where: str) -> np.ndarray:
-    """Stack decoded images; grayscale is promoted to RGB when the set mixes both."""
+def conform_image(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``image`` (uint8 H×W or H×W×3) as ``shape``: grayscale promoted to RGB or RGB to luminance, then
+    resized (bilinear; Pillow filters over the whole source area when shrinking)."""
+    from PIL import Image
+
+    if image.shape == tuple(shape):
+        return image
+    pil = Image.fromarray(image).convert("RGB" if len(shape) == 3 else "L")
+    if pil.size != (shape[1], shape[0]):
+        pil = pil.resize((shape[1], shape[0]), Image.BILINEAR)
+    return np.asarray(pil, dtype=np.uint8)
+
+
+def _stack_images(arrays: list[np.ndarray], where: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Stack decoded images, and say what that changed: grayscale is promoted to RGB when the set
+    mixes both; images of other sizes are resized to the most common size (ties: the first seen)."""
     if any(a.ndim == 3 for a in arrays):
         arrays = [np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a for a in arrays]
-    shapes = {a.shape[:2] for a in arrays}
-    if len(shapes) > 1:
-        first = arrays[0].shape[:2]
-        odd, size = next((p, a.shape[:2]) for p, a in zip(paths, arrays) if a.shape[:2] != first)
-        raise DataError(f"{where}: images have different sizes ({paths[0]} is {first[1]}×{first[0]}, "
-                        f"{odd} is {size[1]}×{size[0]}); resize them to one size first")
-    return np.stack(arrays)
+    sizes = Counter(a.shape[:2] for a in arrays)
+    if len(sizes) == 1:
+        return np.stack(arrays), ()
+    target = max(sizes, key=lambda size: (sizes[size], -list(sizes).index(size)))
+    shape = (*target, *arrays[0].shape[2:])
+    moved = len(arrays) - sizes[target]
+    note = (f"{where}: resized {moved} of {len(arrays)} images to {target[1]}×{target[0]}, the most common of "
+            f"{len(sizes)} sizes")
+    return np.stack([conform_image(a, shape) for a in arrays]), (note,)
+
+
+def conform(dataset: Dataset, image_shape: tuple[int, ...], role: str) -> Dataset:
+    """``dataset`` with every image as ``image_shape`` (a validation or test set brought to the
+    training images' size and channels), with a note saying so; the same object when it already fits."""
+    if dataset.image_shape == tuple(image_shape):
+        return dataset
+    size = "×".join(str(s) for s in dataset.image_shape[1::-1])
+    note = (f"{dataset.source or role}: {role} images are {size}{'' if dataset.channels == 1 else ' RGB'}, "
+            f"converted to the training images' {image_shape[1]}×{image_shape[0]}"
+            f"{' RGB' if len(image_shape) == 3 else ' grayscale'}")
+    images = np.stack([conform_image(image, image_shape) for image in dataset.images])
+    return replace(dataset, images=images, notes=(*dataset.notes, note))
 
 
 def _decode_all(paths: list[Path], where: str, skip_unreadable: bool) -> tuple[list[np.ndarray], list[int], list[str]]:
@@ -225,9 +256,9 @@ def load_image_folder(path: str | Path, *, skip_unreadable: bool = False) -> Dat
     files, labels, class_names = image_folder_files(root)
     decoded, kept, skipped = _decode_all(files, where, skip_unreadable)
     kept_files = [files[i] for i in kept]
-    return Dataset(_stack_images(decoded, kept_files, where), labels[kept], class_names,
-                   np.asarray(kept, dtype=np.int64), source=where,
-                   paths=tuple(str(f.relative_to(root)) for f in kept_files), skipped=tuple(skipped))
+    images, notes = _stack_images(decoded, where)
+    return Dataset(images, labels[kept], class_names, np.asarray(kept, dtype=np.int64), source=where,
+                   paths=tuple(str(f.relative_to(root)) for f in kept_files), skipped=tuple(skipped), notes=notes)
 
 
 def image_folder_files(root: Path) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
@@ -259,9 +290,9 @@ def load_csv_manifest(path: str | Path, *, skip_unreadable: bool = False) -> Dat
     root = csv_path.parent.resolve()
     decoded, kept, skipped = _decode_all(files, where, skip_unreadable)
     kept_files = [files[i] for i in kept]
-    return Dataset(_stack_images(decoded, kept_files, where), labels[kept], class_names,
-                   np.asarray(kept, dtype=np.int64), source=where,
-                   paths=tuple(str(f.relative_to(root)) for f in kept_files), skipped=tuple(skipped))
+    images, notes = _stack_images(decoded, where)
+    return Dataset(images, labels[kept], class_names, np.asarray(kept, dtype=np.int64), source=where,
+                   paths=tuple(str(f.relative_to(root)) for f in kept_files), skipped=tuple(skipped), notes=notes)
 
 
 def manifest_files(csv_path: Path) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:

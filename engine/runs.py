@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from engine.data import NOISE_KINDS, Dataset, load_dataset
+from engine.data import NOISE_KINDS, Dataset, conform, load_dataset
 from engine.device import DEVICE_NAMES
 from engine.errors import DataError, OptionError
 from engine.pipeline import carve_validation, check_compatible, score_methods, with_injected_noise
@@ -129,7 +129,8 @@ def load_run_data(settings: RunSettings, *, skip_unreadable: bool = True) -> Run
         full, flipped, clean = noisy.dataset, noisy.flipped, noisy.clean_labels
     train_set, validation, trusted = full, None, True
     if settings.validation:
-        validation = load_dataset(settings.validation, skip_unreadable=skip_unreadable)
+        validation = conform(load_dataset(settings.validation, skip_unreadable=skip_unreadable),
+                             train_set.image_shape, "validation")
         check_compatible(train_set, validation, "validation")
     elif settings.val_from_train:
         train_set, validation = carve_validation(full, settings.val_from_train, seed=settings.seed)
@@ -139,7 +140,7 @@ def load_run_data(settings: RunSettings, *, skip_unreadable: bool = True) -> Run
             flipped, clean = flipped[keep], clean[keep]
     test = None
     if settings.test_spec:
-        test = load_dataset(settings.test_spec, skip_unreadable=skip_unreadable)
+        test = conform(load_dataset(settings.test_spec, skip_unreadable=skip_unreadable), full.image_shape, "test")
         check_compatible(full, test, "test")
     return RunData(train_set, full, validation, trusted, test, flipped, clean, fingerprint(train_set, validation))
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 
-from engine.data import Dataset, image_folder_files, manifest_files, read_image
+from engine.data import Dataset, conform_image, image_folder_files, manifest_files, read_image
 from engine.errors import DataError, InfluenceLensError
 from engine.progress import Progress, no_progress
 from engine.scorers import ScoringContext, make_scorer, scorer_class
@@ -49,9 +49,9 @@ class _Names:
 class ImageFiles(torch.utils.data.Dataset):
     """An image folder or CSV manifest, listed but not decoded; item ``i`` is ``(image, label, i)``.
 
-    The first image fixes the shape: grayscale files in an RGB set are converted to RGB (as the
-    in-memory loaders do); a file of another size, or RGB in a grayscale set, is a :class:`DataError`
-    naming it.
+    The first image fixes the shape: a file of another size or colour is converted to it
+    (:func:`engine.data.conform_image`; the in-memory loaders, which see every image first, take the
+    most common size instead).
     """
 
     def __init__(self, root: Path, names: list[str], labels: np.ndarray, class_names: tuple[str, ...], source: str):
@@ -84,13 +84,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, row: int) -> tuple[np.ndarray, int, int]:
         path = self.root / self.names[row]
-        image = read_image(path)
-        if image.ndim == 2 and len(self.image_shape) == 3:
-            image = np.repeat(image[..., None], 3, axis=2)
-        if image.shape != self.image_shape:
-            raise DataError(f"{path}: image is {image.shape}, the first image of {self.source} is {self.image_shape}; "
-                            "resize them to one size (and one of grayscale / RGB) first")
-        return image, int(self.labels[row]), row
+        return conform_image(read_image(path), self.image_shape), int(self.labels[row]), row
 
     def load(self, rows: np.ndarray) -> Dataset:
         """Decode some rows into an in-memory :class:`Dataset` (e.g. a sample to train on)."""

@@ -34,9 +34,9 @@ from conftest import (
 from PIL import Image
 
 from engine.cli import main
-from engine.data import load_dataset, save_npz
+from engine.data import conform, load_dataset, save_npz
 from engine.device import resolve_device
-from engine.errors import InfluenceLensError
+from engine.errors import DataError, InfluenceLensError
 from engine.pipeline import carve_validation, read_decisions, retrain_comparison, score_methods, with_injected_noise
 from engine.runs import RunSettings
 from engine.scorers import make_scorer
@@ -211,10 +211,6 @@ CASES = [
     Case("image-10000x10000", lambda root: [good_folder(root),
                                             write_blank_png(root / "folder/class_0/big.png", 10000, 10000)],
          score("folder"), r"big\.png: image is 10000×10000, larger than", loading("folder")),
-    Case("mixed-image-sizes", lambda root: [good_folder(root),
-                                            save_image(np.zeros((9, 9), np.uint8), root / "folder/class_1/z.png")],
-         score("folder"), r"images have different sizes \(.*img_00000\.png is 8×8, .*z\.png is 9×9\)",
-         loading("folder")),
     Case("nothing-readable-even-skipping", lambda root: text_only_folder(root / "f"),
          score("f", "--skip-unreadable"), r"f: no readable images", loading_skipping("f")),
     Case("tiny-1x1-images", lambda root: raw_npz(root, images=np.zeros((4, 1, 1), np.uint8), labels=TWO_CLASSES),
@@ -265,9 +261,6 @@ CASES = [
     # training and scoring
     Case("validation-classes-differ", lambda root: [good_npz(root), good_npz(root, "val.npz", classes=4)],
          score("train.npz", "--val", "val.npz"), r"val\.npz: the validation classes .* differ from the training",
-         scoring("train.npz", validation="val.npz")),
-    Case("validation-image-size-differs", lambda root: [good_npz(root), good_npz(root, "val.npz", shape=(9, 9))],
-         score("train.npz", "--val", "val.npz"), r"validation images are \(9, 9\), training images are \(8, 8\)",
          scoring("train.npz", validation="val.npz")),
     Case("fewer-samples-than-cleanlab-folds", lambda root: good_npz(root, per_class=4),
          score("train.npz", method="cleanlab"), r"has 4 samples, fewer than the 5 cross-validation folds",
@@ -425,6 +418,33 @@ def test_skip_unreadable_recovers_and_reports_which(tmp_path):
     assert loaded.images.shape == (11, 8, 8, 3)  # grayscale promoted to RGB beside the RGBA / palette files
     assert sorted(table[:, 0].astype(int)) == sorted(loaded.index)
     assert not {"class_0/empty.png", "class_0/text.png", "class_1/cut.jpg"} & set(loaded.paths)
+
+
+def test_images_of_other_sizes_are_resized_and_said(tmp_path):
+    """A folder mixing sizes is brought to its most common size; a validation set of another size (or
+    colour) to the training images' shape: the tool recovers and says so on stderr."""
+    folder = good_folder(tmp_path)  # 3 classes × 3 grayscale 8×8 PNGs
+    save_image(np.full((9, 9), 77, np.uint8), folder / "class_1" / "z.png")
+    Image.fromarray(np.full((16, 12, 3), 200, dtype=np.uint8)).save(folder / "class_0" / "wide.png")
+    loaded = load_dataset(folder)
+    assert loaded.images.shape == (11, 8, 8, 3)  # the RGB file promotes the set to RGB
+    assert loaded.notes == (f"{folder}: resized 2 of 11 images to 8×8, the most common of 3 sizes",)
+    z = loaded.images[list(loaded.paths).index("class_1/z.png")]
+    assert (z == 77).all()  # a flat image stays flat: resized, not cropped or padded
+    result = run_cli(*score("folder"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "resized 2 of 11 images to 8×8" in result.stderr and last_json_line(result.stdout)["n"] == 11
+
+    good_npz(tmp_path)
+    save_npz(make_dataset(per_class=3, shape=(9, 9, 3)), tmp_path / "val.npz")  # against 8×8 grayscale training
+    result = run_cli(*score("train.npz", "--val", "val.npz"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "validation images are 9×9 RGB, converted to the training images' 8×8 grayscale" in result.stderr
+    validation = conform(load_dataset(tmp_path / "val.npz"), load_dataset(tmp_path / "train.npz").image_shape,
+                         "validation")
+    assert validation.image_shape == (8, 8) and len(validation.notes) == 1
+    with pytest.raises(DataError, match=r"validation images are \(9, 9, 3\), training images are \(8, 8\)"):
+        score_methods(load_dataset(tmp_path / "train.npz"), ["loss"], validation=load_dataset(tmp_path / "val.npz"))
 
 
 MEMORY_PROBE = """

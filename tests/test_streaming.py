@@ -61,11 +61,19 @@ def test_methods_that_need_every_row_at_once_are_refused(folder, trained, tmp_pa
     assert not (tmp_path / "s.npy").exists()
 
 
-def test_a_file_of_another_size_is_named_even_from_a_worker(tmp_path, trained):
+def test_an_unreadable_file_is_named_even_from_a_worker(tmp_path, trained):
     root = write_image_folder(make_dataset(classes=3, per_class=3, shape=(8, 8, 3)), tmp_path / "odd")
-    odd = save_image(np.zeros((9, 8, 3), dtype=np.uint8), root / "class_2" / "zz_odd.png")
-    with pytest.raises(DataError, match=str(odd.name)):
+    (root / "class_2" / "zz_odd.png").write_text("not an image")
+    with pytest.raises(DataError, match=r"zz_odd\.png: unreadable image"):
         stream_scores(ImageFiles.open(root), trained, "loss", tmp_path / "s.npy", chunk_rows=4, workers=1)
+
+
+def test_a_file_of_another_size_is_resized_to_the_first(tmp_path):
+    root = write_image_folder(make_dataset(classes=2, per_class=2, shape=(8, 8, 3)), tmp_path / "sizes")
+    save_image(np.full((16, 12, 3), 90, dtype=np.uint8), root / "class_1" / "zz_big.png")
+    files = ImageFiles.open(root)
+    image, _, _ = files[len(files) - 1]
+    assert image.shape == (8, 8, 3) and (image == 90).all()
 
 
 def test_grayscale_files_in_an_rgb_set_become_rgb(tmp_path):

@@ -93,6 +93,9 @@ def start_run(settings: RunSettings, methods: list[str]) -> None:
     if data.full_train.skipped:
         st.warning(f"{len(data.full_train.skipped)} unreadable file(s) left out: "
                    + "; ".join(data.full_train.skipped[:5]))
+    for part in (data.full_train, data.validation, data.test):
+        for note in part.notes if part is not None else ():
+            st.info(note)
     workspace = Workspace.for_data(settings.data_key(), state.folder())
     key = config_hash(settings, data)
     state.activate(workspace, key, settings)
