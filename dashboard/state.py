@@ -183,7 +183,8 @@ def _advice(_run: Active, path: str, key: str, method: str, methods: tuple[str, 
     table = result_table(data.train, result, _run.predictions.predicted)
     training = _run.workspace.report(key, "training") or {}
     return scoring_advice(data.train, table, validation=data.validation, trusted=data.validation_trusted,
-                          info=result.info, history=training.get("history")) + \
+                          info=result.info, history=training.get("history"),
+                          training_notes=training.get("notes")) + \
         cleaning_test_set_warnings(data.train, data.test)
 
 

@@ -31,7 +31,7 @@ from engine.pipeline import (
     score_methods,
     with_injected_noise,
 )
-from engine.progress import no_progress, tqdm_progress
+from engine.progress import close_progress_bars, no_progress, tqdm_progress
 from engine.runs import RunSettings, load_run_data, score_into
 from engine.scorers import available_methods, scorer_class
 from engine.scorers.flat_validation import CURVATURES
@@ -183,7 +183,8 @@ def _score(args: argparse.Namespace) -> dict | None:
                        flipped=flipped, train_seconds=run.train_seconds)
     summary["review"] = _review(run.results, args.method, train_set.labels, run.context.predictions.probabilities)
     return _with_advice(summary, scoring_advice(train_set, table, validation=validation, trusted=trusted,
-                                                info=run.results[args.method].info, history=trained.history))
+                                                info=run.results[args.method].info, history=trained.history,
+                                                training_notes=trained.notes))
 
 
 def _score_in_workspace(args: argparse.Namespace, config: TrainConfig, out: Path) -> dict:
@@ -220,7 +221,8 @@ def _score_in_workspace(args: argparse.Namespace, config: TrainConfig, out: Path
     summary["review"] = _review(results, args.method, data.train.labels,
                                 Predictions(arrays["logits"].astype(np.float64), arrays["features"]).probabilities)
     return _with_advice(summary, scoring_advice(data.train, table, validation=data.validation,
-                                                trusted=data.validation_trusted, info=result.info))
+                                                trusted=data.validation_trusted, info=result.info,
+                                                history=training["history"], training_notes=training.get("notes")))
 
 
 def _review(results: dict, method: str, labels: np.ndarray, trained_probabilities: np.ndarray) -> dict:
@@ -295,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             return _dashboard(args, extra)
         summary = _score(args) if args.command == "score" else _retrain(args)
     except InfluenceLensError as exc:
+        close_progress_bars()
         print(f"influence-lens: error: {exc}", file=sys.stderr)
         return 2
     if summary is not None:

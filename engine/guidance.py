@@ -299,9 +299,11 @@ def cleaning_test_set_warnings(train: Dataset, test: Dataset | None) -> list[Adv
 
 
 def model_warnings(*, history: list[dict[str, float]], flagged_train_accuracy: float | None = None,
-                   validation_accuracy: float | None = None, min_validation_accuracy: float = 0.7) -> list[Advice]:
-    """Warnings about the models: unconverged, memorized noise, weak validation model."""
-    found: list[Advice] = []
+                   validation_accuracy: float | None = None, min_validation_accuracy: float = 0.7,
+                   training_notes: list[str] | None = None) -> list[Advice]:
+    """Warnings about the models: restarted after divergence, unconverged, memorized noise, weak
+    validation model."""
+    found = [Advice("training-restarted", note) for note in training_notes or []]
     if history:
         last = history[-1]
         previous = history[-2] if len(history) >= 2 else last
@@ -320,7 +322,8 @@ def model_warnings(*, history: list[dict[str, float]], flagged_train_accuracy: f
 
 
 def scoring_advice(train: Dataset, table, *, validation: Dataset | None, trusted: bool, info: dict,
-                   history: list[dict[str, float]] | None = None, flagged_fraction: float = 0.05) -> list[Advice]:
+                   history: list[dict[str, float]] | None = None, training_notes: list[str] | None = None,
+                   flagged_fraction: float = 0.05) -> list[Advice]:
     """Every guard that applies to one scored run; ``table`` is the per-sample result table.
 
     Memorization is judged on the top ``flagged_fraction`` of the ranking: if θ* still predicts the
@@ -330,4 +333,4 @@ def scoring_advice(train: Dataset, table, *, validation: Dataset | None, trusted
     flagged_accuracy = float((flagged["predicted_label"] == flagged["given_label"]).mean())
     return validation_warnings(train, validation, trusted=trusted) + model_warnings(
         history=history or [], flagged_train_accuracy=flagged_accuracy,
-        validation_accuracy=info.get("validation_accuracy"))
+        validation_accuracy=info.get("validation_accuracy"), training_notes=training_notes)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 Progress = Callable[[int, int, str], None]
+_open_bars: set = set()  # tqdm bars drawn by tqdm_progress and not yet closed
 
 
 def no_progress(done: int, total: int, message: str) -> None:
@@ -20,15 +21,26 @@ def tqdm_progress(**tqdm_kwargs) -> Progress:
     def report(done: int, total: int, message: str) -> None:
         stage = message.split(":")[0]
         bar = state.get("bar")
-        if bar is None or state.get("stage") != stage:
+        if bar is None or state.get("stage") != stage or done < bar.n:  # a new stage, or one started again
             if bar is not None:
-                bar.close()
+                _close(bar)
             bar = state["bar"] = tqdm(total=total, desc=stage, leave=False, mininterval=0.5, **tqdm_kwargs)
+            _open_bars.add(bar)
             state["stage"] = stage
         bar.total = total
         bar.update(done - bar.n)
         if done >= total:
-            bar.close()
-            state.pop("bar")
+            _close(state.pop("bar"))
 
     return report
+
+
+def _close(bar) -> None:
+    bar.close()
+    _open_bars.discard(bar)
+
+
+def close_progress_bars() -> None:
+    """Clear the bars a failed run left open, so that the error it prints stands on a line of its own."""
+    for bar in list(_open_bars):
+        _close(bar)

@@ -213,4 +213,5 @@ def _store_model_outputs(workspace: Workspace, key: str, data: RunData, run) -> 
     workspace.save_arrays(key, arrays)
     workspace.save_report(key, "training", {"device": str(trained.device), "model": trained.model_name,
                                             "seconds": round(trained.seconds, 3), "history": trained.history,
+                                            "notes": trained.notes,
                                             "config": asdict(trained.config)})

@@ -199,6 +199,7 @@ def _encode_trained(trained: TrainedModel, image_shape: tuple[int, ...]) -> dict
     return {"model_name": trained.model_name, "num_classes": trained.num_classes, "config": asdict(trained.config),
             "image_shape": list(image_shape), "task": {"mean": list(trained.task.mean), "std": list(trained.task.std)},
             "state": _cpu_state(trained.model), "seconds": trained.seconds, "history": trained.history,
+            "notes": trained.notes,
             "checkpoints": [{"epoch": c.epoch, "learning_rate": c.learning_rate, "state": c.state}
                             for c in trained.checkpoints]}
 
@@ -212,7 +213,7 @@ def _decode_trained(state: dict) -> TrainedModel:
     return TrainedModel(model=model.eval(), task=ImageTask(tuple(state["task"]["mean"]), tuple(state["task"]["std"])),
                         config=config, model_name=state["model_name"], device=device,
                         num_classes=state["num_classes"], checkpoints=checkpoints, history=state["history"],
-                        seconds=state["seconds"])
+                        seconds=state["seconds"], notes=state.get("notes", []))
 
 
 def train_in_stages(dataset: Dataset, config: TrainConfig, stages: StageStore | None, *,

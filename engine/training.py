@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -26,6 +26,10 @@ from engine.task import ImageTask
 
 SCHEDULES = ("onecycle", "cosine")
 AUGMENTATIONS = ("auto", "none", "crop", "flip-crop")
+DIVERGENCE_RESTARTS = 2  # a diverging training starts again at a tenth of the learning rate, this often
+# An epoch's mean loss this many times the chance level log(C) (or not finite) means the run has blown
+# up: a healthy run starts near log(C) and falls.
+DIVERGED_LOSS_FACTOR = 100.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ class TrainedModel:
     checkpoints: list[Checkpoint] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # e.g. a restart at a lower learning rate after divergence
 
     def model_at(self, checkpoint: Checkpoint) -> nn.Module:
         """A copy of the model in eval mode with the checkpoint's weights."""
@@ -133,14 +138,42 @@ def _make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
 
 
+class _Diverged(Exception):
+    def __init__(self, loss: float, epoch: int):
+        super().__init__(loss, epoch)
+        self.loss, self.epoch = loss, epoch
+
+
 def train(dataset: Dataset, config: TrainConfig = TrainConfig(), *, task: ImageTask | None = None,
           progress: Progress = no_progress, distributed: Distributed = LOCAL) -> TrainedModel:
-    """Train on ``dataset`` with ``config``; raises :class:`TrainingError` if the loss diverges.
+    """Train on ``dataset`` with ``config``. If the loss diverges, start again at a tenth of the
+    learning rate (``DIVERGENCE_RESTARTS`` times, said in the model's ``notes`` and its config);
+    :class:`TrainingError` if it still diverges.
 
     ``distributed``: train with DDP, each global batch split across the ranks (see
-    :mod:`engine.distributed`); the result equals single-process training up to float rounding.
+    :mod:`engine.distributed`); the result equals single-process training up to float rounding
+    (every rank sees the same all-reduced loss, so all restart together).
     """
     config.validate()
+    tried, notes = [], []
+    for _ in range(DIVERGENCE_RESTARTS + 1):
+        try:
+            trained = _train_once(dataset, config, task=task, progress=progress, distributed=distributed)
+            trained.notes = notes
+            return trained
+        except _Diverged as exc:
+            diverged = exc  # ``exc`` itself is unbound after the except block
+            tried.append(config.learning_rate)
+            notes.append(f"the training loss became {diverged.loss:.3g} in epoch {diverged.epoch} at learning rate "
+                         f"{config.learning_rate:g}; started again at {config.learning_rate / 10:g}")
+            config = replace(config, learning_rate=config.learning_rate / 10)
+    raise TrainingError(f"the training loss became {diverged.loss:.3g} in epoch {diverged.epoch} even at learning rate "
+                        f"{tried[-1]:g} (tried {', '.join(f'{r:g}' for r in tried)}); lower the learning rate")
+
+
+def _train_once(dataset: Dataset, config: TrainConfig, *, task: ImageTask | None, progress: Progress,
+                distributed: Distributed) -> TrainedModel:
+    """One training run; :class:`_Diverged` as soon as an epoch's mean loss is not finite."""
     if len(dataset) < 2:
         raise TrainingError(f"{dataset.source or 'training set'}: training needs at least 2 training samples, "
                             f"got {len(dataset)}")
@@ -200,9 +233,8 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), *, task: ImageT
             progress((epoch - 1) * len(batches) + b + 1, config.epochs * len(batches), f"training: epoch {epoch}")
         loss_sum, correct = distributed.all_reduce_sum(loss_sum), distributed.all_reduce_sum(correct)
         mean_loss = float(loss_sum) / seen
-        if not np.isfinite(mean_loss):
-            raise TrainingError(f"the training loss became {mean_loss} in epoch {epoch} "
-                                f"(learning rate {config.learning_rate}); lower the learning rate")
+        if not np.isfinite(mean_loss) or mean_loss > DIVERGED_LOSS_FACTOR * np.log(max(dataset.num_classes, 2)):
+            raise _Diverged(mean_loss, epoch)
         result.history.append({"epoch": epoch, "loss": mean_loss, "accuracy": float(correct) / seen,
                                "learning_rate": float(np.mean(lrs))})
         if epoch in keep:

@@ -269,7 +269,8 @@ CASES = [
          score("train.npz", "--val-from-train", "0.2"), r"train\.npz: cannot split 6 samples into stratified parts",
          lambda root: carve_validation(load_dataset(root / "train.npz"), 0.2)),
     Case("diverging-learning-rate", good_npz, score("train.npz", "--lr", "1e12", "--epochs", "3"),
-         r"training loss became (nan|inf) .* lower the learning rate",
+         r"training loss became \S+ in epoch \d even at learning rate 1e\+10 \(tried 1e\+12, 1e\+11, 1e\+10\); "
+         r"lower the learning rate",
          scoring("train.npz", config=TrainConfig(epochs=3, learning_rate=1e12, device="cpu"))),
     Case("diverging-in-the-last-step", good_npz, score("train.npz", "--lr", "1e12", "--epochs", "1"),
          r"the model's outputs are NaN or infinite \(training diverged\); lower the learning rate",
@@ -445,6 +446,16 @@ def test_images_of_other_sizes_are_resized_and_said(tmp_path):
     assert validation.image_shape == (8, 8) and len(validation.notes) == 1
     with pytest.raises(DataError, match=r"validation images are \(9, 9, 3\), training images are \(8, 8\)"):
         score_methods(load_dataset(tmp_path / "train.npz"), ["loss"], validation=load_dataset(tmp_path / "val.npz"))
+
+
+def test_a_diverging_learning_rate_is_lowered_and_said(tmp_path):
+    good_npz(tmp_path)
+    result = run_cli(*score("train.npz", "--lr", "30", "--epochs", "3"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    warning = "the training loss became .* at learning rate 30; started again at 3"
+    assert re.search(f"warning: {warning}", result.stderr)
+    (restart,) = [w for w in last_json_line(result.stdout)["warnings"] if w["code"] == "training-restarted"]
+    assert re.fullmatch(warning, restart["message"])
 
 
 MEMORY_PROBE = """

@@ -191,3 +191,5 @@ def test_model_guards():
     weak = model_warnings(history=converged, validation_accuracy=0.55)
     assert _codes(weak) == {"weak-validation-model"} and "55.0%" in weak[0].message
     assert model_warnings(history=converged, validation_accuracy=0.9) == []
+    restarted = model_warnings(history=converged, training_notes=["the training loss became 368 in epoch 3"])
+    assert _codes(restarted) == {"training-restarted"} and "368" in restarted[0].message

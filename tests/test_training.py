@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -70,8 +71,22 @@ def test_checkpoints_carry_the_schedule_learning_rates(digits, trained):
 
 
 def test_diverging_learning_rate_raises_a_clear_training_error(make_dataset):
-    with pytest.raises(TrainingError, match=r"loss became (nan|inf).*lower the learning rate"):
+    with pytest.raises(TrainingError, match=r"loss became \S+ in epoch \d even at learning rate 1e\+10 "
+                                            r"\(tried 1e\+12, 1e\+11, 1e\+10\); lower the learning rate"):
         train(make_dataset(), replace(CONFIG, learning_rate=1e12))
+
+
+def test_a_run_that_blows_up_starts_again_at_a_tenth_of_the_learning_rate(make_dataset):
+    """At 30 the loss climbs past 100 × log(C); at 3 it stays finite and small: the run is kept, and says so."""
+    data = make_dataset()
+    trained = train(data, replace(CONFIG, learning_rate=30.0))
+    assert trained.config.learning_rate == 3.0 and len(trained.notes) == 1
+    assert re.fullmatch(r"the training loss became \S+ in epoch \d at learning rate 30; started again at 3",
+                        trained.notes[0])
+    assert all(h["loss"] < 100 * np.log(data.num_classes) for h in trained.history)
+    again = train(data, replace(CONFIG, learning_rate=3.0))  # the same as asking for 3 in the first place
+    for key, value in trained.model.state_dict().items():
+        torch.testing.assert_close(again.model.state_dict()[key], value)
 
 
 def test_divergence_in_the_last_step_is_caught_when_the_model_is_used(make_dataset):
