@@ -10,7 +10,7 @@ from engine.data import load_sample
 from engine.metrics import detection_metrics
 from engine.pipeline import score_methods, with_injected_noise
 from engine.scorers import ScoringContext, make_scorer
-from engine.training import TrainConfig
+from engine.training import TrainConfig, train
 
 CONFIG = TrainConfig(epochs=3, seed=0, device="cpu")
 # AUROC floors for 20% noise on the digits' train split (N = 1078), small CNN, 3 epochs, CPU.
@@ -63,3 +63,16 @@ def test_cleanlab_score_is_one_minus_cleanlab_quality(scored):
     in_sample = (run.context.predictions.predicted == labels).mean()
     assert result.info["cross_validated_accuracy"] < in_sample
     np.testing.assert_array_equal(result.scores, run.results["cleanlab"].scores)  # same seeds, same folds
+
+
+def test_cleanlab_holds_out_a_class_smaller_than_the_folds_once_per_row(make_dataset):
+    """A class of 2 among classes of 6: five folds still, each of its rows held out by one fold."""
+    data = make_dataset(classes=3, per_class=6)
+    data = data.subset(np.flatnonzero((data.labels != 2) | (np.arange(len(data)) % 6 < 2)))
+    trained = train(data, TrainConfig(epochs=2, seed=0, device="cpu"))
+    scorer = make_scorer("cleanlab")
+    result = scorer.run(ScoringContext(data, trained))
+    assert result.info["folds"] == 5 and result.info["classes_smaller_than_folds"] == [data.class_names[2]]
+    np.testing.assert_allclose(scorer.pred_probs.sum(axis=1), 1.0, atol=1e-6)  # every row held out exactly once
+    tiny = make_dataset(classes=2, per_class=3)
+    assert make_scorer("cleanlab").run(ScoringContext(tiny, train(tiny, CONFIG))).info["folds"] == 3

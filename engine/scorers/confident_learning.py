@@ -8,6 +8,7 @@ and the held-out probabilities all-reduced: each row is held out by exactly one 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -32,22 +33,28 @@ class ConfidentLearningScorer(Scorer):
         folds: int = 5  # cleanlab's own default for cross-validated probabilities
 
     def _prepare(self, context: ScoringContext) -> None:
+        """K-fold held-out probabilities. A class smaller than K sits in fewer folds (its rows are still
+        held out once each); K shrinks only to the largest class's size."""
         labels = context.train.labels
         counts = np.bincount(labels, minlength=context.train.num_classes)
-        if counts[counts > 0].min() < self.settings.folds:
-            raise DataError(f"{context.train.source or 'training set'}: class "
-                            f"{context.train.class_names[int(np.flatnonzero(counts > 0)[counts[counts > 0].argmin()])]!r} "
-                            f"has {counts[counts > 0].min()} samples, fewer than the {self.settings.folds} "
-                            "cross-validation folds cleanlab needs")
-        folds = StratifiedKFold(self.settings.folds, shuffle=True, random_state=context.trained.config.seed)
+        self.folds = min(self.settings.folds, int(counts.max()))
+        if self.folds < 2:
+            raise DataError(f"{context.train.source or 'training set'}: every class has a single sample; "
+                            "cleanlab's cross-validation needs at least 2 samples of some class")
+        small = np.flatnonzero((counts > 0) & (counts < self.folds))
+        self.small_classes = [context.train.class_names[c] for c in small]
+        folds = StratifiedKFold(self.folds, shuffle=True, random_state=context.trained.config.seed)
         self.pred_probs = np.zeros((len(labels), context.train.num_classes))
         base, distributed = context.trained.config, context.distributed
-        for k, (fit_rows, held_rows) in enumerate(folds.split(np.zeros(len(labels)), labels)):
+        with warnings.catch_warnings():  # scikit-learn warns of classes smaller than K; said in the info instead
+            warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+            splits = list(folds.split(np.zeros(len(labels)), labels))
+        for k, (fit_rows, held_rows) in enumerate(splits):
             if k % distributed.world_size != distributed.rank:
                 continue  # another rank's fold
 
             def fold_progress(done: int, total: int, message: str, k: int = k) -> None:
-                context.progress(k * total + done, self.settings.folds * total, f"cleanlab cross-validation: fold {k + 1}")
+                context.progress(k * total + done, self.folds * total, f"cleanlab cross-validation: fold {k + 1}")
 
             def held_out_probabilities(k=k, fit_rows=fit_rows, held_rows=held_rows, fold_progress=fold_progress):
                 fold = replace(base, model=context.trained.model_name, seed=base.seed + k + 1)
@@ -56,15 +63,18 @@ class ConfidentLearningScorer(Scorer):
                 held = context.train.images[held_rows]
                 return predict(fold_model.model, fold_model.task, held, fold_model.device).probabilities
 
-            self.pred_probs[held_rows] = context.cached("cv-fold", (self.settings, k), held_out_probabilities, ARRAY,
+            self.pred_probs[held_rows] = context.cached("cv-fold", (self.settings, self.folds, k),
+                                                        held_out_probabilities, ARRAY,
                                                         label=str(k + 1))
         self.pred_probs = distributed.all_reduce_sum(torch.from_numpy(self.pred_probs)).numpy()
 
     def _score(self, context: ScoringContext):
         quality = get_label_quality_scores(context.train.labels, self.pred_probs, method="self_confidence")
         accuracy = float((self.pred_probs.argmax(1) == context.train.labels).mean())
-        info = {"cross_validated_accuracy": accuracy}
+        info = {"cross_validated_accuracy": accuracy, "folds": self.folds}
+        if self.small_classes:
+            info["classes_smaller_than_folds"] = self.small_classes
         if context.distributed.world_size > 1:  # the rank that trained each fold
-            info["fold_ranks"] = [k % context.distributed.world_size for k in range(self.settings.folds)]
+            info["fold_ranks"] = [k % context.distributed.world_size for k in range(self.folds)]
         return (1.0 - quality, self.pred_probs.argmax(1), info,
                 {"probabilities": self.pred_probs.astype(np.float32)})
