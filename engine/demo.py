@@ -302,3 +302,27 @@ def run_demo(settings: DemoSettings, folder: str | Path, *, progress: Progress =
             write(handle)
         os.replace(partial, path)
     return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m engine.demo [--quick] [--folder DIR]``: prepare the demo headless (the page reads the
+    same cache when DIR is its ``workspaces/demo``) and print the figures it shows."""
+    import argparse
+
+    from engine.progress import tqdm_progress
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the quick rehearsal settings")
+    parser.add_argument("--folder", default="workspaces/demo", help="cache folder (default %(default)s)")
+    args = parser.parse_args(argv)
+    settings = DemoSettings().quick() if args.quick else DemoSettings()
+    numbers = run_demo(settings, args.folder, progress=tqdm_progress()).numbers
+    print(json.dumps({"auroc_by_epochs": {"epochs": numbers["budgets"]["epochs"], **numbers["budgets"]["auroc"]},
+                      "memorized": numbers["budgets"]["memorized"], "landscape_rise": numbers["landscape"]["rise"],
+                      "flipped_in_top": numbers["top"]["flipped_in_top"], "recovery": numbers["recovery"],
+                      "seconds": numbers["seconds"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -160,3 +161,15 @@ def test_loss_along_matches_moving_the_weights_by_hand(small_model):
             p.add_(0.3 * d)
     by_hand = predict(moved, trained.task, dataset.images, trained.device).logits
     assert losses[1] == pytest.approx(cross_entropy(by_hand, dataset.labels).mean())
+
+
+@pytest.mark.slow
+def test_the_command_line_prints_the_cached_figures(computed, monkeypatch, capsys):
+    folder, result, _ = computed
+    monkeypatch.setattr(DemoSettings, "quick", lambda self: TINY)
+    monkeypatch.setattr(demo, "compute_demo", lambda *a, **k: pytest.fail("the cache was not used"))
+    assert demo.main(["--quick", "--folder", str(folder)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    budgets = result.numbers["budgets"]
+    assert printed["auroc_by_epochs"] == {"epochs": budgets["epochs"], **budgets["auroc"]}
+    assert printed["recovery"] == result.numbers["recovery"]
