@@ -193,7 +193,7 @@ def activate(workspace: Workspace, key: str, settings: RunSettings) -> None:
     st.session_state["active"] = (str(workspace.path), key, json.dumps(settings.to_dict(), sort_keys=True))
     st.query_params["run"] = key
     st.query_params["workspace"] = workspace.path.stem
-    for name in ("gallery_page", "detail_index"):
+    for name in ("gallery_page", "detail_index", "spot_check_indices"):
         st.session_state.pop(name, None)
 
 
