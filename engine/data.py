@@ -252,8 +252,13 @@ def _decode_all(paths: list[Path], where: str, skip_unreadable: bool) -> tuple[l
 def load_image_folder(path: str | Path, *, skip_unreadable: bool = False) -> Dataset:
     """One sub-folder per class (sorted names are the classes), PNG/JPEG files inside."""
     root = Path(path)
-    where = str(root)
-    files, labels, class_names = image_folder_files(root)
+    return _decode_listing(*image_folder_files(root), root=root, where=str(root), skip_unreadable=skip_unreadable)
+
+
+def _decode_listing(files: list[Path], labels: np.ndarray, class_names: tuple[str, ...], *, root: Path, where: str,
+                    skip_unreadable: bool) -> Dataset:
+    """Decode a listing of image files into a :class:`Dataset`: the index is the listing position, the
+    paths relative to ``root``; what was skipped or changed is kept in ``skipped`` / ``notes``."""
     decoded, kept, skipped = _decode_all(files, where, skip_unreadable)
     kept_files = [files[i] for i in kept]
     images, notes = _stack_images(decoded, where)
@@ -285,14 +290,8 @@ def image_folder_files(root: Path) -> tuple[list[Path], np.ndarray, tuple[str, .
 def load_csv_manifest(path: str | Path, *, skip_unreadable: bool = False) -> Dataset:
     """A CSV with columns ``path,label``; paths relative to the CSV, labels names or integers."""
     csv_path = Path(path)
-    where = str(csv_path)
-    files, labels, class_names = manifest_files(csv_path)
-    root = csv_path.parent.resolve()
-    decoded, kept, skipped = _decode_all(files, where, skip_unreadable)
-    kept_files = [files[i] for i in kept]
-    images, notes = _stack_images(decoded, where)
-    return Dataset(images, labels[kept], class_names, np.asarray(kept, dtype=np.int64), source=where,
-                   paths=tuple(str(f.relative_to(root)) for f in kept_files), skipped=tuple(skipped), notes=notes)
+    return _decode_listing(*manifest_files(csv_path), root=csv_path.parent.resolve(), where=str(csv_path),
+                           skip_unreadable=skip_unreadable)
 
 
 def manifest_files(csv_path: Path) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
