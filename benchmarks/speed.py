@@ -167,7 +167,7 @@ def captum_self_influence(trained: TrainedModel, x: torch.Tensor, y: torch.Tenso
     def load(model: torch.nn.Module, checkpoint) -> float:
         model.load_state_dict(checkpoint.state)
         model.eval()
-        return checkpoint.learning_rate
+        return checkpoint.step_weight
 
     loss = torch.nn.CrossEntropyLoss(reduction="sum" if sample_wise else "none")
     tracin = TracInCP(copy.deepcopy(trained.model), TensorDataset(x, y), trained.checkpoints, load, loss_fn=loss,

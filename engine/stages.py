@@ -200,7 +200,7 @@ def _encode_trained(trained: TrainedModel, image_shape: tuple[int, ...]) -> dict
             "image_shape": list(image_shape), "task": {"mean": list(trained.task.mean), "std": list(trained.task.std)},
             "state": _cpu_state(trained.model), "seconds": trained.seconds, "history": trained.history,
             "notes": trained.notes,
-            "checkpoints": [{"epoch": c.epoch, "learning_rate": c.learning_rate, "state": c.state}
+            "checkpoints": [{"epoch": c.epoch, "learning_rate": c.learning_rate, "state": c.state, "steps": c.steps}
                             for c in trained.checkpoints]}
 
 
@@ -209,7 +209,7 @@ def _decode_trained(state: dict) -> TrainedModel:
     device = resolve_device(config.device)
     model = build_model(state["model_name"], tuple(state["image_shape"]), state["num_classes"], device).to(device)
     model.load_state_dict(state["state"])
-    checkpoints = [Checkpoint(c["epoch"], c["learning_rate"], c["state"]) for c in state["checkpoints"]]
+    checkpoints = [Checkpoint(c["epoch"], c["learning_rate"], c["state"], c["steps"]) for c in state["checkpoints"]]
     return TrainedModel(model=model.eval(), task=ImageTask(tuple(state["task"]["mean"]), tuple(state["task"]["std"])),
                         config=config, model_name=state["model_name"], device=device,
                         num_classes=state["num_classes"], checkpoints=checkpoints, history=state["history"],

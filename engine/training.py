@@ -73,11 +73,19 @@ PRESETS: dict[str, TrainConfig] = {
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """Model weights after ``epoch`` and the mean learning rate of the steps that led there."""
+    """Model weights after ``epoch``, and the ``steps`` optimizer steps taken since the previous
+    checkpoint (or the start) with their mean learning rate: TracIn-CP lets this checkpoint stand
+    for all of them, so it weighs ``learning_rate × steps``, the sum of their rates."""
 
     epoch: int
     learning_rate: float
     state: dict[str, torch.Tensor]
+    steps: int = 1
+
+    @property
+    def step_weight(self) -> float:
+        """Σ η over the steps since the previous checkpoint (TracIn-CP's weight of this checkpoint)."""
+        return self.learning_rate * self.steps
 
 
 @dataclass
@@ -205,6 +213,7 @@ def _train_once(dataset: Dataset, config: TrainConfig, *, task: ImageTask | None
     autocast = device.type == "cuda" and config.mixed_precision
     result = TrainedModel(model, task, config, model_name, device, dataset.num_classes)
     start = time.perf_counter()
+    rates_since_checkpoint: list[float] = []
     for epoch in range(1, config.epochs + 1):
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         perm = torch.randperm(n, generator=generator).to(device)
@@ -237,9 +246,12 @@ def _train_once(dataset: Dataset, config: TrainConfig, *, task: ImageTask | None
             raise _Diverged(mean_loss, epoch)
         result.history.append({"epoch": epoch, "loss": mean_loss, "accuracy": float(correct) / seen,
                                "learning_rate": float(np.mean(lrs))})
+        rates_since_checkpoint += lrs
         if epoch in keep:
             state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            result.checkpoints.append(Checkpoint(epoch, float(np.mean(lrs)), state))
+            result.checkpoints.append(Checkpoint(epoch, float(np.mean(rates_since_checkpoint)), state,
+                                                 len(rates_since_checkpoint)))
+            rates_since_checkpoint = []
     result.seconds = time.perf_counter() - start
     model.eval()
     return result

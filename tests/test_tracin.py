@@ -35,8 +35,38 @@ def _brute_force_tracin(dataset, trained, params_of):
     total = np.zeros(len(dataset))
     for checkpoint in trained.checkpoints:
         model = trained.model_at(checkpoint).double()
-        total += checkpoint.learning_rate * brute_force_sq_norms(model, x, y, params_of(model)).numpy()
+        total += checkpoint.step_weight * brute_force_sq_norms(model, x, y, params_of(model)).numpy()
     return total
+
+
+def _step_rates(config, steps_per_epoch):
+    """The learning rate of every optimizer step, replayed from the schedule alone (no training)."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.learning_rate)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate,
+                                                   total_steps=config.epochs * steps_per_epoch, pct_start=0.25)
+    rates = []
+    for _ in range(config.epochs * steps_per_epoch):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return np.asarray(rates)
+
+
+def test_checkpoints_fewer_than_epochs_weigh_every_step_since_the_previous_one(tiny):
+    # 5 epochs, 2 checkpoints (epochs 2 and 5): checkpoint 1 stands for epochs 1-2, checkpoint 2 for
+    # epochs 3-5. TracIn-CP weighs each by the sum of those steps' rates, not its own epoch's mean.
+    dataset, _ = tiny
+    config = TrainConfig(epochs=5, checkpoints=2, batch_size=6, device="cpu")
+    trained = train(dataset, config)
+    steps = len(dataset) // config.batch_size
+    rates = _step_rates(config, steps)
+    assert [c.epoch for c in trained.checkpoints] == [2, 5]
+    expected_weights = [rates[:2 * steps].sum(), rates[2 * steps:].sum()]
+    np.testing.assert_allclose([c.step_weight for c in trained.checkpoints], expected_weights, rtol=1e-9)
+    x, y = trained.task.inputs(dataset.images).double(), torch.as_tensor(dataset.labels)
+    expected = sum(w * brute_force_sq_norms(m, x, y, [m.head.weight, m.head.bias]).numpy()
+                   for w, m in zip(expected_weights, (trained.model_at(c).double() for c in trained.checkpoints)))
+    np.testing.assert_allclose(_score("tracin-last", dataset, trained).scores, expected, rtol=1e-4)
 
 
 def test_tracin_last_equals_brute_force_head_gradients(tiny):

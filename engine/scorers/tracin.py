@@ -55,17 +55,18 @@ def _layer_names(model: nn.Module) -> list[str]:
 
 
 def _sum_over_checkpoints(trained: TrainedModel, weight_by_learning_rate: bool, squared_norms) -> np.ndarray:
-    """TracIn-CP: Σ_t η_t · squared_norms(model at checkpoint t, t, number of checkpoints)."""
+    """TracIn-CP: Σ_t w_t · squared_norms(model at checkpoint t, t, number of checkpoints), w_t the sum
+    of the learning rates of the steps since the previous checkpoint (each checkpoint stands for them)."""
     checkpoints = _checkpoints(trained)
     total = 0.0
     for j, checkpoint in enumerate(checkpoints):
-        weight = checkpoint.learning_rate if weight_by_learning_rate else 1.0
+        weight = checkpoint.step_weight if weight_by_learning_rate else 1.0
         total = total + weight * squared_norms(trained.model_at(checkpoint), j, len(checkpoints))
     return np.asarray(total, dtype=np.float64)
 
 
 def _checkpoint_info(checkpoints: list[Checkpoint]) -> list[dict[str, float]]:
-    return [{"epoch": c.epoch, "learning_rate": c.learning_rate} for c in checkpoints]
+    return [{"epoch": c.epoch, "learning_rate": c.learning_rate, "steps": c.steps} for c in checkpoints]
 
 
 @register
@@ -76,7 +77,7 @@ class TracInLastScorer(Scorer):
 
     @dataclass(frozen=True)
     class Settings:
-        weight_by_learning_rate: bool = True  # TracIn-CP: η_t in force at each checkpoint
+        weight_by_learning_rate: bool = True  # TracIn-CP: Σ η of the steps each checkpoint stands for
 
     def _score(self, context: ScoringContext):
         trained, train = context.trained, context.train
@@ -99,7 +100,7 @@ class TracInScorer(Scorer):
 
     @dataclass(frozen=True)
     class Settings:
-        weight_by_learning_rate: bool = True  # TracIn-CP: η_t in force at each checkpoint
+        weight_by_learning_rate: bool = True  # TracIn-CP: Σ η of the steps each checkpoint stands for
         batch_size: int = 256  # rows per forward/backward; memory is about a training step's at this size
         norm_method: str = "auto"  # per layer the cheaper of ghost / explicit norm (METHODS.md §2)
 
