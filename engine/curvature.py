@@ -37,14 +37,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.data import Dataset
 from engine.distributed import LOCAL, Distributed
 from engine.errors import OptionError
 from engine.per_sample import DEFAULT_CHUNK_ELEMENTS, LayerCapture
 from engine.progress import Progress, no_progress
 from engine.task import ImageTask
+from engine.training import Predictions
 
 FISHER_MODES = ("exact", "sampled")
 DEFAULT_RELATIVE_DAMPING = 0.1  # METHODS.md §3: 0.1 × the mean eigenvalue
+# The exact head GGN holds (C·D)² float64 numbers: above this dimension (8192² × 8 B = 512 MiB) the
+# head's curvature is EK-FAC instead (CIFAR-100 on a 512-wide head: C·D = 51,300, ~21 GB exact).
+MAX_EXACT_HEAD_DIM = 8192
+HEAD_CURVATURES = ("last", "ekfac-last")
 
 
 def _as_tensor(array, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -125,6 +131,16 @@ class LastLayerCurvature:
     def dim(self) -> int:
         return self.cholesky.shape[0]
 
+    kind = "last"
+
+    def to_state(self) -> dict:
+        return {"kind": self.kind, "cholesky": self.cholesky.cpu(), "damping": self.damping, "bias": self.bias,
+                "num_classes": self.num_classes}
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device | str) -> LastLayerCurvature:
+        return cls(state["cholesky"].to(device), state["damping"], state["bias"], state["num_classes"])
+
     def quadratic_form(self, vectors: torch.Tensor) -> torch.Tensor:
         """vᵀ(H + λI)⁻¹v for each row v of ``vectors`` (n, dim): ‖L⁻¹v‖²."""
         v = vectors.to(self.cholesky.dtype).to(self.cholesky.device)
@@ -151,6 +167,66 @@ class LastLayerCurvature:
             v = residuals[lo:lo + step, :, :, None] * a[lo:lo + step, None, None, :]
             out[lo:lo + step] = self.quadratic_form(v.reshape(-1, self.dim)).reshape(-1, c)
         return out.double().cpu().numpy()
+
+
+@dataclass(frozen=True)
+class HeadEKFAC:
+    """EK-FAC of the head's GGN, from forward passes only: for 100 classes on a 512-wide head the
+    exact (C·D)² matrix would need ~21 GB, this C² + D² + C·D numbers.
+
+    K-FAC factors A = E[â âᵀ] and S = E[diag p − ppᵀ] (the exact output-gradient covariance under the
+    GGN) give the basis Q_S ⊗ Q_A; the eigenvalues are corrected to the GGN's own diagonal in it,
+    Λ_ij = E_m[(q_Siᵀ(diag p_m − p_m p_mᵀ)q_Si)(q_Ajᵀ â_m)²]. Where every sample has the same p the
+    GGN is exactly S ⊗ A and this equals :class:`LastLayerCurvature`.
+    """
+
+    q_s: torch.Tensor          # (C, C)
+    q_a: torch.Tensor          # (D, D)
+    eigenvalues: torch.Tensor  # (C, D)
+    damping: float
+    bias: bool
+    num_classes: int
+
+    kind = "ekfac-last"
+
+    @classmethod
+    def fit(cls, features, probabilities, *, bias: bool = True,
+            relative_damping: float = DEFAULT_RELATIVE_DAMPING, damping: float | None = None,
+            dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu",
+            distributed: Distributed = LOCAL) -> HeadEKFAC:
+        p = _as_tensor(probabilities, dtype, device)
+        a = _with_bias(_as_tensor(features, dtype, device), bias)
+        m = int(distributed.all_reduce_sum(torch.tensor(len(p))))
+        cov_a = distributed.all_reduce_sum(a.T @ a) / m
+        cov_s = distributed.all_reduce_sum(torch.diag(p.sum(0)) - p.T @ p) / m
+        q_a, q_s = torch.linalg.eigh(cov_a)[1], torch.linalg.eigh(cov_s)[1]
+        ps = p @ q_s                                                       # (M, C): p_mᵀ q_Si
+        s_diag = (p @ q_s.square()) - ps.square()                          # q_Siᵀ(diag p − ppᵀ)q_Si
+        eigenvalues = distributed.all_reduce_sum(s_diag.T @ (a @ q_a).square()) / m
+        lam = _damping(float(eigenvalues.mean()), relative_damping, damping)
+        return cls(q_s, q_a, eigenvalues, lam, bias, p.shape[1])
+
+    @property
+    def dim(self) -> int:
+        return self.eigenvalues.numel()
+
+    def candidate_scores(self, features, probabilities) -> np.ndarray:
+        """s(z, c) = Σ_ij (Q_Sᵀ(p − e_c))_i² (Q_Aᵀâ)_j² / (Λ_ij + λ), (N, C) float64."""
+        dtype, device = self.q_s.dtype, self.q_s.device
+        p = _as_tensor(probabilities, dtype, device)
+        a = _with_bias(_as_tensor(features, dtype, device), self.bias)
+        per_class = (a @ self.q_a).square() @ (1.0 / (self.eigenvalues + self.damping)).T   # (N, C): Σ_j
+        rotated = (p[:, None, :] - torch.eye(self.num_classes, dtype=dtype, device=device)) @ self.q_s
+        return torch.einsum("nci,ni->nc", rotated.square(), per_class).cpu().numpy()
+
+    def to_state(self) -> dict:
+        return {"kind": self.kind, "q_s": self.q_s.cpu(), "q_a": self.q_a.cpu(), "eigenvalues": self.eigenvalues.cpu(),
+                "damping": self.damping, "bias": self.bias, "num_classes": self.num_classes}
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device | str) -> HeadEKFAC:
+        return cls(state["q_s"].to(device), state["q_a"].to(device), state["eigenvalues"].to(device),
+                   state["damping"], state["bias"], state["num_classes"])
 
 
 # ---- EK-FAC -------------------------------------------------------------------------------------
@@ -311,6 +387,22 @@ class EKFAC:
             bases[layer] = _LayerBasis(*eigvecs[layer], eigenvalues.to(dtype), lam)
         return cls(model, bases, [names[layer] for layer in layers])
 
+    kind = "ekfac"
+
+    def to_state(self) -> dict:
+        return {"kind": self.kind, "names": list(self.names),
+                "bases": [{"q_a": b.q_a.cpu(), "q_s": b.q_s.cpu(), "eigenvalues": b.eigenvalues.cpu(),
+                           "damping": b.damping} for b in self.bases.values()]}
+
+    @classmethod
+    def from_state(cls, state: dict, model: nn.Module, device: torch.device | str) -> EKFAC:
+        """The bases re-attached to ``model``'s layers by name (scores run through the fitted model)."""
+        modules = dict(model.named_modules())
+        bases = {modules[name]: _LayerBasis(b["q_a"].to(device), b["q_s"].to(device), b["eigenvalues"].to(device),
+                                            b["damping"])
+                 for name, b in zip(state["names"], state["bases"], strict=True)}
+        return cls(model, bases, state["names"])
+
     @property
     def dampings(self) -> dict[str, float]:
         return {name: basis.damping for name, basis in zip(self.names, self.bases.values(), strict=True)}
@@ -384,3 +476,75 @@ def _half(progress: Progress, part: int) -> Progress:
     def report(done: int, total: int, message: str) -> None:
         progress(part * total + done, 2 * total, message)
     return report
+
+
+# ---- Influence from a fitted curvature: shared by the if-* and vm / fvm scorers ------------------
+
+Curvature = LastLayerCurvature | HeadEKFAC | EKFAC
+
+
+def curvature_from_state(state: dict, model: nn.Module, device: torch.device | str) -> Curvature:
+    """Any curvature's ``to_state()`` back (EK-FAC re-attached to ``model``)."""
+    if state["kind"] == EKFAC.kind:
+        return EKFAC.from_state(state, model, device)
+    return {c.kind: c for c in (LastLayerCurvature, HeadEKFAC)}[state["kind"]].from_state(state, device)
+
+
+def check_damping(damping: float) -> None:
+    if not damping > 0:
+        raise OptionError("damping", damping, ["a positive multiple of the mean curvature eigenvalue"])
+
+
+def head_dimension(model: nn.Module) -> int:
+    """C·D of the head's weights and bias: the side of its exact GGN."""
+    return model.head.weight.numel() + (model.head.bias.numel() if model.head.bias is not None else 0)
+
+
+def head_curvature_kind(model: nn.Module, requested: str = "last") -> tuple[str, str | None]:
+    """The head curvature to fit and, when the exact one was asked for but is too large, why not."""
+    dim = head_dimension(model)
+    if requested == "last" and dim > MAX_EXACT_HEAD_DIM:
+        return "ekfac-last", (f"the exact head GGN would hold ({dim:,})² numbers ({dim**2 * 8 / 2**30:.1f} GiB), above "
+                              f"the {MAX_EXACT_HEAD_DIM:,}-dimension limit: EK-FAC of the head was used instead")
+    return requested, None
+
+
+def fit_head_curvature(model: nn.Module, fit: Predictions, device: torch.device, damping: float,
+                       distributed: Distributed = LOCAL, kind: str = "last") -> LastLayerCurvature | HeadEKFAC:
+    """The head GGN of the mean loss over the fitting rows' predictions (this rank's shard of them,
+    summed across ranks), damped: exact for ``last``, EK-FAC for ``ekfac-last``."""
+    curvature = HeadEKFAC if kind == "ekfac-last" else LastLayerCurvature
+    return curvature.fit(fit.features, fit.probabilities, bias=model.head.bias is not None,
+                         relative_damping=damping, device=device, distributed=distributed)
+
+
+def head_influence(curvature: LastLayerCurvature | HeadEKFAC, target: Predictions,
+                   labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Scores gᵀ(H + λI)⁻¹g under the given labels, argmin-over-candidates suggestions, and the
+    curvature's info."""
+    candidates = curvature.candidate_scores(target.features, target.probabilities)
+    info = {"layers": ["head"], "curvature": curvature.kind, "damping": curvature.damping,
+            "curvature_dim": curvature.dim}
+    return candidates[np.arange(len(labels)), labels], candidates.argmin(1), info
+
+
+def fit_ekfac(model: nn.Module, task: ImageTask, fit: Dataset, device: torch.device, settings,
+              progress: Progress, distributed: Distributed = LOCAL) -> EKFAC:
+    """EK-FAC on the fitting rows (this rank's shard of them, summed across ranks); sampled Fisher
+    labels keyed by their stable index (free of the order and of the sharding)."""
+    return EKFAC.fit(model, task, fit.images, device, fisher=settings.fisher, relative_damping=settings.damping,
+                     batch_size=settings.batch_size, seed=settings.seed, sample_ids=fit.index, progress=progress,
+                     distributed=distributed)
+
+
+def ekfac_influence(ekfac: EKFAC, task: ImageTask, images: np.ndarray, labels: np.ndarray, device: torch.device,
+                    settings, fallback_suggestions: np.ndarray,
+                    progress: Progress) -> tuple[np.ndarray, np.ndarray, dict]:
+    """EK-FAC scores; suggestions by argmin over candidates (C backward passes per batch) when
+    ``settings.candidate_labels``, else ``fallback_suggestions`` (the model's argmax)."""
+    info = {"layers": ekfac.names, "curvature": "ekfac", "damping": ekfac.dampings, "fisher": settings.fisher}
+    if settings.candidate_labels:
+        candidates = ekfac.scores(task, images, None, device, batch_size=settings.batch_size, progress=progress)
+        return candidates[np.arange(len(labels)), labels], candidates.argmin(1), info
+    scores = ekfac.scores(task, images, labels, device, batch_size=settings.batch_size, progress=progress)
+    return scores, fallback_suggestions, info

@@ -38,7 +38,7 @@ from engine.metrics import detection_metrics, top_k
 from engine.pipeline import check_compatible, retrain_comparison, score_methods, with_injected_noise
 from engine.progress import Progress, no_progress
 from engine.scorers import scorer_class
-from engine.scorers.loss import cross_entropy
+from engine.task import cross_entropy
 from engine.training import PRESETS, TrainedModel, evaluate, predict, train
 
 DEMO_METHODS = ("loss", "cleanlab", "fvm")

@@ -1,10 +1,17 @@
 """Fine-tune a copy of the trained model to a minimum θ̃ of the trusted validation risk (METHODS.md §4).
 
 VM uses plain SGD; FVM a flat minimum, with SAM (sharpness-aware: the gradient is taken at the
-worst point within ρ) or LPF-SGD (the gradient is taken at a Gaussian perturbation of every
-Linear/Conv filter with std γ·‖filter‖, one sample per step). Both on top of SGD with momentum,
-weight decay and a small learning rate on a warm-up + cosine schedule that ends at rate 0, where
-the validation loss has plateaued (the summary reports its relative change over the last epochs).
+worst point within ρ) or LPF-SGD (Bisla et al. 2022, M = 1: the gradient is taken at a Gaussian
+perturbation of every parameter, std γ·‖filter‖ per output filter of a weight, γ·‖p‖ for a 1-D
+parameter such as a bias or a BatchNorm scale, as in the paper's code). All three on top of SGD
+with momentum and weight decay on a warm-up + cosine schedule that ends at rate 0, where the
+validation loss has plateaued (the summary reports its relative change over the last epochs).
+The three see the same batches in the same order: the perturbation noise has its own generator.
+
+What θ̃ minimizes is the mean eval-mode validation cross-entropy plus the weight decay
+(wd/2)·‖θ‖² (SGD's ``weight_decay``): θ̃ is a minimum of that objective, not of the loss alone.
+The summary reports how close: the norm of the head's gradient of the validation loss at θ̃, with
+and without the weight-decay term, and whether the loss ended above where θ* started.
 
 The network stays in **eval mode** throughout: BatchNorm normalizes with the running statistics
 of the training data and they do not drift towards the small validation set (its affine
@@ -18,7 +25,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -34,35 +41,68 @@ MAX_BACKTRACKS = 3  # learning-rate thirds tried after a run that ends above the
 
 
 @dataclass(frozen=True)
+class FinetuneRecipe:
+    """The per-architecture part of the fine-tune: what suits a small CNN on 28 px digits overshoots
+    a ResNet-18 on 32 px photos in eval mode, and LPF-SGD's γ differs by network scale."""
+
+    epochs: int
+    learning_rate: float
+    gamma: float
+
+
+RECIPES: dict[str, FinetuneRecipe] = {
+    # Measured on the sample digits (benchmarks/influence_settings.py): lr 0.01 overshoots in eval
+    # mode, 0.001 stops short; 30 epochs reach the plateau. γ = 0.001: LPF-SGD's MNIST-scale value.
+    "small-cnn": FinetuneRecipe(epochs=30, learning_rate=0.003, gamma=0.001),
+    # γ = 0.002: LPF-SGD's value for CIFAR-scale ResNets (METHODS.md §4). lr and epochs are NOT yet
+    # measured here: a third of the small CNN's rate (eval-mode BatchNorm in 20 layers is sharper;
+    # the backtracking divides it further if a run ends above θ*'s loss) and half the epochs (5k
+    # validation images give ~80 steps an epoch, not ~5). benchmarks/gpu_check.sh reports the plateau.
+    "resnet18": FinetuneRecipe(epochs=15, learning_rate=0.001, gamma=0.002),
+}
+DEFAULT_RECIPE = "resnet18"  # other architectures (deep, with BatchNorm) start from the ResNet's
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
-    """The fine-tuning recipe; the defaults were chosen on the sample digits (see the benchmark)."""
+    """The fine-tuning recipe. ``epochs``, ``learning_rate`` and ``gamma`` left None come from the
+    architecture's :data:`RECIPES` (:meth:`for_model`)."""
 
     optimizer: str = "sam"  # sgd (VM), sam or lpf (FVM)
-    epochs: int = 30  # the cosine schedule ends at rate 0, where the loss has plateaued (see ``plateau``)
-    learning_rate: float = 0.003  # digits: 0.01 overshoots in eval mode, 0.001 stops short (benchmark)
+    epochs: int | None = None  # the cosine schedule ends at rate 0, where the loss has plateaued (``plateau``)
+    learning_rate: float | None = None
     momentum: float = 0.9
     weight_decay: float = 5e-4  # as in training (METHODS.md §4)
     batch_size: int = 64
     warmup_epochs: int = 2  # linear warm-up before the cosine: momentum transients at full rate overshoot
     rho: float = 0.05  # SAM neighbourhood radius (the SAM paper's default for SGD)
-    gamma: float = 0.001  # LPF-SGD noise per filter, relative to its norm (MNIST-scale nets: 0.001)
+    gamma: float | None = None  # LPF-SGD noise, relative to each filter's (or 1-D parameter's) norm
     seed: int = 0
+
+    def for_model(self, model_name: str) -> FinetuneConfig:
+        """This config with the unset per-architecture values taken from ``model_name``'s recipe."""
+        recipe = RECIPES.get(model_name, RECIPES[DEFAULT_RECIPE])
+        return replace(self, **{name: getattr(recipe, name) for name in ("epochs", "learning_rate", "gamma")
+                                if getattr(self, name) is None})
 
     def validate(self) -> FinetuneConfig:
         if self.optimizer not in FINETUNE_OPTIMIZERS:
             raise OptionError("optimizer", self.optimizer, FINETUNE_OPTIMIZERS)
         for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise OptionError(name, getattr(self, name), ["a positive integer"])
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise OptionError(name, value, ["a positive integer"])
         for name in ("learning_rate", "rho", "gamma", "weight_decay", "warmup_epochs"):
-            if getattr(self, name) < 0 or (name == "learning_rate" and self.learning_rate == 0):
-                raise OptionError(name, getattr(self, name), ["a positive number"])
+            value = getattr(self, name)
+            if value is not None and (not value >= 0 or (name == "learning_rate" and value == 0)):
+                raise OptionError(name, value, ["a positive number"])
         return self
 
 
 @dataclass
 class FinetunedModel:
-    """θ̃ (eval mode) with its validation accuracy and loss, before and after, and the epochs run."""
+    """θ̃ (eval mode) with its validation accuracy and loss, before and after, the epochs run, and
+    how far from a stationary point its head is."""
 
     model: nn.Module
     validation_accuracy: float
@@ -73,6 +113,35 @@ class FinetunedModel:
     epochs: int
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    head_gradient_norm: float = float("nan")  # ‖∇_head L_val(θ̃)‖, the mean validation loss alone
+    head_objective_gradient_norm: float = float("nan")  # ‖∇_head (L_val + wd/2‖θ‖²)‖: 0 at a minimum
+    initial_head_gradient_norm: float = float("nan")  # ‖∇_head L_val(θ*)‖, for scale
+
+    @property
+    def worse_than_start(self) -> bool:
+        """θ̃ ends with a higher validation loss than θ* had: it is no minimum of the validation risk."""
+        return self.validation_loss > self.initial_validation_loss
+
+    def warning(self) -> str | None:
+        """A plain sentence when θ̃ is not the validation minimum the VM / FVM scores assume."""
+        if not self.worse_than_start:
+            return None
+        return (f"the model fine-tuned on the validation set ends with a higher validation loss "
+                f"({self.validation_loss:.4f}) than the trained model had ({self.initial_validation_loss:.4f}): it "
+                "is not a validation minimum, so VM/FVM scores are taken at an arbitrary point; the trained model may "
+                "already sit at the validation minimum, or the fine-tuning learning rate is too high")
+
+    def to_state(self) -> dict:
+        return {"state": {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()},
+                **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}}
+
+    @classmethod
+    def from_state(cls, state: dict, like: nn.Module) -> FinetunedModel:
+        """θ̃ loaded into a copy of ``like`` (the trained model: the same architecture)."""
+        state = dict(state)
+        model = copy.deepcopy(like)
+        model.load_state_dict(state.pop("state"))
+        return cls(model.eval(), **state)
 
     @property
     def plateau(self) -> float:
@@ -85,7 +154,11 @@ class FinetunedModel:
         return {"validation_accuracy": self.validation_accuracy, "validation_loss": self.validation_loss,
                 "validation_accuracy_before": self.initial_validation_accuracy,
                 "validation_loss_before": self.initial_validation_loss, "finetune_epochs": self.epochs,
-                "finetune_learning_rate": self.learning_rate, "finetune_plateau": self.plateau}
+                "finetune_learning_rate": self.learning_rate, "finetune_plateau": self.plateau,
+                "head_gradient_norm": self.head_gradient_norm,
+                "head_objective_gradient_norm": self.head_objective_gradient_norm,
+                "head_gradient_norm_before": self.initial_head_gradient_norm,
+                "finetune_worse_than_start": self.worse_than_start}
 
 
 @torch.no_grad()
@@ -99,8 +172,31 @@ def _evaluate(model: nn.Module, trained: TrainedModel, x: torch.Tensor, y: torch
     return loss / len(x), correct / len(x)
 
 
-def _perturbed_gradient(model: nn.Module, loss_fn, config: FinetuneConfig, generator: torch.Generator) -> None:
-    """Leave in ``.grad`` the gradient at the SAM / LPF perturbation of the weights (weights restored)."""
+def head_gradient_norms(model: nn.Module, trained: TrainedModel, x: torch.Tensor, y: torch.Tensor,
+                        weight_decay: float) -> tuple[float, float]:
+    """‖∇_head L_val‖ and ‖∇_head (L_val + wd/2‖θ‖²)‖ at ``model`` (eval mode, the whole set)."""
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    grads = [torch.zeros_like(p) for p in head]
+    for lo in range(0, len(x), 512):
+        loss = trained.task.loss(model(x[lo:lo + 512]), y[lo:lo + 512], reduction="sum") / len(x)
+        for total, g in zip(grads, torch.autograd.grad(loss, head), strict=True):
+            total += g
+    plain = torch.sqrt(sum(g.double().square().sum() for g in grads))
+    objective = torch.sqrt(sum((g + weight_decay * p.detach()).double().square().sum()
+                               for g, p in zip(grads, head, strict=True)))
+    return float(plain), float(objective)
+
+
+def _perturbation_scale(p: torch.Tensor, gamma: float) -> torch.Tensor:
+    """LPF-SGD's noise std: γ·‖filter‖ per output filter of a weight, γ·‖p‖ for a 1-D parameter."""
+    if p.ndim > 1:
+        return gamma * p.flatten(1).norm(dim=1).view(-1, *[1] * (p.ndim - 1))
+    return gamma * p.norm()
+
+
+def _perturbed_gradient(model: nn.Module, loss_fn, config: FinetuneConfig, noise: torch.Generator) -> None:
+    """Leave in ``.grad`` the gradient at the SAM / LPF perturbation of the weights (weights restored);
+    LPF draws its noise from ``noise``, never from the generator of the batch order."""
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "sam":
         loss_fn().backward()
@@ -108,13 +204,9 @@ def _perturbed_gradient(model: nn.Module, loss_fn, config: FinetuneConfig, gener
         if config.optimizer == "sam":
             norm = torch.sqrt(sum(p.grad.square().sum() for p in params if p.grad is not None))
             shifts = [config.rho * p.grad / (norm + 1e-12) if p.grad is not None else None for p in params]
-        else:  # lpf: Gaussian noise per output filter of Linear/Conv weights, std γ·‖filter‖
-            shifts = [None] * len(params)
-            weights = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-            for i, p in enumerate(params):
-                if id(p) in weights:
-                    scale = config.gamma * p.flatten(1).norm(dim=1).view(-1, *[1] * (p.ndim - 1))
-                    shifts[i] = torch.randn(p.shape, generator=generator).to(p) * scale
+        else:  # lpf: every parameter, Gaussian noise with std γ·norm
+            shifts = [torch.randn(p.shape, generator=noise).to(p) * _perturbation_scale(p, config.gamma)
+                      for p in params]
         for p, shift in zip(params, shifts, strict=True):
             if shift is not None:
                 p.add_(shift)
@@ -136,12 +228,13 @@ def finetune(trained: TrainedModel, validation: Dataset, config: FinetuneConfig 
     If none ends below it (θ* may already sit at the validation minimum), the attempt with the
     lowest final loss is kept; ``validation_loss`` against ``initial_validation_loss`` shows it.
     """
-    config.validate()
+    config = config.validate().for_model(trained.model_name)
     start = time.perf_counter()
     device, task = trained.device, trained.task
     x = task.inputs(validation.images, device)
     y = torch.as_tensor(validation.labels, device=device)
     initial_loss, initial_accuracy = _evaluate(trained.model.eval(), trained, x, y)
+    initial_gradient, _ = head_gradient_norms(trained.model, trained, x, y, config.weight_decay)
     attempts = []
     for attempt in range(MAX_BACKTRACKS + 1):
         rate = config.learning_rate / 3**attempt
@@ -155,8 +248,9 @@ def finetune(trained: TrainedModel, validation: Dataset, config: FinetuneConfig 
         raise TrainingError(f"fine-tuning on the validation set diverged even at learning rate {rate:.2g}; "
                             "lower the fine-tuning learning rate")
     progress(config.epochs, config.epochs, "fine-tuning on the validation set")
+    gradient, objective_gradient = head_gradient_norms(model, trained, x, y, config.weight_decay)
     return FinetunedModel(model, history[-1]["accuracy"], loss, initial_accuracy, initial_loss, rate, len(history),
-                          time.perf_counter() - start, history)
+                          time.perf_counter() - start, history, gradient, objective_gradient, initial_gradient)
 
 
 def _descend(model: nn.Module, trained: TrainedModel, x: torch.Tensor, y: torch.Tensor, config: FinetuneConfig,
@@ -169,7 +263,8 @@ def _descend(model: nn.Module, trained: TrainedModel, x: torch.Tensor, y: torch.
     total, warmup = config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * step / total)))
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)  # batch order: the same for sgd, sam and lpf
+    noise = torch.Generator().manual_seed(config.seed + 1)  # lpf's perturbations
     history = []
     for epoch in range(1, config.epochs + 1):
         perm = torch.randperm(n, generator=generator).to(x.device)
@@ -183,7 +278,7 @@ def _descend(model: nn.Module, trained: TrainedModel, x: torch.Tensor, y: torch.
             if config.optimizer == "sgd":
                 batch_loss().backward()
             else:
-                _perturbed_gradient(model, batch_loss, config, generator)
+                _perturbed_gradient(model, batch_loss, config, noise)
             optimizer.step()
             schedule.step()
         loss, accuracy = _evaluate(model, trained, x, y)

@@ -121,6 +121,7 @@ def score_methods(train_set: Dataset, methods: list[str], *, validation: Dataset
     for name in methods:
         if scorer_class(name).requires_validation and validation is None:
             raise DataError(f"method {name!r} {TRUSTED_VALIDATION_HELP}")
+    scorers = [make_scorer(name, settings.get(name)) for name in methods]  # bad settings fail before training
     if validation is not None:
         check_compatible(train_set, validation, "validation")
     start = time.perf_counter()
@@ -134,9 +135,8 @@ def score_methods(train_set: Dataset, methods: list[str], *, validation: Dataset
     if distributed.world_size > 1:
         context._predictions = _sharded_predictions(context, distributed)
     run = ScoringRun(context, train_seconds=time.perf_counter() - start)
-    for name in methods:
-        scorer = make_scorer(name, settings.get(name))
-        run.results[name] = _score_in_stages(scorer, context) if distributed.world_size == 1 else \
+    for scorer in scorers:
+        run.results[scorer.name] = _score_in_stages(scorer, context) if distributed.world_size == 1 else \
             _score_distributed(scorer, context, distributed)
     return run
 

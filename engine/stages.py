@@ -18,13 +18,12 @@ replaced; a stage that cannot be saved (disk full) is logged and the run goes on
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -32,10 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.curvature import EKFAC, LastLayerCurvature, _LayerBasis
 from engine.data import Dataset
 from engine.device import resolve_device
-from engine.finetune import FinetunedModel
 from engine.models import build_model
 from engine.progress import Progress
 from engine.task import ImageTask
@@ -226,44 +223,11 @@ def train_in_stages(dataset: Dataset, config: TrainConfig, stages: StageStore | 
                         codec)
 
 
-# -- scorer stages: the fine-tuned model, curvature, arrays ---------------------------------------
+# -- scorer stages: objects that know their own state, arrays ------------------------------------
 
-def finetuned_codec(trained: TrainedModel) -> Codec[FinetunedModel]:
-    """θ̃ as its weights and summary; loaded into a copy of the trained model's architecture."""
-    def encode(finetuned: FinetunedModel) -> dict:
-        return {"state": _cpu_state(finetuned.model),
-                **{f.name: getattr(finetuned, f.name) for f in fields(finetuned) if f.name != "model"}}
-
-    def decode(state: dict) -> FinetunedModel:
-        model = copy.deepcopy(trained.model)
-        model.load_state_dict(state.pop("state"))
-        return FinetunedModel(model.eval(), **state)
-
-    return Codec(encode, decode)
-
-
-def curvature_codec(model: nn.Module, device: torch.device) -> Codec[LastLayerCurvature | EKFAC]:
-    """The exact head curvature (its Cholesky factor) or EK-FAC's bases, re-attached to ``model``'s
-    layers by name (EK-FAC scores run through the model it was fitted on)."""
-    def encode(curvature: LastLayerCurvature | EKFAC) -> dict:
-        if isinstance(curvature, LastLayerCurvature):
-            return {"kind": "last", "cholesky": curvature.cholesky.cpu(), "damping": curvature.damping,
-                    "bias": curvature.bias, "num_classes": curvature.num_classes}
-        return {"kind": "ekfac", "names": list(curvature.names),
-                "bases": [{"q_a": b.q_a.cpu(), "q_s": b.q_s.cpu(), "eigenvalues": b.eigenvalues.cpu(),
-                           "damping": b.damping} for b in curvature.bases.values()]}
-
-    def decode(state: dict) -> LastLayerCurvature | EKFAC:
-        if state["kind"] == "last":
-            return LastLayerCurvature(state["cholesky"].to(device), state["damping"], state["bias"],
-                                      state["num_classes"])
-        modules = dict(model.named_modules())
-        bases = {modules[name]: _LayerBasis(b["q_a"].to(device), b["q_s"].to(device), b["eigenvalues"].to(device),
-                                            b["damping"])
-                 for name, b in zip(state["names"], state["bases"], strict=True)}
-        return EKFAC(model, bases, state["names"])
-
-    return Codec(encode, decode)
+def state_codec(decode: Callable[[dict], T]) -> Codec[T]:
+    """The codec of an object that knows its own state: ``value.to_state()`` out, ``decode(state)`` back."""
+    return Codec(lambda value: value.to_state(), decode)
 
 
 ARRAY = Codec(lambda array: {"array": torch.from_numpy(np.ascontiguousarray(array))},

@@ -38,3 +38,10 @@ class ImageTask:
     @staticmethod
     def loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         return F.cross_entropy(logits.float(), labels, reduction=reduction)
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-row cross-entropy of integer labels under float64 logits (the task's loss, on CPU arrays)."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(z).sum(axis=1))
+    return log_norm - z[np.arange(len(labels)), labels]

@@ -35,6 +35,9 @@ class ScoringContext:
     stage_key: str = ""  # hash of the trained model's data and recipe and of the validation set
     distributed: Distributed = LOCAL  # the ranks a prepare's sums over rows are all-reduced across
     _predictions: Predictions | None = field(default=None, repr=False)
+    # Stage values already computed in this run, by stage key: scorers that need the same stage (vm and
+    # vm-loss need one θ̃) share it in memory, with or without a stage store on disk.
+    _computed: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def predictions(self) -> Predictions:
@@ -44,12 +47,13 @@ class ScoringContext:
         return self._predictions
 
     def cached(self, stage: str, what: Any, compute: Callable[[], T], codec: Codec[T], *, label: str = "") -> T:
-        """``compute()``; in a resumable run, the value a previous run saved for this run and ``what``
-        (``label`` names it in the run's log of reused and computed stages)."""
-        if self.stages is None:
-            return compute()
-        return self.stages.fetch(stage, digest(self.stage_key, stage, what), compute, codec,
-                                 label=f"{stage}:{label}" if label else stage)
+        """``compute()`` once per run and ``what`` (shared by every scorer that asks); in a resumable
+        run, the value a previous run saved (``label`` names it in the run's log of stages)."""
+        key = digest(self.stage_key, stage, what)
+        if key not in self._computed:
+            self._computed[key] = compute() if self.stages is None else self.stages.fetch(
+                stage, key, compute, codec, label=f"{stage}:{label}" if label else stage)
+        return self._computed[key]
 
     def fitting_shard(self, rows: Dataset) -> Dataset:
         """This rank's shard of a fitting set (the set itself single-process): a ``prepare`` sums its
@@ -66,6 +70,16 @@ class ScoringContext:
         full = self.predictions
         return replace(self, train=self.train.subset(rows),
                        _predictions=Predictions(full.logits[rows], full.features[rows]))
+
+
+@dataclass
+class Scored:
+    """What a scorer's ``_score`` returns: scores, suggested labels, info and per-row arrays."""
+
+    scores: np.ndarray
+    suggested_labels: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -117,7 +131,12 @@ class Scorer:
 
     def __init__(self, settings: Any = None):
         self.settings = settings if settings is not None else self.Settings()
+        self.check_settings()
         self.timings: dict[str, float] = {}
+
+    def check_settings(self) -> None:
+        """Refuse bad settings (:class:`engine.errors.OptionError`) when the scorer is made, before any
+        training or fine-tuning; subclasses with settings override it."""
 
     def prepare(self, context: ScoringContext) -> None:
         start = time.perf_counter()
@@ -126,10 +145,10 @@ class Scorer:
 
     def score(self, context: ScoringContext) -> ScoreResult:
         start = time.perf_counter()
-        scores, suggested, info, *arrays = self._score(context)
+        scored = self._score(context)
         self.timings["score_seconds"] = time.perf_counter() - start
-        return ScoreResult(self.name, scores, suggested, asdict(self.settings), dict(self.timings), info,
-                           arrays[0] if arrays else {})
+        return ScoreResult(self.name, scored.scores, scored.suggested_labels, asdict(self.settings),
+                           dict(self.timings), scored.info, scored.arrays)
 
     def run(self, context: ScoringContext) -> ScoreResult:
         self.prepare(context)
@@ -138,6 +157,5 @@ class Scorer:
     def _prepare(self, context: ScoringContext) -> None:
         """Expensive one-off work (fine-tuning, curvature, cross-validation); default: none."""
 
-    def _score(self, context: ScoringContext) -> tuple:
-        """(scores, suggested labels, info) or (scores, suggested labels, info, per-row arrays)."""
+    def _score(self, context: ScoringContext) -> Scored:
         raise NotImplementedError

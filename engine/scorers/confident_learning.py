@@ -17,7 +17,7 @@ from cleanlab.rank import get_label_quality_scores
 from sklearn.model_selection import StratifiedKFold
 
 from engine.errors import DataError
-from engine.scorers.base import Scorer, ScoringContext
+from engine.scorers.base import Scored, Scorer, ScoringContext
 from engine.scorers.registry import register
 from engine.stages import ARRAY
 from engine.training import predict, train
@@ -76,5 +76,5 @@ class ConfidentLearningScorer(Scorer):
             info["classes_smaller_than_folds"] = self.small_classes
         if context.distributed.world_size > 1:  # the rank that trained each fold
             info["fold_ranks"] = [k % context.distributed.world_size for k in range(self.folds)]
-        return (1.0 - quality, self.pred_probs.argmax(1), info,
-                {"probabilities": self.pred_probs.astype(np.float32)})
+        return Scored(1.0 - quality, self.pred_probs.argmax(1), info,
+                      {"probabilities": self.pred_probs.astype(np.float32)})

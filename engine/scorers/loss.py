@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
-
-from engine.scorers.base import Scorer, ScoringContext
+from engine.scorers.base import Scored, Scorer, ScoringContext
 from engine.scorers.registry import register
-
-
-def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Per-row cross-entropy of integer labels under float64 logits."""
-    z = logits - logits.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(z).sum(axis=1))
-    return log_norm - z[np.arange(len(labels)), labels]
+from engine.task import cross_entropy
 
 
 @register
@@ -23,4 +15,4 @@ class LossScorer(Scorer):
 
     def _score(self, context: ScoringContext):
         preds = context.predictions
-        return cross_entropy(preds.logits, context.train.labels), preds.predicted, {}
+        return Scored(cross_entropy(preds.logits, context.train.labels), preds.predicted)

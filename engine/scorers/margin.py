@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.scorers.base import Scorer, ScoringContext
+from engine.scorers.base import Scored, Scorer, ScoringContext
 from engine.scorers.registry import register
 
 
@@ -20,4 +20,4 @@ class MarginScorer(Scorer):
         given = logits[rows, context.train.labels]
         others = logits.copy()
         others[rows, context.train.labels] = -np.inf
-        return others.max(axis=1) - given, context.predictions.predicted, {}
+        return Scored(others.max(axis=1) - given, context.predictions.predicted)

@@ -20,7 +20,7 @@ from torch import nn
 from engine.errors import InfluenceLensError, OptionError
 from engine.per_sample import NORM_METHODS, per_sample_grad_sq_norms, trainable_layers
 from engine.progress import Progress
-from engine.scorers.base import Scorer, ScoringContext
+from engine.scorers.base import Scored, Scorer, ScoringContext
 from engine.scorers.registry import register
 from engine.task import ImageTask
 from engine.training import Checkpoint, TrainedModel, predict
@@ -89,7 +89,7 @@ class TracInLastScorer(Scorer):
 
         scores = _sum_over_checkpoints(trained, self.settings.weight_by_learning_rate, head_norms)
         info = {"layers": ["head"], "checkpoints": _checkpoint_info(trained.checkpoints)}
-        return scores, context.predictions.predicted, info
+        return Scored(scores, context.predictions.predicted, info)
 
 
 @register
@@ -116,7 +116,7 @@ class TracInScorer(Scorer):
 
         scores = _sum_over_checkpoints(trained, self.settings.weight_by_learning_rate, all_layer_norms)
         info = {"layers": _layer_names(trained.model), "checkpoints": _checkpoint_info(trained.checkpoints)}
-        return scores, context.predictions.predicted, info
+        return Scored(scores, context.predictions.predicted, info)
 
 
 def dropout_member(model: nn.Module, rate: float, generator: torch.Generator) -> nn.Module:
@@ -171,4 +171,4 @@ class TracInEnsembleScorer(Scorer):
                                                    batch_size=settings.batch_size, progress=stage)
         info: dict[str, Any] = {"layers": ["head"] if settings.last_layer_only else _layer_names(trained.model),
                                 "dropout_rates": [round(float(r), 6) for r in rates]}
-        return scores, context.predictions.predicted, info
+        return Scored(scores, context.predictions.predicted, info)
