@@ -331,6 +331,7 @@ def scoring_advice(train: Dataset, table, *, validation: Dataset | None, trusted
     """
     flagged = table.nsmallest(max(1, int(len(table) * flagged_fraction)), "rank")
     flagged_accuracy = float((flagged["predicted_label"] == flagged["given_label"]).mean())
+    finetune = [Advice("finetune-not-a-minimum", info["finetune_warning"])] if info.get("finetune_warning") else []
     return validation_warnings(train, validation, trusted=trusted) + model_warnings(
         history=history or [], flagged_train_accuracy=flagged_accuracy,
-        validation_accuracy=info.get("validation_accuracy"), training_notes=training_notes)
+        validation_accuracy=info.get("validation_accuracy"), training_notes=training_notes) + finetune

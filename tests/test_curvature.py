@@ -169,3 +169,56 @@ def test_ekfac_does_not_depend_on_batch_size_or_sample_order(fisher):
     ekfac = EKFAC.fit(model, TASK, images[order], "cpu", batch_size=7, fisher=fisher, sample_ids=ids[order])
     np.testing.assert_allclose(ekfac.scores(TASK, images[order], labels[order], "cpu", batch_size=11),
                                reference[order], rtol=1e-8)
+
+
+# ---- EK-FAC of the head (ekfac-last) ------------------------------------------------------------
+
+def _head_setup(m=40, d=5, c=4, seed=0, same_probabilities=False):
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(m, d, generator=g, dtype=torch.float64)
+    logits = torch.randn(1 if same_probabilities else m, c, generator=g, dtype=torch.float64).expand(m, c)
+    return features, torch.softmax(logits, 1)
+
+
+def test_head_ekfac_equals_the_exact_head_ggn_where_it_is_a_kronecker_product():
+    # Every sample with the same p: the GGN is (diag p − ppᵀ) ⊗ E[ââᵀ] exactly, so EK-FAC's basis
+    # diagonalizes it, its damping (mean eigenvalue = trace / dim) is the same, and so is every score.
+    from engine.curvature import HeadEKFAC
+    features, probs = _head_setup(same_probabilities=True)
+    exact = LastLayerCurvature.fit(features, probs, relative_damping=0.1)
+    ekfac = HeadEKFAC.fit(features, probs, relative_damping=0.1)
+    assert ekfac.damping == pytest.approx(exact.damping, rel=1e-10)
+    others, other_probs = _head_setup(m=12, seed=1)
+    np.testing.assert_allclose(ekfac.candidate_scores(others, other_probs),
+                               exact.candidate_scores(others, other_probs), rtol=1e-8)
+
+
+def test_head_ekfac_scores_are_the_explicit_kronecker_eigenbasis_solve_and_track_the_exact_ones():
+    from engine.curvature import HeadEKFAC
+    features, probs = _head_setup(m=200, d=6, c=5, seed=2)
+    ekfac = HeadEKFAC.fit(features, probs, relative_damping=0.1)
+    # Brute force: the EK-FAC matrix (Q_S ⊗ Q_A) diag(Λ) (Q_S ⊗ Q_A)ᵀ built explicitly, with Λ the
+    # diagonal of the explicit GGN in that basis.
+    ggn = last_layer_ggn(features, probs)
+    basis = torch.kron(ekfac.q_s, ekfac.q_a)
+    eigenvalues = torch.diagonal(basis.T @ ggn @ basis)
+    torch.testing.assert_close(ekfac.eigenvalues.flatten(), eigenvalues, rtol=1e-9, atol=1e-12)
+    explicit = basis @ torch.diag(eigenvalues) @ basis.T
+    labels = torch.randint(0, 5, (200,), generator=torch.Generator().manual_seed(3))
+    grads = head_gradients(features, probs, labels)
+    expected = _explicit_scores(explicit, grads, ekfac.damping)
+    got = ekfac.candidate_scores(features, probs)[np.arange(200), labels.numpy()]
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-8)
+    exact = LastLayerCurvature.fit(features, probs, relative_damping=0.1).candidate_scores(features, probs)
+    assert spearmanr(got, exact[np.arange(200), labels.numpy()]).statistic > 0.95
+
+
+def test_a_head_too_large_for_the_exact_ggn_switches_to_ekfac_and_says_so(monkeypatch):
+    import engine.curvature as curvature
+    model = nn.Module()
+    model.head = nn.Linear(512, 100)  # CIFAR-100 on a ResNet-18: (51,300)² numbers, ~21 GB
+    kind, note = curvature.head_curvature_kind(model)
+    assert kind == "ekfac-last" and "51,300" in note and "EK-FAC" in note
+    model.head = nn.Linear(64, 10)
+    assert curvature.head_curvature_kind(model) == ("last", None)
+    assert curvature.head_curvature_kind(model, "ekfac-last") == ("ekfac-last", None)

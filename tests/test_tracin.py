@@ -64,8 +64,9 @@ def test_checkpoints_fewer_than_epochs_weigh_every_step_since_the_previous_one(t
     expected_weights = [rates[:2 * steps].sum(), rates[2 * steps:].sum()]
     np.testing.assert_allclose([c.step_weight for c in trained.checkpoints], expected_weights, rtol=1e-9)
     x, y = trained.task.inputs(dataset.images).double(), torch.as_tensor(dataset.labels)
+    models = [trained.model_at(c).double() for c in trained.checkpoints]
     expected = sum(w * brute_force_sq_norms(m, x, y, [m.head.weight, m.head.bias]).numpy()
-                   for w, m in zip(expected_weights, (trained.model_at(c).double() for c in trained.checkpoints)))
+                   for w, m in zip(expected_weights, models, strict=True))
     np.testing.assert_allclose(_score("tracin-last", dataset, trained).scores, expected, rtol=1e-4)
 
 
