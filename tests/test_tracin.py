@@ -12,7 +12,7 @@ from engine.metrics import detection_metrics
 from engine.per_sample import per_sample_grad_sq_norms
 from engine.pipeline import score_methods, with_injected_noise
 from engine.scorers import ScoringContext, make_scorer, scorer_class
-from engine.scorers.tracin import dropout_member
+from engine.scorers.tracin import activation_dropout_member, dropout_member
 from engine.training import TrainConfig, train
 
 TINY = TrainConfig(epochs=3, checkpoints=3, batch_size=6, device="cpu")
@@ -109,6 +109,38 @@ def test_ensemble_member_zero_is_the_final_model_and_members_add(tiny):
     assert not np.allclose(three.scores, 3 * final, rtol=1e-3)  # the members really differ
 
 
+@pytest.mark.parametrize("last_layer_only", [True, False])
+def test_activation_dropout_ensemble_equals_brute_force_gradients_of_its_members(tiny, last_layer_only):
+    # The paper's ensemble: member k is the final model with dropout masks on its hidden activations;
+    # its score is the per-sample squared gradient norm through those masks, one backward per sample.
+    dataset, trained = tiny
+    result = _score("tracin-ensemble", dataset, trained, members=3, max_dropout=0.3, last_layer_only=last_layer_only)
+    assert result.info["dropout"] == "activation"
+    rates, generator = result.info["dropout_rates"], torch.Generator().manual_seed(0)
+    x, y = trained.task.inputs(dataset.images).double(), torch.as_tensor(dataset.labels)
+    expected = 0
+    for rate in rates:
+        member = activation_dropout_member(trained.model, rate, generator).double()
+        params = [member.head.weight, member.head.bias] if last_layer_only else list(member.parameters())
+        expected = expected + brute_force_sq_norms(member, x, y, params).numpy()
+    np.testing.assert_allclose(result.scores, expected, rtol=1e-4)
+
+
+def test_activation_dropout_member_masks_hidden_inputs_alike_for_every_sample_and_rescales():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 400), torch.nn.Tanh(), torch.nn.Linear(400, 3))
+    member = activation_dropout_member(model, 0.25, torch.Generator().manual_seed(0))
+    seen = []
+    member[2].register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0]))
+    x = torch.randn(2, 4)
+    member(x)
+    hidden = model[1](model[0](x))
+    kept = seen[0] != 0
+    assert torch.equal(kept[0], kept[1])  # one mask per member, shared by the samples
+    assert 0.18 < 1 - kept[0].float().mean() < 0.32
+    torch.testing.assert_close(seen[0][kept], (hidden / 0.75)[kept])
+    torch.testing.assert_close(activation_dropout_member(model, 0.0, torch.Generator())(x), model(x))
+
+
 def test_dropout_member_zeroes_weights_at_the_rate_and_leaves_the_model_alone():
     model = torch.nn.Sequential(torch.nn.Linear(100, 100), torch.nn.BatchNorm1d(100))
     before = model[0].weight.detach().clone()
@@ -125,6 +157,8 @@ def test_bad_settings_are_refused(tiny):
         _score("tracin", dataset, trained, norm_method="fast")
     with pytest.raises(OptionError, match="members"):
         _score("tracin-ensemble", dataset, trained, members=0)
+    with pytest.raises(OptionError, match="activation, weights"):
+        _score("tracin-ensemble", dataset, trained, dropout="inputs")
 
 
 @pytest.mark.parametrize("name", ["tracin-last", "tracin"])

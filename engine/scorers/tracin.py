@@ -2,7 +2,8 @@
 
 Three scorers share this file: the last layer only from forward passes (``tracin-last``), the
 whole network from one batched backward pass per checkpoint (``tracin``, via
-:mod:`engine.per_sample`), and a dropout ensemble around the final model (``tracin-ensemble``).
+:mod:`engine.per_sample`), and a dropout ensemble around the final model (``tracin-ensemble``):
+as in the paper (seed 004), dropout on the activations, or DropConnect on the weights.
 A gradient norm has no per-label form that would rank candidate labels, so the suggested label is
 the final model's argmax.
 """
@@ -79,7 +80,7 @@ class TracInLastScorer(Scorer):
     class Settings:
         weight_by_learning_rate: bool = True  # TracIn-CP: Σ η of the steps each checkpoint stands for
 
-    def _score(self, context: ScoringContext):
+    def _score(self, context: ScoringContext) -> Scored:
         trained, train = context.trained, context.train
 
         def head_norms(model: nn.Module, j: int, count: int) -> np.ndarray:
@@ -104,9 +105,11 @@ class TracInScorer(Scorer):
         batch_size: int = 256  # rows per forward/backward; memory is about a training step's at this size
         norm_method: str = "auto"  # per layer the cheaper of ghost / explicit norm (METHODS.md §2)
 
-    def _score(self, context: ScoringContext):
+    def check_settings(self) -> None:
         if self.settings.norm_method not in NORM_METHODS:
             raise OptionError("norm_method", self.settings.norm_method, NORM_METHODS)
+
+    def _score(self, context: ScoringContext) -> Scored:
         trained, train = context.trained, context.train
 
         def all_layer_norms(model: nn.Module, j: int, count: int) -> np.ndarray:
@@ -119,8 +122,56 @@ class TracInScorer(Scorer):
         return Scored(scores, context.predictions.predicted, info)
 
 
+ENSEMBLE_DROPOUTS = ("activation", "weights")
+
+
+def activation_dropout_member(model: nn.Module, rate: float, generator: torch.Generator) -> nn.Module:
+    """A copy of ``model`` (eval mode) whose Linear/Conv2d layers, all but the first (the image is
+    not an activation), see their input activations through a dropout mask: each entry kept with
+    probability 1 − rate and rescaled by 1/(1 − rate), as dropout does in training.
+
+    One mask per member and layer, over the activation's per-sample shape and shared by every
+    sample, drawn from ``generator`` at the member's first forward pass in layer order: a member is
+    one fixed network, so its scores do not depend on the batch size or the order of the rows.
+    """
+    member = copy.deepcopy(model).eval()
+    masks: dict[nn.Module, torch.Tensor] = {}
+
+    def drop(layer: nn.Module, inputs: tuple[torch.Tensor, ...]):
+        x = inputs[0]
+        if layer not in masks:
+            keep = torch.rand(x.shape[1:], generator=generator) >= rate
+            masks[layer] = keep.to(x.device, x.dtype) / (1.0 - rate)
+        return (x * masks[layer], *inputs[1:])
+
+    for layer in [m for m in member.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][1:]:
+        layer.register_forward_pre_hook(drop)
+    return member
+
+
+def _member_head_sq_norms(member: nn.Module, task: ImageTask, images: np.ndarray, labels: np.ndarray,
+                          device: torch.device) -> np.ndarray:
+    """``last_layer_sq_norms`` of a member whose head input may pass through a dropout hook: the head
+    gradient is (p − e_y) ⊗ (the head's actual input)."""
+    captured = []
+
+    def capture(_, inputs):
+        captured.append(inputs[0].detach())
+
+    handle = member.head.register_forward_pre_hook(capture)
+    try:
+        preds = predict(member, task, images, device)
+    finally:
+        handle.remove()
+    features = torch.cat(captured).double().cpu().numpy()
+    residual = preds.probabilities
+    residual[np.arange(len(labels)), labels] -= 1.0
+    return np.square(residual).sum(1) * (np.square(features).sum(1) + (member.head.bias is not None))
+
+
 def dropout_member(model: nn.Module, rate: float, generator: torch.Generator) -> nn.Module:
-    """A copy of ``model`` (eval mode) with each Linear/Conv2d weight entry zeroed with probability ``rate``.
+    """A copy of ``model`` (eval mode) with each Linear/Conv2d weight entry zeroed with probability ``rate``
+    (DropConnect).
 
     Parameter dropout, no 1/(1 − rate) rescaling (rate ≤ 1% changes the scale by ≤ 1%). Biases
     and BatchNorm are left alone: zeroing a BatchNorm scale would remove a whole channel, a far
@@ -138,37 +189,46 @@ def dropout_member(model: nn.Module, rate: float, generator: torch.Generator) ->
 @register
 class TracInEnsembleScorer(Scorer):
     name = "tracin-ensemble"
-    description = "squared gradient norm summed over dropout-perturbed copies of the final model"
+    description = "squared gradient norm summed over dropout copies of the final model (activation dropout)"
     row_local = True
 
     @dataclass(frozen=True)
     class Settings:
         members: int = 5  # member 0 is the final model itself; more members, less variance, linear cost
-        max_dropout: float = 0.01  # member k ≥ 1 zeroes weights at a rate drawn from U(0, max_dropout)
+        max_dropout: float = 0.01  # member k ≥ 1 drops at a rate drawn from U(0, max_dropout)
+        # activation: the paper's dropout on every hidden layer's input activations; weights: DropConnect
+        # (weight entries zeroed, no rescaling), kept to compare against it.
+        dropout: str = "activation"
         seed: int = 0  # rates and masks
         last_layer_only: bool = False  # True: each member's head gradient only (forward passes only)
         batch_size: int = 256
 
-    def _score(self, context: ScoringContext):
+    def check_settings(self) -> None:
         settings = self.settings
         if settings.members < 1:
             raise OptionError("members", settings.members, ["a positive integer"])
         if not 0.0 <= settings.max_dropout < 1.0:
             raise OptionError("max_dropout", settings.max_dropout, ["a rate in [0, 1)"])
+        if settings.dropout not in ENSEMBLE_DROPOUTS:
+            raise OptionError("dropout", settings.dropout, ENSEMBLE_DROPOUTS)
+
+    def _score(self, context: ScoringContext) -> Scored:
+        settings = self.settings
         trained, train = context.trained, context.train
         rates = np.concatenate([[0.0], np.random.default_rng(settings.seed).uniform(0, settings.max_dropout,
                                                                                     settings.members - 1)])
         generator = torch.Generator().manual_seed(settings.seed)
         scores = np.zeros(len(train))
         for k, rate in enumerate(rates):
-            member = dropout_member(trained.model, float(rate), generator)
+            make_member = activation_dropout_member if settings.dropout == "activation" else dropout_member
+            member = make_member(trained.model, float(rate), generator)
             stage = _stage(context.progress, "tracin-ensemble", k, len(rates))
             if settings.last_layer_only:
-                scores += last_layer_sq_norms(member, trained.task, train.images, train.labels, trained.device)
+                scores += _member_head_sq_norms(member, trained.task, train.images, train.labels, trained.device)
                 stage(1, 1, "")
             else:
                 scores += per_sample_grad_sq_norms(member, trained.task, train.images, train.labels, trained.device,
                                                    batch_size=settings.batch_size, progress=stage)
         info: dict[str, Any] = {"layers": ["head"] if settings.last_layer_only else _layer_names(trained.model),
-                                "dropout_rates": [round(float(r), 6) for r in rates]}
+                                "dropout": settings.dropout, "dropout_rates": [round(float(r), 6) for r in rates]}
         return Scored(scores, context.predictions.predicted, info)
