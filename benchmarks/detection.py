@@ -3,6 +3,7 @@
     python benchmarks/detection.py --setting all --recovery            # the CPU tables in benchmarks/results/
     python benchmarks/detection.py --setting digits-sym20 --quick      # a smoke run, written to benchmarks/out/
     python benchmarks/detection.py --setting cifar-sym20 --size gpu --recovery   # 50k CIFAR-10, ResNet-18
+    python benchmarks/detection.py --summary-only   # summary.md/.json (+ engine/measured_methods.json) again
 
 Settings (``--setting``, repeatable, or ``all``):
 - ``mnist-real`` / ``cifar-real``: the MNIST / CIFAR-10 test set with its labels as given, against the
@@ -65,6 +66,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from engine.data import Dataset, load_dataset, stratified_split  # noqa: E402
 from engine.errors import InfluenceLensError, OptionError  # noqa: E402
+from engine.measured import MEASURED_FILE  # noqa: E402
 from engine.metrics import detection_metrics, top_k  # noqa: E402
 from engine.pipeline import apply_decisions, carve_validation, score_methods, with_injected_noise  # noqa: E402
 from engine.progress import Progress, tqdm_progress  # noqa: E402
@@ -419,7 +421,9 @@ def write_tables(exp: Experiment, rows: list[dict], args: argparse.Namespace, si
 
 
 def write_summary(out: Path) -> None:
-    """AUROC of every method in every setting whose table is in ``out``."""
+    """AUROC of every method in every setting whose table is in ``out``: ``summary.md``, and the
+    machine-readable ``summary.json`` the dashboard's defaults come from (copied into the package,
+    ``engine/measured_methods.json``, when ``out`` is the committed results folder)."""
     frames = [pd.read_csv(p) for p in sorted(out.glob("*.csv"))]
     frames = [f for f in frames if "kind" in f.columns]
     if not frames:
@@ -437,13 +441,34 @@ def write_summary(out: Path) -> None:
             "Generated from the tables in this folder (each `<setting>.md` holds its command, data and model).", "",
             _markdown(table), ""]
     (out / "summary.md").write_text("\n".join(text))
+    summary = json.dumps(_summary_json(detection), indent=1) + "\n"
+    (out / "summary.json").write_text(summary)
+    if out.resolve() == DEFAULT_OUT.resolve():
+        MEASURED_FILE.write_text(summary)
+
+
+def _summary_json(detection: pd.DataFrame) -> dict:
+    """Per method: AUROC per setting, its mean, and the mean relabel top-1 (engine.measured reads it)."""
+    methods = []
+    for method, rows in detection.groupby("method"):
+        auroc = {c: round(float(a), 4) for c, a in zip(rows["column"], rows["auroc"], strict=True)}
+        relabel = rows["relabel_top1"].dropna() if "relabel_top1" in rows else pd.Series(dtype=float)
+        methods.append({"method": method, "mean_auroc": round(float(np.mean(list(auroc.values()))), 4),
+                        "auroc": auroc,
+                        "mean_relabel_top1": round(float(relabel.mean()), 4) if len(relabel) else None})
+    methods.sort(key=lambda m: (-len(m["auroc"]), -m["mean_auroc"]))
+    return {"generated_by": "python benchmarks/detection.py --summary-only (from benchmarks/results/*.csv)",
+            "ranked_by": "settings measured, then mean AUROC over them",
+            "settings": sorted(detection["column"].unique().tolist()), "methods": methods}
 
 
 # ---- command line -----------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--setting", action="append", required=True,
+    parser.add_argument("--summary-only", action="store_true",
+                        help="only regenerate summary.md / summary.json from the tables in --out")
+    parser.add_argument("--setting", action="append",
                         help=f"one of {', '.join(SETTINGS)}, or all (repeatable, or comma-separated)")
     parser.add_argument("--methods", default=None, help="comma-separated subset (default: every registered method)")
     parser.add_argument("--size", default="cpu", choices=("cpu", "gpu"), help="data and model size (default cpu)")
@@ -497,7 +522,12 @@ def main(argv: list[str] | None = None) -> int:
     args.command = "python benchmarks/detection.py " + " ".join(shlex.quote(a) for a in argv)
     args.started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     args.machine = _machine(args.device)
+    if args.summary_only:
+        write_summary(Path(args.out))
+        return 0
     try:
+        if not args.setting:
+            raise InfluenceLensError("--setting is required (or --summary-only)")
         settings = _settings(args.setting)
         methods = _split(args.methods) or available_methods()
         for method in methods + _split(args.recovery_methods):

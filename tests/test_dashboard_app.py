@@ -6,6 +6,7 @@ sessions on the same workspace folder, which is also what a browser refresh does
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from conftest import REPO_ROOT
 from streamlit.testing.v1 import AppTest
 
 from engine.guidance import review_estimate
+from engine.measured import measured_methods, recommended_methods
 from engine.metrics import detection_metrics, ranks
 from engine.runs import RunSettings, load_run_data
 from engine.scorers import available_methods, scorer_class
@@ -84,6 +86,19 @@ def test_setup_page_lists_the_registry(tmp_path, monkeypatch):
     expected = [f"{m} ✱" if scorer_class(m).requires_validation else m for m in available_methods()]
     assert options == expected
     assert any("Device" in m.value for m in at.markdown)
+
+
+def test_setup_defaults_are_the_best_measured_methods_of_the_committed_table(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    at = new_session()  # the sample data comes with its trusted validation set: every method can run
+    assert at.multiselect(key="setup_methods").value == recommended_methods(available_methods(), 3)
+    assert at.multiselect(key="setup_methods").value[0] == measured_methods()[0].method
+    # Chosen by the table, not by name: another table, other defaults.
+    table = {"methods": [{"method": m, "mean_auroc": a, "auroc": {"x": a}}
+                         for m, a in (("tracin", 0.9), ("margin", 0.8), ("if-last", 0.7), ("fvm", 0.1))]}
+    (tmp_path / "measured.json").write_text(json.dumps(table))
+    monkeypatch.setattr("engine.measured.MEASURED_FILE", tmp_path / "measured.json")
+    assert new_session().multiselect(key="setup_methods").value == ["tracin", "margin", "if-last"]
 
 
 def test_a_method_needing_validation_is_refused_without_one(tmp_path, monkeypatch):

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT
 
+from engine.measured import recommended_methods
+from engine.scorers import available_methods, scorer_class
 from engine.workspace import Workspace
 
 pytestmark = pytest.mark.e2e
@@ -145,12 +147,14 @@ def test_three_accepted_suggestions_persist_and_retrain(server, page, tmp_path):
     started = time.time()
     page.goto(server.url)
     expect(page.locator(".st-key-run button")).to_be_enabled()
-    # one fast method (drop the other defaults), 2 epochs; the demo noise is on for the sample data
-    others = page.locator(".st-key-setup_methods button[aria-label^='Remove']:not([aria-label='Remove loss'])")
+    # one method, the best measured (drop the other defaults), 2 epochs; the demo noise is on for the sample data
+    best = recommended_methods(available_methods(), 1)[0]
+    best = f"{best} ✱" if scorer_class(best).requires_validation else best  # as the multiselect shows it
+    others = page.locator(f".st-key-setup_methods button[aria-label^='Remove']:not([aria-label='Remove {best}'])")
     while (count := others.count()) > 0:
         others.first.click()
         expect(others).to_have_count(count - 1)
-    expect(page.locator(".st-key-setup_methods [data-tag] span[title]")).to_have_text(["loss"])
+    expect(page.locator(".st-key-setup_methods [data-tag] span[title]")).to_have_text([best])
     epochs = page.locator(".st-key-setup_epochs_fast-cpu input")
     epochs.fill("2")
     epochs.press("Tab")

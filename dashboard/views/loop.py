@@ -13,6 +13,7 @@ import streamlit as st
 from dashboard import charts, jobs, state, widgets
 from engine.data import save_npz
 from engine.errors import InfluenceLensError
+from engine.measured import recommended_methods
 from engine.metrics import detection_metrics, ranks
 from engine.runs import config_hash, reviewed_validation, score_into
 from engine.scorers import available_methods, scorer_class
@@ -56,7 +57,7 @@ if not needing:
     st.info("No registered method uses a validation set.")
     st.stop()
 methods = st.multiselect("Re-score with", needing, key="loop_methods",
-                         default=[m for m in ("fvm",) if m in needing] or needing[:1])
+                         default=recommended_methods(needing, 1))
 if st.button("Add the reviewed samples to the validation set and re-score", type="primary", key="loop_run",
              disabled=not methods or counts.get("keep", 0) + counts.get("relabel", 0) == 0):
     try:

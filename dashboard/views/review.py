@@ -9,6 +9,7 @@ import streamlit as st
 from dashboard import charts, state, widgets
 from engine.explain import MAP_METHODS, class_confusion
 from engine.guidance import TRAINED_MODEL_SOURCE, spot_check_rows
+from engine.measured import recommended_methods
 
 PER_ROW = 6
 SPOT_CHECK_SIZE = 12
@@ -72,7 +73,8 @@ names = run.class_names
 n = len(run.data.train)
 
 c1, c2, c3, c4 = st.columns([2, 2, 2, 2])
-method = c1.selectbox("Ranked by", run.methods, key="review_method")
+method = c1.selectbox("Ranked by", run.methods, key="review_method",  # opens on the best measured method
+                      index=run.methods.index(recommended_methods(run.methods, 1)[0]))
 result = run.results[method]
 cut = int(c2.number_input("Flag the top", 1, n, min(n, max(10, round(0.1 * n))), key="review_cut",
                           help="the cut: samples ranked above it are 'flagged'"))

@@ -11,6 +11,7 @@ from dashboard import jobs, state, widgets
 from engine.data import NOISE_KINDS
 from engine.device import resolve_device
 from engine.errors import InfluenceLensError
+from engine.measured import recommended_methods
 from engine.runs import RunSettings, config_hash, score_into
 from engine.scorers import available_methods, scorer_class
 from engine.training import PRESETS
@@ -18,7 +19,7 @@ from engine.workspace import Workspace
 
 VALIDATION_MODES = {"none": "none", "trusted": "a trusted set (labels checked)",
                     "carve": "carve from training (untrusted)"}
-DEFAULT_METHODS = ("loss", "cleanlab", "fvm")  # the usual baselines and the method that beats them
+DEFAULT_METHOD_COUNT = 3  # the best measured methods (engine.measured: the committed benchmark table)
 
 
 def settings_form(base: RunSettings, methods_before: list[str]) -> tuple[RunSettings, list[str]]:
@@ -54,8 +55,8 @@ def settings_form(base: RunSettings, methods_before: list[str]) -> tuple[RunSett
         st.subheader("Methods and training")
         names = available_methods()
         has_validation = bool(validation or carve)
-        default = [m for m in methods_before if m in names] or [
-            m for m in DEFAULT_METHODS if m in names and (has_validation or not scorer_class(m).requires_validation)]
+        runnable = [m for m in names if has_validation or not scorer_class(m).requires_validation]
+        default = [m for m in methods_before if m in names] or recommended_methods(runnable, DEFAULT_METHOD_COUNT)
         methods = st.multiselect(
             "Methods (several at once share one trained model)", names, default=default, key="setup_methods",
             format_func=lambda m: f"{m} ✱" if scorer_class(m).requires_validation else m,
