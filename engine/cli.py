@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--val-from-train", type=float, default=None, metavar="FRACTION",
                        help="carve an (untrusted) validation set out of TRAIN")
     score.add_argument("--curvature", choices=CURVATURES, default=None,
-                       help="vm / fvm: exact last-layer GGN (default) or EK-FAC over the whole network")
+                       help="vm / fvm: the head's GGN (default: exact, EK-FAC above a size limit), ekfac-last (the "
+                            "head's EK-FAC) or ekfac (EK-FAC over the whole network)")
     score.add_argument("--out", default=None, help="CSV to write (default: <method>_scores.csv)")
     score.add_argument("--distributed", action="store_true",
                        help="under torchrun: train with DDP and score a shard of the rows per rank; rank 0 writes")

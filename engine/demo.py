@@ -33,7 +33,7 @@ from torch import nn
 from engine.data import Dataset, load_dataset, stratified_split
 from engine.errors import DataError, OptionError
 from engine.explain import fix_top
-from engine.finetune import FinetuneConfig, finetune
+from engine.finetune import RECIPES, FinetuneConfig, finetune
 from engine.metrics import detection_metrics, top_k
 from engine.pipeline import check_compatible, retrain_comparison, score_methods, with_injected_noise
 from engine.progress import Progress, no_progress
@@ -59,7 +59,7 @@ class DemoSettings:
     noise_kind: str = "symmetric"
     budgets: tuple[int, ...] = (5, 10, 20, 40)  # digits, 20%: the loss holds to ~20 epochs, then memorizes
     preset: str = "fast-cpu"
-    finetune_epochs: int = FinetuneConfig.epochs
+    finetune_epochs: int = RECIPES["small-cnn"].epochs  # the demo's digits train the small CNN
     depths: tuple[float, ...] = (0.25, 0.5, 1.0)  # k for (d), as fractions of the number of flipped labels
     steps: int = 21  # points along the direction, from -radius to +radius
     radius: float = 0.5  # in filter norms; by ±1 both losses are in the tens and the minima look alike
@@ -172,7 +172,7 @@ def loss_along(model: nn.Module, trained: TrainedModel, dataset: Dataset, direct
 
 
 def validation_landscape(trained: TrainedModel, validation: Dataset, *, steps: int = 21, radius: float = 0.5,
-                         directions: int = 3, finetune_epochs: int = FinetuneConfig.epochs, seed: int = 0,
+                         directions: int = 3, finetune_epochs: int = RECIPES["small-cnn"].epochs, seed: int = 0,
                          progress: Progress = no_progress) -> dict:
     """Fine-tune θ* with SGD and with SAM (the VM and FVM recipes) and trace the validation loss of
     each θ̃ along the same raw random directions, filter-normalised to each minimum.
