@@ -102,6 +102,10 @@ class Size:
 # CIFAR-10 train images, 10 epochs. Cleanlab's 5-fold cross-validation costs 4 more trainings.
 _CPU = TrainConfig(model="small-cnn")
 SIZES: dict[str, Size] = {
+    # benchmarks/gpu_check.sh --tiny: a few hundred images, so the GPU script's steps cannot rot.
+    "tiny": Size(cifar_train=300, real_rows=600, validation=100, test=200, recipes={
+        "mnist-real": replace(_CPU, epochs=1), "cifar-real": replace(_CPU, epochs=1),
+        "cifar": replace(_CPU, epochs=2), "digits": replace(_CPU, epochs=2)}),
     "quick": Size(cifar_train=600, real_rows=1500, validation=300, test=1000, recipes={
         "mnist-real": replace(_CPU, epochs=2), "cifar-real": replace(_CPU, epochs=2),
         "cifar": replace(_CPU, epochs=3), "digits": replace(_CPU, epochs=5)}),
@@ -471,7 +475,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--setting", action="append",
                         help=f"one of {', '.join(SETTINGS)}, or all (repeatable, or comma-separated)")
     parser.add_argument("--methods", default=None, help="comma-separated subset (default: every registered method)")
-    parser.add_argument("--size", default="cpu", choices=("cpu", "gpu"), help="data and model size (default cpu)")
+    parser.add_argument("--size", default="cpu", choices=("cpu", "gpu", "tiny"),
+                        help="data and model size (default cpu; tiny: a smoke run of a few hundred images)")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (written to benchmarks/out/)")
     parser.add_argument("--recovery", action="store_true", help="also drop / relabel the top-k and retrain")
     parser.add_argument("--recovery-methods", default=None,
@@ -518,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     size_name = "quick" if args.quick else args.size
-    args.out = args.out or str(QUICK_OUT if args.quick else DEFAULT_OUT)
+    args.out = args.out or str(QUICK_OUT if size_name in ("quick", "tiny") else DEFAULT_OUT)
     args.command = "python benchmarks/detection.py " + " ".join(shlex.quote(a) for a in argv)
     args.started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     args.machine = _machine(args.device)

@@ -76,6 +76,9 @@ MODES = {
     # The shared data README's GPU setting: ResNet-18, 12 epochs on the 50k CIFAR-10 training images.
     "full": Mode(PRESETS["full-gpu"], 50_000, 1000, 512, 128, captum_rows=10_000, per_example_rows=256, threads=None,
                  repeats=2),
+    # benchmarks/gpu_check.sh --tiny: the same steps on a few hundred images, so the script cannot rot.
+    "tiny": Mode(TrainConfig(model="small-cnn", epochs=2, checkpoints=2, device="cpu"), 256, 64, 64, 32,
+                 captum_rows=64, per_example_rows=8, threads=1, repeats=1),
 }
 
 
@@ -177,7 +180,8 @@ def captum_self_influence(trained: TrainedModel, x: torch.Tensor, y: torch.Tenso
         return tracin.self_influence().double().cpu().numpy()
 
 
-def throughput(mode: Mode, train_set: Dataset, validation: Dataset, device: torch.device) -> list[Measurement]:
+def throughput(mode: Mode, train_set: Dataset, validation: Dataset, device: torch.device, *,
+               cleanlab: bool = True) -> list[Measurement]:
     n, batch = len(train_set), mode.batch_size
     config = replace(mode.config, device=device.type)
     holder: dict = {}
@@ -254,7 +258,8 @@ def throughput(mode: Mode, train_set: Dataset, validation: Dataset, device: torc
             theirs = holder[key]
             print(json.dumps({"check": f"tracin (ours) vs Captum TracInCP ({what})", "rows": len(theirs),
                               **compare(ours[:len(theirs)], theirs)}))
-    results.append(measure("cleanlab (5-fold cross-validation)", device, n, scorer_run("cleanlab"), plain=plain))
+    if cleanlab:
+        results.append(measure("cleanlab (5-fold cross-validation)", device, n, scorer_run("cleanlab"), plain=plain))
     ours = per_sample_grad_sq_norms(final, task, train_set.images, train_set.labels, device, batch_size=batch)
     print(json.dumps({"check": "per-sample norms (ours, final model) vs torch.func vmap(grad)",
                       **compare(ours, holder["vmap"])}))
@@ -300,25 +305,27 @@ def table(results: list[Measurement], plain: Measurement) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CPU, SmallCNN, 1,024 images (else: GPU, ResNet-18, 50k)")
+    parser.add_argument("--tiny", action="store_true", help="CPU, SmallCNN, 256 images: a smoke run of every step")
+    parser.add_argument("--skip-cleanlab", action="store_true", help="leave out cleanlab's cross-validation")
     parser.add_argument("--data-root", default=None, help="the shared data folder (default: see benchmarks/common.py)")
     parser.add_argument("--device", default=None, help="override the mode's device (cpu / cuda)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (quick mode: 1)")
     parser.add_argument("--skip-pipeline", action="store_true", help="leave out the sample-digits pipeline timing")
     args = parser.parse_args()
-    mode = MODES["quick" if args.quick else "full"]
+    mode = MODES["tiny" if args.tiny else "quick" if args.quick else "full"]
     threads = args.threads or mode.threads
     if threads:
         torch.set_num_threads(threads)
     device = resolve_device(args.device or mode.config.device)
     started, cpu_started = time.perf_counter(), time.process_time()
     train_set, validation, folder = load_data(mode, args.data_root)
-    print(json.dumps({"run": "python benchmarks/speed.py" + (" --quick" if args.quick else ""), "device": str(device),
+    print(json.dumps({"run": "python benchmarks/speed.py " + " ".join(sys.argv[1:]), "device": str(device),
                       "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                       "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                       "load_average": [round(v, 2) for v in os.getloadavg()], "torch": torch.__version__,
                       "data": f"CIFAR-10 train {len(train_set)} rows, validation {len(validation)} test rows "
                               f"({folder})"}), flush=True)
-    results = throughput(mode, train_set, validation, device)
+    results = throughput(mode, train_set, validation, device, cleanlab=not args.skip_cleanlab)
     plain = next(m for m in results if m.name == "plain forward+backward")
     pipelines = []
     fvm_whole = next(m for m in results if m.name == "fvm (ours, last): prepare + score")
