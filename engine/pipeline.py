@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from engine.backbones import frozen_inputs
 from engine.data import Dataset, inject_noise, stratified_split
 from engine.distributed import LOCAL, Distributed
 from engine.errors import DataError, InfluenceLensError
@@ -124,6 +125,7 @@ def score_methods(train_set: Dataset, methods: list[str], *, validation: Dataset
     if validation is not None:
         check_compatible(train_set, validation, "validation")
     start = time.perf_counter()
+    config, train_set, (validation,) = frozen_inputs(config, train_set, validation, stages=stages, progress=progress)
     if trained is None and stages is not None:
         trained = train_in_stages(train_set, config, stages, progress=progress)
     if trained is None:
@@ -299,6 +301,7 @@ def retrain_comparison(train_set: Dataset, decisions: pd.DataFrame, test_set: Da
     ``before``: the model already trained on ``train_set`` with ``config`` (saves one training).
     """
     check_compatible(train_set, test_set, "test")
+    config, train_set, (test_set,) = frozen_inputs(config, train_set, test_set, progress=progress)
     cleaned = apply_decisions(train_set, decisions)
     before = before or train(train_set, config, progress=progress)
     after = train(cleaned, replace(config, model=before.model_name), task=before.task, progress=progress)
