@@ -13,6 +13,7 @@ folds retrain the head).
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -41,6 +42,8 @@ TIMM_PREFIX = "timm:"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FEATURE_BATCH = 256
+HEAD_ONLY_NOTE = ("the head alone, on frozen backbone features: last-layer methods are exact (a convex problem); "
+                  "whole-network methods (if-ekfac, TracIn) cover the head, the only trainable part")
 
 
 def is_timm(model: str | None) -> bool:
@@ -198,7 +201,9 @@ def timm_data_config(body: nn.Module) -> dict:
 def load_torchscript(path: str, device: torch.device) -> torch.jit.ScriptModule:
     """A TorchScript module (``torch.jit.save``): code and weights, no pickle."""
     try:
-        module = torch.jit.load(path, map_location=device)
+        with warnings.catch_warnings():  # torch marks TorchScript deprecated; it is still the no-pickle format
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(path, map_location=device)
     except Exception as exc:  # not a TorchScript archive (a pickled nn.Module, a state_dict, garbage)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise DataError(f"{path}: not a TorchScript module (save one with torch.jit.save(torch.jit.script(m), "

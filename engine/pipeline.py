@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from engine.backbones import frozen_inputs
+from engine.backbones import HEAD_ONLY_NOTE, frozen_inputs, head_only
 from engine.data import Dataset, inject_noise, stratified_split
 from engine.distributed import LOCAL, Distributed
 from engine.errors import DataError, InfluenceLensError
@@ -125,6 +125,7 @@ def score_methods(train_set: Dataset, methods: list[str], *, validation: Dataset
     if validation is not None:
         check_compatible(train_set, validation, "validation")
     start = time.perf_counter()
+    frozen = head_only(config)
     config, train_set, (validation,) = frozen_inputs(config, train_set, validation, stages=stages, progress=progress)
     if trained is None and stages is not None:
         trained = train_in_stages(train_set, config, stages, progress=progress)
@@ -140,6 +141,8 @@ def score_methods(train_set: Dataset, methods: list[str], *, validation: Dataset
         scorer = make_scorer(name, settings.get(name))
         run.results[name] = _score_in_stages(scorer, context) if distributed.world_size == 1 else \
             _score_distributed(scorer, context, distributed)
+        if frozen:
+            run.results[name].info["trained_part"] = HEAD_ONLY_NOTE
     return run
 
 
