@@ -131,7 +131,8 @@ def fit_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str, mod
     own = model.state_dict()
     notes = []
     head = state.get("head.weight")
-    if head is not None and own["head.weight"].shape[1:] == head.shape[1:] and head.shape[0] != own["head.weight"].shape[0]:
+    classes = own["head.weight"].shape[0]
+    if head is not None and own["head.weight"].shape[1:] == head.shape[1:] and head.shape[0] != classes:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
         notes.append(f"{path}: the file's head has {head.shape[0]} classes, the data {own['head.weight'].shape[0]}: "
                      "the head is replaced by a new one")
@@ -267,7 +268,8 @@ def read_embeddings(path: str) -> np.ndarray:
     if rows.ndim != 2 or not np.issubdtype(rows.dtype, np.floating):
         raise DataError(f"{path}: embeddings must be an N×D float array, got {rows.dtype} of shape {rows.shape}")
     if not np.isfinite(rows).all():
-        raise DataError(f"{path}: embeddings contain NaN or infinite values (row {int(np.flatnonzero(~np.isfinite(rows).all(1))[0])})")
+        row = int(np.flatnonzero(~np.isfinite(rows).all(1))[0])
+        raise DataError(f"{path}: embeddings contain NaN or infinite values (row {row} first)")
     return rows
 
 

@@ -210,6 +210,31 @@ def conform_image(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(pil, dtype=np.uint8)
 
 
+def original_image(dataset: Dataset, position: int, size: int) -> np.ndarray:
+    """The row's own file (the real photo, not the resized training copy) at about ``size`` px on its
+    long side, for the gallery and the sample detail; the stored image when there is no file."""
+    from PIL import Image
+
+    path = original_file(dataset, position)
+    if path is None:
+        return dataset.images[position]
+    try:
+        image = Image.fromarray(read_image(path, draft=size))
+    except DataError:  # moved or changed since loading: show what was trained on
+        return dataset.images[position]
+    image.thumbnail((size, size), Image.BILINEAR)
+    return np.asarray(image)
+
+
+def original_file(dataset: Dataset, position: int) -> Path | None:
+    """The file a row was loaded from (image folder or manifest data), if it is still there."""
+    if dataset.paths is None or not dataset.source:
+        return None
+    source = Path(dataset.source)
+    path = (source if source.is_dir() else source.parent.resolve()) / dataset.paths[position]
+    return path if path.is_file() else None
+
+
 def center_fit(image: np.ndarray, size: int) -> np.ndarray:
     """``image`` with its shorter side resized to ``size`` and centre-cropped to size×size (bilinear)."""
     from PIL import Image, ImageOps

@@ -280,3 +280,19 @@ def test_timm_model_gets_a_head_on_its_features():
     assert run.trained.model_name == "linear"
     run = score_methods(data, ["loss"], config=replace(config, freeze="none"))
     assert run.trained.model_name == "timm:resnet18"
+
+
+def test_the_gallery_shows_the_original_photo_and_the_export_lists_its_file(tmp_path):
+    from engine.data import original_image
+    from engine.workspace import Workspace
+
+    big = np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8)
+    for k in range(2):
+        (tmp_path / "p" / f"c{k}").mkdir(parents=True)
+        save_image(big, tmp_path / "p" / f"c{k}" / "a.png")
+    loaded = load_dataset(tmp_path / "p", image_size=8)
+    shown = original_image(loaded, 1, 45)
+    assert shown.shape == (30, 45, 3)  # the photo at the tile's size, not the 8×8 training copy
+    assert original_image(make_dataset(), 0, 45).shape == (8, 8)  # no file: the stored image
+    cleaned = Workspace(tmp_path / "w.sqlite").cleaned_labels(loaded)
+    assert list(cleaned.columns[:2]) == ["index", "path"] and cleaned["path"].tolist() == ["c0/a.png", "c1/a.png"]
