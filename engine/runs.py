@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from engine.backbones import backbone_size, check_embeddings, start_notes
+from engine.backbones import backbone_size, check_embeddings, file_hash, start_notes
 from engine.data import NOISE_KINDS, Dataset, conform, load_dataset
 from engine.device import DEVICE_NAMES
 from engine.errors import DataError, OptionError
@@ -171,7 +171,7 @@ def reviewed_validation(data: RunData, decisions: pd.DataFrame) -> Dataset:
     """A trusted validation set grown by the samples a person reviewed (METHODS.md §4: "the samples
     a person has reviewed and confirmed or relabeled"): confirmed ones with their given label,
     relabeled ones with the new label, after the run's own validation set when that one is trusted.
-    Rows are re-indexed 0..M-1 (the two sets' indices may overlap)."""
+    Rows keep their stable index, or are re-indexed 0..M-1 when the two sets' indices overlap."""
     decided = decisions.set_index("index")
     reviewed = decided[decided["action"].isin(["keep", "relabel"])]
     rows = np.flatnonzero(np.isin(data.train.index, reviewed.index))
@@ -180,11 +180,13 @@ def reviewed_validation(data: RunData, decisions: pd.DataFrame) -> Dataset:
     action = reviewed.loc[data.train.index[rows], "action"].to_numpy()
     new_label = reviewed.loc[data.train.index[rows], "new_label"].to_numpy()
     labels = np.where(action == "relabel", new_label, data.train.labels[rows])
-    parts = [(data.train.images[rows], labels)]
+    parts = [(data.train.images[rows], labels, data.train.index[rows])]
     if data.validation is not None and data.validation_trusted:
-        parts.insert(0, (data.validation.images, data.validation.labels))
+        parts.insert(0, (data.validation.images, data.validation.labels, data.validation.index))
     images = np.concatenate([p[0] for p in parts])
+    index = np.concatenate([p[2] for p in parts])
     return Dataset(images, np.concatenate([p[1] for p in parts]).astype(np.int64), data.train.class_names,
+                   index=index if len(np.unique(index)) == len(index) else None,  # embeddings look rows up by it
                    source=f"{data.train.source or 'training'}: reviewed samples as validation")
 
 
@@ -193,6 +195,8 @@ def config_hash(settings: RunSettings, data: RunData) -> str:
     values = {k: v for k, v in settings.to_dict().items() if k != "test"}
     values["train_config"] = asdict(settings.train_config())
     values["fingerprint"] = data.fingerprint
+    values["start_files"] = {path: file_hash(path) for path in (settings.weights, settings.backbone,
+                                                                 settings.embeddings) if path}  # the content counts
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

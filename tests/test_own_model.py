@@ -296,3 +296,18 @@ def test_the_gallery_shows_the_original_photo_and_the_export_lists_its_file(tmp_
     assert original_image(make_dataset(), 0, 45).shape == (8, 8)  # no file: the stored image
     cleaned = Workspace(tmp_path / "w.sqlite").cleaned_labels(loaded)
     assert list(cleaned.columns[:2]) == ["index", "path"] and cleaned["path"].tolist() == ["c0/a.png", "c1/a.png"]
+
+
+def test_reviewed_samples_keep_their_index_so_embeddings_find_their_rows(tmp_path):
+    import pandas as pd
+
+    from engine.runs import reviewed_validation
+
+    data = make_dataset(per_class=10)
+    save_npz(data, tmp_path / "d.npz")
+    np.save(tmp_path / "e.npy", np.arange(30 * 2, dtype=np.float32).reshape(30, 2))
+    settings = RunSettings(data=str(tmp_path / "d.npz"), embeddings=str(tmp_path / "e.npy"), val_from_train=0.2)
+    loaded = load_run_data(settings)
+    reviewed = loaded.train.index[:3]
+    grown = reviewed_validation(loaded, pd.DataFrame({"index": reviewed, "action": "keep", "new_label": -1}))
+    assert grown.index.tolist() == [*loaded.validation.index.tolist(), *reviewed.tolist()]
