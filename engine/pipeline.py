@@ -142,7 +142,7 @@ def score_methods(train_set: Dataset, methods: list[str], *, validation: Dataset
         run.results[scorer.name] = _score_in_stages(scorer, context) if distributed.world_size == 1 else \
             _score_distributed(scorer, context, distributed)
         if frozen:
-            run.results[name].info["trained_part"] = HEAD_ONLY_NOTE
+            run.results[scorer.name].info["trained_part"] = HEAD_ONLY_NOTE
     return run
 
 
