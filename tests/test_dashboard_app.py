@@ -6,6 +6,7 @@ sessions on the same workspace folder, which is also what a browser refresh does
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -277,3 +278,42 @@ def test_why_page_prepares_in_the_background_then_shows_the_four_steps(tmp_path,
     assert len(again.get("plotly_chart")) == 3
     assert len(again.get("image")) == settings.top
     assert not [b for b in again.button if b.key == "why_prepare"]
+
+
+def stored_quick_demo(folder: Path, loss: list[float], fvm: list[float]) -> None:
+    """A "Why it works" cache with chosen figures, as ``engine.demo.run_demo`` writes it (no training)."""
+    from engine.demo import FORMAT, DemoSettings
+
+    settings = DemoSettings().quick()
+    rows = [{"position": i, "index": i, "given": 0, "suggested": 1, "true": 1, "flipped": True, "score": 1.0}
+            for i in range(settings.top)]
+    numbers = {
+        "format": FORMAT, "key": settings.key(), "seconds": 1.0,
+        "data": {"source": "digits", "class_names": [str(c) for c in range(10)], "train": 100, "validation": 10,
+                 "test": 10, "flipped": 20, "image_shape": [8, 8]},
+        "budgets": {"epochs": list(settings.budgets), "memorized": [0.0, 0.1],
+                    "auroc": {"loss": loss, "cleanlab": [0.9, 0.9], "fvm": fvm}},
+        "landscape": {"alphas": [-0.5, 0.0, 0.5], "loss": {"sgd": [2.0, 1.0, 2.0], "sam": [1.5, 1.0, 1.5]},
+                      "per_direction": {"sgd": [[2.0, 1.0, 2.0]], "sam": [[1.5, 1.0, 1.5]]},
+                      "rise": {"sgd": 1.0, "sam": 0.5}, "epochs": 5},
+        "top": {"epochs": 5, "rows": rows, "flipped_in_top": settings.top},
+        "recovery": {"epochs": 5, "before": 0.9, "clean": 0.95, "points": [{"k": 10, "relabeled": 10,
+                                                                            "relabeled_right": 9, "accuracy": 0.93}]}}
+    demo_folder = folder / "workspaces" / "demo"
+    demo_folder.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(demo_folder / f"demo-{settings.key()}.npz",
+                        images=np.zeros((settings.top, 8, 8), dtype=np.uint8))
+    (demo_folder / f"demo-{settings.key()}.json").write_text(json.dumps(numbers))
+
+
+@pytest.mark.parametrize(("loss", "fvm", "says_loss_fails"), [([0.977, 0.999], [0.99, 0.998], False),
+                                                             ([0.99, 0.90], [0.99, 0.995], True)])
+def test_why_page_headline_follows_the_measured_aurocs(tmp_path, monkeypatch, loss, fvm, says_loss_fails):
+    monkeypatch.chdir(tmp_path)
+    stored_quick_demo(tmp_path, loss, fvm)
+    at = new_session("views/why.py")
+    at.toggle(key="why_quick").set_value(True).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    headline = at.subheader[0].value
+    assert ("loss stops finding the errors" in headline) is says_loss_fails, headline
+    assert any(f"{loss[0]:.3f} → **{loss[-1]:.3f}**" in m.value for m in at.markdown)

@@ -173,3 +173,25 @@ def test_the_command_line_prints_the_cached_figures(computed, monkeypatch, capsy
     budgets = result.numbers["budgets"]
     assert printed["auroc_by_epochs"] == {"epochs": budgets["epochs"], **budgets["auroc"]}
     assert printed["recovery"] == result.numbers["recovery"]
+
+
+def budgets_measured(loss: list[float], fvm: list[float]) -> dict:
+    return {"epochs": [2, 5][:len(loss)], "auroc": {"loss": loss, "cleanlab": [0.9] * len(loss), "fvm": fvm},
+            "memorized": [0.01, 0.4][:len(loss)]}
+
+
+def test_budget_story_says_the_loss_fails_only_when_its_auroc_falls():
+    falls = demo.budget_story(budgets_measured([0.99, 0.90], [0.99, 0.995]))
+    assert falls.loss_falls and falls.fvm_holds
+    assert falls.headline == "Train longer, and the loss stops finding the errors; FVM does not"
+    # the quick rehearsal of issue 12: loss AUROC 0.977 → 0.999 must not be told as a failure
+    rises = demo.budget_story(budgets_measured([0.977, 0.999], [0.99, 0.998]))
+    assert not rises.loss_falls and rises.fvm_holds
+    assert "stops finding" not in rises.headline and "still finds the errors" in rises.headline
+    assert "0.977 → **0.999**" in rises.text
+
+
+def test_budget_story_does_not_claim_fvm_holds_when_it_falls_too():
+    both = demo.budget_story(budgets_measured([0.99, 0.90], [0.99, 0.95]))
+    assert both.loss_falls and not both.fvm_holds
+    assert "FVM does not" not in both.headline

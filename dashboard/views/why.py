@@ -10,7 +10,7 @@ import streamlit as st
 
 from dashboard import charts, jobs, state, widgets
 from engine.data import NOISE_KINDS
-from engine.demo import LANDSCAPE_OPTIMIZERS, DemoSettings, cached_demo, run_demo
+from engine.demo import LANDSCAPE_OPTIMIZERS, DemoSettings, budget_story, cached_demo, run_demo
 from engine.errors import InfluenceLensError
 
 
@@ -64,20 +64,14 @@ if result is None:
 numbers = result.numbers
 data, names = numbers["data"], numbers["data"]["class_names"]
 budgets, landscape, top, recovery = (numbers[k] for k in ("budgets", "landscape", "top", "recovery"))
-last = budgets["epochs"][-1]
 st.caption(f"{data['source']}: {data['train']} training images, {data['flipped']} of them given a wrong label on "
            f"purpose ({settings.noise_rate:.0%} {settings.noise_kind}); trusted validation set {data['validation']}, "
            f"test set {data['test']}. Prepared in {numbers['seconds']:.0f} s.")
 
 with st.container(key="why_budgets"):
-    st.subheader("1 · Train longer, and the loss stops finding the errors; FVM does not")
-    auroc = budgets["auroc"]
-    st.markdown(f"The longer a network trains, the more wrong labels it learns by heart "
-                f"(**{budgets['memorized'][-1]:.0%}** of them after {last} epochs), so a low training loss stops "
-                f"meaning a correct label: the loss ranking's AUROC goes {auroc['loss'][0]:.3f} → "
-                f"**{auroc['loss'][-1]:.3f}**, while FVM, which judges each image from a model fitted to the "
-                f"trusted validation set, goes {auroc['fvm'][0]:.3f} → **{auroc['fvm'][-1]:.3f}** "
-                f"(cleanlab {auroc['cleanlab'][-1]:.3f}).")
+    story = budget_story(budgets)  # the words follow the measured AUROCs (a quick rehearsal may contradict)
+    st.subheader(f"1 · {story.headline}")
+    st.markdown(story.text)
     st.plotly_chart(charts.auroc_budget_figure(budgets), key="why_budgets_chart")
 
 with st.container(key="why_landscape"):
