@@ -85,7 +85,7 @@ if loop is not None and loop["from"] != run.key:
         auroc_after = detection_metrics(after_scores[~reviewed], flipped[~reviewed])["auroc"]
         a.metric(f"AUROC on the unreviewed samples, {before_method}", f"{auroc_before:.3f}")
         b.metric(f"AUROC on the unreviewed samples, {after_method}", f"{auroc_after:.3f}",
-                 delta=f"{auroc_after - auroc_before:+.3f}")
+                 delta=charts.metric_delta(auroc_before, auroc_after, digits=3))
     st.plotly_chart(charts.rank_change_figure(before_ranks, after_ranks, reviewed, flipped), key="rank_change")
     st.markdown("**Climbed most** (not yet reviewed)")
     st.dataframe(charts.rank_change_table(train.index, before_ranks, after_ranks, train.labels, run.class_names,
