@@ -104,6 +104,13 @@ def card_caption(row: pd.Series, class_names: tuple[str, ...]) -> str:
 
 # -- review charts --------------------------------------------------------------------------------
 
+def class_counts_table(class_names: tuple[str, ...], counts: tuple[int, ...]) -> pd.DataFrame:
+    """Images per class, largest first, with the share of the whole (the set-up page's data preview)."""
+    table = pd.DataFrame({"class": list(class_names), "images": list(counts)})
+    table["share"] = (table["images"] / max(1, table["images"].sum())).round(3)
+    return table.sort_values("images", ascending=False, kind="stable").reset_index(drop=True)
+
+
 def score_histogram(scores: np.ndarray, cut: float, *, method: str, flagged: int) -> go.Figure:
     """Scores of every sample, with the cut (the score of the last flagged sample) marked."""
     fig = go.Figure(go.Histogram(x=scores, nbinsx=60, marker_color="#7f7f7f", name="samples"))

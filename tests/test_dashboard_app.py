@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, make_dataset, save_image, write_image_folder
 from streamlit.testing.v1 import AppTest
 
 from engine.guidance import review_estimate
@@ -229,6 +229,24 @@ def test_export_page_offers_the_three_csvs(session_dir):
     assert labels == ["Cleaned labels (CSV)", "Decision log (CSV)", "Decisions for `influence-lens retrain`"]
 
 
+def test_a_finished_scoring_is_said_once_and_never_beside_a_failed_run(session_dir):
+    from dashboard import jobs
+
+    at = new_session()
+    path, key, _ = at.session_state["active"]
+    job_key = jobs.key_for("score", Path(path), key)
+    jobs.start(job_key, "Scoring", lambda progress: None).wait()
+    at.text_input(key="setup_data").set_value(str(session_dir / "missing"))
+    at.button(key="run").click().run()  # issue 12: the error came beside the previous run's green "Scored …"
+    assert any("no such file or folder" in e.value for e in at.error)
+    assert not at.success
+    jobs.start(job_key, "Scoring", lambda progress: None).wait()
+    again = new_session()
+    assert [s.value for s in again.success] == ["Scored loss in 0.0 s."]
+    again.run()
+    assert not again.success and jobs.get(job_key) is None
+
+
 def test_close_the_loop_rescoring_with_reviewed_samples(session_dir):
     """Runs last in this module: it makes the re-scored run the latest one in the workspace."""
     needing = [m for m in available_methods() if scorer_class(m).requires_validation]
@@ -317,3 +335,37 @@ def test_why_page_headline_follows_the_measured_aurocs(tmp_path, monkeypatch, lo
     headline = at.subheader[0].value
     assert ("loss stops finding the errors" in headline) is says_loss_fails, headline
     assert any(f"{loss[0]:.3f} → **{loss[-1]:.3f}**" in m.value for m in at.markdown)
+
+
+def test_own_folder_gets_defaults_that_fit_it_a_preview_and_a_time(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = write_image_folder(make_dataset(classes=3, per_class=8, shape=(12, 12)), tmp_path / "own")
+    save_image(np.zeros((16, 20), dtype=np.uint8), root / "class_2" / "wide.png")
+    at = new_session()
+    assert at.radio(key="setup_val_mode").value == "trusted" and at.toggle(key="setup_demo").value  # the digits
+    at.text_input(key="setup_data").set_value(str(root)).run()
+    assert not at.exception
+    assert at.radio(key="setup_val_mode").value == "none"
+    assert at.text_input(key="setup_test").value == "" and at.toggle(key="setup_demo").value is False
+    assert not any(scorer_class(m).requires_validation for m in at.multiselect(key="setup_methods").value)
+    preview = next(m.value for m in at.markdown if "images in" in m.value)
+    assert preview.startswith("**25** images in **3** classes, trained as 12×12 grayscale") and "**1** of" in preview
+    assert at.dataframe[0].value["images"].tolist() == [9, 8, 8]  # the preview comes first
+    assert any(m.value.startswith("Estimated time on this device") for m in at.markdown)
+    assert at.button(key="setup_suggest_carve")  # no validation set: carving is offered
+    at.multiselect(key="setup_methods").set_value(["loss"])
+    at.number_input(key="setup_epochs_fast-cpu").set_value(1)
+    at.button(key="run").click().run()  # issue 12: failed with the digits' validation and test sets
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    finish_jobs()
+    at.run()
+    assert not at.exception and [t.value for t in at.title] == ["Review the suspects"]
+
+
+def test_carve_suggestion_switches_the_validation_mode(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = write_image_folder(make_dataset(classes=3, per_class=8, shape=(12, 12)), tmp_path / "own")
+    at = new_session()
+    at.text_input(key="setup_data").set_value(str(root)).run()
+    at.button(key="setup_suggest_carve").click().run()
+    assert at.radio(key="setup_val_mode").value == "carve" and at.slider(key="setup_carve").value == 0.1

@@ -197,3 +197,9 @@ def test_confusion_counts_are_readable_on_dark_and_light_squares():
     colour = dict(zip(fig.data[0].text, fig.data[0].textfont.color, strict=True))
     assert colour["120"] == colour["118"] == "white" and colour["3"] != "white"
     assert fig.data[0].marker.cmin == 0  # the smallest count is not drawn white (its text would vanish)
+
+
+def test_class_counts_table_is_largest_first_with_shares():
+    table = charts.class_counts_table(("a", "b", "c"), (2, 6, 2))
+    assert table["class"].tolist() == ["b", "a", "c"] and table["images"].tolist() == [6, 2, 2]
+    assert table["share"].tolist() == [0.6, 0.2, 0.2]
