@@ -182,9 +182,10 @@ def _advice(_run: Active, path: str, key: str, method: str, methods: tuple[str, 
     data, result = _run.data, _run.results[method]
     table = result_table(data.train, result, _run.predictions.predicted)
     training = _run.workspace.report(key, "training") or {}
+    loop = _run.workspace.report(key, "loop") or {}  # closing the loop put these reviewed rows in validation
     return scoring_advice(data.train, table, validation=data.validation, trusted=data.validation_trusted,
-                          info=result.info, history=training.get("history"),
-                          training_notes=training.get("notes")) + \
+                          info=result.info, history=training.get("history"), training_notes=training.get("notes"),
+                          reviewed_in_validation=loop.get("reviewed", [])) + \
         cleaning_test_set_warnings(data.train, data.test)
 
 

@@ -259,18 +259,32 @@ def test_close_the_loop_rescoring_with_reviewed_samples(session_dir):
         at.button(key=key).click().run()
     at.switch_page("views/loop.py").run()
     at.multiselect(key="loop_methods").set_value([needing[0]])
+    before = at.session_state["active"][1]
     at.button(key="loop_run").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     finish_jobs()
     at.run()
     assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.session_state["active"][1] == before  # issue 12: the active run was switched silently
     workspace = Workspace(path)
     latest = workspace.runs()["config_hash"][0]
     loop = workspace.report(latest, "loop")
     assert loop["size"] == 359 + 2  # the trusted sample:val split plus the two relabeled samples
+    assert sorted(loop["reviewed"]) == sorted(int(k.split("_")[1]) for k in accepts)
     assert workspace.methods(latest) == [needing[0]]
     assert [m.label for m in at.metric][1] == f"AUROC on the unreviewed samples, {needing[0]}"
     assert len(at.dataframe[0].value) == 15  # the samples that climbed most
+
+    at.button(key="loop_open").click().run()  # opening the re-scored run is explicit, and said
+    assert at.session_state["active"][1] == latest
+    assert any("Now showing the re-scored run" in m.value for m in at.success)
+    at.switch_page("views/review.py").run()
+    assert not at.exception
+    # issue 12: the reviewed samples in the validation set tripped the product's own overlap warning
+    assert not any("also appear in the training set" in w.value for w in at.warning), [w.value for w in at.warning]
+    at.switch_page("views/loop.py").run()
+    at.button(key="loop_back").click().run()
+    assert at.session_state["active"][1] == before
 
 
 @pytest.mark.slow
