@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,10 +97,42 @@ def warm_up() -> threading.Thread:
     return thread
 
 
-@st.cache_resource
-def models() -> dict[str, TrainedModel]:
-    """Trained models by configuration hash, while the server lives (the workspace keeps the outputs)."""
-    return {}
+class ModelCache:
+    """Trained models by configuration hash, the ``capacity`` most recently used (a model and its
+    checkpoints can take hundreds of MB; the workspace keeps the outputs the pages show, and a model
+    dropped here only costs a retraining when a later step needs the weights). Shared by every tab;
+    not a Streamlit resource, which would be shared read-only and unbounded."""
+
+    def __init__(self, capacity: int = 3):
+        self.capacity = capacity
+        self._models: OrderedDict[str, TrainedModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> TrainedModel | None:
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+            return self._models.get(key)
+
+    def __setitem__(self, key: str, model: TrainedModel | None) -> None:
+        if model is None:
+            return
+        with self._lock:
+            self._models[key] = model
+            self._models.move_to_end(key)
+            while len(self._models) > self.capacity:
+                self._models.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+
+MODELS = ModelCache()
+
+
+def models() -> ModelCache:
+    """The server's trained models (see :class:`ModelCache`)."""
+    return MODELS
 
 
 # -- the active run -------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def finish_jobs() -> None:
     """Wait for the background jobs (scoring, retraining) the session started."""
     from dashboard import jobs
 
-    for job in list(jobs._registry().values()):
+    for job in jobs.REGISTRY.jobs():
         job.wait(timeout=300)
         assert not job.running, f"{job.label} did not finish"
 
