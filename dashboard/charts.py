@@ -5,6 +5,8 @@ Kept pure so they are unit-tested without a server; the numbers come from ``engi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -103,6 +105,31 @@ def card_caption(row: pd.Series, class_names: tuple[str, ...]) -> str:
 
 
 # -- review charts --------------------------------------------------------------------------------
+
+def validation_source(settings: dict) -> str:
+    """Where a run's validation set came from, in words (the runs table)."""
+    if settings.get("validation"):
+        return f"trusted: {Path(settings['validation']).name}"
+    if settings.get("val_from_train"):
+        return f"carved {settings['val_from_train']:.0%} (untrusted)"
+    return "none"
+
+
+def runs_table(runs: list[dict]) -> pd.DataFrame:
+    """One row per stored run (``last_used``, ``created``, ``settings``, ``methods``, ``workspace``, ``run``),
+    in the order given: what it scored, against which validation set, and when."""
+    def when(stamp: str) -> str:
+        return (stamp or "")[:16].replace("T", " ")
+
+    rows = [{"last used": when(r["last_used"]), "created": when(r["created"]), "data": r["settings"].get("data"),
+             "methods": ", ".join(r["methods"]) or "(none yet)", "validation": validation_source(r["settings"]),
+             "noise": (f"{r['settings']['noise_rate']:.0%} {r['settings'].get('noise_kind', '')}"
+                       if r["settings"].get("noise_rate") else "none"),
+             "epochs": r["settings"].get("epochs"), "preset": r["settings"].get("preset"),
+             "workspace": r["workspace"], "run": r["run"]} for r in runs]
+    return pd.DataFrame(rows, columns=["last used", "created", "data", "methods", "validation", "noise", "epochs",
+                                       "preset", "workspace", "run"])
+
 
 def class_counts_table(class_names: tuple[str, ...], counts: tuple[int, ...]) -> pd.DataFrame:
     """Images per class, largest first, with the share of the whole (the set-up page's data preview)."""

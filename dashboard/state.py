@@ -21,6 +21,7 @@ import pandas as pd
 import streamlit as st
 import torch
 
+from dashboard import charts
 from engine.errors import InfluenceLensError
 from engine.explain import feature_map
 from engine.guidance import (
@@ -243,8 +244,8 @@ def active() -> Active | None:
                   results, arrays)
 
 
-def _known_runs() -> list[tuple[str, Workspace, str, dict]]:
-    """(last_used, workspace, config hash, settings) of every run in the workspace folder."""
+def _known_runs() -> list[tuple[str, Workspace, str, dict, str, list[str]]]:
+    """(last_used, workspace, config hash, settings, created, methods) of every run in the workspace folder."""
     found = []
     for path in sorted(folder().glob(f"*{SUFFIX}")):
         try:
@@ -253,21 +254,21 @@ def _known_runs() -> list[tuple[str, Workspace, str, dict]]:
         except InfluenceLensError as exc:  # a foreign or newer file in the folder: skip it, say why
             log.warning("skipping %s", exc)
             continue
-        found += [(r.last_used, workspace, r.config_hash, r.settings) for r in runs.itertuples()]
+        found += [(r.last_used, workspace, r.config_hash, r.settings, r.created, r.methods)
+                  for r in runs.itertuples()]
     return sorted(found, key=lambda r: r[0], reverse=True)
 
 
 def known_runs() -> pd.DataFrame:
     """The runs in the workspace folder, most recent first, for the set-up page."""
-    rows = [{"last used": used[:19].replace("T", " "), "data": s.get("data"), "noise": s.get("noise_rate"),
-             "epochs": s.get("epochs"), "preset": s.get("preset"), "methods": ", ".join(ws.methods(key)),
-             "workspace": ws.path.name, "run": key} for used, ws, key, s in _known_runs()]
-    return pd.DataFrame(rows)
+    return charts.runs_table([{"last_used": used, "created": created, "settings": settings, "methods": methods,
+                               "workspace": ws.path.name, "run": key}
+                              for used, ws, key, settings, created, methods in _known_runs()])
 
 
 def open_run(workspace_name: str, key: str) -> bool:
     """Activate a stored run by workspace file stem and hash; False if it is not there."""
-    for _, workspace, run_key, settings in _known_runs():
+    for _, workspace, run_key, settings, *_ in _known_runs():
         if run_key == key and workspace.path.stem == workspace_name:
             activate(workspace, key, RunSettings.from_dict(settings))
             return True
@@ -285,7 +286,7 @@ def init() -> None:
         if "run" in params and "workspace" in params and open_run(params["workspace"], params["run"]):
             return
         data = app_args().data
-        for _, workspace, key, settings in _known_runs():
+        for _, workspace, key, settings, *_ in _known_runs():
             if settings.get("data") == data:
                 activate(workspace, key, RunSettings.from_dict(settings))
                 return

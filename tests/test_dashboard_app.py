@@ -383,3 +383,29 @@ def test_carve_suggestion_switches_the_validation_mode(tmp_path, monkeypatch):
     at.text_input(key="setup_data").set_value(str(root)).run()
     at.button(key="setup_suggest_carve").click().run()
     assert at.radio(key="setup_val_mode").value == "carve" and at.slider(key="setup_carve").value == 0.1
+
+
+def test_page_names_match_their_headings(tmp_path, monkeypatch):
+    import re
+
+    source = (REPO_ROOT / "dashboard" / "app.py").read_text()
+    pages = re.findall(r'st\.Page\("(views/\w+\.py)", title="([^"]+)"', source)
+    assert len(pages) == 8
+    monkeypatch.chdir(tmp_path)
+    at = new_session()
+    for page, title in pages:
+        at.switch_page(page).run()
+        assert [t.value for t in at.title][:1] == [title], page
+
+
+def test_runs_table_says_what_each_run_is_and_opens_one_by_click(session_dir):
+    at = new_session()
+    table = at.dataframe[0].value  # on the sample data the runs table is the page's only table
+    assert {"methods", "validation", "created", "last used"} <= set(table.columns)
+    assert "trusted: sample:val" in table["validation"].tolist()
+    at.session_state["known_runs"] = {"selection": {"rows": [0], "columns": []}}  # what a click on row 0 sends
+    at.run()
+    assert not at.exception
+    assert at.session_state["active"][1] == table["run"][0]
+    assert [t.value for t in at.title] == ["Review the suspects"]
+    assert any(m.value.startswith("Opened the run of") for m in at.success)

@@ -203,3 +203,18 @@ def test_class_counts_table_is_largest_first_with_shares():
     table = charts.class_counts_table(("a", "b", "c"), (2, 6, 2))
     assert table["class"].tolist() == ["b", "a", "c"] and table["images"].tolist() == [6, 2, 2]
     assert table["share"].tolist() == [0.6, 0.2, 0.2]
+
+
+def test_runs_table_names_methods_validation_source_and_dates():
+    runs = [{"last_used": "2026-12-06T02:50:11", "created": "2026-12-05T10:00:00", "methods": ["fvm", "loss"],
+             "settings": {"data": "sample", "validation": "/tmp/ws/digits-validation-ab12.npz", "noise_rate": 0.2,
+                          "noise_kind": "pair", "epochs": 15, "preset": "fast-cpu"},
+             "workspace": "w.sqlite", "run": "k1"},
+            {"last_used": "2026-12-05T09:00:00", "created": "2026-12-05T09:00:00", "methods": [],
+             "settings": {"data": "/x", "val_from_train": 0.1}, "workspace": "x.sqlite", "run": "k2"}]
+    table = charts.runs_table(runs)
+    assert table["methods"].tolist() == ["fvm, loss", "(none yet)"]
+    assert table["validation"].tolist() == ["trusted: digits-validation-ab12.npz", "carved 10% (untrusted)"]
+    assert table["created"].tolist() == ["2026-12-05 10:00", "2026-12-05 09:00"]
+    assert table["noise"].tolist() == ["20% pair", "none"] and table["run"].tolist() == ["k1", "k2"]
+    assert charts.validation_source({}) == "none"

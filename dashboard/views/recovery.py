@@ -29,7 +29,7 @@ def job_status(job_key: str) -> None:
         jobs.forget(job_key)
 
 
-st.title("Retrain and show the recovery")
+st.title("Retrain and recovery")
 run = widgets.require_run()
 names = run.class_names
 test = run.data.test

@@ -282,9 +282,11 @@ known = state.known_runs()
 if known.empty:
     st.caption("None yet.")
 else:
+    st.caption("Click a row to open that run.")
     picked = st.dataframe(known, hide_index=True, on_select="rerun", selection_mode="single-row", key="known_runs")
-    rows = picked.selection.rows
-    if st.button("Open the selected run", disabled=not rows, key="open_run"):
+    rows = picked["selection"]["rows"]
+    if rows:  # the table leaves the page with the switch, so its selection does not outlive the click
         chosen = known.iloc[rows[0]]
         state.open_run(chosen["workspace"].removesuffix(".sqlite"), chosen["run"])
+        st.session_state["flash"] = f"Opened the run of {chosen['last used']} ({chosen['methods']})."
         st.switch_page("views/review.py")
