@@ -309,6 +309,29 @@ def budget_story(budgets: dict) -> BudgetStory:
     return BudgetStory(loss_falls, fvm_holds, headline, text)
 
 
+def landscape_story(landscape: dict) -> tuple[str, str]:
+    """Step 2's headline and sentence from ``numbers["landscape"]``: "flat" only when SAM's minimum rose less."""
+    rise, alpha = landscape["rise"], landscape["alphas"][-1]
+    figures = (f"Fine-tuned on the trusted validation set, plain SGD (VM) stops in a minimum where moving each "
+               f"weight filter by {alpha:g}× its own size in a random direction raises the validation loss by "
+               f"**{rise['sgd']:.2f}**, against **{rise['sam']:.2f}** around the minimum SAM (FVM) finds")
+    if rise["sam"] < rise["sgd"]:
+        return ("A flat validation minimum: scores that do not hinge on where fine-tuning stopped",
+                f"{figures}: FVM scores the training images at the flatter one, where small changes of the weights "
+                "barely change the verdict.")
+    return ("Here SAM's validation minimum is not the flatter one",
+            f"{figures}: on this run SAM did not find a flatter minimum than plain SGD, so FVM's scores are no "
+            "steadier than VM's here.")
+
+
+def recovery_headline(recovery: dict) -> str:
+    """Step 4's headline from ``numbers["recovery"]``, judged on the accuracies as shown (0.1%)."""
+    best = max((p["accuracy"] for p in recovery["points"]), default=None)
+    if best is not None and round(best, 3) > round(recovery["before"], 3):
+        return "Fixing them pays back in accuracy"
+    return "Here fixing them did not raise test accuracy"
+
+
 # -- the cache --------------------------------------------------------------------------------------
 
 def _paths(settings: DemoSettings, folder: str | Path) -> tuple[Path, Path]:

@@ -195,3 +195,18 @@ def test_budget_story_does_not_claim_fvm_holds_when_it_falls_too():
     both = demo.budget_story(budgets_measured([0.99, 0.90], [0.99, 0.95]))
     assert both.loss_falls and not both.fvm_holds
     assert "FVM does not" not in both.headline
+
+
+def test_landscape_story_calls_the_minimum_flat_only_when_sams_rose_less():
+    landscape = {"alphas": [-0.5, 0.0, 0.5], "rise": {"sgd": 1.2, "sam": 0.4}}
+    assert demo.landscape_story(landscape)[0].startswith("A flat validation minimum")
+    sharper = demo.landscape_story({**landscape, "rise": {"sgd": 0.4, "sam": 1.2}})
+    assert "not the flatter" in sharper[0] and "**0.40**, against **1.20**" in sharper[1]
+
+
+def test_recovery_headline_follows_the_accuracies_shown():
+    point = {"k": 10, "relabeled": 10, "relabeled_right": 9}
+    assert demo.recovery_headline({"before": 0.9, "points": [{**point, "accuracy": 0.93}]}) == \
+        "Fixing them pays back in accuracy"
+    for after in (0.88, 0.9002):  # lower, or equal as shown (90.0%)
+        assert "did not raise" in demo.recovery_headline({"before": 0.9, "points": [{**point, "accuracy": after}]})
