@@ -111,8 +111,9 @@ class TimeEstimate:
 
 def estimate_run_time(n: int, image_shape: tuple[int, ...], num_classes: int, config: TrainConfig,
                       methods: list[str] | tuple[str, ...] = ()) -> TimeEstimate:
-    """Time two epochs of the recipe on 2 batches of random images shaped like the data and scale the
-    second epoch (the first pays the warm-up) to ``config.epochs`` epochs of ``n`` images. cleanlab
+    """Time three epochs of the recipe on 2 batches of random images shaped like the data and scale the
+    faster of the last two (the first pays the warm-up; on a shared machine one can be slowed by
+    others) to ``config.epochs`` epochs of ``n`` images. cleanlab
     adds its K trainings on (K-1)/K of the data; the other methods' scoring is not counted (it costs
     less than one training with the default settings)."""
     config.validate()
@@ -124,12 +125,13 @@ def estimate_run_time(n: int, image_shape: tuple[int, ...], num_classes: int, co
                     np.arange(probe_n, dtype=np.int64) % num_classes, tuple(map(str, range(num_classes))),
                     source="throughput probe")
     ticks: list[float] = []
-    # cosine: a step costs the same under any schedule, and one-cycle cannot be set over 4 steps
-    trained = train(probe, replace(config, epochs=2, checkpoints=1, schedule="cosine"),
+    # cosine: a step costs the same under any schedule, and one-cycle cannot be set over 6 steps
+    trained = train(probe, replace(config, epochs=3, checkpoints=1, schedule="cosine"),
                     progress=lambda done, total, message: ticks.append(time.perf_counter()))
-    half = len(ticks) // 2
-    second_epoch = max(ticks[-1] - ticks[half - 1], 1e-9)
-    per_second = probe_n / second_epoch
+    steps = len(ticks) // 3  # per epoch; ticks come after each step
+    epoch_ends = [ticks[e * steps - 1] for e in (1, 2, 3)]
+    fastest = max(min(epoch_ends[1] - epoch_ends[0], epoch_ends[2] - epoch_ends[1]), 1e-9)
+    per_second = probe_n / fastest
     training = config.epochs * n / per_second
     extra = {}
     if "cleanlab" in methods:
