@@ -131,15 +131,15 @@ def _preview(data: str) -> DataPreview:
     return preview_data(data)
 
 
-def data_preview(data: str) -> DataPreview | None:
+def data_preview(data: str) -> None:
     """What the run will see: images, classes and counts, sizes and what gets resized (or why it cannot)."""
     if not data:
-        return None
+        return
     try:
         preview = _preview(data)
     except InfluenceLensError as exc:
         st.warning(str(exc), icon=":material/folder_off:")
-        return None
+        return
     shape = preview.image_shape
     size = f"{shape[1]}×{shape[0]} {'RGB' if len(shape) == 3 else 'grayscale'}"
     sizes = ", ".join(f"{k} ({v:,})" for k, v in list(preview.sizes.items())[:4])
@@ -152,7 +152,6 @@ def data_preview(data: str) -> DataPreview | None:
                     f"sizes: {sizes}{read}{resized}{unreadable}.")
         st.dataframe(charts.class_counts_table(preview.class_names, preview.counts), hide_index=True, height=180,
                      key="setup_preview_counts")
-    return preview
 
 
 @st.cache_data(max_entries=32, show_spinner="Measuring this device's training speed…")
@@ -166,11 +165,11 @@ def time_estimate_line(settings: RunSettings, methods: list[str]) -> str | None:
     try:
         preview = _preview(settings.data)
         config = settings.train_config()
-    except InfluenceLensError:
+        n = round(preview.images * (1 - (settings.val_from_train or 0)))
+        estimate = _estimate(n, preview.image_shape, len(preview.class_names),
+                             json.dumps(asdict(config), sort_keys=True), tuple(methods))
+    except InfluenceLensError:  # said by the preview or the device line already
         return None
-    n = round(preview.images * (1 - (settings.val_from_train or 0)))
-    estimate = _estimate(n, preview.image_shape, len(preview.class_names),
-                         json.dumps(asdict(config), sort_keys=True), tuple(methods))
     extra = "".join(f", {m} adds ≈ {duration(s)}" for m, s in estimate.method_seconds.items())
     return (f"Estimated time on this device: **≈ {duration(estimate.total_seconds)}** (training {config.epochs} "
             f"epochs of {n:,} images ≈ {duration(estimate.training_seconds)} at {estimate.images_per_second:,.0f} "
