@@ -167,7 +167,8 @@ def confusion_figure(counts: np.ndarray, class_names: tuple[str, ...]) -> go.Fig
                     line=dict(width=1, color="#555")),
         hovertemplate="given %{y} → suggested %{x}: %{text}<extra></extra>"))
     axis = dict(type="category", categoryorder="array", categoryarray=list(class_names))
-    fig.update_layout(title="flagged: given vs. suggested (click a cell)", height=320,
+    # one 34 px square per class row, plus room for the title and the axis labels: squares never overlap
+    fig.update_layout(title="flagged: given vs. suggested (click a cell)", height=max(320, 110 + 38 * len(names)),
                       xaxis=dict(title="suggested", **axis), yaxis=dict(title="given", autorange="reversed", **axis),
                       margin=dict(l=10, r=10, t=40, b=10), clickmode="event+select", dragmode=False)
     return fig

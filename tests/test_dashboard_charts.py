@@ -197,6 +197,9 @@ def test_confusion_counts_are_readable_on_dark_and_light_squares():
     colour = dict(zip(fig.data[0].text, fig.data[0].textfont.color, strict=True))
     assert colour["120"] == colour["118"] == "white" and colour["3"] != "white"
     assert fig.data[0].marker.cmin == 0  # the smallest count is not drawn white (its text would vanish)
+    many = tuple(f"class {c}" for c in range(20))
+    tall = charts.confusion_figure(np.eye(20, dtype=int), many)
+    assert tall.layout.height >= 20 * fig.data[0].marker.size  # 20 rows of squares fit without overlapping
 
 
 def test_class_counts_table_is_largest_first_with_shares():
