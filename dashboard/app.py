@@ -21,9 +21,9 @@ from dashboard import state  # noqa: E402
 
 PAGES = [
     st.Page("views/setup.py", title="Set up a run", icon=":material/tune:", default=True),
-    st.Page("views/review.py", title="Review suspects", icon=":material/grid_view:"),
+    st.Page("views/review.py", title="Review the suspects", icon=":material/grid_view:"),
     st.Page("views/detail.py", title="Sample detail", icon=":material/zoom_in:"),
-    st.Page("views/recovery.py", title="Retrain & recovery", icon=":material/trending_up:"),
+    st.Page("views/recovery.py", title="Retrain and recovery", icon=":material/trending_up:"),
     st.Page("views/compare.py", title="Compare methods", icon=":material/leaderboard:"),
     st.Page("views/loop.py", title="Close the loop", icon=":material/sync:"),
     st.Page("views/export.py", title="Export", icon=":material/download:"),

@@ -5,6 +5,8 @@ Kept pure so they are unit-tested without a server; the numbers come from ``engi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -20,6 +22,15 @@ ORACLE = "oracle"
 GALLERY_COLUMNS = ["position", "index", "rank", "score", "given", "predicted", "suggested", "status", "new_label"]
 # plotly's SVG scatter gets sluggish beyond a few thousand points; WebGL keeps lasso selection.
 WEBGL_ABOVE = 5000
+
+
+def metric_delta(before: float, after: float, *, digits: int, scale: float = 1.0, unit: str = "") -> str | None:
+    """The change between two figures shown with ``digits`` decimals (after ``scale``), computed from the
+    figures as shown, so 91.7 → 94.7 reads +3.0; None when they show the same (st.metric then draws no arrow)."""
+    change = round(after * scale, digits) - round(before * scale, digits)
+    if abs(change) < 0.5 * 10 ** -digits:
+        return None
+    return f"{change:+.{digits}f}{unit}"
 
 
 def class_colour(label: int) -> str:
@@ -95,6 +106,38 @@ def card_caption(row: pd.Series, class_names: tuple[str, ...]) -> str:
 
 # -- review charts --------------------------------------------------------------------------------
 
+def validation_source(settings: dict) -> str:
+    """Where a run's validation set came from, in words (the runs table)."""
+    if settings.get("validation"):
+        return f"trusted: {Path(settings['validation']).name}"
+    if settings.get("val_from_train"):
+        return f"carved {settings['val_from_train']:.0%} (untrusted)"
+    return "none"
+
+
+def runs_table(runs: list[dict]) -> pd.DataFrame:
+    """One row per stored run (``last_used``, ``created``, ``settings``, ``methods``, ``workspace``, ``run``),
+    in the order given: what it scored, against which validation set, and when."""
+    def when(stamp: str) -> str:
+        return (stamp or "")[:16].replace("T", " ")
+
+    rows = [{"last used": when(r["last_used"]), "created": when(r["created"]), "data": r["settings"].get("data"),
+             "methods": ", ".join(r["methods"]) or "(none yet)", "validation": validation_source(r["settings"]),
+             "noise": (f"{r['settings']['noise_rate']:.0%} {r['settings'].get('noise_kind', '')}"
+                       if r["settings"].get("noise_rate") else "none"),
+             "epochs": r["settings"].get("epochs"), "preset": r["settings"].get("preset"),
+             "workspace": r["workspace"], "run": r["run"]} for r in runs]
+    return pd.DataFrame(rows, columns=["last used", "created", "data", "methods", "validation", "noise", "epochs",
+                                       "preset", "workspace", "run"])
+
+
+def class_counts_table(class_names: tuple[str, ...], counts: tuple[int, ...]) -> pd.DataFrame:
+    """Images per class, largest first, with the share of the whole (the set-up page's data preview)."""
+    table = pd.DataFrame({"class": list(class_names), "images": list(counts)})
+    table["share"] = (table["images"] / max(1, table["images"].sum())).round(3)
+    return table.sort_values("images", ascending=False, kind="stable").reset_index(drop=True)
+
+
 def score_histogram(scores: np.ndarray, cut: float, *, method: str, flagged: int) -> go.Figure:
     """Scores of every sample, with the cut (the score of the last flagged sample) marked."""
     fig = go.Figure(go.Histogram(x=scores, nbinsx=60, marker_color="#7f7f7f", name="samples"))
@@ -114,14 +157,18 @@ def confusion_figure(counts: np.ndarray, class_names: tuple[str, ...]) -> go.Fig
     given, suggested = np.nonzero(counts)
     values = counts[given, suggested]
     names = np.asarray(class_names, dtype=object)
+    # white digits on the dark half of the scale, near-black on the light half: readable on every square
+    dark = values > values.max(initial=0) / 2
     fig = go.Figure(go.Scatter(
         x=names[suggested], y=names[given], mode="markers+text", text=values.astype(str),
+        textfont=dict(size=12, color=np.where(dark, "white", "#222").tolist()),
         customdata=np.stack([given, suggested], axis=1),
-        marker=dict(symbol="square", size=26, color=values, colorscale="Reds", showscale=False,
+        marker=dict(symbol="square", size=34, color=values, colorscale="Reds", cmin=0, showscale=False,
                     line=dict(width=1, color="#555")),
         hovertemplate="given %{y} → suggested %{x}: %{text}<extra></extra>"))
     axis = dict(type="category", categoryorder="array", categoryarray=list(class_names))
-    fig.update_layout(title="flagged: given vs. suggested (click a cell)", height=320,
+    # one 34 px square per class row, plus room for the title and the axis labels: squares never overlap
+    fig.update_layout(title="flagged: given vs. suggested (click a cell)", height=max(320, 110 + 38 * len(names)),
                       xaxis=dict(title="suggested", **axis), yaxis=dict(title="given", autorange="reversed", **axis),
                       margin=dict(l=10, r=10, t=40, b=10), clickmode="event+select", dragmode=False)
     return fig

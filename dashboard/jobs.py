@@ -2,7 +2,8 @@
 
 A job runs a plain engine function with a progress callback and writes its result to the workspace;
 the page polls the job and draws one progress bar per stage. Jobs are shared by every browser tab of
-the server (keyed by workspace and configuration), so a second tab sees the run in progress.
+the server (keyed by workspace and configuration), so a second tab sees the run in progress; the
+registry is bounded (see :class:`JobRegistry`).
 """
 
 from __future__ import annotations
@@ -59,9 +60,45 @@ class Job:
         return self
 
 
-@st.cache_resource
-def _registry() -> dict[str, Job]:
-    return {}
+class JobRegistry:
+    """The server's jobs by key, shared by every tab. Bounded: running jobs are always kept; a finished
+    one stays until a page has shown it (:func:`forget`) or ``max_finished`` newer ones have finished,
+    so a server that runs for weeks does not keep every result it ever computed. (Not a Streamlit
+    resource: those are shared read-only things; this one changes on every job.)"""
+
+    def __init__(self, max_finished: int = 16):
+        self.max_finished = max_finished
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(key)
+
+    def jobs(self) -> list[Job]:
+        with self._lock:
+            return list(self._jobs.values())
+
+    def add(self, job: Job) -> None:
+        with self._lock:
+            self._jobs[job.key] = job
+        self.prune()
+
+    def prune(self) -> None:
+        """Drop the oldest finished jobs beyond ``max_finished`` (called as jobs start and end)."""
+        with self._lock:
+            finished = sorted((j for j in self._jobs.values() if not j.running), key=lambda j: j.finished)
+            for old in finished[:max(0, len(finished) - self.max_finished)]:
+                del self._jobs[old.key]
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            job = self._jobs.get(key)
+            if job is not None and not job.running:
+                del self._jobs[key]
+
+
+REGISTRY = JobRegistry()
 
 
 def key_for(kind: str, workspace_path, config_hash: str) -> str:
@@ -70,13 +107,12 @@ def key_for(kind: str, workspace_path, config_hash: str) -> str:
 
 
 def get(key: str) -> Job | None:
-    return _registry().get(key)
+    return REGISTRY.get(key)
 
 
 def start(key: str, label: str, work: Callable[[Callable[[int, int, str], None]], Any]) -> Job:
     """Run ``work(progress)`` in a thread unless a job with this key is already running."""
-    registry = _registry()
-    existing = registry.get(key)
+    existing = REGISTRY.get(key)
     if existing is not None and existing.running:
         return existing
     job = Job(key, label)
@@ -93,18 +129,17 @@ def start(key: str, label: str, work: Callable[[Callable[[int, int, str], None]]
             job.error = f"{exc.__class__.__name__}: {exc}"
         finally:
             job.finished = time.time()
+            REGISTRY.prune()
 
     job.thread = threading.Thread(target=target, name=f"influence-lens {label}", daemon=True)
-    registry[key] = job
+    REGISTRY.add(job)
     job.thread.start()
     return job
 
 
 def forget(key: str) -> None:
     """Drop a finished job (its result has been shown and stored)."""
-    job = _registry().get(key)
-    if job is not None and not job.running:
-        del _registry()[key]
+    REGISTRY.forget(key)
 
 
 def draw(job: Job) -> None:

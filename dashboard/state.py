@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pandas as pd
 import streamlit as st
 import torch
 
+from dashboard import charts
 from engine.errors import InfluenceLensError
 from engine.explain import feature_map
 from engine.guidance import (
@@ -96,10 +98,42 @@ def warm_up() -> threading.Thread:
     return thread
 
 
-@st.cache_resource
-def models() -> dict[str, TrainedModel]:
-    """Trained models by configuration hash, while the server lives (the workspace keeps the outputs)."""
-    return {}
+class ModelCache:
+    """Trained models by configuration hash, the ``capacity`` most recently used (a model and its
+    checkpoints can take hundreds of MB; the workspace keeps the outputs the pages show, and a model
+    dropped here only costs a retraining when a later step needs the weights). Shared by every tab;
+    not a Streamlit resource, which would be shared read-only and unbounded."""
+
+    def __init__(self, capacity: int = 3):
+        self.capacity = capacity
+        self._models: OrderedDict[str, TrainedModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> TrainedModel | None:
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+            return self._models.get(key)
+
+    def __setitem__(self, key: str, model: TrainedModel | None) -> None:
+        if model is None:
+            return
+        with self._lock:
+            self._models[key] = model
+            self._models.move_to_end(key)
+            while len(self._models) > self.capacity:
+                self._models.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+
+MODELS = ModelCache()
+
+
+def models() -> ModelCache:
+    """The server's trained models (see :class:`ModelCache`)."""
+    return MODELS
 
 
 # -- the active run -------------------------------------------------------------------------------
@@ -182,9 +216,10 @@ def _advice(_run: Active, path: str, key: str, method: str, methods: tuple[str, 
     data, result = _run.data, _run.results[method]
     table = result_table(data.train, result, _run.predictions.predicted)
     training = _run.workspace.report(key, "training") or {}
+    loop = _run.workspace.report(key, "loop") or {}  # closing the loop put these reviewed rows in validation
     return scoring_advice(data.train, table, validation=data.validation, trusted=data.validation_trusted,
-                          info=result.info, history=training.get("history"),
-                          training_notes=training.get("notes")) + \
+                          info=result.info, history=training.get("history"), training_notes=training.get("notes"),
+                          reviewed_in_validation=loop.get("reviewed", [])) + \
         cleaning_test_set_warnings(data.train, data.test)
 
 
@@ -209,8 +244,8 @@ def active() -> Active | None:
                   results, arrays)
 
 
-def _known_runs() -> list[tuple[str, Workspace, str, dict]]:
-    """(last_used, workspace, config hash, settings) of every run in the workspace folder."""
+def _known_runs() -> list[tuple[str, Workspace, str, dict, str, list[str]]]:
+    """(last_used, workspace, config hash, settings, created, methods) of every run in the workspace folder."""
     found = []
     for path in sorted(folder().glob(f"*{SUFFIX}")):
         try:
@@ -219,21 +254,21 @@ def _known_runs() -> list[tuple[str, Workspace, str, dict]]:
         except InfluenceLensError as exc:  # a foreign or newer file in the folder: skip it, say why
             log.warning("skipping %s", exc)
             continue
-        found += [(r.last_used, workspace, r.config_hash, r.settings) for r in runs.itertuples()]
+        found += [(r.last_used, workspace, r.config_hash, r.settings, r.created, r.methods)
+                  for r in runs.itertuples()]
     return sorted(found, key=lambda r: r[0], reverse=True)
 
 
 def known_runs() -> pd.DataFrame:
     """The runs in the workspace folder, most recent first, for the set-up page."""
-    rows = [{"last used": used[:19].replace("T", " "), "data": s.get("data"), "noise": s.get("noise_rate"),
-             "epochs": s.get("epochs"), "preset": s.get("preset"), "methods": ", ".join(ws.methods(key)),
-             "workspace": ws.path.name, "run": key} for used, ws, key, s in _known_runs()]
-    return pd.DataFrame(rows)
+    return charts.runs_table([{"last_used": used, "created": created, "settings": settings, "methods": methods,
+                               "workspace": ws.path.name, "run": key}
+                              for used, ws, key, settings, created, methods in _known_runs()])
 
 
 def open_run(workspace_name: str, key: str) -> bool:
     """Activate a stored run by workspace file stem and hash; False if it is not there."""
-    for _, workspace, run_key, settings in _known_runs():
+    for _, workspace, run_key, settings, *_ in _known_runs():
         if run_key == key and workspace.path.stem == workspace_name:
             activate(workspace, key, RunSettings.from_dict(settings))
             return True
@@ -251,7 +286,7 @@ def init() -> None:
         if "run" in params and "workspace" in params and open_run(params["workspace"], params["run"]):
             return
         data = app_args().data
-        for _, workspace, key, settings in _known_runs():
+        for _, workspace, key, settings, *_ in _known_runs():
             if settings.get("data") == data:
                 activate(workspace, key, RunSettings.from_dict(settings))
                 return

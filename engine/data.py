@@ -186,7 +186,7 @@ def read_image(path: Path, draft: int | None = None) -> np.ndarray:
                 img.draft(img.mode, (draft, draft))  # JPEG's DCT scaling: a 4000×3000 photo never decodes whole
             if img.mode.startswith("I;16"):  # 16-bit grayscale PNG: rescale, as convert("L") would clip at 255
                 return np.round(np.asarray(img, dtype=np.float64) / 257.0).astype(np.uint8)
-            mode = "L" if img.mode in ("1", "L", "I", "F") else "RGB"
+            mode = "L" if grayscale_mode(img.mode) else "RGB"
             return np.asarray(img.convert(mode), dtype=np.uint8)
     except DataError:
         raise
@@ -195,6 +195,16 @@ def read_image(path: Path, draft: int | None = None) -> np.ndarray:
                         f"({exc})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"{path}: unreadable image ({exc.__class__.__name__}: {exc})") from None
+
+
+def grayscale_mode(mode: str) -> bool:
+    """Whether a Pillow image of this mode is read as one channel (every other mode is read as RGB)."""
+    return mode in ("1", "L", "I", "F") or mode.startswith("I;16")
+
+
+def most_common_size(sizes: Counter) -> tuple[int, int]:
+    """The (H, W) that images of other sizes are resized to: the most common (ties: the first seen)."""
+    return max(sizes, key=lambda size: (sizes[size], -list(sizes).index(size)))
 
 
 def conform_image(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -261,7 +271,7 @@ def _stack_images(arrays: list[np.ndarray], where: str) -> tuple[np.ndarray, tup
     sizes = Counter(a.shape[:2] for a in arrays)
     if len(sizes) == 1:
         return np.stack(arrays), ()
-    target = max(sizes, key=lambda size: (sizes[size], -list(sizes).index(size)))
+    target = most_common_size(sizes)
     shape = (*target, *arrays[0].shape[2:])
     moved = len(arrays) - sizes[target]
     note = (f"{where}: resized {moved} of {len(arrays)} images to {target[1]}×{target[0]}, the most common of "

@@ -268,6 +268,70 @@ def compute_demo(settings: DemoSettings, *, progress: Progress = no_progress) ->
     return DemoResult(json.loads(json.dumps(numbers)), train_set.images[rows])  # as the cache gives it back
 
 
+# -- what the numbers say ---------------------------------------------------------------------------
+
+# An AUROC change smaller than this is within the spread of one training seed on the digits (0.005-0.01
+# between seeds at a fixed budget), so it is told as "holds", not as a rise or a fall.
+AUROC_CHANGE = 0.01
+
+
+@dataclass(frozen=True)
+class BudgetStory:
+    """Step 1 as the measured AUROCs tell it: a quick rehearsal's short budgets can tell the opposite of
+    the full demo (the loss still finds the errors before the model has memorized them)."""
+
+    loss_falls: bool  # the loss ranking's AUROC at the largest budget is below its best by > AUROC_CHANGE
+    fvm_holds: bool  # FVM's AUROC at the largest budget is within AUROC_CHANGE of its best
+    headline: str
+    text: str
+
+
+def budget_story(budgets: dict) -> BudgetStory:
+    """The headline and sentence of step 1, derived from ``numbers["budgets"]`` (never assumed)."""
+    auroc, last = budgets["auroc"], budgets["epochs"][-1]
+    loss, fvm = auroc["loss"], auroc["fvm"]
+    loss_falls = max(loss) - loss[-1] > AUROC_CHANGE
+    fvm_holds = max(fvm) - fvm[-1] <= AUROC_CHANGE
+    memorized = budgets["memorized"][-1]
+    figures = (f"the loss ranking's AUROC goes {loss[0]:.3f} → **{loss[-1]:.3f}** and FVM's, which judges each "
+               f"image from a model fitted to the trusted validation set, {fvm[0]:.3f} → **{fvm[-1]:.3f}** "
+               f"(cleanlab {auroc['cleanlab'][-1]:.3f}).")
+    if loss_falls:
+        headline = ("Train longer, and the loss stops finding the errors; FVM does not" if fvm_holds
+                    else "Train longer, and the loss finds fewer errors; here FVM does too")
+        text = (f"The longer a network trains, the more wrong labels it learns by heart (**{memorized:.0%}** of them "
+                f"after {last} epochs), so a low training loss stops meaning a correct label: {figures}")
+    else:
+        headline = (f"Up to {last} epochs the loss still finds the errors" + (" and so does FVM" if fvm_holds else ""))
+        text = (f"After {last} epochs the model has learned only **{memorized:.0%}** of the wrong labels by heart, "
+                f"so a high training loss still points at them: {figures} Train for more epochs (leave the quick "
+                "rehearsal) to see the loss ranking fail as the model memorizes the noise.")
+    return BudgetStory(loss_falls, fvm_holds, headline, text)
+
+
+def landscape_story(landscape: dict) -> tuple[str, str]:
+    """Step 2's headline and sentence from ``numbers["landscape"]``: "flat" only when SAM's minimum rose less."""
+    rise, alpha = landscape["rise"], landscape["alphas"][-1]
+    figures = (f"Fine-tuned on the trusted validation set, plain SGD (VM) stops in a minimum where moving each "
+               f"weight filter by {alpha:g}× its own size in a random direction raises the validation loss by "
+               f"**{rise['sgd']:.2f}**, against **{rise['sam']:.2f}** around the minimum SAM (FVM) finds")
+    if rise["sam"] < rise["sgd"]:
+        return ("A flat validation minimum: scores that do not hinge on where fine-tuning stopped",
+                f"{figures}: FVM scores the training images at the flatter one, where small changes of the weights "
+                "barely change the verdict.")
+    return ("Here SAM's validation minimum is not the flatter one",
+            f"{figures}: on this run SAM did not find a flatter minimum than plain SGD, so FVM's scores are no "
+            "steadier than VM's here.")
+
+
+def recovery_headline(recovery: dict) -> str:
+    """Step 4's headline from ``numbers["recovery"]``, judged on the accuracies as shown (0.1%)."""
+    best = max((p["accuracy"] for p in recovery["points"]), default=None)
+    if best is not None and round(best, 3) > round(recovery["before"], 3):
+        return "Fixing them pays back in accuracy"
+    return "Here fixing them did not raise test accuracy"
+
+
 # -- the cache --------------------------------------------------------------------------------------
 
 def _paths(settings: DemoSettings, folder: str | Path) -> tuple[Path, Path]:

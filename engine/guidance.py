@@ -263,12 +263,16 @@ def _image_keys(dataset: Dataset) -> set[bytes]:
 
 
 def validation_warnings(train: Dataset, validation: Dataset | None, *, trusted: bool = True,
-                        min_per_class: int = 5) -> list[Advice]:
-    """Warnings about the trusted validation set: overlap with training, size, missing classes, carve-out."""
+                        min_per_class: int = 5, reviewed_in_validation: np.ndarray | list[int] = ()) -> list[Advice]:
+    """Warnings about the trusted validation set: overlap with training, size, missing classes, carve-out.
+
+    ``reviewed_in_validation``: training indices a person reviewed and added to the validation set on
+    purpose (closing the loop, METHODS.md §4); their copies are not counted as an overlap."""
     if validation is None:
         return []
     found: list[Advice] = []
-    overlap = len(_image_keys(train) & _image_keys(validation))
+    moved = np.isin(train.index, np.asarray(reviewed_in_validation, dtype=np.int64))
+    overlap = len({image.tobytes() for image in train.images[~moved]} & _image_keys(validation))
     if overlap:
         found.append(Advice("validation-overlap", f"{overlap} validation images also appear in the training set; "
                                                     "a trusted validation set must be held out"))
@@ -323,15 +327,17 @@ def model_warnings(*, history: list[dict[str, float]], flagged_train_accuracy: f
 
 def scoring_advice(train: Dataset, table, *, validation: Dataset | None, trusted: bool, info: dict,
                    history: list[dict[str, float]] | None = None, training_notes: list[str] | None = None,
-                   flagged_fraction: float = 0.05) -> list[Advice]:
+                   flagged_fraction: float = 0.05, reviewed_in_validation: np.ndarray | list[int] = ()) -> list[Advice]:
     """Every guard that applies to one scored run; ``table`` is the per-sample result table.
 
     Memorization is judged on the top ``flagged_fraction`` of the ranking: if θ* still predicts the
-    given label of almost all of them, it has fit the suspected noise.
+    given label of almost all of them, it has fit the suspected noise. ``reviewed_in_validation``: see
+    :func:`validation_warnings`.
     """
     flagged = table.nsmallest(max(1, int(len(table) * flagged_fraction)), "rank")
     flagged_accuracy = float((flagged["predicted_label"] == flagged["given_label"]).mean())
     finetune = [Advice("finetune-not-a-minimum", info["finetune_warning"])] if info.get("finetune_warning") else []
-    return validation_warnings(train, validation, trusted=trusted) + model_warnings(
+    return validation_warnings(train, validation, trusted=trusted,
+                               reviewed_in_validation=reviewed_in_validation) + model_warnings(
         history=history or [], flagged_train_accuracy=flagged_accuracy,
         validation_accuracy=info.get("validation_accuracy"), training_notes=training_notes) + finetune

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, make_dataset, save_image, write_image_folder
 from streamlit.testing.v1 import AppTest
 
 from engine.guidance import review_estimate
@@ -30,7 +30,7 @@ def finish_jobs() -> None:
     """Wait for the background jobs (scoring, retraining) the session started."""
     from dashboard import jobs
 
-    for job in list(jobs._registry().values()):
+    for job in jobs.REGISTRY.jobs():
         job.wait(timeout=300)
         assert not job.running, f"{job.label} did not finish"
 
@@ -243,6 +243,24 @@ def test_export_page_offers_the_three_csvs(session_dir):
     assert labels == ["Cleaned labels (CSV)", "Decision log (CSV)", "Decisions for `influence-lens retrain`"]
 
 
+def test_a_finished_scoring_is_said_once_and_never_beside_a_failed_run(session_dir):
+    from dashboard import jobs
+
+    at = new_session()
+    path, key, _ = at.session_state["active"]
+    job_key = jobs.key_for("score", Path(path), key)
+    jobs.start(job_key, "Scoring", lambda progress: None).wait()
+    at.text_input(key="setup_data").set_value(str(session_dir / "missing"))
+    at.button(key="run").click().run()  # issue 12: the error came beside the previous run's green "Scored …"
+    assert any("no such file or folder" in e.value for e in at.error)
+    assert not at.success
+    jobs.start(job_key, "Scoring", lambda progress: None).wait()
+    again = new_session()
+    assert [s.value for s in again.success] == ["Scored loss in 0.0 s."]
+    again.run()
+    assert not again.success and jobs.get(job_key) is None
+
+
 def test_close_the_loop_rescoring_with_reviewed_samples(session_dir):
     """Runs last in this module: it makes the re-scored run the latest one in the workspace."""
     needing = [m for m in available_methods() if scorer_class(m).requires_validation]
@@ -255,18 +273,32 @@ def test_close_the_loop_rescoring_with_reviewed_samples(session_dir):
         at.button(key=key).click().run()
     at.switch_page("views/loop.py").run()
     at.multiselect(key="loop_methods").set_value([needing[0]])
+    before = at.session_state["active"][1]
     at.button(key="loop_run").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     finish_jobs()
     at.run()
     assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.session_state["active"][1] == before  # issue 12: the active run was switched silently
     workspace = Workspace(path)
     latest = workspace.runs()["config_hash"][0]
     loop = workspace.report(latest, "loop")
     assert loop["size"] == 359 + 2  # the trusted sample:val split plus the two relabeled samples
+    assert sorted(loop["reviewed"]) == sorted(int(k.split("_")[1]) for k in accepts)
     assert workspace.methods(latest) == [needing[0]]
     assert [m.label for m in at.metric][1] == f"AUROC on the unreviewed samples, {needing[0]}"
     assert len(at.dataframe[0].value) == 15  # the samples that climbed most
+
+    at.button(key="loop_open").click().run()  # opening the re-scored run is explicit, and said
+    assert at.session_state["active"][1] == latest
+    assert any("Now showing the re-scored run" in m.value for m in at.success)
+    at.switch_page("views/review.py").run()
+    assert not at.exception
+    # issue 12: the reviewed samples in the validation set tripped the product's own overlap warning
+    assert not any("also appear in the training set" in w.value for w in at.warning), [w.value for w in at.warning]
+    at.switch_page("views/loop.py").run()
+    at.button(key="loop_back").click().run()
+    assert at.session_state["active"][1] == before
 
 
 @pytest.mark.slow
@@ -292,3 +324,102 @@ def test_why_page_prepares_in_the_background_then_shows_the_four_steps(tmp_path,
     assert len(again.get("plotly_chart")) == 3
     assert len(again.get("image")) == settings.top
     assert not [b for b in again.button if b.key == "why_prepare"]
+
+
+def stored_quick_demo(folder: Path, loss: list[float], fvm: list[float]) -> None:
+    """A "Why it works" cache with chosen figures, as ``engine.demo.run_demo`` writes it (no training)."""
+    from engine.demo import FORMAT, DemoSettings
+
+    settings = DemoSettings().quick()
+    rows = [{"position": i, "index": i, "given": 0, "suggested": 1, "true": 1, "flipped": True, "score": 1.0}
+            for i in range(settings.top)]
+    numbers = {
+        "format": FORMAT, "key": settings.key(), "seconds": 1.0,
+        "data": {"source": "digits", "class_names": [str(c) for c in range(10)], "train": 100, "validation": 10,
+                 "test": 10, "flipped": 20, "image_shape": [8, 8]},
+        "budgets": {"epochs": list(settings.budgets), "memorized": [0.0, 0.1],
+                    "auroc": {"loss": loss, "cleanlab": [0.9, 0.9], "fvm": fvm}},
+        "landscape": {"alphas": [-0.5, 0.0, 0.5], "loss": {"sgd": [2.0, 1.0, 2.0], "sam": [1.5, 1.0, 1.5]},
+                      "per_direction": {"sgd": [[2.0, 1.0, 2.0]], "sam": [[1.5, 1.0, 1.5]]},
+                      "rise": {"sgd": 1.0, "sam": 0.5}, "epochs": 5},
+        "top": {"epochs": 5, "rows": rows, "flipped_in_top": settings.top},
+        "recovery": {"epochs": 5, "before": 0.9, "clean": 0.95, "points": [{"k": 10, "relabeled": 10,
+                                                                            "relabeled_right": 9, "accuracy": 0.93}]}}
+    demo_folder = folder / "workspaces" / "demo"
+    demo_folder.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(demo_folder / f"demo-{settings.key()}.npz",
+                        images=np.zeros((settings.top, 8, 8), dtype=np.uint8))
+    (demo_folder / f"demo-{settings.key()}.json").write_text(json.dumps(numbers))
+
+
+@pytest.mark.parametrize(("loss", "fvm", "says_loss_fails"), [([0.977, 0.999], [0.99, 0.998], False),
+                                                             ([0.99, 0.90], [0.99, 0.995], True)])
+def test_why_page_headline_follows_the_measured_aurocs(tmp_path, monkeypatch, loss, fvm, says_loss_fails):
+    monkeypatch.chdir(tmp_path)
+    stored_quick_demo(tmp_path, loss, fvm)
+    at = new_session("views/why.py")
+    at.toggle(key="why_quick").set_value(True).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    headline = at.subheader[0].value
+    assert ("loss stops finding the errors" in headline) is says_loss_fails, headline
+    assert any(f"{loss[0]:.3f} → **{loss[-1]:.3f}**" in m.value for m in at.markdown)
+
+
+def test_own_folder_gets_defaults_that_fit_it_a_preview_and_a_time(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = write_image_folder(make_dataset(classes=3, per_class=8, shape=(12, 12)), tmp_path / "own")
+    save_image(np.zeros((16, 20), dtype=np.uint8), root / "class_2" / "wide.png")
+    at = new_session()
+    assert at.radio(key="setup_val_mode").value == "trusted" and at.toggle(key="setup_demo").value  # the digits
+    at.text_input(key="setup_data").set_value(str(root)).run()
+    assert not at.exception
+    assert at.radio(key="setup_val_mode").value == "none"
+    assert at.text_input(key="setup_test").value == "" and at.toggle(key="setup_demo").value is False
+    assert not any(scorer_class(m).requires_validation for m in at.multiselect(key="setup_methods").value)
+    preview = next(m.value for m in at.markdown if "images in" in m.value)
+    assert preview.startswith("**25** images in **3** classes, trained as 12×12 grayscale") and "**1** of" in preview
+    assert at.dataframe[0].value["images"].tolist() == [9, 8, 8]  # the preview comes first
+    assert any(m.value.startswith("Estimated time on this device") for m in at.markdown)
+    assert at.button(key="setup_suggest_carve")  # no validation set: carving is offered
+    at.multiselect(key="setup_methods").set_value(["loss"])
+    at.number_input(key="setup_epochs_fast-cpu").set_value(1)
+    at.button(key="run").click().run()  # issue 12: failed with the digits' validation and test sets
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    finish_jobs()
+    at.run()
+    assert not at.exception and [t.value for t in at.title] == ["Review the suspects"]
+
+
+def test_carve_suggestion_switches_the_validation_mode(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = write_image_folder(make_dataset(classes=3, per_class=8, shape=(12, 12)), tmp_path / "own")
+    at = new_session()
+    at.text_input(key="setup_data").set_value(str(root)).run()
+    at.button(key="setup_suggest_carve").click().run()
+    assert at.radio(key="setup_val_mode").value == "carve" and at.slider(key="setup_carve").value == 0.1
+
+
+def test_page_names_match_their_headings(tmp_path, monkeypatch):
+    import re
+
+    source = (REPO_ROOT / "dashboard" / "app.py").read_text()
+    pages = re.findall(r'st\.Page\("(views/\w+\.py)", title="([^"]+)"', source)
+    assert len(pages) == 8
+    monkeypatch.chdir(tmp_path)
+    at = new_session()
+    for page, title in pages:
+        at.switch_page(page).run()
+        assert [t.value for t in at.title][:1] == [title], page
+
+
+def test_runs_table_says_what_each_run_is_and_opens_one_by_click(session_dir):
+    at = new_session()
+    table = at.dataframe[0].value  # on the sample data the runs table is the page's only table
+    assert {"methods", "validation", "created", "last used"} <= set(table.columns)
+    assert "trusted: sample:val" in table["validation"].tolist()
+    at.session_state["known_runs"] = {"selection": {"rows": [0], "columns": []}}  # what a click on row 0 sends
+    at.run()
+    assert not at.exception
+    assert at.session_state["active"][1] == table["run"][0]
+    assert [t.value for t in at.title] == ["Review the suspects"]
+    assert any(m.value.startswith("Opened the run of") for m in at.success)

@@ -177,3 +177,47 @@ def test_review_depth_figure_marks_the_stop_and_thins_long_curves():
     np.testing.assert_allclose(marginal.y, estimate.marginal[np.asarray(marginal.x) - 1])
     lines = {shape.line.color: shape.x0 for shape in fig.layout.shapes if shape.x0 == shape.x1}
     assert lines[charts.PALETTE[3]] == estimate.stop_depth and lines["black"] == 3000
+
+
+def test_metric_delta_is_the_difference_of_the_figures_shown():
+    before, after = 0.9166, 0.9474  # issue 12: shown "+3.1" (the unrounded 3.08) between 91.7% and 94.7%
+    assert f"{before:.1%}" == "91.7%" and f"{after:.1%}" == "94.7%"
+    assert charts.metric_delta(before, after, digits=1, scale=100, unit=" pts") == "+3.0 pts"
+    assert charts.metric_delta(0.9501, 0.9449, digits=3) == "-0.005"
+
+
+def test_metric_delta_is_none_when_the_figures_shown_are_equal():
+    assert charts.metric_delta(0.99912, 0.99949, digits=3) is None  # both read 0.999: no "+0.000", no arrow
+    assert charts.metric_delta(0.5, 0.5, digits=1, scale=100) is None
+
+
+def test_confusion_counts_are_readable_on_dark_and_light_squares():
+    counts = np.array([[0, 120, 0], [0, 3, 0], [118, 0, 0]])
+    fig = charts.confusion_figure(counts, NAMES)
+    colour = dict(zip(fig.data[0].text, fig.data[0].textfont.color, strict=True))
+    assert colour["120"] == colour["118"] == "white" and colour["3"] != "white"
+    assert fig.data[0].marker.cmin == 0  # the smallest count is not drawn white (its text would vanish)
+    many = tuple(f"class {c}" for c in range(20))
+    tall = charts.confusion_figure(np.eye(20, dtype=int), many)
+    assert tall.layout.height >= 20 * fig.data[0].marker.size  # 20 rows of squares fit without overlapping
+
+
+def test_class_counts_table_is_largest_first_with_shares():
+    table = charts.class_counts_table(("a", "b", "c"), (2, 6, 2))
+    assert table["class"].tolist() == ["b", "a", "c"] and table["images"].tolist() == [6, 2, 2]
+    assert table["share"].tolist() == [0.6, 0.2, 0.2]
+
+
+def test_runs_table_names_methods_validation_source_and_dates():
+    runs = [{"last_used": "2026-12-06T02:50:11", "created": "2026-12-05T10:00:00", "methods": ["fvm", "loss"],
+             "settings": {"data": "sample", "validation": "/tmp/ws/digits-validation-ab12.npz", "noise_rate": 0.2,
+                          "noise_kind": "pair", "epochs": 15, "preset": "fast-cpu"},
+             "workspace": "w.sqlite", "run": "k1"},
+            {"last_used": "2026-12-05T09:00:00", "created": "2026-12-05T09:00:00", "methods": [],
+             "settings": {"data": "/x", "val_from_train": 0.1}, "workspace": "x.sqlite", "run": "k2"}]
+    table = charts.runs_table(runs)
+    assert table["methods"].tolist() == ["fvm, loss", "(none yet)"]
+    assert table["validation"].tolist() == ["trusted: digits-validation-ab12.npz", "carved 10% (untrusted)"]
+    assert table["created"].tolist() == ["2026-12-05 10:00", "2026-12-05 09:00"]
+    assert table["noise"].tolist() == ["20% pair", "none"] and table["run"].tolist() == ["k1", "k2"]
+    assert charts.validation_source({}) == "none"

@@ -173,3 +173,40 @@ def test_the_command_line_prints_the_cached_figures(computed, monkeypatch, capsy
     budgets = result.numbers["budgets"]
     assert printed["auroc_by_epochs"] == {"epochs": budgets["epochs"], **budgets["auroc"]}
     assert printed["recovery"] == result.numbers["recovery"]
+
+
+def budgets_measured(loss: list[float], fvm: list[float]) -> dict:
+    return {"epochs": [2, 5][:len(loss)], "auroc": {"loss": loss, "cleanlab": [0.9] * len(loss), "fvm": fvm},
+            "memorized": [0.01, 0.4][:len(loss)]}
+
+
+def test_budget_story_says_the_loss_fails_only_when_its_auroc_falls():
+    falls = demo.budget_story(budgets_measured([0.99, 0.90], [0.99, 0.995]))
+    assert falls.loss_falls and falls.fvm_holds
+    assert falls.headline == "Train longer, and the loss stops finding the errors; FVM does not"
+    # the quick rehearsal of issue 12: loss AUROC 0.977 → 0.999 must not be told as a failure
+    rises = demo.budget_story(budgets_measured([0.977, 0.999], [0.99, 0.998]))
+    assert not rises.loss_falls and rises.fvm_holds
+    assert "stops finding" not in rises.headline and "still finds the errors" in rises.headline
+    assert "0.977 → **0.999**" in rises.text
+
+
+def test_budget_story_does_not_claim_fvm_holds_when_it_falls_too():
+    both = demo.budget_story(budgets_measured([0.99, 0.90], [0.99, 0.95]))
+    assert both.loss_falls and not both.fvm_holds
+    assert "FVM does not" not in both.headline
+
+
+def test_landscape_story_calls_the_minimum_flat_only_when_sams_rose_less():
+    landscape = {"alphas": [-0.5, 0.0, 0.5], "rise": {"sgd": 1.2, "sam": 0.4}}
+    assert demo.landscape_story(landscape)[0].startswith("A flat validation minimum")
+    sharper = demo.landscape_story({**landscape, "rise": {"sgd": 0.4, "sam": 1.2}})
+    assert "not the flatter" in sharper[0] and "**0.40**, against **1.20**" in sharper[1]
+
+
+def test_recovery_headline_follows_the_accuracies_shown():
+    point = {"k": 10, "relabeled": 10, "relabeled_right": 9}
+    assert demo.recovery_headline({"before": 0.9, "points": [{**point, "accuracy": 0.93}]}) == \
+        "Fixing them pays back in accuracy"
+    for after in (0.88, 0.9002):  # lower, or equal as shown (90.0%)
+        assert "did not raise" in demo.recovery_headline({"before": 0.9, "points": [{**point, "accuracy": after}]})

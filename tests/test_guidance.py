@@ -175,6 +175,15 @@ def test_validation_guards_fire_only_when_they_should():
     assert _codes(validation_warnings(train, good, trusted=False)) == {"validation-untrusted"}
 
 
+def test_reviewed_samples_added_to_validation_on_purpose_are_not_an_overlap():
+    train = _dataset(20)
+    overlapping = _dataset(10)  # copies of training rows 0..29, as closing the loop makes them
+    assert _codes(validation_warnings(train, overlapping, reviewed_in_validation=train.index[:30])) == set()
+    # a copy that was not reviewed is still a leak, and is counted alone
+    warned = validation_warnings(train, overlapping, reviewed_in_validation=train.index[:29])
+    assert [a.message.split()[0] for a in warned if a.code == "validation-overlap"] == ["1"]
+
+
 def test_cleaning_the_test_set_is_flagged():
     train = _dataset(20)
     assert cleaning_test_set_warnings(train, _dataset(5, offset=100)) == []

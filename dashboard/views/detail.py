@@ -23,7 +23,7 @@ def decide_and_advance(run: state.Active, index: int, action: str, label: int | 
         goto(following)
 
 
-st.title("Look closer")
+st.title("Sample detail")
 run = widgets.require_run()
 names = run.class_names
 train = run.data.train

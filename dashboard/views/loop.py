@@ -21,8 +21,11 @@ from engine.stages import fingerprint
 
 
 def start_loop(run: state.Active, methods: list[str]) -> None:
-    """Write the grown validation set beside the workspace, then score the new configuration."""
-    validation = reviewed_validation(run.data, run.decisions())
+    """Write the grown validation set beside the workspace, then score the new configuration in the
+    background. The active run stays: the page shows how the ranking changed, and opening the
+    re-scored run (which holds only ``methods``) is the user's choice."""
+    decisions = run.decisions()
+    validation = reviewed_validation(run.data, decisions)
     workspace = run.workspace
     path = workspace.path.parent / f"{workspace.path.stem}-validation-{fingerprint(validation)}.npz"
     if not path.exists():
@@ -30,8 +33,12 @@ def start_loop(run: state.Active, methods: list[str]) -> None:
     settings = replace(run.settings, validation=str(path), val_from_train=None)
     data = state.run_data(json.dumps(settings.to_dict(), sort_keys=True))
     key = config_hash(settings, data)
+    reviewed = decisions.loc[decisions["action"].isin(["keep", "relabel"]), "index"].astype(int).tolist()
     workspace.save_run(key, settings.to_dict())
-    workspace.save_report(key, "loop", {"from": run.key, "validation": str(path), "size": len(validation)})
+    # "reviewed": these training rows are in the validation set on purpose (the overlap guard skips them)
+    workspace.save_report(key, "loop", {"from": run.key, "validation": str(path), "size": len(validation),
+                                        "reviewed": reviewed})
+    workspace.save_report(run.key, "loop_next", {"key": key, "methods": methods})
     models, trained = state.models(), state.models().get(run.key)  # training ignores validation: reuse θ*
 
     def work(progress):
@@ -40,19 +47,25 @@ def start_loop(run: state.Active, methods: list[str]) -> None:
         return model
 
     jobs.start(jobs.key_for("score", workspace.path, key), "Re-scoring", work)
-    state.activate(workspace, key, settings)
+
+
+def switch_to(run: state.Active, key: str, message: str) -> None:
+    """Callback: show another run of this workspace from now on, and say so."""
+    state.open_run(run.workspace.path.stem, key)
+    st.session_state["flash"] = message
 
 
 st.title("Close the loop")
 run = widgets.require_run()
-loop = run.workspace.report(run.key, "loop")
+loop = run.workspace.report(run.key, "loop")  # this run was made by closing the loop on another
+following = run.workspace.report(run.key, "loop_next")  # or another was made from this one
 decisions = run.decisions()
 counts = decisions["action"].value_counts()
 trusted = len(run.data.validation) if run.data.validation is not None and run.data.validation_trusted else 0
 needing = [m for m in available_methods() if scorer_class(m).requires_validation]
 st.markdown(f"Reviewed so far: **{counts.get('keep', 0)}** confirmed correct and **{counts.get('relabel', 0)}** "
             f"relabeled. They join the trusted validation set ({trusted} samples now) and the methods below "
-            "re-score every training sample against it.")
+            "re-score every training sample against it, as a new run beside this one (this run stays open).")
 if not needing:
     st.info("No registered method uses a validation set.")
     st.stop()
@@ -66,28 +79,58 @@ if st.button("Add the reviewed samples to the validation set and re-score", type
     except InfluenceLensError as exc:
         st.error(str(exc))
 
-if loop is not None and loop["from"] != run.key:
-    st.subheader("How the ranking changed")
-    before_results = run.workspace.results(loop["from"])
-    c1, c2 = st.columns(2)
-    after_method = c2.selectbox("After: this run's", run.methods, key="loop_after", index=len(run.methods) - 1)
-    before_methods = list(before_results)
-    before_method = c1.selectbox("Before: the previous run's", before_methods, key="loop_before",
-                                 index=before_methods.index(after_method) if after_method in before_methods else 0)
-    before_scores, after_scores = before_results[before_method].scores, run.results[after_method].scores
-    before_ranks, after_ranks = ranks(before_scores), ranks(after_scores)
-    train = run.data.train
-    reviewed = np.isin(train.index, decisions.loc[decisions["action"].isin(["keep", "relabel"]), "index"])
-    flipped = run.data.flipped
-    st.caption(f"Validation set: {loop['size']} samples (`{loop['validation']}`).")
-    if flipped is not None and flipped[~reviewed].any() and not flipped[~reviewed].all():
-        a, b = st.columns(2)
-        auroc_before = detection_metrics(before_scores[~reviewed], flipped[~reviewed])["auroc"]
-        auroc_after = detection_metrics(after_scores[~reviewed], flipped[~reviewed])["auroc"]
-        a.metric(f"AUROC on the unreviewed samples, {before_method}", f"{auroc_before:.3f}")
-        b.metric(f"AUROC on the unreviewed samples, {after_method}", f"{auroc_after:.3f}",
-                 delta=f"{auroc_after - auroc_before:+.3f}")
-    st.plotly_chart(charts.rank_change_figure(before_ranks, after_ranks, reviewed, flipped), key="rank_change")
-    st.markdown("**Climbed most** (not yet reviewed)")
-    st.dataframe(charts.rank_change_table(train.index, before_ranks, after_ranks, train.labels, run.class_names,
-                                          among=~reviewed), hide_index=True)
+if following is not None:
+    before_key, after_key = run.key, following["key"]
+elif loop is not None and loop["from"] != run.key:
+    before_key, after_key = loop["from"], run.key
+else:
+    st.stop()
+job_key = jobs.key_for("score", run.workspace.path, after_key)
+job = jobs.get(job_key)
+if job is not None and job.running:
+    jobs.watch(job_key)
+    st.stop()
+if job is not None:
+    jobs.forget(job_key)
+    if job.error:
+        st.error(f"Re-scoring failed: {job.error}")
+before_results, after_results = run.workspace.results(before_key), run.workspace.results(after_key)
+if not after_results:
+    st.info("The re-scored run has no results (re-scoring stopped before the end): run it again.")
+    st.stop()
+after_loop = run.workspace.report(after_key, "loop")
+if after_key == run.key:
+    st.button("Back to the run it came from", key="loop_back", icon=":material/undo:", on_click=switch_to,
+              args=(run, before_key, f"Now showing the run before closing the loop ({', '.join(before_results)})."))
+else:
+    st.button(f"Review the re-scored ranking ({', '.join(after_results)})", key="loop_open", type="primary",
+              icon=":material/open_in_new:", on_click=switch_to,
+              args=(run, after_key, f"Now showing the re-scored run: {', '.join(after_results)} against a validation "
+                                    f"set of {after_loop['size']} samples. The run before is in the set-up page's "
+                                    "runs table, and this page takes you back."),
+              help="The re-scored run holds only the methods re-scored; this run stays active until you open it.")
+
+st.subheader("How the ranking changed")
+c1, c2 = st.columns(2)
+after_methods = list(after_results)
+after_method = c2.selectbox("After: the re-scored run's", after_methods, key="loop_after", index=len(after_methods) - 1)
+before_methods = list(before_results)
+before_method = c1.selectbox("Before: the previous run's", before_methods, key="loop_before",
+                             index=before_methods.index(after_method) if after_method in before_methods else 0)
+before_scores, after_scores = before_results[before_method].scores, after_results[after_method].scores
+before_ranks, after_ranks = ranks(before_scores), ranks(after_scores)
+train = run.data.train
+reviewed = np.isin(train.index, decisions.loc[decisions["action"].isin(["keep", "relabel"]), "index"])
+flipped = run.data.flipped
+st.caption(f"Validation set: {after_loop['size']} samples (`{after_loop['validation']}`).")
+if flipped is not None and flipped[~reviewed].any() and not flipped[~reviewed].all():
+    a, b = st.columns(2)
+    auroc_before = detection_metrics(before_scores[~reviewed], flipped[~reviewed])["auroc"]
+    auroc_after = detection_metrics(after_scores[~reviewed], flipped[~reviewed])["auroc"]
+    a.metric(f"AUROC on the unreviewed samples, {before_method}", f"{auroc_before:.3f}")
+    b.metric(f"AUROC on the unreviewed samples, {after_method}", f"{auroc_after:.3f}",
+             delta=charts.metric_delta(auroc_before, auroc_after, digits=3))
+st.plotly_chart(charts.rank_change_figure(before_ranks, after_ranks, reviewed, flipped), key="rank_change")
+st.markdown("**Climbed most** (not yet reviewed)")
+st.dataframe(charts.rank_change_table(train.index, before_ranks, after_ranks, train.labels, run.class_names,
+                                      among=~reviewed), hide_index=True)

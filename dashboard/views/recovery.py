@@ -29,7 +29,7 @@ def job_status(job_key: str) -> None:
         jobs.forget(job_key)
 
 
-st.title("Retrain and show the recovery")
+st.title("Retrain and recovery")
 run = widgets.require_run()
 names = run.class_names
 test = run.data.test
@@ -65,7 +65,8 @@ if report is not None:
     before, after = report["test_accuracy_before"], report["test_accuracy_after"]
     a, b, c = st.columns(3)
     a.metric("Test accuracy before", f"{before:.1%}")
-    b.metric("Test accuracy after", f"{after:.1%}", delta=f"{(after - before) * 100:+.1f} pts")
+    b.metric("Test accuracy after", f"{after:.1%}",
+             delta=charts.metric_delta(before, after, digits=1, scale=100, unit=" pts"))
     c.metric("Decisions applied", report["decisions"],
              help=f"retrained {report['at']} in {report.get('seconds', '?')} s")
     if report["decisions"] != len(decisions):

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import streamlit as st
 import torch
 
-from dashboard import jobs, state, widgets
+from dashboard import charts, jobs, state, widgets
 from engine.data import NOISE_KINDS
 from engine.device import resolve_device
 from engine.errors import InfluenceLensError
 from engine.measured import recommended_methods
+from engine.preflight import DataPreview, TimeEstimate, estimate_run_time, preview_data
 from engine.runs import RunSettings, config_hash, score_into
 from engine.scorers import available_methods, scorer_class
-from engine.training import PRESETS
+from engine.training import PRESETS, TrainConfig
 from engine.workspace import Workspace
 
 VALIDATION_MODES = {"none": "none", "trusted": "a trusted set (labels checked)",
@@ -27,24 +29,30 @@ def settings_form(base: RunSettings, methods_before: list[str]) -> tuple[RunSett
     left, right = st.columns(2)
     with left:
         st.subheader("Data")
-        data = st.text_input("Training data", value=base.data, key="setup_data",
+        data = st.text_input("Training data", value=base.data, key="setup_data", on_change=follow_the_data,
                              help="`sample` (the embedded digits), an image folder (one sub-folder per class), "
                                   "a CSV manifest (`path,label`) or an `.npz`. Your files are never modified.")
-        sample = data.strip() == "sample" or data.strip().startswith("sample:")
+        sample = is_sample(data)
+        if not sample:
+            data_preview(data.strip())
         mode_index = 1 if base.validation else 2 if base.val_from_train else 0
-        mode = st.radio("Validation set (needed by the methods marked ✱)", list(VALIDATION_MODES), index=mode_index,
+        mode = st.radio("Validation set (needed by the methods marked ✱)", list(VALIDATION_MODES),
+                        index=seeded("setup_val_mode", mode_index, 0),
                         format_func=VALIDATION_MODES.get, horizontal=True, key="setup_val_mode")
+        if mode == "none":
+            carve_suggestion()
         validation, carve = None, None
         if mode == "trusted":
-            validation = st.text_input("Trusted validation set", key="setup_val",
-                                       value=base.validation or ("sample:val" if sample else ""))
+            validation = st.text_input("Trusted validation set", key="setup_val", value=seeded(
+                "setup_val", base.validation or ("sample:val" if sample else ""), ""))
         elif mode == "carve":
             carve = st.slider("Fraction carved out of training", 0.05, 0.4, base.val_from_train or 0.1, 0.05,
                               key="setup_carve")
         test = st.text_input("Test set (for retraining)", key="setup_test",
-                             value=base.test or ("sample:test" if sample else ""),
+                             value=seeded("setup_test", base.test or ("sample:test" if sample else ""), ""),
                              help="A clean held-out set; the recovery page reports accuracy on it.")
-        demo = st.toggle("Demo: inject label noise (the truth is then known)", value=base.noise_rate > 0,
+        demo = st.toggle("Demo: inject label noise (the truth is then known)",
+                         value=seeded("setup_demo", base.noise_rate > 0, False),
                          key="setup_demo")
         rate, kind = 0.0, base.noise_kind
         if demo:
@@ -58,7 +66,8 @@ def settings_form(base: RunSettings, methods_before: list[str]) -> tuple[RunSett
         runnable = [m for m in names if has_validation or not scorer_class(m).requires_validation]
         default = [m for m in methods_before if m in names] or recommended_methods(runnable, DEFAULT_METHOD_COUNT)
         methods = st.multiselect(
-            "Methods (several at once share one trained model)", names, default=default, key="setup_methods",
+            "Methods (several at once share one trained model)", names, key="setup_methods",
+            default=seeded("setup_methods", default, None),
             format_func=lambda m: f"{m} ✱" if scorer_class(m).requires_validation else m,
             help="\n".join(f"- **{m}**: {scorer_class(m).description}" for m in names))
         preset = st.radio("Preset", list(PRESETS), index=list(PRESETS).index(base.preset), horizontal=True,
@@ -93,6 +102,103 @@ def model_form(base: RunSettings) -> dict:
     start = {"weights": weights.strip() or None, "backbone": backbone.strip() or None,
              "embeddings": embeddings.strip() or None, "image_size": int(size) or None}
     return {**start, "freeze": freeze if start["weights"] or start["backbone"] or start["embeddings"] else None}
+# -- defaults that follow the data, and a preview of it before Run ---------------------------------
+
+def seeded(key: str, value, unset):
+    """``value`` as a widget's default until the session holds the widget's value (set by the user or by
+    :func:`follow_the_data`), then ``unset``: given both, Streamlit logs a warning with a stack trace."""
+    return unset if key in st.session_state else value
+
+
+def is_sample(data: str) -> bool:
+    return data.strip() == "sample" or data.strip().startswith("sample:")
+
+
+def data_defaults(data: str) -> dict[str, object]:
+    """Widget values that fit ``data``: on the sample digits, its trusted validation and test splits and
+    the demo noise (the truth is then known); on own data none of them (the digits' splits have other
+    classes, and noise is injected only when asked)."""
+    sample = is_sample(data)
+    return {"setup_val_mode": "trusted" if sample else "none", "setup_val": "sample:val" if sample else "",
+            "setup_test": "sample:test" if sample else "", "setup_demo": sample}
+
+
+def follow_the_data() -> None:
+    """Callback of the data input: reset what depended on the previous data (methods that would then
+    lack a validation set are taken out)."""
+    defaults = data_defaults(st.session_state["setup_data"])
+    st.session_state.update(defaults)
+    if defaults["setup_val_mode"] == "none" and "setup_methods" in st.session_state:
+        st.session_state["setup_methods"] = [m for m in st.session_state["setup_methods"]
+                                             if not scorer_class(m).requires_validation]
+
+
+def use_carved_validation() -> None:
+    st.session_state["setup_val_mode"] = "carve"
+
+
+def carve_suggestion() -> None:
+    """Without a validation set VM / FVM cannot run: offer to carve one, and say what that means."""
+    st.caption("No validation set: the methods marked ✱ need one. **Carving** holds out a random share of your "
+               "training images as the validation set: they are then not scored, and their labels are trusted "
+               "unchecked (a set you checked by hand is better).")
+    st.button("Carve a validation set", key="setup_suggest_carve", on_click=use_carved_validation,
+              icon=":material/content_cut:")
+
+
+@st.cache_data(max_entries=16, ttl=300, show_spinner="Reading the data…")
+def _preview(data: str) -> DataPreview:
+    return preview_data(data)
+
+
+def data_preview(data: str) -> None:
+    """What the run will see: images, classes and counts, sizes and what gets resized (or why it cannot)."""
+    if not data:
+        return
+    try:
+        preview = _preview(data)
+    except InfluenceLensError as exc:
+        st.warning(str(exc), icon=":material/folder_off:")
+        return
+    shape = preview.image_shape
+    size = f"{shape[1]}×{shape[0]} {'RGB' if len(shape) == 3 else 'grayscale'}"
+    sizes = ", ".join(f"{k} ({v:,})" for k, v in list(preview.sizes.items())[:4])
+    resized = (f"; **{preview.resized:,}** of other sizes will be resized to {size}" if preview.resized
+               else "")
+    read = (f" (sizes read from {preview.headers_read:,} files)" if preview.headers_read < preview.images else "")
+    unreadable = (f"; {preview.unreadable} unreadable file(s) will be left out" if preview.unreadable else "")
+    with st.container(border=True, key="setup_preview"):
+        st.markdown(f"**{preview.images:,}** images in **{len(preview.class_names)}** classes, trained as {size}; "
+                    f"sizes: {sizes}{read}{resized}{unreadable}.")
+        st.dataframe(charts.class_counts_table(preview.class_names, preview.counts), hide_index=True, height=180,
+                     key="setup_preview_counts")
+
+
+@st.cache_data(max_entries=32, show_spinner="Measuring this device's training speed…")
+def _estimate(n: int, image_shape: tuple[int, ...], num_classes: int, config_json: str,
+              methods: tuple[str, ...]) -> TimeEstimate:
+    return estimate_run_time(n, image_shape, num_classes, TrainConfig(**json.loads(config_json)), methods)
+
+
+def time_estimate_line(settings: RunSettings, methods: list[str]) -> str | None:
+    """The time the run will take here, from a throughput measured on this device (engine.preflight)."""
+    try:
+        preview = _preview(settings.data)
+        config = settings.train_config()
+        n = round(preview.images * (1 - (settings.val_from_train or 0)))
+        estimate = _estimate(n, preview.image_shape, len(preview.class_names),
+                             json.dumps(asdict(config), sort_keys=True), tuple(methods))
+    except InfluenceLensError:  # said by the preview or the device line already
+        return None
+    extra = "".join(f", {m} adds ≈ {duration(s)}" for m, s in estimate.method_seconds.items())
+    return (f"Estimated time on this device: **≈ {duration(estimate.total_seconds)}** (training {config.epochs} "
+            f"epochs of {n:,} images ≈ {duration(estimate.training_seconds)} at {estimate.images_per_second:,.0f} "
+            f"images/s measured with {estimate.model}{extra}; scoring adds less than one training).")
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
+        f"{seconds / 3600:.1f} h"
 
 
 def device_line(settings: RunSettings) -> str:
@@ -157,15 +263,20 @@ try:
     st.markdown(device_line(settings))
 except InfluenceLensError as exc:
     st.warning(str(exc))
+estimate = time_estimate_line(settings, methods)
+if estimate:
+    st.markdown(estimate)
 
+run_failed = False
 if st.button("Run", type="primary", icon=":material/play_arrow:", key="run", shortcut="Ctrl+Enter"):
     try:
         start_run(settings, methods)
     except InfluenceLensError as exc:
         st.error(str(exc))
+        run_failed = True
 
 run = state.active()
-if run is not None:
+if run is not None and not run_failed:  # a failed Run shows its error alone, not the previous run's status
     job_key = jobs.key_for("score", run.workspace.path, run.key)
     job = jobs.get(job_key)
     if job is not None and job.running and st.session_state.get("awaiting") == job_key and run.ready:
@@ -175,16 +286,15 @@ if run is not None:
     if job is not None and job.running:
         stored = len(run.methods)
         jobs.watch(job_key, rerun_when=lambda: len(run.workspace.methods(run.key)) > stored)
-    elif job is not None:
+    elif job is not None:  # said once, then forgotten: the workspace keeps the results
+        jobs.forget(job_key)
         if job.error:
             st.error(f"Scoring failed: {job.error}")
         else:
             st.success(f"Scored {', '.join(run.methods)} in {job.seconds:.1f} s.")
-        if st.session_state.pop("awaiting", None) == job_key:
-            jobs.forget(job_key)
-            if not job.error:
-                st.session_state["flash"] = f"Scored {', '.join(run.methods)} in {job.seconds:.1f} s."
-                st.switch_page("views/review.py")
+        if st.session_state.pop("awaiting", None) == job_key and not job.error:
+            st.session_state["flash"] = f"Scored {', '.join(run.methods)} in {job.seconds:.1f} s."
+            st.switch_page("views/review.py")
 
 st.divider()
 st.subheader("Runs in this workspace folder")
@@ -193,9 +303,11 @@ known = state.known_runs()
 if known.empty:
     st.caption("None yet.")
 else:
+    st.caption("Click a row to open that run.")
     picked = st.dataframe(known, hide_index=True, on_select="rerun", selection_mode="single-row", key="known_runs")
-    rows = picked.selection.rows
-    if st.button("Open the selected run", disabled=not rows, key="open_run"):
+    rows = picked["selection"]["rows"]
+    if rows:  # the table leaves the page with the switch, so its selection does not outlive the click
         chosen = known.iloc[rows[0]]
         state.open_run(chosen["workspace"].removesuffix(".sqlite"), chosen["run"])
+        st.session_state["flash"] = f"Opened the run of {chosen['last used']} ({chosen['methods']})."
         st.switch_page("views/review.py")

@@ -10,7 +10,15 @@ import streamlit as st
 
 from dashboard import charts, jobs, state, widgets
 from engine.data import NOISE_KINDS
-from engine.demo import LANDSCAPE_OPTIMIZERS, DemoSettings, cached_demo, run_demo
+from engine.demo import (
+    LANDSCAPE_OPTIMIZERS,
+    DemoSettings,
+    budget_story,
+    cached_demo,
+    landscape_story,
+    recovery_headline,
+    run_demo,
+)
 from engine.errors import InfluenceLensError
 
 
@@ -64,30 +72,20 @@ if result is None:
 numbers = result.numbers
 data, names = numbers["data"], numbers["data"]["class_names"]
 budgets, landscape, top, recovery = (numbers[k] for k in ("budgets", "landscape", "top", "recovery"))
-last = budgets["epochs"][-1]
 st.caption(f"{data['source']}: {data['train']} training images, {data['flipped']} of them given a wrong label on "
            f"purpose ({settings.noise_rate:.0%} {settings.noise_kind}); trusted validation set {data['validation']}, "
            f"test set {data['test']}. Prepared in {numbers['seconds']:.0f} s.")
 
 with st.container(key="why_budgets"):
-    st.subheader("1 · Train longer, and the loss stops finding the errors; FVM does not")
-    auroc = budgets["auroc"]
-    st.markdown(f"The longer a network trains, the more wrong labels it learns by heart "
-                f"(**{budgets['memorized'][-1]:.0%}** of them after {last} epochs), so a low training loss stops "
-                f"meaning a correct label: the loss ranking's AUROC goes {auroc['loss'][0]:.3f} → "
-                f"**{auroc['loss'][-1]:.3f}**, while FVM, which judges each image from a model fitted to the "
-                f"trusted validation set, goes {auroc['fvm'][0]:.3f} → **{auroc['fvm'][-1]:.3f}** "
-                f"(cleanlab {auroc['cleanlab'][-1]:.3f}).")
+    story = budget_story(budgets)  # the words follow the measured AUROCs (a quick rehearsal may contradict)
+    st.subheader(f"1 · {story.headline}")
+    st.markdown(story.text)
     st.plotly_chart(charts.auroc_budget_figure(budgets), key="why_budgets_chart")
 
 with st.container(key="why_landscape"):
-    st.subheader("2 · A flat validation minimum: scores that do not hinge on where fine-tuning stopped")
-    rise = landscape["rise"]
-    st.markdown(f"Fine-tuned on the trusted validation set, plain SGD (VM) stops in a minimum where moving each "
-                f"weight filter by {landscape['alphas'][-1]:g}× its own size in a random direction raises the "
-                f"validation loss by **{rise['sgd']:.2f}**, against **{rise['sam']:.2f}** around the minimum SAM "
-                "(FVM) finds: FVM scores the training images at the flatter one, where small changes of the weights "
-                "barely change the verdict.")
+    headline, text = landscape_story(landscape)
+    st.subheader(f"2 · {headline}")
+    st.markdown(text)
     st.plotly_chart(charts.landscape_figure(landscape, LANDSCAPE_OPTIMIZERS), key="why_landscape_chart")
 
 with st.container(key="why_top"):
@@ -98,7 +96,7 @@ with st.container(key="why_top"):
     widgets.tiles(result.images, [charts.demo_caption(row, names) for row in top["rows"]], per_row=8, size=96)
 
 with st.container(key="why_recovery"):
-    st.subheader("4 · Fixing them pays back in accuracy")
+    st.subheader(f"4 · {recovery_headline(recovery)}")
     points = recovery["points"]
     best = max(points, key=lambda p: p["accuracy"]) if points else None
     st.markdown(f"Relabeling FVM's top k with its suggestions and retraining with the same recipe takes test accuracy "

@@ -1,0 +1,47 @@
+"""engine.preflight: the data preview agrees with what loading gives, and the time estimate's arithmetic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_dataset, save_image, write_image_folder, write_manifest
+
+from engine.data import load_dataset
+from engine.errors import DataError
+from engine.preflight import estimate_run_time, preview_data
+from engine.training import TrainConfig
+
+
+def test_folder_preview_matches_what_loading_gives(tmp_path):
+    data = make_dataset(classes=3, per_class=5, shape=(12, 12))
+    root = write_image_folder(data, tmp_path / "folder")
+    save_image(np.zeros((16, 20), dtype=np.uint8), root / "class_1" / "odd_size.png")  # one of another size
+    preview = preview_data(str(root))
+    loaded = load_dataset(root)
+    assert preview.class_names == loaded.class_names
+    assert preview.counts == tuple(np.bincount(loaded.labels).tolist()) == (5, 6, 5)
+    assert preview.image_shape == loaded.image_shape == (12, 12)
+    assert preview.sizes == {"12×12": 15, "20×16": 1} and preview.resized == 1
+    assert any("resized 1 of 16" in note for note in loaded.notes)
+
+
+def test_manifest_and_sample_previews(tmp_path):
+    data = make_dataset(classes=2, per_class=4, shape=(8, 8, 3))
+    preview = preview_data(str(write_manifest(data, tmp_path / "labels.csv")))
+    assert preview.counts == (4, 4) and preview.image_shape == (8, 8, 3) and preview.resized == 0
+    sample = preview_data("sample")
+    assert sample.images == len(load_dataset("sample")) and len(sample.class_names) == 10
+
+
+def test_preview_of_a_missing_path_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="no such file or folder"):
+        preview_data(str(tmp_path / "nowhere"))
+
+
+def test_time_estimate_scales_the_measured_throughput():
+    config = TrainConfig(epochs=7, batch_size=16, device="cpu")
+    estimate = estimate_run_time(1000, (12, 12), 3, config, ["loss", "cleanlab"])
+    assert estimate.images_per_second > 0 and estimate.model == "small-cnn" and estimate.device == "cpu"
+    assert estimate.training_seconds == pytest.approx(7 * 1000 / estimate.images_per_second)
+    assert estimate.method_seconds == {"cleanlab": pytest.approx(4 * estimate.training_seconds)}  # 5 folds on 4/5
+    assert estimate.total_seconds == pytest.approx(5 * estimate.training_seconds)
