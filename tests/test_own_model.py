@@ -335,3 +335,27 @@ def test_the_cli_contract_backbone_embeddings_and_retrain_with_weights(tmp_path)
     assert result.returncode == 0, result.stderr
     assert "the file's head has 5 classes, the data 3: the head is replaced" in result.stderr
     assert 0 <= last_json_line(result.stdout)["test_accuracy_after"] <= 1
+
+
+def test_runs_without_a_start_keep_the_hash_they_had_before_these_settings(tmp_path):
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from engine.runs import config_hash
+
+    data = make_dataset()
+    save_npz(data, tmp_path / "d.npz")
+    settings = RunSettings(data=str(tmp_path / "d.npz"), epochs=2)
+    loaded = load_run_data(settings)
+    new = {"weights", "backbone", "embeddings", "freeze", "pretrained", "image_size"}
+    values = {k: v for k, v in settings.to_dict().items() if k not in new and k != "test"}
+    values["train_config"] = {k: v for k, v in asdict(settings.train_config()).items() if k not in new}
+    values["fingerprint"] = loaded.fingerprint
+    before = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    assert config_hash(settings, loaded) == before
+    torch.save(_small_cnn_state(data), tmp_path / "w.pt")
+    with_weights = replace(settings, weights=str(tmp_path / "w.pt"))
+    first = config_hash(with_weights, loaded)
+    torch.save(_small_cnn_state(data, seed=2), tmp_path / "w.pt")  # same name, other content: another run
+    assert first != before and config_hash(with_weights, loaded) != first
