@@ -73,6 +73,15 @@ def test_weights_that_do_not_fit_name_the_first_mismatched_tensor(tmp_path):
         start_notes(TrainConfig(model="small-cnn", weights=str(tmp_path / "resnet.pt")), data)
 
 
+def test_the_head_alone_is_for_feature_rows_only():
+    from engine.errors import OptionError
+
+    with pytest.raises(OptionError, match="unknown model 'linear'"):
+        build_model("linear", (8, 8), 3, CPU)
+    with pytest.raises(OptionError, match="unknown model 'small-cnn'"):
+        build_model("small-cnn", (16,), 3, CPU)
+
+
 def test_a_pickled_object_is_not_read_as_weights(tmp_path):
     torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "pickled.pt")
     with pytest.raises(DataError, match="not a readable state_dict"):
