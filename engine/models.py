@@ -107,7 +107,9 @@ def build_model(name: str, image_shape: tuple[int, ...], num_classes: int, devic
         raise OptionError("model", name, MODEL_NAMES)
     if name == "auto":
         name = choose_model(image_shape, device)
-    if name == HEAD_MODEL or len(image_shape) == 1:
+    if (name == HEAD_MODEL) != (len(image_shape) == 1):  # the head alone is for feature rows only
+        raise OptionError("model", name, MODEL_NAMES)
+    if name == HEAD_MODEL:
         return LinearHead(image_shape[0], num_classes)
     channels = 1 if len(image_shape) == 2 else image_shape[2]
     if name == "resnet18":

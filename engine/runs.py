@@ -192,12 +192,23 @@ def reviewed_validation(data: RunData, decisions: pd.DataFrame) -> Dataset:
 
 def config_hash(settings: RunSettings, data: RunData) -> str:
     """Identifies the trained model: the settings that shape it and the data it saw (not the test set)."""
-    values = {k: v for k, v in settings.to_dict().items() if k != "test"}
-    values["train_config"] = asdict(settings.train_config())
+    values = _set_only({k: v for k, v in settings.to_dict().items() if k != "test"})
+    values["train_config"] = _set_only(asdict(settings.train_config()))
     values["fingerprint"] = data.fingerprint
-    values["start_files"] = {path: file_hash(path) for path in (settings.weights, settings.backbone,
-                                                                 settings.embeddings) if path}  # the content counts
+    files = [path for path in (settings.weights, settings.backbone, settings.embeddings) if path]
+    if files:  # the files' content counts, not only their names
+        values["start_files"] = {path: file_hash(path) for path in files}
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+# Settings added with "bring your model": left out of the hash while unset, so runs stored before
+# they existed keep their hash (and their results).
+_START_DEFAULTS = {"weights": None, "backbone": None, "embeddings": None, "freeze": None, "pretrained": False,
+                   "image_size": None}
+
+
+def _set_only(values: dict) -> dict:
+    return {k: v for k, v in values.items() if k not in _START_DEFAULTS or v != _START_DEFAULTS[k]}
 
 
 def score_into(workspace: Workspace, settings: RunSettings, data: RunData, methods: list[str], *,

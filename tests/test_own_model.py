@@ -73,6 +73,15 @@ def test_weights_that_do_not_fit_name_the_first_mismatched_tensor(tmp_path):
         start_notes(TrainConfig(model="small-cnn", weights=str(tmp_path / "resnet.pt")), data)
 
 
+def test_the_head_alone_is_for_feature_rows_only():
+    from engine.errors import OptionError
+
+    with pytest.raises(OptionError, match="unknown model 'linear'"):
+        build_model("linear", (8, 8), 3, CPU)
+    with pytest.raises(OptionError, match="unknown model 'small-cnn'"):
+        build_model("small-cnn", (16,), 3, CPU)
+
+
 def test_a_pickled_object_is_not_read_as_weights(tmp_path):
     torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "pickled.pt")
     with pytest.raises(DataError, match="not a readable state_dict"):
@@ -308,6 +317,54 @@ def test_reviewed_samples_keep_their_index_so_embeddings_find_their_rows(tmp_pat
     np.save(tmp_path / "e.npy", np.arange(30 * 2, dtype=np.float32).reshape(30, 2))
     settings = RunSettings(data=str(tmp_path / "d.npz"), embeddings=str(tmp_path / "e.npy"), val_from_train=0.2)
     loaded = load_run_data(settings)
-    reviewed = loaded.train.index[:3]
+    reviewed = loaded.train.index[[4, 7, 11]]
     grown = reviewed_validation(loaded, pd.DataFrame({"index": reviewed, "action": "keep", "new_label": -1}))
-    assert grown.index.tolist() == [*loaded.validation.index.tolist(), *reviewed.tolist()]
+    assert grown.index.tolist() == reviewed.tolist()  # the carved validation part is untrusted: not included
+
+
+def test_the_cli_contract_backbone_embeddings_and_retrain_with_weights(tmp_path):
+    data = make_dataset(per_class=10)
+    save_npz(data, tmp_path / "d.npz")
+    torch.jit.save(torch.jit.script(_Pooled()), tmp_path / "b.pt")
+    result = run_cli("score", tmp_path / "d.npz", "--method", "if-last", "--backbone", tmp_path / "b.pt",
+                     "--freeze", "backbone", "--epochs", "2", "--out", tmp_path / "b.csv")
+    assert result.returncode == 0, result.stderr
+    summary = last_json_line(result.stdout)
+    assert summary["model"] == "linear" and "head alone" in summary["info"]["trained_part"]
+    np.save(tmp_path / "e.npy", np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32))
+    result = run_cli("score", tmp_path / "d.npz", "--method", "vm", "--embeddings", tmp_path / "e.npy",
+                     "--val-from-train", "0.2", "--epochs", "2", "--out", tmp_path / "e.csv")
+    assert result.returncode == 0, result.stderr
+    assert last_json_line(result.stdout)["n"] == 24
+    torch.save(_small_cnn_state(data, num_classes=5), tmp_path / "w.pt")
+    (tmp_path / "decisions.csv").write_text("index,action,new_label\n0,drop,\n")
+    result = run_cli("retrain", tmp_path / "d.npz", "--decisions", tmp_path / "decisions.csv", "--test",
+                     tmp_path / "d.npz", "--weights", tmp_path / "w.pt", "--model", "small-cnn", "--freeze", "none",
+                     "--epochs", "1")
+    assert result.returncode == 0, result.stderr
+    assert "the file's head has 5 classes, the data 3: the head is replaced" in result.stderr
+    assert 0 <= last_json_line(result.stdout)["test_accuracy_after"] <= 1
+
+
+def test_runs_without_a_start_keep_the_hash_they_had_before_these_settings(tmp_path):
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from engine.runs import config_hash
+
+    data = make_dataset()
+    save_npz(data, tmp_path / "d.npz")
+    settings = RunSettings(data=str(tmp_path / "d.npz"), epochs=2)
+    loaded = load_run_data(settings)
+    new = {"weights", "backbone", "embeddings", "freeze", "pretrained", "image_size"}
+    values = {k: v for k, v in settings.to_dict().items() if k not in new and k != "test"}
+    values["train_config"] = {k: v for k, v in asdict(settings.train_config()).items() if k not in new}
+    values["fingerprint"] = loaded.fingerprint
+    before = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    assert config_hash(settings, loaded) == before
+    torch.save(_small_cnn_state(data), tmp_path / "w.pt")
+    with_weights = replace(settings, weights=str(tmp_path / "w.pt"))
+    first = config_hash(with_weights, loaded)
+    torch.save(_small_cnn_state(data, seed=2), tmp_path / "w.pt")  # same name, other content: another run
+    assert first != before and config_hash(with_weights, loaded) != first
