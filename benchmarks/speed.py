@@ -205,7 +205,8 @@ def throughput(mode: Mode, train_set: Dataset, validation: Dataset, device: torc
 
     def scorer_run(name: str, settings=None) -> Callable[[], dict]:
         def run() -> dict:
-            result = make_scorer(name, settings).run(context)
+            # A fresh context each run (θ*'s predictions kept): no fine-tune or curvature reused between rows.
+            result = make_scorer(name, settings).run(replace(context, _computed={}))
             holder[f"{name}:{getattr(settings, 'curvature', '')}"] = result
             timings = {k: round(v, 3) for k, v in result.timings.items()}
             return {"timings": timings}
@@ -307,12 +308,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="CPU, SmallCNN, 1,024 images (else: GPU, ResNet-18, 50k)")
     parser.add_argument("--tiny", action="store_true", help="CPU, SmallCNN, 256 images: a smoke run of every step")
     parser.add_argument("--skip-cleanlab", action="store_true", help="leave out cleanlab's cross-validation")
+    parser.add_argument("--repeats", type=int, default=None, help="best of this many runs (default: the mode's)")
     parser.add_argument("--data-root", default=None, help="the shared data folder (default: see benchmarks/common.py)")
     parser.add_argument("--device", default=None, help="override the mode's device (cpu / cuda)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (quick mode: 1)")
     parser.add_argument("--skip-pipeline", action="store_true", help="leave out the sample-digits pipeline timing")
     args = parser.parse_args()
     mode = MODES["tiny" if args.tiny else "quick" if args.quick else "full"]
+    mode = replace(mode, repeats=args.repeats or mode.repeats)
     threads = args.threads or mode.threads
     if threads:
         torch.set_num_threads(threads)
