@@ -31,8 +31,9 @@ from engine.pipeline import (
     score_methods,
     with_injected_noise,
 )
-from engine.progress import close_progress_bars, no_progress, tqdm_progress
+from engine.progress import MAX_ESTIMATED_HOURS, close_progress_bars, no_progress, time_limited, tqdm_progress
 from engine.runs import RunSettings, load_run_data, score_into
+from engine.safe_files import check_folder, check_output, write_atomically
 from engine.scorers import available_methods, scorer_class
 from engine.scorers.flat_validation import CURVATURES
 from engine.stages import StageStore
@@ -50,11 +51,17 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=defaults.learning_rate,
                         help="peak learning rate of the schedule (default %(default)s)")
     parser.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICE_NAMES)}")
+    parser.add_argument("--threads", type=int, default=defaults.threads,
+                        help="CPU threads while training, part of the recipe: the same number gives the same "
+                             "weights (default %(default)s, as the dashboard)")
     parser.add_argument("--model", default="auto", help=f"one of {', '.join(MODEL_NAMES)}")
     parser.add_argument("--noise-rate", type=float, default=None, help="inject this fraction of label noise first")
     parser.add_argument("--noise-kind", default="symmetric", help=f"one of {', '.join(NOISE_KINDS)}")
     parser.add_argument("--skip-unreadable", action="store_true",
                         help="leave out unreadable images (and report them) instead of stopping")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing --out file that influence-lens did not write, and start a training "
+                             f"estimated at more than {MAX_ESTIMATED_HOURS:g} hours")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace) -> TrainConfig:
     return replace(TrainConfig(), epochs=args.epochs, seed=args.seed, device=args.device, model=args.model,
-                   learning_rate=args.lr).validate()
+                   learning_rate=args.lr, threads=args.threads).validate()
 
 
 def _load(spec: str, args: argparse.Namespace, *, like: Dataset | None = None, role: str = "training"):
@@ -126,13 +133,17 @@ def _noisy(dataset, args):
 
 
 def _output_path(args: argparse.Namespace) -> Path:
-    """Where the scores go, checked before any work so a long run cannot fail at the end."""
-    out = Path(args.out or f"{args.method}_scores.csv")
-    if out.is_dir():
-        raise InfluenceLensError(f"{out}: --out is a folder; give a file name such as {out / 'scores.csv'}")
-    if not out.parent.is_dir():
-        raise InfluenceLensError(f"{out}: the folder {out.parent} does not exist")
-    return out
+    """Where the scores go, checked before any work so a long run cannot fail (or hang) at the end."""
+    if args.val is not None and args.val_from_train is not None:
+        raise InfluenceLensError("--val and --val-from-train both give a validation set; use one of them")
+    if args.workspace is not None:
+        check_folder(args.workspace, [args.train, args.val])
+    return check_output(args.out or f"{args.method}_scores.csv", [args.train, args.val], force=args.force)
+
+
+def _progress(args: argparse.Namespace):
+    """The CLI's progress bars; without ``--force`` a training estimated beyond the limit stops early."""
+    return tqdm_progress() if args.force else time_limited(tqdm_progress())
 
 
 def _check_truth(flipped: np.ndarray | None, args: argparse.Namespace) -> None:
@@ -172,7 +183,7 @@ def _score(args: argparse.Namespace) -> dict | None:
     _check_truth(flipped, args)
     run = score_methods(train_set, [args.method], validation=validation, validation_trusted=trusted,
                         config=config, settings=_method_settings(args),
-                        progress=tqdm_progress() if distributed.is_main else no_progress, distributed=distributed)
+                        progress=_progress(args) if distributed.is_main else no_progress, distributed=distributed)
     if not distributed.is_main:
         return None  # rank 0 writes the one merged result
     table = run.table(args.method, flipped)
@@ -204,7 +215,7 @@ def _score_in_workspace(args: argparse.Namespace, config: TrainConfig, out: Path
     _check_truth(data.flipped, args)
     workspace = Workspace.for_data(settings.data_key(), args.workspace)
     stages = StageStore.in_workspace_folder(args.workspace)
-    key, _ = score_into(workspace, settings, data, [args.method], progress=tqdm_progress(), stages=stages)
+    key, _ = score_into(workspace, settings, data, [args.method], progress=_progress(args), stages=stages)
     results, arrays = workspace.results(key), workspace.arrays(key)
     result = results[args.method]
     table = result_table(data.train, result, arrays["logits"].argmax(1), data.flipped)
@@ -243,10 +254,7 @@ def _with_advice(summary: dict, advice: list) -> dict:
 
 
 def _write_scores(table, out: Path) -> None:
-    try:
-        table.to_csv(out, index=False)
-    except OSError as exc:
-        raise InfluenceLensError(f"{out}: cannot write the scores ({exc.strerror or exc})") from None
+    write_atomically(out, lambda handle: table.to_csv(handle, index=False))
 
 
 def _summary(args: argparse.Namespace, config: TrainConfig, out: Path, start: float, result, *, n: int, device: str,
@@ -265,11 +273,11 @@ def _summary(args: argparse.Namespace, config: TrainConfig, out: Path, start: fl
 
 
 def _retrain(args: argparse.Namespace) -> dict:
+    config = _config(args)  # a bad seed or recipe is refused before any loading
     train_set, _ = _noisy(_load(args.train, args), args)
     decisions = read_decisions(args.decisions, train_set)
     return retrain_comparison(train_set, decisions, _load(args.test, args, like=train_set, role="test"),
-                              config=_config(args),
-                              progress=tqdm_progress())
+                              config=config, progress=_progress(args))
 
 
 def _dashboard(args: argparse.Namespace, streamlit_options: list[str]) -> int:

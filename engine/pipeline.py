@@ -10,6 +10,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from engine.stages import PLAIN, StageStore, digest, fingerprint, train_in_stage
 from engine.training import Predictions, TrainConfig, TrainedModel, evaluate, predict, train
 
 ACTIONS = ("drop", "relabel", "keep")
+DECISION_ROW_BYTES = 1024  # one "index,action,new_label" row, however long its class name
 RESULT_COLUMNS = ["index", "score", "rank", "given_label", "predicted_label", "suggested_label"]
 
 
@@ -221,6 +223,7 @@ def _score_distributed(scorer, context: ScoringContext, distributed: Distributed
 
 def read_decisions(path: str, dataset: Dataset) -> pd.DataFrame:
     """Read and validate a decisions CSV (``index,action,new_label``) against ``dataset``."""
+    _check_decisions_file(Path(path), len(dataset))
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
@@ -243,6 +246,17 @@ def read_decisions(path: str, dataset: Dataset) -> pd.DataFrame:
     frame["new_label"] = [_label_id(v, dataset, path) if a == "relabel" else -1
                           for v, a in zip(frame["new_label"], frame["action"])]
     return frame
+
+
+def _check_decisions_file(path: Path, rows: int) -> None:
+    """A decisions file has at most one row per training sample: refuse a FIFO (reading it would wait
+    forever) and a file far larger than that, before reading any of it."""
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise DataError(f"{path}: not a regular file (a FIFO, device or socket)")
+    limit = (rows + 1) * DECISION_ROW_BYTES
+    if path.is_file() and path.stat().st_size > limit:
+        raise DataError(f"{path}: {path.stat().st_size:,} bytes, more than {limit:,} for the decisions on "
+                        f"{rows:,} training samples (one row each, {DECISION_ROW_BYTES} bytes at most)")
 
 
 def _decision_index(text: str, row: int, path: str) -> int:

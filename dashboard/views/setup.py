@@ -77,7 +77,8 @@ def device_line(settings: RunSettings) -> str:
     device = resolve_device(settings.train_config().device)
     if device.type == "cuda":
         return f"Device: **{torch.cuda.get_device_name(device)}** (cuda)"
-    return f"Device: **cpu** ({torch.get_num_threads()} threads)"
+    threads = settings.train_config().threads
+    return f"Device: **cpu** (training on {threads} thread{'s' if threads > 1 else ''}, the recipe's)"
 
 
 def start_run(settings: RunSettings, methods: list[str]) -> None:
