@@ -10,6 +10,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from PIL import Image
 
+from dashboard.text import md
 from engine.metrics import ranks
 
 UNREVIEWED = "unreviewed"
@@ -81,7 +82,7 @@ def page_of(table: pd.DataFrame, page: int, per_page: int) -> tuple[pd.DataFrame
 
 def card_caption(row: pd.Series, class_names: tuple[str, ...]) -> str:
     """The text under a gallery image: rank, score, given / predicted / suggested, decision."""
-    name = class_names
+    name = [md(c) for c in class_names]
     text = (f"**#{int(row['rank'])}** · {row['score']:.3g}  \n"
             f"given **{name[row['given']]}** · pred {name[row['predicted']]} · sugg **{name[row['suggested']]}**")
     if row["status"] == "relabel":
@@ -362,4 +363,4 @@ def demo_recovery_figure(recovery: dict) -> go.Figure:
 def demo_caption(row: dict, class_names: list[str]) -> str:
     """Under a top-flagged image: given → suggested, and whether the given label was one we flipped."""
     verdict = "error" if row["flipped"] else "was right"
-    return f"{class_names[row['given']]} → {class_names[row['suggested']]} ({verdict})"
+    return f"{md(class_names[row['given']])} → {md(class_names[row['suggested']])} ({verdict})"

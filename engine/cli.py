@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -21,6 +20,8 @@ from engine.device import DEVICE_NAMES
 from engine.distributed import LOCAL, from_torchrun
 from engine.errors import InfluenceLensError
 from engine.guidance import review_estimate, scoring_advice
+from engine.launch import run as run_streamlit
+from engine.launch import streamlit_command
 from engine.metrics import detection_metrics
 from engine.models import MODEL_NAMES
 from engine.pipeline import (
@@ -98,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     dash.add_argument("--workspace", default=None,
                       help="folder of the review workspaces (default: ./workspaces); other --server.* / --theme.* "
                            "options go to streamlit")
+    dash.add_argument("--data-root", default=None, metavar="DIR",
+                      help="open data only under DIR (links resolved); needed with --server.address other than "
+                           "127.0.0.1, where anyone on the network can use the dashboard")
     return parser
 
 
@@ -281,12 +285,11 @@ def _retrain(args: argparse.Namespace) -> dict:
 
 
 def _dashboard(args: argparse.Namespace, streamlit_options: list[str]) -> int:
-    app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
-    command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
-               "--browser.gatherUsageStats", "false", *streamlit_options, "--", "--data", args.data]
-    if args.workspace is not None:
-        command += ["--workspace", str(Path(args.workspace).resolve())]
-    return subprocess.call(command)
+    command, notes = streamlit_command(data=args.data, port=args.port, workspace=args.workspace,
+                                       data_root=args.data_root, extra=streamlit_options)
+    for note in notes:
+        print(f"influence-lens: {note}", file=sys.stderr)
+    return run_streamlit(command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from engine.distributed import LOCAL, Distributed
 from engine.errors import DataError, InfluenceLensError
 from engine.metrics import ranks
 from engine.progress import Progress, no_progress
+from engine.safe_files import FORMULA_STARTS
 from engine.scorers import ScoreResult, ScoringContext, make_scorer, scorer_class
 from engine.scorers.flat_validation import TRUSTED_VALIDATION_HELP
 from engine.stages import PLAIN, StageStore, digest, fingerprint, train_in_stages, training_key
@@ -271,6 +272,8 @@ def _decision_index(text: str, row: int, path: str) -> int:
 
 def _label_id(value: str, dataset: Dataset, path: str) -> int:
     text = str(value).strip()
+    if text.startswith("'") and text[1:].startswith(FORMULA_STARTS):  # quoted by a spreadsheet-safe export
+        text = text[1:]
     if text in dataset.class_names:
         return dataset.class_names.index(text)
     try:

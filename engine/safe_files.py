@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
 
+import pandas as pd
+
 from engine.data import manifest_files
 from engine.errors import DataError, InfluenceLensError
 
@@ -121,3 +123,36 @@ def write_atomically(path: str | Path, write: Callable[[IO], None], *, binary: b
     finally:
         with contextlib.suppress(OSError):
             temporary.unlink(missing_ok=True)
+
+
+def check_within_root(specs: Iterable[str | Path | None], root: str | Path | None) -> None:
+    """Refuse a data path outside ``root`` (links resolved), with the same words whether or not it
+    exists: a dashboard shared on the network must not read, or reveal, the server's other folders."""
+    if root is None:
+        return
+    root = Path(root).resolve()
+    for spec in specs:
+        if spec is None or str(spec) == "sample" or str(spec).startswith("sample:"):
+            continue
+        try:
+            inside = (root / spec).resolve().is_relative_to(root)
+        except (OSError, ValueError):  # a link loop, a NUL byte: refused like any path outside
+            inside = False
+        if not inside:
+            raise InfluenceLensError(f"{spec}: outside the data root; this dashboard opens data only under its "
+                                     "--data-root folder (paths relative to it)")
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet reads as the start of a formula
+
+
+def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy whose text cells cannot run as spreadsheet formulas: a cell starting with ``= + - @`` (or a
+    tab / carriage return) gets a leading ``'`` (OWASP, CSV injection). Numbers are left as they are;
+    :func:`engine.pipeline.read_decisions` reads such a label back without the quote."""
+    safe = frame.copy()
+    for column in safe.columns:
+        if not pd.api.types.is_numeric_dtype(safe[column]):
+            safe[column] = [f"'{v}" if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v
+                            for v in safe[column]]
+    return safe

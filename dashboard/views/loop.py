@@ -11,6 +11,7 @@ import numpy as np
 import streamlit as st
 
 from dashboard import charts, jobs, state, widgets
+from dashboard.text import md
 from engine.data import save_npz
 from engine.errors import InfluenceLensError
 from engine.metrics import detection_metrics, ranks
@@ -63,7 +64,7 @@ if st.button("Add the reviewed samples to the validation set and re-score", type
         start_loop(run, methods)
         st.rerun()
     except InfluenceLensError as exc:
-        st.error(str(exc))
+        st.error(md(exc))
 
 if loop is not None and loop["from"] != run.key:
     st.subheader("How the ranking changed")
@@ -78,7 +79,7 @@ if loop is not None and loop["from"] != run.key:
     train = run.data.train
     reviewed = np.isin(train.index, decisions.loc[decisions["action"].isin(["keep", "relabel"]), "index"])
     flipped = run.data.flipped
-    st.caption(f"Validation set: {loop['size']} samples (`{loop['validation']}`).")
+    st.caption(f"Validation set: {loop['size']} samples ({md(loop['validation'])}).")
     if flipped is not None and flipped[~reviewed].any() and not flipped[~reviewed].all():
         a, b = st.columns(2)
         auroc_before = detection_metrics(before_scores[~reviewed], flipped[~reviewed])["auroc"]

@@ -8,6 +8,7 @@ import streamlit as st
 import torch
 
 from dashboard import jobs, state, widgets
+from dashboard.text import md
 from engine.data import NOISE_KINDS
 from engine.device import resolve_device
 from engine.errors import InfluenceLensError
@@ -93,10 +94,10 @@ def start_run(settings: RunSettings, methods: list[str]) -> None:
     data = state.run_data(json.dumps(settings.to_dict(), sort_keys=True))
     if data.full_train.skipped:
         st.warning(f"{len(data.full_train.skipped)} unreadable file(s) left out: "
-                   + "; ".join(data.full_train.skipped[:5]))
+                   + "; ".join(md(s) for s in data.full_train.skipped[:5]))
     for part in (data.full_train, data.validation, data.test):
         for note in part.notes if part is not None else ():
-            st.info(note)
+            st.info(md(note))
     workspace = Workspace.for_data(settings.data_key(), state.folder())
     key = config_hash(settings, data)
     state.activate(workspace, key, settings)
@@ -133,13 +134,13 @@ settings, methods = settings_form(base, run.methods if run else [])
 try:
     st.markdown(device_line(settings))
 except InfluenceLensError as exc:
-    st.warning(str(exc))
+    st.warning(md(exc))
 
 if st.button("Run", type="primary", icon=":material/play_arrow:", key="run", shortcut="Ctrl+Enter"):
     try:
         start_run(settings, methods)
     except InfluenceLensError as exc:
-        st.error(str(exc))
+        st.error(md(exc))
 
 run = state.active()
 if run is not None:
@@ -154,7 +155,7 @@ if run is not None:
         jobs.watch(job_key, rerun_when=lambda: len(run.workspace.methods(run.key)) > stored)
     elif job is not None:
         if job.error:
-            st.error(f"Scoring failed: {job.error}")
+            st.error(f"Scoring failed: {md(job.error)}")
         else:
             st.success(f"Scored {', '.join(run.methods)} in {job.seconds:.1f} s.")
         if st.session_state.pop("awaiting", None) == job_key:
@@ -165,7 +166,8 @@ if run is not None:
 
 st.divider()
 st.subheader("Runs in this workspace folder")
-st.caption(f"Workspace folder: `{state.folder()}` (one SQLite file per dataset; results are cached per configuration).")
+st.caption(f"Workspace folder: {md(state.folder())} (one SQLite file per dataset; results are cached per "
+           "configuration).")
 known = state.known_runs()
 if known.empty:
     st.caption("None yet.")

@@ -1,0 +1,20 @@
+"""Text that comes from the data (class names, file names) is shown as text, never run as Markdown.
+
+Streamlit renders Markdown in ``st.markdown``, captions, toasts and widget labels: a class named
+``![x](https://example.com/p.png)`` would make every viewer's browser fetch that image, ``[ok](url)``
+would be a link, ``$..$`` LaTeX, ``:red[..]`` colour. :func:`md` backslash-escapes every character
+with a meaning there (CommonMark renders an escaped ASCII punctuation mark as itself) and folds line
+breaks, which would start a new block. Every data-derived string goes through it before it is put
+into Markdown.
+"""
+
+from __future__ import annotations
+
+import re
+
+_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:&=\"'])")
+
+
+def md(value: object) -> str:
+    """``value`` as Markdown that displays exactly its text (on one line)."""
+    return _SPECIAL.sub(r"\\\1", " ".join(str(value).split()))

@@ -1,0 +1,189 @@
+"""Safe by default (issue 13, issue 12 bugs 7 and 11): the dashboard on a network, data-derived text,
+spreadsheet exports, and a launcher that takes its server down with it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import REPO_ROOT, make_dataset, save_image
+
+from dashboard import charts
+from dashboard.text import md
+from engine.cli import main
+from engine.errors import InfluenceLensError
+from engine.launch import APP, TOOLBAR_MODE, streamlit_command
+from engine.pipeline import read_decisions
+from engine.safe_files import check_within_root, spreadsheet_safe
+
+HOSTILE = ["![x](https://example.com/p.png)", "[click](https://example.com)", "$x^2$", ":red[alarm]",
+           "<img src=x onerror=alert(1)>", "**bold**\n\n# heading", "a`b`c", "=HYPERLINK(\"http://x\")"]
+
+
+def _options(command: list[str]) -> dict[str, list[str]]:
+    """Every ``--name value`` before the app's own ``--`` arguments, by name (repeats kept)."""
+    seen: dict[str, list[str]] = {}
+    before = command[:command.index("--")]
+    for name, value in zip(before[5::2], before[6::2], strict=True):
+        seen.setdefault(name, []).append(value)
+    return seen
+
+
+# -- the launcher ---------------------------------------------------------------------------------
+
+def test_the_launcher_binds_to_this_machine_and_hides_the_developer_menu():
+    command, notes = streamlit_command(data="sample", port=8501, workspace=None, data_root=None, extra=[])
+    options = _options(command)
+    assert command[4] == str(APP)
+    assert options["--server.address"] == ["127.0.0.1"] and options["--client.toolbarMode"] == [TOOLBAR_MODE]
+    assert notes == ["listening on 127.0.0.1 only (this machine); --server.address 0.0.0.0 with --data-root DIR "
+                     "shares it on the network"]
+
+
+@pytest.mark.parametrize("extra", [["--server.port", "9000"], ["--server.port=9000"]])
+def test_a_port_given_to_streamlit_appears_once(extra):
+    """Issue 12: --server.port was passed twice (the launcher's own from --port, then the user's)."""
+    options = _options(streamlit_command(data="sample", port=8501, workspace=None, data_root=None, extra=extra)[0])
+    assert options["--server.port"] == ["9000"]
+    assert all(len(values) == 1 for values in options.values())
+
+
+def test_a_network_address_needs_a_data_root_and_warns(tmp_path, capsys):
+    assert main(["dashboard", "--server.address", "0.0.0.0"]) == 2
+    assert "--server.address 0.0.0.0 shares the dashboard on the network" in capsys.readouterr().err
+    command, notes = streamlit_command(data="sample", port=8501, workspace=None, data_root=str(tmp_path),
+                                       extra=["--server.address", "0.0.0.0"])
+    assert _options(command)["--server.address"] == ["0.0.0.0"]
+    assert command[-2:] == ["--data-root", str(tmp_path.resolve())]
+    assert notes[0].startswith("warning: listening on 0.0.0.0: anyone who can reach this machine")
+    with pytest.raises(InfluenceLensError, match="--data-root is not a folder"):
+        streamlit_command(data="sample", port=8501, workspace=None, data_root=str(tmp_path / "nope"), extra=[])
+
+
+def test_a_plain_streamlit_run_gets_the_same_defaults():
+    """The script-level config beside app.py: `streamlit run dashboard/app.py` from any folder."""
+    config = tomllib.loads((REPO_ROOT / "dashboard" / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["address"] == "127.0.0.1"
+    assert config["client"]["toolbarMode"] == TOOLBAR_MODE
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to follow the server process")
+def test_sigterm_to_the_launcher_stops_the_streamlit_server(tmp_path):
+    """Issue 12 bug 7: SIGTERM to `influence-lens dashboard` left the server running, adopted by PID 1."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    launcher = subprocess.Popen([sys.executable, "-m", "engine.cli", "dashboard", "--port", str(_free_port()),
+                                 "--server.headless", "true"], cwd=tmp_path, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = None
+    try:
+        deadline = time.time() + 60
+        while server is None and time.time() < deadline:
+            children = _children(launcher.pid)
+            server = children[0] if children else None
+            time.sleep(0.2)
+        assert server is not None, "the launcher started no server"
+        time.sleep(2)  # let it install its own handlers
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=60)
+        deadline = time.time() + 30
+        while _running(server) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _running(server), "the streamlit server outlived its launcher"
+    finally:
+        for pid in ([server] if server else []):
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+
+
+# -- the data root ----------------------------------------------------------------------------------
+
+def test_the_data_root_refuses_paths_outside_it_without_saying_what_exists(tmp_path):
+    root = tmp_path / "root"
+    (root / "data").mkdir(parents=True)
+    (tmp_path / "private").mkdir()
+    (root / "escape").symlink_to(tmp_path / "private")
+    check_within_root(["data", str(root / "data"), "sample:val", None], root)  # inside: accepted
+    messages = []
+    for spec in (str(tmp_path / "private"), str(tmp_path / "no-such-folder"), "../private", "escape", "/etc"):
+        with pytest.raises(InfluenceLensError) as caught:
+            check_within_root([spec], root)
+        messages.append(str(caught.value).removeprefix(spec))
+    assert len(set(messages)) == 1 and "outside the data root" in messages[0]  # same words, exists or not
+
+
+# -- data-derived text -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_a_class_name_is_shown_as_text_not_markdown(name):
+    """Every Markdown-active character is escaped, on one line: nothing is fetched, linked or formatted."""
+    shown = md(name)
+    unescaped = [c for i, c in enumerate(shown) if c in "![]()<>$:*`#=" and (i == 0 or shown[i - 1] != "\\")]
+    assert unescaped == [] and "\n" not in shown
+    assert shown.replace("\\", "") == " ".join(name.replace("\\", "").split())
+
+
+def test_gallery_captions_escape_class_names():
+    row = pd.Series({"rank": 1, "score": 0.5, "given": 0, "predicted": 1, "suggested": 1, "status": "relabel",
+                     "new_label": 0})
+    caption = charts.card_caption(row, (HOSTILE[0], HOSTILE[1]))
+    assert "![x](" not in caption and "[click](" not in caption
+    assert "\\!\\[x\\]\\(https\\:" in caption
+
+
+# -- spreadsheet exports -------------------------------------------------------------------------------
+
+def test_exported_cells_cannot_run_as_formulas_and_read_back(tmp_path):
+    """OWASP CSV injection: = + - @ (and tab / CR) at a text cell's start get a quote; numbers stay numbers;
+    the quoted label still reads back as the class for `influence-lens retrain`."""
+    frame = pd.DataFrame({"index": [0, 1, 2], "score": [-0.5, 1.0, 2.0],
+                          "new_label": ["=1+1", "@SUM(A1)", "cat"], "action": ["relabel", "relabel", "relabel"]})
+    safe = spreadsheet_safe(frame)
+    assert safe["new_label"].tolist() == ["'=1+1", "'@SUM(A1)", "cat"]
+    assert safe["score"].tolist() == [-0.5, 1.0, 2.0] and frame["new_label"][0] == "=1+1"  # a copy
+    dataset = make_dataset(classes=3, per_class=2)
+    dataset = dataset.__class__(dataset.images, dataset.labels, ("=1+1", "@SUM(A1)", "cat"))
+    safe[["index", "action", "new_label"]].to_csv(tmp_path / "d.csv", index=False)
+    assert read_decisions(str(tmp_path / "d.csv"), dataset)["new_label"].tolist() == [0, 1, 2]
+
+
+def test_a_folder_loaded_under_the_data_root_keeps_links_inside(tmp_path):
+    """The one link policy: links inside the data's folder are followed (here: a class folder's file)."""
+    from engine.data import load_dataset
+
+    folder = tmp_path / "folder"
+    for c in ("a", "b"):
+        for i in range(2):
+            save_image(np.full((6, 6), 40 * i, dtype=np.uint8), folder / c / f"{i}.png")
+    (folder / "a" / "again.png").symlink_to(folder / "b" / "0.png")
+    assert len(load_dataset(folder)) == 5
