@@ -187,3 +187,22 @@ def test_a_folder_loaded_under_the_data_root_keeps_links_inside(tmp_path):
             save_image(np.full((6, 6), 40 * i, dtype=np.uint8), folder / c / f"{i}.png")
     (folder / "a" / "again.png").symlink_to(folder / "b" / "0.png")
     assert len(load_dataset(folder)) == 5
+
+
+def test_streamed_scores_never_land_in_the_data(tmp_path):
+    """The output guard covers the engine's streaming writer too (an .npy beside the manifest's images)."""
+    from engine.streaming import ImageFiles, stream_scores
+    from engine.training import TrainConfig, train
+
+    for c in ("a", "b"):
+        for i in range(3):
+            save_image(np.full((6, 6), 40 * i, dtype=np.uint8), tmp_path / "folder" / c / f"{i}.png")
+    files = ImageFiles.open(tmp_path / "folder")
+    trained = train(files.load(np.arange(len(files))), TrainConfig(epochs=1, device="cpu"))
+    with pytest.raises(InfluenceLensError, match="out is, or lies inside, the input"):
+        stream_scores(files, trained, "loss", tmp_path / "folder" / "a" / "s.npy", workers=0)
+    (tmp_path / "mine.npy").write_bytes(b"not scores")
+    with pytest.raises(InfluenceLensError, match="exists and was not written by influence-lens"):
+        stream_scores(files, trained, "loss", tmp_path / "mine.npy", workers=0)
+    stream_scores(files, trained, "loss", tmp_path / "s.npy", workers=0)
+    assert len(stream_scores(files, trained, "loss", tmp_path / "s.npy", workers=0)) == 6  # its own file: replaced
