@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from engine.errors import InfluenceLensError
+from engine.safe_files import check_folder
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TOOLBAR_MODE = "viewer"  # no Deploy button, no rerun / clear-cache developer options
@@ -55,7 +56,7 @@ def streamlit_command(*, data: str, port: int, workspace: str | None, data_root:
     notes = []
     app_args = ["--data", data]
     if workspace is not None:
-        app_args += ["--workspace", str(Path(workspace).resolve())]
+        app_args += ["--workspace", str(check_folder(workspace, [data]))]
     if data_root is not None:
         root = Path(data_root)
         if not root.is_dir():

@@ -9,12 +9,13 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import tomllib
 from conftest import REPO_ROOT, make_dataset, save_image
 
 from dashboard import charts
@@ -69,6 +70,12 @@ def test_a_network_address_needs_a_data_root_and_warns(tmp_path, capsys):
         streamlit_command(data="sample", port=8501, workspace=None, data_root=str(tmp_path / "nope"), extra=[])
 
 
+def test_the_dashboards_workspace_folder_is_checked_at_launch(tmp_path, capsys):
+    (tmp_path / "ws").write_text("a file")
+    assert main(["dashboard", "--workspace", str(tmp_path / "ws")]) == 2
+    assert "--workspace is a file, not a folder" in capsys.readouterr().err
+
+
 def test_a_plain_streamlit_run_gets_the_same_defaults():
     """The script-level config beside app.py: `streamlit run dashboard/app.py` from any folder."""
     config = tomllib.loads((REPO_ROOT / "dashboard" / ".streamlit" / "config.toml").read_text())
@@ -87,6 +94,20 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, "the launcher exited before the server answered"
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.read() == b"ok":
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer")
+
+
 def _running(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
@@ -99,7 +120,8 @@ def _running(pid: int) -> bool:
 def test_sigterm_to_the_launcher_stops_the_streamlit_server(tmp_path):
     """Issue 12 bug 7: SIGTERM to `influence-lens dashboard` left the server running, adopted by PID 1."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    launcher = subprocess.Popen([sys.executable, "-m", "engine.cli", "dashboard", "--port", str(_free_port()),
+    port = _free_port()
+    launcher = subprocess.Popen([sys.executable, "-m", "engine.cli", "dashboard", "--port", str(port),
                                  "--server.headless", "true"], cwd=tmp_path, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server = None
@@ -110,7 +132,7 @@ def test_sigterm_to_the_launcher_stops_the_streamlit_server(tmp_path):
             server = children[0] if children else None
             time.sleep(0.2)
         assert server is not None, "the launcher started no server"
-        time.sleep(2)  # let it install its own handlers
+        _wait_healthy(f"http://127.0.0.1:{port}", launcher)  # up, with the launcher's options, on 127.0.0.1
         launcher.send_signal(signal.SIGTERM)
         launcher.wait(timeout=60)
         deadline = time.time() + 30
