@@ -183,6 +183,16 @@ def test_gallery_captions_escape_class_names():
     assert "\\!\\[x\\]\\(https\\:" in caption
 
 
+def test_chart_labels_show_html_as_text():
+    """Plotly draws <a href> and <b> in chart text: class names reach the figures escaped."""
+    figure = charts.probability_figure(np.array([0.5, 0.5]), ('<a href="https://example.com">x</a>', "<b>b</b>"),
+                                       given=0, suggested=1)
+    assert list(figure.data[0].x) == ['&lt;a href="https://example.com"&gt;x&lt;/a&gt;', "&lt;b&gt;b&lt;/b&gt;"]
+    counts = np.array([[0, 2], [1, 0]])
+    figure = charts.confusion_figure(counts, ("<i>a</i>", "b"))
+    assert "<i>" not in str(figure.to_dict())
+
+
 # -- spreadsheet exports -------------------------------------------------------------------------------
 
 def test_exported_cells_cannot_run_as_formulas_and_read_back(tmp_path):
