@@ -238,3 +238,27 @@ def test_streamed_scores_never_land_in_the_data(tmp_path):
         stream_scores(files, trained, "loss", tmp_path / "mine.npy", workers=0)
     stream_scores(files, trained, "loss", tmp_path / "s.npy", workers=0)
     assert len(stream_scores(files, trained, "loss", tmp_path / "s.npy", workers=0)) == 6  # its own file: replaced
+
+
+def test_the_dashboard_loads_data_only_under_its_data_root(tmp_path, monkeypatch):
+    """``--data-root`` reaches the app: paths are read relative to it, and refused outside it."""
+    import json
+
+    from dashboard import state
+    from engine.data import save_npz
+    from engine.runs import RunSettings
+
+    root = tmp_path / "root"
+    root.mkdir()
+    save_npz(make_dataset(per_class=4), root / "train.npz")
+    save_npz(make_dataset(per_class=4), tmp_path / "outside.npz")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["app.py", "--data-root", str(root), "--workspace", str(tmp_path / "ws")])
+    state.run_data.clear()
+    loaded = state.run_data(json.dumps(RunSettings(data="train.npz").to_dict(), sort_keys=True))
+    assert len(loaded.full_train) == 12
+    with pytest.raises(InfluenceLensError, match="root/outside.npz: no such file"):  # relative to the root
+        state.run_data(json.dumps(RunSettings(data="outside.npz").to_dict(), sort_keys=True))
+    for spec in (str(tmp_path / "outside.npz"), "../outside.npz"):
+        with pytest.raises(InfluenceLensError, match="outside the data root"):
+            state.run_data(json.dumps(RunSettings(data=spec).to_dict(), sort_keys=True))
