@@ -12,6 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from PIL import Image
 
+from dashboard.text import md, plot_text
 from engine.metrics import ranks
 
 UNREVIEWED = "unreviewed"
@@ -92,7 +93,7 @@ def page_of(table: pd.DataFrame, page: int, per_page: int) -> tuple[pd.DataFrame
 
 def card_caption(row: pd.Series, class_names: tuple[str, ...]) -> str:
     """The text under a gallery image: rank, score, given / predicted / suggested, decision."""
-    name = class_names
+    name = [md(c) for c in class_names]
     text = (f"**#{int(row['rank'])}** · {row['score']:.3g}  \n"
             f"given **{name[row['given']]}** · pred {name[row['predicted']]} · sugg **{name[row['suggested']]}**")
     if row["status"] == "relabel":
@@ -156,7 +157,7 @@ def confusion_figure(counts: np.ndarray, class_names: tuple[str, ...]) -> go.Fig
     """
     given, suggested = np.nonzero(counts)
     values = counts[given, suggested]
-    names = np.asarray(class_names, dtype=object)
+    names = np.asarray([plot_text(c) for c in class_names], dtype=object)
     # white digits on the dark half of the scale, near-black on the light half: readable on every square
     dark = values > values.max(initial=0) / 2
     fig = go.Figure(go.Scatter(
@@ -166,7 +167,7 @@ def confusion_figure(counts: np.ndarray, class_names: tuple[str, ...]) -> go.Fig
         marker=dict(symbol="square", size=34, color=values, colorscale="Reds", cmin=0, showscale=False,
                     line=dict(width=1, color="#555")),
         hovertemplate="given %{y} → suggested %{x}: %{text}<extra></extra>"))
-    axis = dict(type="category", categoryorder="array", categoryarray=list(class_names))
+    axis = dict(type="category", categoryorder="array", categoryarray=list(names))
     # one 34 px square per class row, plus room for the title and the axis labels: squares never overlap
     fig.update_layout(title="flagged: given vs. suggested (click a cell)", height=max(320, 110 + 38 * len(names)),
                       xaxis=dict(title="suggested", **axis), yaxis=dict(title="given", autorange="reversed", **axis),
@@ -179,7 +180,7 @@ def feature_map_figure(xy: np.ndarray, labels: np.ndarray, index: np.ndarray, fl
     """The 2-D feature map coloured by given label; flagged samples outlined. ``customdata`` = index."""
     scatter = go.Scattergl if len(xy) > WEBGL_ABOVE else go.Scatter
     fig = go.Figure()
-    for c, name in enumerate(class_names):
+    for c, name in enumerate(map(plot_text, class_names)):
         for is_flagged in (False, True):
             rows = np.flatnonzero((labels == c) & (flagged == is_flagged))
             if not len(rows):
@@ -214,7 +215,7 @@ def probability_figure(probabilities: np.ndarray, class_names: tuple[str, ...], 
     """Class probabilities; the given label red, the suggested label green."""
     colours = ["#d62728" if c == given else "#2ca02c" if c == suggested else "#9e9e9e"
                for c in range(len(class_names))]
-    fig = go.Figure(go.Bar(x=list(class_names), y=probabilities, marker_color=colours,
+    fig = go.Figure(go.Bar(x=[plot_text(c) for c in class_names], y=probabilities, marker_color=colours,
                            hovertemplate="%{x}: %{y:.3f}<extra></extra>"))
     fig.update_layout(title="class probabilities (red = given, green = suggested)", yaxis=dict(range=[0, 1]),
                       xaxis=dict(type="category"), height=300, margin=dict(l=10, r=10, t=40, b=10))
@@ -235,8 +236,9 @@ def method_table(scores: dict[str, np.ndarray], suggested: dict[str, np.ndarray]
 
 def class_accuracy_figure(before: list, after: list, class_names: tuple[str, ...]) -> go.Figure:
     """Per-class test accuracy before and after applying the decisions."""
-    fig = go.Figure([go.Bar(name="before", x=list(class_names), y=before, marker_color="#9e9e9e"),
-                     go.Bar(name="after", x=list(class_names), y=after, marker_color="#2ca02c")])
+    names = [plot_text(c) for c in class_names]
+    fig = go.Figure([go.Bar(name="before", x=names, y=before, marker_color="#9e9e9e"),
+                     go.Bar(name="after", x=names, y=after, marker_color="#2ca02c")])
     fig.update_layout(barmode="group", title="test accuracy per class", yaxis=dict(range=[0, 1.02]),
                       xaxis=dict(type="category"), height=320, margin=dict(l=10, r=10, t=40, b=10))
     return fig
@@ -409,4 +411,4 @@ def demo_recovery_figure(recovery: dict) -> go.Figure:
 def demo_caption(row: dict, class_names: list[str]) -> str:
     """Under a top-flagged image: given → suggested, and whether the given label was one we flipped."""
     verdict = "error" if row["flipped"] else "was right"
-    return f"{class_names[row['given']]} → {class_names[row['suggested']]} ({verdict})"
+    return f"{md(class_names[row['given']])} → {md(class_names[row['suggested']])} ({verdict})"

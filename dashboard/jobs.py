@@ -24,9 +24,9 @@ from engine.errors import InfluenceLensError
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 1.5  # each poll reruns a fragment; at 0.5 s it slowed a CPU training ~3x on 2 cores
-# CPU training threads: one core stays free for the web server. On a busy 2-core machine two OpenMP
-# threads measured 10-30x slower than one (they spin waiting for each other); OMP_NUM_THREADS wins if set.
-TRAINING_THREADS = max(1, (os.cpu_count() or 1) - 1)
+# CPU threads of a job's scoring: one core stays free for the web server; OMP_NUM_THREADS wins if set.
+# Training itself uses the recipe's thread count (``TrainConfig.threads``), as the CLI does.
+JOB_THREADS = max(1, (os.cpu_count() or 1) - 1)
 
 
 @dataclass
@@ -119,7 +119,7 @@ def start(key: str, label: str, work: Callable[[Callable[[int, int, str], None]]
 
     def target() -> None:
         if "OMP_NUM_THREADS" not in os.environ:  # OpenMP's thread count is per calling thread: set it here
-            torch.set_num_threads(TRAINING_THREADS)
+            torch.set_num_threads(JOB_THREADS)
         try:
             job.result = work(job.progress)
         except InfluenceLensError as exc:

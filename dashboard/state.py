@@ -13,7 +13,7 @@ import logging
 import sys
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ import streamlit as st
 import torch
 
 from dashboard import charts
+from dashboard.text import md
 from engine.errors import InfluenceLensError
 from engine.explain import feature_map
 from engine.guidance import (
@@ -36,6 +37,7 @@ from engine.guidance import (
 from engine.metrics import ranks
 from engine.pipeline import result_table
 from engine.runs import RunData, RunSettings, load_run_data
+from engine.safe_files import check_folder, check_within_root
 from engine.training import Predictions, TrainedModel
 from engine.workspace import SUFFIX, StoredResult, Workspace, default_folder
 
@@ -48,14 +50,16 @@ class AppArgs:
 
     data: str = "sample"
     workspace: str | None = None  # the workspace folder (default ``workspaces/`` here)
+    data_root: str | None = None  # when set, data paths are read relative to it and only under it
 
 
 def app_args(argv: list[str] | None = None) -> AppArgs:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--data", default="sample")
     parser.add_argument("--workspace", default=None)
+    parser.add_argument("--data-root", default=None)
     known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    return AppArgs(known.data, known.workspace)
+    return AppArgs(known.data, known.workspace, known.data_root)
 
 
 def folder() -> Path:
@@ -66,8 +70,15 @@ def folder() -> Path:
 
 @st.cache_resource(show_spinner="Loading the data…", max_entries=8)
 def run_data(settings_json: str) -> RunData:
-    """Datasets of a run, shared by every session (never mutated)."""
-    return load_run_data(RunSettings.from_dict(json.loads(settings_json)))
+    """Datasets of a run, shared by every session (never mutated); with a data root, only data under it."""
+    settings = RunSettings.from_dict(json.loads(settings_json))
+    root = app_args().data_root
+    check_within_root([settings.data, settings.validation, settings.test], root)
+    if root is not None:  # paths are relative to the root, whatever the server's working folder
+        settings = replace(settings, **{name: str(Path(root) / value) for name in ("data", "validation", "test")
+                                        if (value := getattr(settings, name)) and not value.startswith("sample")})
+    check_folder(folder(), [settings.data, settings.validation, settings.test])  # workspaces never go into data
+    return load_run_data(settings)
 
 
 @st.cache_resource(max_entries=32)
@@ -300,7 +311,7 @@ def decide(run: Active, indices, action: str, new_label: int | None = None) -> N
     """Write one decision (or one batch) to the workspace at once; say so."""
     indices = [int(i) for i in np.atleast_1d(indices)]
     run.workspace.decide(indices, action, new_label)
-    what = {"relabel": f"relabeled → {run.class_names[new_label]}" if new_label is not None else "relabeled",
+    what = {"relabel": f"relabeled → {md(run.class_names[new_label])}" if new_label is not None else "relabeled",
             "drop": "dropped", "keep": "confirmed correct"}[action]
     st.toast(f"{len(indices)} sample{'s' if len(indices) > 1 else ''} {what}" if len(indices) > 1
              else f"sample {indices[0]} {what}")

@@ -8,6 +8,7 @@ import streamlit as st
 
 from dashboard import charts, jobs, state
 from engine.data import original_image
+from dashboard.text import md
 
 TILE_PX = 112
 
@@ -15,7 +16,7 @@ TILE_PX = 112
 def status_bar() -> None:
     """Above every page: the active run, the decisions so far, and undo (the log keeps the history)."""
     if "startup_error" in st.session_state:
-        st.error(st.session_state.pop("startup_error"))
+        st.error(md(st.session_state.pop("startup_error")))
     run = state.active()
     if run is None:
         return
@@ -23,7 +24,8 @@ def status_bar() -> None:
     noise = f", {s.noise_rate:.0%} {s.noise_kind} noise" if s.noise_rate else ""
     counts = run.workspace.decisions()["action"].value_counts()
     with st.container(horizontal=True, vertical_alignment="center", key="status_bar"):
-        st.caption(f"**{s.data}**{noise} · {len(run.data.train)} samples · {', '.join(run.methods) or 'scoring…'} · "
+        st.caption(f"**{md(s.data)}**{noise} · {len(run.data.train)} samples · "
+                   f"{', '.join(run.methods) or 'scoring…'} · "
                    f"decisions: **{int(counts.sum())}** (relabel {counts.get('relabel', 0)}, drop "
                    f"{counts.get('drop', 0)}, keep {counts.get('keep', 0)}) · workspace `{run.workspace.path.name}`")
         st.button("Undo", key="undo", icon=":material/undo:", shortcut="U", on_click=state.undo, args=(run,),
@@ -46,7 +48,7 @@ def require_run() -> state.Active:
             jobs.watch(job_key, rerun_when=lambda: len(run.workspace.methods(run.key)) > stored)
     if not run.ready:
         if job is not None and job.error:
-            st.error(f"Scoring failed: {job.error}")
+            st.error(f"Scoring failed: {md(job.error)}")
         elif job is None or not job.running:
             st.info("This run has no results yet.")
             st.page_link("views/setup.py", label="Set up a run", icon=":material/tune:")
@@ -71,7 +73,7 @@ def card(run: state.Active, row: pd.Series) -> None:
         st.image(charts.tile(original_image(run.data.train, int(row["position"]), TILE_PX), TILE_PX), width=TILE_PX)
         st.markdown(charts.card_caption(row, names))
         with st.container(horizontal=True, gap="small"):
-            st.button(f"✓ {names[suggested]}", key=f"accept_{index}", help="accept the suggested label",
+            st.button(f"✓ {md(names[suggested])}", key=f"accept_{index}", help="accept the suggested label",
                       disabled=suggested == given, on_click=state.decide, args=(run, [index], "relabel", suggested))
             st.button("", key=f"keep_{index}", icon=":material/verified:", help="confirm the given label is correct",
                       on_click=state.decide, args=(run, [index], "keep"))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -22,6 +21,8 @@ from engine.device import DEVICE_NAMES
 from engine.distributed import LOCAL, from_torchrun
 from engine.errors import InfluenceLensError
 from engine.guidance import review_estimate, scoring_advice
+from engine.launch import run as run_streamlit
+from engine.launch import streamlit_command
 from engine.metrics import detection_metrics
 from engine.models import MODEL_NAMES
 from engine.pipeline import (
@@ -30,8 +31,9 @@ from engine.pipeline import (
     retrain_comparison,
     score_methods,
 )
-from engine.progress import close_progress_bars, no_progress, tqdm_progress
+from engine.progress import MAX_ESTIMATED_HOURS, close_progress_bars, no_progress, time_limited, tqdm_progress
 from engine.runs import RunData, RunSettings, load_run_data, score_into
+from engine.safe_files import check_folder, check_output, write_atomically
 from engine.scorers import available_methods, scorer_class
 from engine.scorers.flat_validation import CURVATURES
 from engine.stages import StageStore
@@ -49,11 +51,17 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=defaults.learning_rate,
                         help="peak learning rate of the schedule (default %(default)s)")
     parser.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICE_NAMES)}")
+    parser.add_argument("--threads", type=int, default=defaults.threads,
+                        help="CPU threads while training, part of the recipe: the same number gives the same "
+                             "weights (default %(default)s, as the dashboard)")
     parser.add_argument("--model", default="auto", help=f"one of {', '.join(MODEL_NAMES)}, or timm:NAME")
     parser.add_argument("--noise-rate", type=float, default=None, help="inject this fraction of label noise first")
     parser.add_argument("--noise-kind", default="symmetric", help=f"one of {', '.join(NOISE_KINDS)}")
     parser.add_argument("--skip-unreadable", action="store_true",
                         help="leave out unreadable images (and report them) instead of stopping")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing --out file that influence-lens did not write, and start a training "
+                             f"estimated at more than {MAX_ESTIMATED_HOURS:g} hours")
     _add_start_options(parser)
 
 
@@ -109,13 +117,16 @@ def _parser() -> argparse.ArgumentParser:
     dash.add_argument("--workspace", default=None,
                       help="folder of the review workspaces (default: ./workspaces); other --server.* / --theme.* "
                            "options go to streamlit")
+    dash.add_argument("--data-root", default=None, metavar="DIR",
+                      help="open data only under DIR (links resolved); needed with --server.address other than "
+                           "127.0.0.1, where anyone on the network can use the dashboard")
     return parser
 
 
 def _config(args: argparse.Namespace) -> TrainConfig:
     return replace(TrainConfig(), epochs=args.epochs, seed=args.seed, device=args.device, model=args.model,
                    learning_rate=args.lr, weights=args.weights, backbone=args.backbone, embeddings=args.embeddings,
-                   freeze=args.freeze, pretrained=args.pretrained).validate()
+                   freeze=args.freeze, pretrained=args.pretrained, threads=args.threads).validate()
 
 
 def _run_settings(args: argparse.Namespace) -> RunSettings:
@@ -127,7 +138,7 @@ def _run_settings(args: argparse.Namespace) -> RunSettings:
                        seed=config.seed, device=config.device, learning_rate=config.learning_rate, model=config.model,
                        curvature=getattr(args, "curvature", None), weights=config.weights, backbone=config.backbone,
                        embeddings=config.embeddings, freeze=config.freeze, pretrained=config.pretrained,
-                       image_size=args.image_size).validate()
+                       image_size=args.image_size, threads=config.threads).validate()
 
 
 def _load(settings: RunSettings, args: argparse.Namespace) -> RunData:
@@ -154,13 +165,17 @@ def _report_loading(spec: str, dataset) -> None:
 
 
 def _output_path(args: argparse.Namespace) -> Path:
-    """Where the scores go, checked before any work so a long run cannot fail at the end."""
-    out = Path(args.out or f"{args.method}_scores.csv")
-    if out.is_dir():
-        raise InfluenceLensError(f"{out}: --out is a folder; give a file name such as {out / 'scores.csv'}")
-    if not out.parent.is_dir():
-        raise InfluenceLensError(f"{out}: the folder {out.parent} does not exist")
-    return out
+    """Where the scores go, checked before any work so a long run cannot fail (or hang) at the end."""
+    if args.val is not None and args.val_from_train is not None:
+        raise InfluenceLensError("--val and --val-from-train both give a validation set; use one of them")
+    if args.workspace is not None:
+        check_folder(args.workspace, [args.train, args.val])
+    return check_output(args.out or f"{args.method}_scores.csv", [args.train, args.val], force=args.force)
+
+
+def _progress(args: argparse.Namespace):
+    """The CLI's progress bars; without ``--force`` a training estimated beyond the limit stops early."""
+    return tqdm_progress() if args.force else time_limited(tqdm_progress())
 
 
 def _check_truth(flipped: np.ndarray | None, args: argparse.Namespace) -> None:
@@ -195,7 +210,7 @@ def _score(args: argparse.Namespace) -> dict | None:
         return _score_in_workspace(args, settings, data, out, start)
     run = score_methods(data.train, [args.method], validation=data.validation,
                         validation_trusted=data.validation_trusted, config=config, settings=method_settings,
-                        progress=tqdm_progress() if distributed.is_main else no_progress, distributed=distributed)
+                        progress=_progress(args) if distributed.is_main else no_progress, distributed=distributed)
     if not distributed.is_main:
         return None  # rank 0 writes the one merged result
     table = run.table(args.method, data.flipped)
@@ -215,7 +230,7 @@ def _score_in_workspace(args: argparse.Namespace, settings: RunSettings, data: R
     """``score --workspace``: the dashboard's resumable run (:func:`engine.runs.score_into`), one method."""
     workspace = Workspace.for_data(settings.data_key(), args.workspace)
     stages = StageStore.in_workspace_folder(args.workspace)
-    key, _ = score_into(workspace, settings, data, [args.method], progress=tqdm_progress(), stages=stages)
+    key, _ = score_into(workspace, settings, data, [args.method], progress=_progress(args), stages=stages)
     results, arrays = workspace.results(key), workspace.arrays(key)
     result = results[args.method]
     table = result_table(data.train, result, arrays["logits"].argmax(1), data.flipped)
@@ -258,10 +273,7 @@ def _write_scores(table, out: Path, train_set: Dataset) -> None:
     if train_set.paths is not None:
         path_of = dict(zip(train_set.index.tolist(), train_set.paths, strict=True))
         table.insert(1, "path", [path_of[i] for i in table["index"].tolist()])
-    try:
-        table.to_csv(out, index=False)
-    except OSError as exc:
-        raise InfluenceLensError(f"{out}: cannot write the scores ({exc.strerror or exc})") from None
+    write_atomically(out, lambda handle: table.to_csv(handle, index=False))
 
 
 def _summary(args: argparse.Namespace, config: TrainConfig, out: Path, start: float, result, *, n: int, device: str,
@@ -284,16 +296,15 @@ def _retrain(args: argparse.Namespace) -> dict:
     data = _load(settings, args)
     decisions = read_decisions(args.decisions, data.full_train)
     return retrain_comparison(data.full_train, decisions, data.test, config=settings.train_config(),
-                              progress=tqdm_progress())
+                              progress=_progress(args))
 
 
 def _dashboard(args: argparse.Namespace, streamlit_options: list[str]) -> int:
-    app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
-    command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
-               "--browser.gatherUsageStats", "false", *streamlit_options, "--", "--data", args.data]
-    if args.workspace is not None:
-        command += ["--workspace", str(Path(args.workspace).resolve())]
-    return subprocess.call(command)
+    command, notes = streamlit_command(data=args.data, port=args.port, workspace=args.workspace,
+                                       data_root=args.data_root, extra=streamlit_options)
+    for note in notes:
+        print(f"influence-lens: {note}", file=sys.stderr)
+    return run_streamlit(command)
 
 
 def main(argv: list[str] | None = None) -> int:

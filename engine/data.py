@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import re
+import unicodedata
 import warnings
 import zipfile
 from collections import Counter
@@ -25,8 +28,13 @@ NOISE_KINDS = ("symmetric", "pair")
 # Refuse images larger than this many pixels before decoding them, so a 20k×20k file cannot
 # exhaust memory (the classifier works on small images anyway).
 MAX_IMAGE_PIXELS = 4096 * 4096
-# Integer labels name classes 0..max; a stray huge number must not make a billion class names.
-MAX_CLASSES = 100_000
+# Classes at most: the confusion counts (guidance) and cleanlab's confident joint are C×C arrays, and
+# 5,000² float64 is 200 MB; a stray huge integer label must not make a billion class names either.
+MAX_CLASSES = 5_000
+# Decompressed arrays of one .npz at most, checked from the archive's headers before anything is
+# allocated: a few kB of compressed zeros can inflate to more than the machine's memory.
+MAX_NPZ_BYTES = 16 * 2**30
+_INTEGER = re.compile(r"-?[0-9]+")  # what a manifest reads as an integer label (int() also takes "1_0", "١")
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,9 @@ def _validate(ds: Dataset) -> None:
         raise DataError(f"{where}: the dataset has zero samples")
     if len(ds.class_names) < 2:
         raise DataError(f"{where}: a classifier needs at least 2 classes, found {len(ds.class_names)}")
+    if len(ds.class_names) > MAX_CLASSES:
+        raise DataError(f"{where}: {len(ds.class_names):,} classes, more than the {MAX_CLASSES:,} this tool handles "
+                        "(it builds classes × classes arrays)")
     if len(set(ds.class_names)) < len(ds.class_names):
         repeated = next(c for c in ds.class_names if ds.class_names.count(c) > 1)
         raise DataError(f"{where}: class names must be distinct, {repeated!r} appears more than once")
@@ -142,6 +153,7 @@ def load_npz(path: str | Path) -> Dataset:
         raise DataError(f"{where}: file not found")
     if not zipfile.is_zipfile(path):
         raise DataError(f"{where}: not a .npz archive (expected a zip of arrays, as numpy.savez writes)")
+    _check_npz_size(path, where)
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in archive.files}
@@ -159,7 +171,10 @@ def load_npz(path: str | Path) -> Dataset:
     if len(images) != len(labels):
         raise DataError(f"{where}: {len(images)} images but {len(labels)} labels")
     if "class_names" in arrays:
-        class_names = tuple(str(c) for c in np.atleast_1d(arrays["class_names"]))
+        names = np.atleast_1d(arrays["class_names"])
+        if names.ndim != 1:
+            raise DataError(f"{where}: class_names must be a 1-D array of names, got shape {names.shape}")
+        class_names = tuple(str(c) for c in names)
     else:
         class_names = _integer_class_names(int(labels.max()) if labels.size else -1, where)
     index = arrays.get("index")
@@ -169,10 +184,42 @@ def load_npz(path: str | Path) -> Dataset:
                    None if index is None else index.astype(np.int64), source=where)
 
 
+def _check_npz_size(path: Path, where: str) -> None:
+    """Refuse an archive whose arrays would not fit in :data:`MAX_NPZ_BYTES`, from the .npy headers alone."""
+    from numpy.lib import format as npy
+
+    limit = min(MAX_NPZ_BYTES, _memory_bytes() // 2)
+    total = 0
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with archive.open(info) as member:
+                    version = npy.read_magic(member)
+                    read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+                    shape, _, dtype = read_header(member)
+                total += int(np.prod(shape, dtype=object)) * dtype.itemsize
+    except Exception as exc:  # a damaged archive or header: the same words as np.load's own failures
+        raise DataError(f"{where}: not a readable .npz file ({exc.__class__.__name__}: {exc})") from None
+    if total > limit:
+        raise DataError(f"{where}: its arrays take {total / 2**30:,.1f} GiB once decompressed, more than the "
+                        f"{limit / 2**30:,.1f} GiB this tool loads (half the memory, at most "
+                        f"{MAX_NPZ_BYTES // 2**30} GiB)")
+
+
+def _memory_bytes() -> int:
+    """Physical memory of this machine (a large number where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2 * MAX_NPZ_BYTES
+
+
 def read_image(path: Path, draft: int | None = None) -> np.ndarray:
     """One image file as uint8 H×W or H×W×3; a :class:`DataError` naming the file otherwise.
     ``draft``: a JPEG may be decoded at a reduced scale whose shorter side is still at least this."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():  # Pillow warns from ~89M pixels; our own, lower limit comes next
@@ -184,10 +231,11 @@ def read_image(path: Path, draft: int | None = None) -> np.ndarray:
                                 f"{MAX_IMAGE_PIXELS} pixels this tool accepts")
             if draft is not None and img.mode in ("L", "RGB"):
                 img.draft(img.mode, (draft, draft))  # JPEG's DCT scaling: a 4000×3000 photo never decodes whole
-            if img.mode.startswith("I;16"):  # 16-bit grayscale PNG: rescale, as convert("L") would clip at 255
-                return np.round(np.asarray(img, dtype=np.float64) / 257.0).astype(np.uint8)
-            mode = "L" if grayscale_mode(img.mode) else "RGB"
-            return np.asarray(img.convert(mode), dtype=np.uint8)
+            upright = ImageOps.exif_transpose(img)  # a phone photo's EXIF orientation, as viewers show it
+            if upright.mode.startswith("I;16"):  # 16-bit grayscale PNG: rescale, as convert("L") would clip at 255
+                return np.round(np.asarray(upright, dtype=np.float64) / 257.0).astype(np.uint8)
+            mode = "L" if grayscale_mode(upright.mode) else "RGB"
+            return np.asarray(upright.convert(mode), dtype=np.uint8)
     except DataError:
         raise
     except Image.DecompressionBombError as exc:  # Pillow refuses > ~179M pixels at open, before our check
@@ -337,17 +385,34 @@ def image_folder_files(root: Path) -> tuple[list[Path], np.ndarray, tuple[str, .
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not class_dirs:
         raise DataError(f"{where}: no class sub-folders (expected one folder per class with images inside)")
+    names: dict[str, str] = {}
+    for d in class_dirs:
+        same = names.setdefault(unicodedata.normalize("NFC", d.name), d.name)
+        if same != d.name:
+            raise DataError(f"{where}: class folders {ascii(same)} and {ascii(d.name)} differ only in their Unicode "
+                            "normalisation (they look the same); merge or rename them")
+    inside = root.resolve()
     files: list[Path] = []
     labels: list[int] = []
     for c, d in enumerate(class_dirs):
         found = sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        for f in found:
+            _refuse_link_outside(f, inside, where)
         if not found:
             raise DataError(f"{d}: class folder has no images ({', '.join(IMAGE_SUFFIXES)})")
         files += found
         labels += [c] * len(found)
     if len(class_dirs) < 2:
         raise DataError(f"{where}: only one class folder ({class_dirs[0].name}); a classifier needs at least 2")
-    return files, np.asarray(labels, dtype=np.int64), tuple(d.name for d in class_dirs)
+    return files, np.asarray(labels, dtype=np.int64), tuple(unicodedata.normalize("NFC", d.name) for d in class_dirs)
+
+
+def _refuse_link_outside(file: Path, root: Path, where: str) -> None:
+    """The one link policy of both loaders: a file (or class folder) may be a link only within the data's
+    folder; one that leads outside it is refused (the data root of a shared dashboard stays closed)."""
+    if not file.resolve().is_relative_to(root):
+        raise DataError(f"{where}: {file.relative_to(file.parents[1])} is a link to a file outside the folder; "
+                        "copy the file in instead (links are followed only inside the data's folder)")
 
 
 def load_csv_manifest(path: str | Path, *, skip_unreadable: bool = False, image_size: int | None = None) -> Dataset:
@@ -370,8 +435,8 @@ def manifest_files(csv_path: Path) -> tuple[list[Path], np.ndarray, tuple[str, .
     if "\x00" in text:
         raise DataError(f"{where}: contains NUL bytes; a manifest is a text CSV with columns path,label")
     try:
-        rows = list(csv.DictReader(io.StringIO(text)))
         header = [h.strip() for h in (next(csv.reader(io.StringIO(text))) if text.strip() else [])]
+        rows = list(csv.DictReader(io.StringIO(text), fieldnames=header))[1:]  # "path, label" is path,label
     except csv.Error as exc:
         raise DataError(f"{where}: not a readable CSV ({exc})") from None
     missing = [c for c in ("path", "label") if c not in header]
@@ -401,8 +466,13 @@ def manifest_files(csv_path: Path) -> tuple[list[Path], np.ndarray, tuple[str, .
             raise DataError(f"{where}, line {line}: unusable path {rel!r} ({exc})") from None
         seen[full] = line
         files.append(full)
-        raw_labels.append(label)
-    if all(_is_int(s) for s in raw_labels):
+        raw_labels.append(unicodedata.normalize("NFC", label))  # "café" typed two ways is one class
+    numbers = [s for s in raw_labels if _is_int(s)]
+    if numbers and len(numbers) < len(raw_labels):
+        name = next(s for s in raw_labels if not _is_int(s))
+        raise DataError(f"{where}: labels mix class numbers ({numbers[0]!r}) and class names ({name!r}); "
+                        "use one or the other")
+    if numbers:
         values = [int(s) for s in raw_labels]
         if min(values) < 0:
             raise DataError(f"{where}: negative label {min(values)}")
@@ -424,11 +494,7 @@ def _integer_class_names(top: int, where: str) -> tuple[str, ...]:
 
 
 def _is_int(text: str) -> bool:
-    try:
-        int(text)
-        return True
-    except ValueError:
-        return False
+    return _INTEGER.fullmatch(text) is not None
 
 
 SAMPLE_SPLITS = ("train", "val", "test")
@@ -459,6 +525,8 @@ def _load_files(spec: str | Path, *, skip_unreadable: bool = False, image_size: 
         raise DataError(f"{text}: no such file or folder")
     if path.is_dir():
         return load_image_folder(path, skip_unreadable=skip_unreadable, image_size=image_size)
+    if not path.is_file():  # reading a FIFO would wait forever for a writer
+        raise DataError(f"{text}: not a regular file (a FIFO, device or socket); give a data file or folder")
     suffix = path.suffix.lower()
     if suffix == ".npz":
         return load_npz(path)

@@ -4,8 +4,8 @@ Hooks store each supported layer's input (forward) and the gradient of its outpu
 With the loss taken as the *sum* of per-sample losses, row ``i`` of an output gradient is sample
 ``i``'s own gradient, so every per-sample weight gradient factors as G_i = Σ_s b[i,s] a[i,s]ᵀ over
 the layer's positions s (1 for a plain Linear, the tokens of a 3-D Linear input, the output
-pixels of a Conv2d). Its squared norm is then taken per layer by whichever is faster (operation
-counts prune, a one-off timing per layer shape decides; see :meth:`LayerCapture.variant`):
+pixels of a Conv2d). Its squared norm is then taken per layer by whichever needs the fewest
+multiply-adds (see :meth:`LayerCapture.variant`):
 
 * the "ghost norm"  Σ_{s,t} (a_s·a_t)(b_s·b_t)   — cost ~ S²(d_in + d_out), no G_i at all;
 * the explicit G_i = bᵀa, then ‖G_i‖²             — cost ~ S·d_in·d_out.
@@ -22,7 +22,6 @@ so :meth:`LayerCapture.factors` refuses it and :meth:`~LayerCapture.per_sample_s
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 
 import numpy as np
@@ -38,10 +37,9 @@ SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.BatchNorm2d)
 # "ghost" / "explicit" pick the faster variant of that family; a variant name forces it where it
 # applies: factors = from (a, b) (Conv2d: unfolded patches), pixels = Conv2d input Gram from the
 # padded pixels, conv = Conv2d weight-gradient kernel with the batch as groups.
+# Equal operation counts: the kernels that build no unfolded patches come first (less memory).
+TIE_ORDER = ("explicit-conv", "ghost-pixels", "explicit-factors", "ghost-factors")
 NORM_METHODS = ("auto", "ghost", "explicit", "ghost-factors", "ghost-pixels", "explicit-factors", "explicit-conv")
-# "auto" times only the variants within this factor of the fewest multiply-adds.
-PRUNE_FACTOR = 4
-_FASTEST_VARIANT: dict[tuple, str] = {}  # layer signature → fastest variant, for this process
 
 # Peak size (elements) of one intermediate (unfolded patches, Gram matrices, explicit gradients)
 # while taking norms; the batch is cut into row chunks below it. 2^25 floats = 128 MiB in fp32.
@@ -163,20 +161,14 @@ class LayerCapture:
     def variant(self, module: nn.Module) -> str:
         """The implementation :meth:`per_sample_sq_norm` uses for this layer (see ``NORM_METHODS``).
 
-        ``auto`` keeps the variants within ``PRUNE_FACTOR`` of the fewest multiply-adds and, when
-        more than one is left, times them once on this batch and remembers the fastest for the
-        layer's shape for the rest of the process (like ``cudnn.benchmark``): kernel efficiency on
-        a given machine varies far more than operation counts say.
+        ``auto`` takes the variant with the fewest multiply-adds (ties: ``TIE_ORDER``). A rule, not a
+        timing: the variants round differently, and a choice by run-time timing made the same command
+        give scores differing in the 5th digit from one run to the next.
         """
         if isinstance(module, nn.BatchNorm2d):
             return "explicit-batchnorm"
-        candidates = self._candidates(module)
-        if len(candidates) == 1:
-            return candidates[0]
-        key = self._signature(module)
-        if key not in _FASTEST_VARIANT:
-            _FASTEST_VARIANT[key] = self._fastest(module, candidates)
-        return _FASTEST_VARIANT[key]
+        costs = self._candidates(module)
+        return min(costs, key=lambda name: (costs[name], TIE_ORDER.index(name)))
 
     def total_sq_norm(self) -> torch.Tensor:
         """(B,) squared gradient norm over every captured layer that took part in the pass."""
@@ -215,35 +207,15 @@ class LayerCapture:
                 costs["ghost-pixels"] = pixels * pixels * module.in_channels + s * s * (d_out + kernel)
         return costs
 
-    def _candidates(self, module: nn.Module) -> list[str]:
+    def _candidates(self, module: nn.Module) -> dict[str, int]:
+        """The variants ``norm_method`` allows for this layer, with their multiply-adds."""
         costs = self._costs(module)
         if self.norm_method in costs:
-            return [self.norm_method]
+            return {self.norm_method: costs[self.norm_method]}
         family = self.norm_method.split("-")[0]
         if family != "auto":  # a family, or a variant that does not apply here: its family
             costs = {k: v for k, v in costs.items() if k.startswith(family)}
-        cheapest = min(costs.values())
-        return [k for k, v in costs.items() if v <= PRUNE_FACTOR * cheapest]
-
-    def _signature(self, module: nn.Module) -> tuple:
-        inputs = self._stored(module)[0]
-        return (repr(module), self.norm_method, tuple(tuple(x.shape[1:]) for x in inputs),
-                inputs[0].device.type, inputs[0].dtype)
-
-    def _fastest(self, module: nn.Module, candidates: list[str]) -> str:
-        rows = slice(0, max(1, self.chunk_elements // max(self._elements_per_row(module, v) for v in candidates)))
-        device = self._stored(module)[0][0].device
-        seconds = {}
-        for name in candidates:
-            for _ in range(2):  # the first run pays one-off allocations
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                self._sq_norm(module, rows, name)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                seconds[name] = min(seconds.get(name, float("inf")), time.perf_counter() - start)
-        return min(seconds, key=seconds.get)
+        return costs
 
     def _elements_per_row(self, module: nn.Module, variant: str) -> int:
         """The largest intermediate of one row: the chunk size is set from it."""

@@ -10,6 +10,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,12 +23,14 @@ from engine.distributed import LOCAL, Distributed
 from engine.errors import DataError, InfluenceLensError
 from engine.metrics import ranks
 from engine.progress import Progress, no_progress
+from engine.safe_files import FORMULA_STARTS
 from engine.scorers import ScoreResult, ScoringContext, make_scorer, scorer_class
 from engine.scorers.flat_validation import TRUSTED_VALIDATION_HELP
 from engine.stages import PLAIN, StageStore, digest, fingerprint, train_in_stages, training_key
 from engine.training import Predictions, TrainConfig, TrainedModel, evaluate, predict, train
 
 ACTIONS = ("drop", "relabel", "keep")
+DECISION_ROW_BYTES = 1024  # one "index,action,new_label" row, however long its class name
 RESULT_COLUMNS = ["index", "score", "rank", "given_label", "predicted_label", "suggested_label"]
 
 
@@ -226,6 +229,7 @@ def _score_distributed(scorer, context: ScoringContext, distributed: Distributed
 
 def read_decisions(path: str, dataset: Dataset) -> pd.DataFrame:
     """Read and validate a decisions CSV (``index,action,new_label``) against ``dataset``."""
+    _check_decisions_file(Path(path), len(dataset))
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
@@ -250,6 +254,17 @@ def read_decisions(path: str, dataset: Dataset) -> pd.DataFrame:
     return frame
 
 
+def _check_decisions_file(path: Path, rows: int) -> None:
+    """A decisions file has at most one row per training sample: refuse a FIFO (reading it would wait
+    forever) and a file far larger than that, before reading any of it."""
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise DataError(f"{path}: not a regular file (a FIFO, device or socket)")
+    limit = (rows + 1) * DECISION_ROW_BYTES
+    if path.is_file() and path.stat().st_size > limit:
+        raise DataError(f"{path}: {path.stat().st_size:,} bytes, more than {limit:,} for the decisions on "
+                        f"{rows:,} training samples (one row each, {DECISION_ROW_BYTES} bytes at most)")
+
+
 def _decision_index(text: str, row: int, path: str) -> int:
     text = text.strip()
     if not text:
@@ -262,6 +277,8 @@ def _decision_index(text: str, row: int, path: str) -> int:
 
 def _label_id(value: str, dataset: Dataset, path: str) -> int:
     text = str(value).strip()
+    if text.startswith("'") and text[1:].startswith(FORMULA_STARTS):  # quoted by a spreadsheet-safe export
+        text = text[1:]
     if text in dataset.class_names:
         return dataset.class_names.index(text)
     try:

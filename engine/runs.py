@@ -58,6 +58,7 @@ class RunSettings:
     freeze: str | None = None
     pretrained: bool = False
     image_size: int | None = None  # resize at load: shorter side to this, centre crop (engine.data)
+    threads: int = 1  # CPU threads while training: part of the recipe (TrainConfig.threads)
 
     def validate(self) -> RunSettings:
         if self.preset not in PRESETS:
@@ -83,7 +84,8 @@ class RunSettings:
         return replace(preset, epochs=self.epochs or preset.epochs, seed=self.seed, device=self.device or preset.device,
                        learning_rate=self.learning_rate or preset.learning_rate,
                        model=self.model or preset.model, weights=self.weights, backbone=self.backbone,
-                       embeddings=self.embeddings, freeze=self.freeze, pretrained=self.pretrained).validate()
+                       embeddings=self.embeddings, freeze=self.freeze, pretrained=self.pretrained,
+                       threads=self.threads).validate()
 
     def method_settings(self, methods: list[str]) -> dict[str, Any]:
         """Scorer settings these settings change (``curvature`` for the methods that have one)."""
@@ -201,10 +203,10 @@ def config_hash(settings: RunSettings, data: RunData) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-# Settings added with "bring your model": left out of the hash while unset, so runs stored before
+# Settings added with "bring your model" and the training threads: left out of the hash while unset, so runs stored before
 # they existed keep their hash (and their results).
 _START_DEFAULTS = {"weights": None, "backbone": None, "embeddings": None, "freeze": None, "pretrained": False,
-                   "image_size": None}
+                   "image_size": None, "threads": 1}
 
 
 def _set_only(values: dict) -> dict:

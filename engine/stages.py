@@ -148,8 +148,9 @@ class StageStore:
                 os.fsync(handle.fileno())
             os.replace(temporary, path)
             _fsync_folder(self.folder)
-        except OSError as exc:
-            log.warning("%s: could not save this stage, the run goes on without it (%s)", path, exc)
+        except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+            log.warning("%s: could not save this stage, the run goes on without it (%s)", path,
+                        str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
         finally:
             with contextlib.suppress(OSError):
                 temporary.unlink(missing_ok=True)

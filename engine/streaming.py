@@ -21,6 +21,7 @@ from numpy.lib.format import open_memmap
 from engine.data import Dataset, conform_image, image_folder_files, manifest_files, read_image
 from engine.errors import DataError, InfluenceLensError
 from engine.progress import Progress, no_progress
+from engine.safe_files import check_output
 from engine.scorers import ScoringContext, make_scorer, scorer_class
 from engine.training import TrainedModel
 
@@ -94,6 +95,14 @@ class ImageFiles(torch.utils.data.Dataset):
                        paths=tuple(self.names[int(r)] for r in rows))
 
 
+def _is_scores_file(path: Path) -> bool:
+    """A ``.npy`` of :data:`RECORD` rows, as :func:`stream_scores` writes."""
+    try:
+        return np.load(path, mmap_mode="r").dtype == RECORD
+    except (OSError, ValueError):
+        return False
+
+
 def _stack(items: list[tuple[np.ndarray, int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     images, labels, rows = zip(*items, strict=True)
     return np.stack(images), np.asarray(labels, dtype=np.int64), np.asarray(rows, dtype=np.int64)
@@ -101,12 +110,14 @@ def _stack(items: list[tuple[np.ndarray, int, int]]) -> tuple[np.ndarray, np.nda
 
 def stream_scores(files: ImageFiles, trained: TrainedModel, method: str, out: str | Path, *, settings=None,
                   validation: Dataset | None = None, validation_trusted: bool = True,
-                  chunk_rows: int = DEFAULT_CHUNK_ROWS, workers: int = 2,
+                  chunk_rows: int = DEFAULT_CHUNK_ROWS, workers: int = 2, force: bool = False,
                   progress: Progress = no_progress) -> np.memmap:
     """Score every file with ``method`` into ``out`` (a ``.npy`` of :data:`RECORD`, rows in file order).
 
     ``method`` must be ``row_local``; its ``prepare`` (e.g. a validation fine-tune) runs once, then
     ``score`` runs on each chunk of ``chunk_rows`` images that ``workers`` processes decode ahead.
+    ``out`` passes :func:`engine.safe_files.check_output` first: not the data, not inside its folder, and
+    an existing file only when it is a scores file of this kind (or ``force``).
     """
     scorer_type = scorer_class(method)
     if not scorer_type.row_local:
@@ -116,6 +127,7 @@ def stream_scores(files: ImageFiles, trained: TrainedModel, method: str, out: st
         raise InfluenceLensError(f"method {method!r} needs a validation set")
     if files.num_classes != trained.num_classes:
         raise DataError(f"{files.source}: {files.num_classes} classes, the model was trained for {trained.num_classes}")
+    out = check_output(out, [files.source], force=force, option="out", ours=_is_scores_file)
     scorer = make_scorer(method, settings)
     table = open_memmap(out, mode="w+", dtype=RECORD, shape=(len(files),))
     loader = torch.utils.data.DataLoader(files, batch_size=chunk_rows, num_workers=workers, collate_fn=_stack)

@@ -7,8 +7,10 @@ result does not depend on the order of the rows handed in.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -31,6 +33,9 @@ DIVERGENCE_RESTARTS = 2  # a diverging training starts again at a tenth of the l
 # An epoch's mean loss this many times the chance level log(C) (or not finite) means the run has blown
 # up: a healthy run starts near log(C) and falls.
 DIVERGED_LOSS_FACTOR = 100.0
+MAX_EPOCHS = 100_000  # beyond any sane recipe; a run too long for its data is stopped by its time estimate
+MAX_SEED = 2**32 - 1  # numpy's and torch's generators both take seeds in 0..2^32-1 without surprises
+MAX_THREADS = 1024
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,10 @@ class TrainConfig:
     # "backbone": compute the features once and train the head alone (the default with a start);
     # "none": fine-tune every layer from the given weights.
     freeze: str | None = None
+    # CPU threads while training. Part of the recipe because float sums split over more threads round
+    # differently, so the weights (and accuracies) would depend on the machine's thread count. One: the
+    # small CNN gains little from more, and a busy 2-core machine trains 10-30x slower with two.
+    threads: int = 1
 
     def validate(self) -> TrainConfig:
         if self.model not in (*MODEL_NAMES, HEAD_MODEL) and not self.model.startswith("timm:"):
@@ -68,9 +77,15 @@ class TrainConfig:
             raise OptionError("schedule", self.schedule, SCHEDULES)
         if self.augment not in AUGMENTATIONS:
             raise OptionError("augment", self.augment, AUGMENTATIONS)
-        for name in ("epochs", "batch_size", "checkpoints"):
+        for name in ("epochs", "batch_size", "checkpoints", "threads"):
             if getattr(self, name) < 1:
                 raise TrainingError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.epochs > MAX_EPOCHS:
+            raise TrainingError(f"epochs must be at most {MAX_EPOCHS:,}, got {self.epochs:,}")
+        if self.threads > MAX_THREADS:
+            raise TrainingError(f"threads must be at most {MAX_THREADS}, got {self.threads}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise TrainingError(f"seed must be an integer in 0..{MAX_SEED}, got {self.seed}")
         if not 0 < self.learning_rate < float("inf"):
             raise TrainingError(f"learning_rate must be a positive number, got {self.learning_rate}")
         return self
@@ -178,7 +193,8 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), *, task: ImageT
     tried, notes = [], []
     for _ in range(DIVERGENCE_RESTARTS + 1):
         try:
-            trained = _train_once(dataset, config, task=task, progress=progress, distributed=distributed)
+            with _threads(config.threads):
+                trained = _train_once(dataset, config, task=task, progress=progress, distributed=distributed)
             trained.notes = notes
             return trained
         except _Diverged as exc:
@@ -189,6 +205,17 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), *, task: ImageT
             config = replace(config, learning_rate=config.learning_rate / 10)
     raise TrainingError(f"the training loss became {diverged.loss:.3g} in epoch {diverged.epoch} even at learning rate "
                         f"{tried[-1]:g} (tried {', '.join(f'{r:g}' for r in tried)}); lower the learning rate")
+
+
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    """Train on ``count`` CPU threads (the calling thread's setting), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _train_once(dataset: Dataset, config: TrainConfig, *, task: ImageTask | None, progress: Progress,

@@ -145,6 +145,11 @@ class Workspace:
     # -- plumbing ---------------------------------------------------------------------------------
 
     def _check_is_sqlite(self) -> None:
+        folder = self.path.parent
+        if not folder.is_dir() and any(p.exists() and not p.is_dir() for p in (folder, *folder.parents)):
+            raise InfluenceLensError(f"{folder}: the workspace folder is a file, not a folder")
+        if self.path.exists() and not self.path.is_dir() and not self.path.is_file():
+            raise InfluenceLensError(f"{self.path}: not a regular file (a FIFO, device or socket), not a workspace")
         if self.path.is_dir():
             raise InfluenceLensError(f"{self.path}: is a folder, not a workspace file")
         if self.path.exists() and self.path.stat().st_size > 0:

@@ -10,10 +10,15 @@ table.
 
 from __future__ import annotations
 
+import io
+import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
+import unicodedata
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +44,9 @@ from engine.device import resolve_device
 from engine.errors import DataError, InfluenceLensError
 from engine.pipeline import carve_validation, read_decisions, retrain_comparison, score_methods, with_injected_noise
 from engine.runs import RunSettings
+from engine.safe_files import check_folder, check_output
 from engine.scorers import make_scorer
-from engine.training import TrainConfig, train
+from engine.training import MAX_EPOCHS, MAX_SEED, TrainConfig, train
 from engine.workspace import SCHEMA_VERSION, SUFFIX, Workspace, workspace_name
 
 FAST = TrainConfig(epochs=2, device="cpu")
@@ -123,6 +129,47 @@ def workspace_with(root: Path, content: bytes | None = None, *, schema_version: 
     return path
 
 
+def fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def linked(link: Path, target: Path) -> Path:
+    link.symlink_to(target)
+    return link
+
+
+def npz_declaring(root: Path, shape: tuple[int, ...]) -> Path:
+    """A few-hundred-byte .npz whose images header declares ``shape`` (uint8): a decompression bomb's
+    effect without the bomb (nothing but the header is stored)."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    labels = io.BytesIO()
+    np.save(labels, TWO_CLASSES)
+    with zipfile.ZipFile(root / "bomb.npz", "w") as archive:
+        archive.writestr("images.npy", header.getvalue())
+        archive.writestr("labels.npy", labels.getvalue())
+    return root / "bomb.npz"
+
+
+def unicode_twin_folders(root: Path) -> Path:
+    """Class folders 'café' written precomposed (NFC) and decomposed (NFD)."""
+    folder = good_folder(root)
+    for name in (unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")):
+        write_image_folder(make_dataset(classes=2, per_class=2), root / "tmp")
+        (root / "tmp" / "class_0").rename(folder / name)
+        shutil.rmtree(root / "tmp")
+    return folder
+
+
+def folder_linking_out(root: Path) -> Path:
+    """A good folder whose class_0 holds a link to an image outside it."""
+    folder = good_folder(root)
+    save_image(np.full((8, 8), 5, dtype=np.uint8), root / "secret.png")
+    linked(folder / "class_0" / "elsewhere.png", root / "secret.png")
+    return folder
+
+
 def decisions(root: Path, lines: list[str]) -> Path:
     path = root / "decisions.csv"
     path.write_text("\n".join(["index,action,new_label", *lines]) + "\n", encoding="utf-8")
@@ -133,6 +180,15 @@ def decisions(root: Path, lines: list[str]) -> Path:
 
 def score(target: str, *extra: str, method: str = "loss") -> list[str]:
     return ["score", target, "--method", method, "--epochs", "2", "--device", "cpu", "--out", "out.csv", *extra]
+
+
+def score_to(target: str, out: str, *extra: str) -> list[str]:
+    return [*score(target)[:-1], out, *extra]
+
+
+def writing(target: str, out: str, *inputs: str, force: bool = False) -> Callable[[Path], object]:
+    """The output guard every written file passes, as the engine API."""
+    return lambda root: check_output(root / out, [root / i for i in (target, *inputs)], force=force)
 
 
 def retrain(decisions_csv: str, *extra: str, test: str = "train.npz") -> list[str]:
@@ -350,6 +406,79 @@ CASES = [
     Case("workspace-is-a-folder", lambda root: [good_npz(root), workspace_file(root).mkdir(parents=True)],
          score("train.npz", "--workspace", "ws"), r"is a folder, not a workspace file",
          lambda root: Workspace(workspace_file(root))),
+    # files the tool writes (issue 13): never an input or inside one, never a foreign file, never a FIFO
+    Case("out-is-the-input-npz", good_npz, score_to("train.npz", "train.npz"),
+         r"train\.npz: --out is, or lies inside, the input .*train\.npz; influence-lens never writes over its data",
+         writing("train.npz", "train.npz")),
+    Case("out-is-the-manifest", lambda root: manifest(root, ["path,label", "img0.png,a", "img1.png,b"]),
+         score_to("m.csv", "m.csv"), r"m\.csv: --out is, or lies inside, the input .*m\.csv",
+         writing("m.csv", "m.csv")),
+    Case("out-is-an-image-of-the-manifest", lambda root: manifest(root, ["path,label", "img0.png,a", "img1.png,b"]),
+         score_to("m.csv", "img1.png", "--force"), r"img1\.png: --out is, or lies inside, the input .*img1\.png",
+         writing("m.csv", "img1.png", force=True)),
+    Case("out-inside-the-image-folder", good_folder, score_to("folder", "folder/class_0/scores.csv"),
+         r"scores\.csv: --out is, or lies inside, the input .*folder;", writing("folder", "folder/class_0/scores.csv")),
+    Case("out-a-link-to-the-input", lambda root: [good_npz(root), linked(root / "link.csv", root / "train.npz")],
+         score_to("train.npz", "link.csv", "--force"), r"link\.csv: --out is, or lies inside, the input .*train\.npz",
+         writing("train.npz", "link.csv", force=True)),
+    Case("out-in-a-linked-folder-of-the-input",
+         lambda root: [good_folder(root), linked(root / "view", root / "folder")],
+         score_to("folder", "view/scores.csv"), r"--out is, or lies inside, the input .*folder;",
+         writing("folder", "view/scores.csv")),
+    Case("out-a-file-not-written-by-the-tool",
+         lambda root: [good_npz(root), (root / "notes.csv").write_text("mine\n")],
+         score_to("train.npz", "notes.csv"), r"notes\.csv: exists and was not written by influence-lens; .*--force",
+         writing("train.npz", "notes.csv")),
+    Case("out-is-a-fifo", lambda root: [good_npz(root), fifo(root / "out.csv")], score("train.npz", "--force"),
+         r"out\.csv: --out exists and is not a regular file", writing("train.npz", "out.csv", force=True)),
+    Case("out-is-a-device", good_npz, score_to("train.npz", "/dev/null", "--force"),
+         r"/dev/null: --out exists and is not a regular file", writing("train.npz", "/dev/null", force=True)),
+    Case("workspace-folder-is-a-file", lambda root: [good_npz(root), (root / "ws").write_text("x")],
+         score("train.npz", "--workspace", "ws"), r"ws: (--workspace|the workspace folder) is a file, not a folder",
+         lambda root: Workspace.for_data("x", root / "ws")),
+    Case("workspace-inside-the-image-folder", good_folder, score("folder", "--workspace", "folder/ws"),
+         r"folder/ws: --workspace is, or lies inside, the input",
+         lambda root: check_folder(root / "folder" / "ws", [root / "folder"])),
+    # files of the wrong kind where a file is expected
+    Case("input-is-a-fifo", lambda root: fifo(root / "data.npz"), score("data.npz"),
+         r"data\.npz: not a regular file \(a FIFO", loading("data.npz")),
+    Case("decisions-is-a-fifo", lambda root: [good_npz(root), fifo(root / "d.csv")], retrain("d.csv"),
+         r"d\.csv: not a regular file \(a FIFO", reading_decisions("d.csv")),
+    # numbers at the edges of their type
+    Case("seed-negative", good_npz, score("train.npz", "--seed", "-1"),
+         rf"seed must be an integer in 0\.\.{MAX_SEED}, got -1",
+         lambda root: TrainConfig(seed=-1).validate()),
+    Case("seed-beyond-64-bits", good_npz, score("train.npz", "--seed", str(2**64)),
+         rf"seed must be an integer in 0\.\.{MAX_SEED}, got {2**64}", lambda root: TrainConfig(seed=2**64).validate()),
+    Case("seed-negative-on-retrain", lambda root: [good_npz(root), decisions(root, ["3,drop,"])],
+         retrain("decisions.csv", "--seed", "-5", "--noise-rate", "0.2"), r"seed must be an integer in .*got -5",
+         None),
+    Case("epochs-absurd", good_npz, score("train.npz", "--epochs", str(10**12)),
+         rf"epochs must be at most {MAX_EPOCHS:,}, got {10**12:,}",
+         lambda root: TrainConfig(epochs=10**12).validate()),
+    Case("threads-zero", good_npz, score("train.npz", "--threads", "0"), r"threads must be a positive integer, got 0",
+         lambda root: TrainConfig(threads=0).validate()),
+    # resource bombs: sizes checked before anything is allocated
+    Case("npz-decompression-bomb", lambda root: npz_declaring(root, (10**6, 1000, 1000)), score("bomb.npz"),
+         r"bomb\.npz: its arrays take 931\.3 GiB once decompressed, more than the", loading("bomb.npz")),
+    npz_case("npz-hundreds-of-thousands-of-classes", r"bad\.npz: 200,000 classes, more than the 5,000",
+             images=IMAGES, labels=TWO_CLASSES, class_names=np.array([f"c{i}" for i in range(200_000)])),
+    Case("decisions-file-too-large", lambda root: [good_npz(root), decisions(root, ["3,drop,"] * 4000)],
+         retrain("decisions.csv"), r"decisions\.csv: 32,023 bytes, more than 19,456 for the decisions on 18 training",
+         reading_decisions("decisions.csv")),
+    # silent wrong results, now refused
+    npz_case("npz-2d-class-names", r"class_names must be a 1-D array of names, got shape \(1, 2\)", images=IMAGES,
+             labels=TWO_CLASSES, class_names=np.array([["a", "b"]])),
+    csv_case("csv-integers-mixed-with-names", ["path,label", "img0.png,0", "img1.png,1", "img2.png,cat"],
+             r"m\.csv: labels mix class numbers \('0'\) and class names \('cat'\)"),
+    csv_case("csv-underscore-number-is-a-name", ["path,label", "img0.png,1_0", "img1.png,0"],
+             r"labels mix class numbers \('0'\) and class names \('1_0'\)"),
+    Case("folder-names-differing-in-unicode-normalisation", unicode_twin_folders, score("folder"),
+         r"class folders 'cafe\\u0301' and 'caf\\xe9' differ only in their Unicode normalisation", loading("folder")),
+    Case("folder-link-to-a-file-outside", folder_linking_out, score("folder"),
+         r"class_0/elsewhere\.png is a link to a file outside the folder", loading("folder")),
+    Case("val-and-val-from-train", good_npz, score("train.npz", "--val", "train.npz", "--val-from-train", "0.2"),
+         r"--val and --val-from-train both give a validation set; use one of them", None),
 ]
 
 
@@ -486,3 +615,98 @@ def test_huge_image_is_refused_before_it_is_decoded(tmp_path):
                             text=True, timeout=120)
     assert "refused: " in result.stdout and "10000×10000, larger than" in result.stdout, result.stderr
     assert "decoding it: MemoryError" in result.stdout
+
+
+# --- issue 13: the cases the tool now handles rather than refuses ---------------------------------
+
+def test_a_score_table_the_tool_wrote_is_replaced_atomically(tmp_path, monkeypatch, capsys):
+    """A second run over its own CSV replaces it (no --force needed) through a temporary file."""
+    good_npz(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(score("train.npz")) == 0
+    first = (tmp_path / "out.csv").read_text()
+    assert main(score("train.npz", "--seed", "1")) == 0
+    assert (tmp_path / "out.csv").read_text() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv", "train.npz"]  # no temporary left
+    capsys.readouterr()
+
+
+def test_force_replaces_a_foreign_file_but_never_an_input(tmp_path, monkeypatch, capsys):
+    good_npz(tmp_path)
+    (tmp_path / "notes.csv").write_text("mine\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(score_to("train.npz", "notes.csv", "--force")) == 0
+    assert (tmp_path / "notes.csv").read_text().startswith("index,score,rank,")
+    before = snapshot(tmp_path)
+    assert main(score_to("train.npz", "train.npz", "--force")) == 2
+    assert "lies inside, the input" in capsys.readouterr().err and snapshot(tmp_path) == before
+
+
+def test_a_run_estimated_beyond_the_limit_is_refused_unless_forced(tmp_path, monkeypatch, capsys):
+    """The estimate comes from the first training steps; --force runs it anyway."""
+    import engine.progress
+
+    good_npz(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(engine.progress, "MAX_ESTIMATED_HOURS", 1e-9)
+    assert main(score("train.npz", "--epochs", "8")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(r"error: training would take about [\d,]+ hours on this device \(8 steps at .* s each\), "
+                     r"more than 1e-09; .*--force", err), err
+    assert not (tmp_path / "out.csv").exists()
+    assert main(score("train.npz", "--epochs", "8", "--force")) == 0
+    capsys.readouterr()
+
+
+def test_a_stage_that_cannot_be_saved_does_not_stop_the_run(tmp_path, monkeypatch, caplog):
+    """torch.save reports a full disk as RuntimeError: the stage is logged as unsaved, the value returned."""
+    from engine.stages import PLAIN, StageStore
+
+    def disk_full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    store = StageStore(tmp_path / "stages")
+    assert store.fetch("train", "k", lambda: {"x": torch.ones(2)}, PLAIN)["x"].sum() == 2
+    assert "could not save this stage, the run goes on without it" in caplog.text
+    assert list((tmp_path / "stages").iterdir()) == []  # no temporary left behind
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A photo stored 8 wide × 4 high with EXIF orientation 6 (rotate 90°) is 4 wide × 8 high upright."""
+    from engine.data import read_image
+
+    image = Image.fromarray(np.tile(np.arange(8, dtype=np.uint8) * 30, (4, 1)))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "photo.jpg", exif=exif, quality=100)
+    assert read_image(tmp_path / "photo.jpg").shape == (8, 4)
+
+
+def test_manifest_header_with_spaces_and_labels_that_only_look_numeric(tmp_path):
+    """"path, label" reads as path,label; "1_0" is a class name (int() would read it as 10); a label typed
+    in two Unicode normalisations is one class."""
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    path = manifest(tmp_path, ["path, label", "img0.png, 1_0", f"img1.png,{nfc}", f"img2.png,{nfd}", "img3.png,1_0"])
+    loaded = load_dataset(path)
+    assert loaded.class_names == ("1_0", nfc)
+    assert loaded.labels.tolist() == [0, 1, 1, 0]
+
+
+def test_training_gives_the_same_weights_whatever_the_callers_thread_count():
+    """Issue 12 bug 8: the dashboard's jobs run with one thread, the CLI with the machine's; training
+    takes its thread count from the recipe, so both get the same weights and accuracies."""
+    from engine.data import load_sample
+
+    data = load_sample("train")
+    weights = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            trained = train(data, TrainConfig(epochs=2, device="cpu"))
+            assert torch.get_num_threads() == threads  # restored after training
+            weights.append(torch.cat([v.flatten().double() for v in trained.model.state_dict().values()]))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(weights[0], weights[1])

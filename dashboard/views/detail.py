@@ -8,6 +8,7 @@ import streamlit as st
 
 from dashboard import charts, state, widgets
 from engine.data import original_image
+from dashboard.text import md
 from engine.explain import explain
 
 NEIGHBOURS = 6
@@ -26,6 +27,7 @@ def decide_and_advance(run: state.Active, index: int, action: str, label: int | 
 st.title("Sample detail")
 run = widgets.require_run()
 names = run.class_names
+shown = [md(name) for name in names]  # for Markdown: the data's names as text
 train = run.data.train
 method = st.session_state.get("review_method", run.methods[0])
 method = method if method in run.results else run.methods[0]
@@ -60,18 +62,18 @@ decisions = run.decisions().set_index("index")
 image_col, chart_col = st.columns([1, 2])
 with image_col:
     st.image(charts.tile(original_image(train, position, 640), 320), width=320)  # the real photo
-    source = f" · `{train.paths[position]}`" if train.paths is not None else ""
-    st.markdown(f"given **{names[given]}** · predicted **{names[int(probabilities.argmax())]}** · "
-                f"suggested **{names[suggested]}**{source}")
+    source = f" · {md(train.paths[position])}" if train.paths is not None else ""
+    st.markdown(f"given **{shown[given]}** · predicted **{shown[int(probabilities.argmax())]}** · "
+                f"suggested **{shown[suggested]}**{source}")
     if index in decisions.index:
         decision = decisions.loc[index]
-        label = f" → {names[int(decision['new_label'])]}" if decision["action"] == "relabel" else ""
+        label = f" → {shown[int(decision['new_label'])]}" if decision["action"] == "relabel" else ""
         st.markdown(f"Decision: **{decision['action']}{label}** ({decision['decided_at'][:19].replace('T', ' ')} UTC)")
     if run.data.truth_known:
         truth = int(run.data.clean_labels[position])
-        st.caption(f"demo truth: {names[truth]} ({'label flipped' if truth != given else 'label correct'})")
+        st.caption(f"demo truth: {shown[truth]} ({'label flipped' if truth != given else 'label correct'})")
     with st.container(horizontal=True):
-        st.button(f"Accept {names[suggested]}", key="detail_accept", shortcut="A", type="primary",
+        st.button(f"Accept {shown[suggested]}", key="detail_accept", shortcut="A", type="primary",
                   disabled=suggested == given, on_click=decide_and_advance,
                   args=(run, index, "relabel", suggested, next_index))
         st.button("Confirm correct", key="detail_keep", shortcut="K", on_click=decide_and_advance,
@@ -97,12 +99,12 @@ validation = run.data.validation
 if validation is not None and len(why.validation[0]):
     st.markdown("**Validation images most like it** (by the model's features) and their labels")
     widgets.tiles(validation.images[why.validation[0]],
-                  [f"{names[int(validation.labels[p])]} · sim {s:.2f}" for p, s in zip(*why.validation, strict=True)])
+                  [f"{shown[int(validation.labels[p])]} · sim {s:.2f}" for p, s in zip(*why.validation, strict=True)])
 else:
     st.caption("No validation set in this run: the nearest validation images need one.")
-for title, (positions, similarity) in ((f"Training images like it labelled **{names[given]}** (pulling towards the "
+for title, (positions, similarity) in ((f"Training images like it labelled **{shown[given]}** (pulling towards the "
                                         "given label)", why.same_given),
-                                       (f"Training images like it labelled **{names[suggested]}** (pulling towards "
+                                       (f"Training images like it labelled **{shown[suggested]}** (pulling towards "
                                         "the suggested label)", why.same_suggested)):
     st.markdown(title)
     widgets.tiles(train.images[positions],

@@ -11,6 +11,7 @@ import numpy as np
 import streamlit as st
 
 from dashboard import charts, jobs, state, widgets
+from dashboard.text import md
 from engine.data import save_npz
 from engine.errors import InfluenceLensError
 from engine.measured import recommended_methods
@@ -77,7 +78,7 @@ if st.button("Add the reviewed samples to the validation set and re-score", type
         start_loop(run, methods)
         st.rerun()
     except InfluenceLensError as exc:
-        st.error(str(exc))
+        st.error(md(exc))
 
 if following is not None:
     before_key, after_key = run.key, following["key"]
@@ -93,7 +94,7 @@ if job is not None and job.running:
 if job is not None:
     jobs.forget(job_key)
     if job.error:
-        st.error(f"Re-scoring failed: {job.error}")
+        st.error(f"Re-scoring failed: {md(job.error)}")
 before_results, after_results = run.workspace.results(before_key), run.workspace.results(after_key)
 if not after_results:
     st.info("The re-scored run has no results (re-scoring stopped before the end): run it again.")
@@ -122,7 +123,7 @@ before_ranks, after_ranks = ranks(before_scores), ranks(after_scores)
 train = run.data.train
 reviewed = np.isin(train.index, decisions.loc[decisions["action"].isin(["keep", "relabel"]), "index"])
 flipped = run.data.flipped
-st.caption(f"Validation set: {after_loop['size']} samples (`{after_loop['validation']}`).")
+st.caption(f"Validation set: {after_loop['size']} samples ({md(after_loop['validation'])}).")
 if flipped is not None and flipped[~reviewed].any() and not flipped[~reviewed].all():
     a, b = st.columns(2)
     auroc_before = detection_metrics(before_scores[~reviewed], flipped[~reviewed])["auroc"]

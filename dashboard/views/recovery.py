@@ -11,6 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import charts, jobs, state, widgets
+from dashboard.text import md
 from engine.explain import cleaning_curves
 from engine.pipeline import retrain_comparison
 
@@ -23,7 +24,7 @@ def job_status(job_key: str) -> None:
     if job.running:
         jobs.watch(job_key)
     elif job.error:
-        st.error(job.error)
+        st.error(md(job.error))
         jobs.forget(job_key)
     else:
         jobs.forget(job_key)

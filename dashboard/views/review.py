@@ -7,6 +7,7 @@ import numpy as np
 import streamlit as st
 
 from dashboard import charts, state, widgets
+from dashboard.text import md
 from engine.explain import MAP_METHODS, class_confusion
 from engine.guidance import TRAINED_MODEL_SOURCE, spot_check_rows
 from engine.measured import recommended_methods
@@ -82,7 +83,7 @@ only_flagged = c3.toggle("Only flagged", value=True, key="review_only_flagged")
 per_page = c4.selectbox("Images per page", PAGE_SIZES, index=1, key="review_per_page")
 
 for advice in run.advice(method):
-    st.warning(advice.message, icon=":material/warning:")
+    st.warning(md(advice.message), icon=":material/warning:")
 
 with st.expander("How deep to review", expanded=True, key="review_depth"):
     chart, numbers = st.columns([3, 1])
@@ -150,7 +151,7 @@ if score_range == (low, high):
 
 chips = st.container(horizontal=True)
 if cell is not None:
-    chips.button(f"given {names[cell[0]]} → suggested {names[cell[1]]}  ✕", key="clear_cell",
+    chips.button(f"given {md(names[cell[0]])} → suggested {md(names[cell[1]])}  ✕", key="clear_cell",
                  on_click=bump, args=("confusion_key",))
 if lasso is not None:
     chips.button(f"map selection: {len(lasso)} samples  ✕", key="clear_lasso", on_click=bump, args=("map_key",))

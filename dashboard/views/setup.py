@@ -9,6 +9,7 @@ import streamlit as st
 import torch
 
 from dashboard import charts, jobs, state, widgets
+from dashboard.text import md
 from engine.data import NOISE_KINDS
 from engine.device import resolve_device
 from engine.errors import InfluenceLensError
@@ -158,7 +159,7 @@ def data_preview(data: str) -> None:
     try:
         preview = _preview(data)
     except InfluenceLensError as exc:
-        st.warning(str(exc), icon=":material/folder_off:")
+        st.warning(md(exc), icon=":material/folder_off:")
         return
     shape = preview.image_shape
     size = f"{shape[1]}×{shape[0]} {'RGB' if len(shape) == 3 else 'grayscale'}"
@@ -205,7 +206,8 @@ def device_line(settings: RunSettings) -> str:
     device = resolve_device(settings.train_config().device)
     if device.type == "cuda":
         return f"Device: **{torch.cuda.get_device_name(device)}** (cuda)"
-    return f"Device: **cpu** ({torch.get_num_threads()} threads)"
+    threads = settings.train_config().threads
+    return f"Device: **cpu** (training on {threads} thread{'s' if threads > 1 else ''}, the recipe's)"
 
 
 def start_run(settings: RunSettings, methods: list[str]) -> None:
@@ -220,12 +222,12 @@ def start_run(settings: RunSettings, methods: list[str]) -> None:
     data = state.run_data(json.dumps(settings.to_dict(), sort_keys=True))
     if data.full_train.skipped:
         st.warning(f"{len(data.full_train.skipped)} unreadable file(s) left out: "
-                   + "; ".join(data.full_train.skipped[:5]))
+                   + "; ".join(md(s) for s in data.full_train.skipped[:5]))
     for part in (data.full_train, data.validation, data.test):
         for note in part.notes if part is not None else ():
-            st.info(note)
+            st.info(md(note))
     for note in data.notes:
-        st.info(note)
+        st.info(md(note))
     workspace = Workspace.for_data(settings.data_key(), state.folder())
     key = config_hash(settings, data)
     state.activate(workspace, key, settings)
@@ -262,7 +264,7 @@ settings, methods = settings_form(base, run.methods if run else [])
 try:
     st.markdown(device_line(settings))
 except InfluenceLensError as exc:
-    st.warning(str(exc))
+    st.warning(md(exc))
 estimate = time_estimate_line(settings, methods)
 if estimate:
     st.markdown(estimate)
@@ -272,7 +274,7 @@ if st.button("Run", type="primary", icon=":material/play_arrow:", key="run", sho
     try:
         start_run(settings, methods)
     except InfluenceLensError as exc:
-        st.error(str(exc))
+        st.error(md(exc))
         run_failed = True
 
 run = state.active()
@@ -289,7 +291,7 @@ if run is not None and not run_failed:  # a failed Run shows its error alone, no
     elif job is not None:  # said once, then forgotten: the workspace keeps the results
         jobs.forget(job_key)
         if job.error:
-            st.error(f"Scoring failed: {job.error}")
+            st.error(f"Scoring failed: {md(job.error)}")
         else:
             st.success(f"Scored {', '.join(run.methods)} in {job.seconds:.1f} s.")
         if st.session_state.pop("awaiting", None) == job_key and not job.error:
@@ -298,7 +300,8 @@ if run is not None and not run_failed:  # a failed Run shows its error alone, no
 
 st.divider()
 st.subheader("Runs in this workspace folder")
-st.caption(f"Workspace folder: `{state.folder()}` (one SQLite file per dataset; results are cached per configuration).")
+st.caption(f"Workspace folder: {md(state.folder())} (one SQLite file per dataset; results are cached per "
+           "configuration).")
 known = state.known_runs()
 if known.empty:
     st.caption("None yet.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard import charts, jobs, state, widgets
+from dashboard.text import md
 from engine.data import NOISE_KINDS
 from engine.demo import (
     LANDSCAPE_OPTIMIZERS,
@@ -49,7 +50,7 @@ job_key = jobs.key_for("demo", folder, settings.key())
 try:
     result = cached_demo(settings.validate(), folder)
 except InfluenceLensError as exc:
-    st.error(str(exc))
+    st.error(md(exc))
     st.stop()
 job = jobs.get(job_key)
 running = job is not None and job.running
@@ -64,7 +65,7 @@ if running:
     jobs.watch(job_key)
 elif job is not None:
     if job.error:
-        st.error(f"Preparing the demo failed: {job.error}")
+        st.error(f"Preparing the demo failed: {md(job.error)}")
     jobs.forget(job_key)
 if result is None:
     st.stop()
@@ -72,7 +73,7 @@ if result is None:
 numbers = result.numbers
 data, names = numbers["data"], numbers["data"]["class_names"]
 budgets, landscape, top, recovery = (numbers[k] for k in ("budgets", "landscape", "top", "recovery"))
-st.caption(f"{data['source']}: {data['train']} training images, {data['flipped']} of them given a wrong label on "
+st.caption(f"{md(data['source'])}: {data['train']} training images, {data['flipped']} of them given a wrong label on "
            f"purpose ({settings.noise_rate:.0%} {settings.noise_kind}); trusted validation set {data['validation']}, "
            f"test set {data['test']}. Prepared in {numbers['seconds']:.0f} s.")
 

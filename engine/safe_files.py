@@ -1,0 +1,158 @@
+"""Every file the tool writes passes one guard: never onto or into the user's data, never over a file it
+did not write, never half-written.
+
+:func:`check_output` runs before any work (a run that trains for an hour must not fail, or hang on a
+FIFO, at the end): the path, with links resolved, must not be an input or lie inside an input folder;
+an existing file must be a regular file written by this tool (or ``force``); its folder must exist
+and be writable. :func:`write_atomically` writes through a temporary file in the same folder and a
+rename, so a kill or a full disk leaves the old file or the new one, never a torn one.
+:func:`check_folder` is the same guard for a folder the tool writes into (the workspace folder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import IO
+
+import pandas as pd
+
+from engine.data import manifest_files
+from engine.errors import DataError, InfluenceLensError
+
+# A score table's header: a CSV starting with it was written by ``influence-lens score``.
+SCORE_CSV_HEADER = "index,score,rank,given_label,predicted_label,suggested_label"
+
+
+def input_paths(specs: Iterable[str | Path | None]) -> list[Path]:
+    """The resolved files and folders a run reads: an .npz, an image folder, a manifest and the images
+    it lists (``sample`` and ``None`` name nothing on disk)."""
+    protected: list[Path] = []
+    for spec in specs:
+        if spec is None or str(spec) == "sample" or str(spec).startswith("sample:"):
+            continue
+        path = Path(spec)
+        protected.append(path.resolve())
+        if path.suffix.lower() == ".csv" and path.is_file():
+            with contextlib.suppress(DataError):  # a bad manifest is reported by the loader, with its line
+                protected += manifest_files(path)[0]
+    return protected
+
+
+def _inside(path: Path, inputs: list[Path]) -> Path | None:
+    """The input that ``path`` (resolved) is, or lies inside; None when it touches none."""
+    for source in inputs:
+        if path == source or path.is_relative_to(source):
+            return source
+    return None
+
+
+def written_score_table(path: Path) -> bool:
+    """Whether ``path`` is a CSV that ``influence-lens score`` wrote (its first line is our header)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.readline().rstrip("\r\n").startswith(SCORE_CSV_HEADER)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def check_output(path: str | Path, inputs: Iterable[str | Path | None], *, force: bool = False,
+                 option: str = "--out", ours: Callable[[Path], bool] = written_score_table) -> Path:
+    """``path`` resolved, once it is safe to write there later; an :class:`InfluenceLensError` otherwise.
+
+    ``inputs``: the data specs of the run (:func:`input_paths`). ``ours``: whether an existing file was
+    written by this tool (then it may be replaced); ``force`` replaces any regular file that is no input.
+    """
+    out = Path(path)
+    if out.is_dir():
+        raise InfluenceLensError(f"{out}: {option} is a folder; give a file name such as {out / 'scores.csv'}")
+    if not out.parent.is_dir():
+        raise InfluenceLensError(f"{out}: the folder {out.parent} does not exist")
+    resolved = out.resolve()
+    source = _inside(resolved, input_paths(inputs))
+    if source is not None:
+        raise InfluenceLensError(f"{out}: {option} is, or lies inside, the input {source}; influence-lens never "
+                                 "writes over its data: choose a path outside it")
+    if os.path.lexists(resolved):
+        try:
+            mode = os.stat(resolved).st_mode
+        except OSError as exc:
+            raise InfluenceLensError(f"{out}: cannot use it as {option} ({exc.strerror or exc})") from None
+        if not stat.S_ISREG(mode):
+            raise InfluenceLensError(f"{out}: {option} exists and is not a regular file (a FIFO, device or socket); "
+                                     "choose a file name")
+        if not force and not ours(resolved):
+            raise InfluenceLensError(f"{out}: exists and was not written by influence-lens; choose another {option} "
+                                     "or pass --force to replace it")
+    if not os.access(resolved.parent, os.W_OK | os.X_OK):
+        raise InfluenceLensError(f"{out}: the folder {out.parent} is not writable")
+    return resolved
+
+
+def check_folder(folder: str | Path, inputs: Iterable[str | Path | None], *, option: str = "--workspace") -> Path:
+    """A folder the tool creates files in (the workspace folder), resolved: not a file, not an input and
+    not inside one (files written into an image folder would become part of the data)."""
+    path = Path(folder)
+    if os.path.lexists(path) and not path.is_dir():
+        raise InfluenceLensError(f"{path}: {option} is a file, not a folder; give a folder (it is created if missing)")
+    resolved = path.resolve()
+    source = _inside(resolved, input_paths(inputs))
+    if source is not None:
+        raise InfluenceLensError(f"{path}: {option} is, or lies inside, the input {source}; influence-lens never "
+                                 "writes into its data: choose a folder outside it")
+    return resolved
+
+
+def write_atomically(path: str | Path, write: Callable[[IO], None], *, binary: bool = False) -> None:
+    """Call ``write(handle)`` on a temporary file beside ``path``, flush it to disk, then rename it onto
+    ``path``: readers see the old file or the complete new one. :class:`InfluenceLensError` on failure."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) \
+                as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError as exc:
+        raise InfluenceLensError(f"{path}: cannot write it ({exc.strerror or exc})") from None
+    finally:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+
+
+def check_within_root(specs: Iterable[str | Path | None], root: str | Path | None) -> None:
+    """Refuse a data path outside ``root`` (links resolved), with the same words whether or not it
+    exists: a dashboard shared on the network must not read, or reveal, the server's other folders."""
+    if root is None:
+        return
+    root = Path(root).resolve()
+    for spec in specs:
+        if spec is None or str(spec) == "sample" or str(spec).startswith("sample:"):
+            continue
+        try:
+            inside = (root / spec).resolve().is_relative_to(root)
+        except (OSError, ValueError):  # a link loop, a NUL byte: refused like any path outside
+            inside = False
+        if not inside:
+            raise InfluenceLensError(f"{spec}: outside the data root; this dashboard opens data only under its "
+                                     "--data-root folder (paths relative to it)")
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet reads as the start of a formula
+
+
+def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy whose text cells cannot run as spreadsheet formulas: a cell starting with ``= + - @`` (or a
+    tab / carriage return) gets a leading ``'`` (OWASP, CSV injection). Numbers are left as they are;
+    :func:`engine.pipeline.read_decisions` reads such a label back without the quote."""
+    safe = frame.copy()
+    for column in safe.columns:
+        if not pd.api.types.is_numeric_dtype(safe[column]):
+            safe[column] = [f"'{v}" if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v
+                            for v in safe[column]]
+    return safe

@@ -1,0 +1,264 @@
+"""Safe by default (issue 13, issue 12 bugs 7 and 11): the dashboard on a network, data-derived text,
+spreadsheet exports, and a launcher that takes its server down with it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tomllib
+from conftest import REPO_ROOT, make_dataset, save_image
+
+from dashboard import charts
+from dashboard.text import md
+from engine.cli import main
+from engine.errors import InfluenceLensError
+from engine.launch import APP, TOOLBAR_MODE, streamlit_command
+from engine.pipeline import read_decisions
+from engine.safe_files import check_within_root, spreadsheet_safe
+
+HOSTILE = ["![x](https://example.com/p.png)", "[click](https://example.com)", "$x^2$", ":red[alarm]",
+           "<img src=x onerror=alert(1)>", "**bold**\n\n# heading", "a`b`c", "=HYPERLINK(\"http://x\")"]
+
+
+def _options(command: list[str]) -> dict[str, list[str]]:
+    """Every ``--name value`` before the app's own ``--`` arguments, by name (repeats kept)."""
+    seen: dict[str, list[str]] = {}
+    before = command[:command.index("--")]
+    for name, value in zip(before[5::2], before[6::2], strict=True):
+        seen.setdefault(name, []).append(value)
+    return seen
+
+
+# -- the launcher ---------------------------------------------------------------------------------
+
+def test_the_launcher_binds_to_this_machine_and_hides_the_developer_menu():
+    command, notes = streamlit_command(data="sample", port=8501, workspace=None, data_root=None, extra=[])
+    options = _options(command)
+    assert command[4] == str(APP)
+    assert options["--server.address"] == ["127.0.0.1"] and options["--client.toolbarMode"] == [TOOLBAR_MODE]
+    assert notes == ["listening on 127.0.0.1 only (this machine); --server.address 0.0.0.0 with --data-root DIR "
+                     "shares it on the network"]
+
+
+@pytest.mark.parametrize("extra", [["--server.port", "9000"], ["--server.port=9000"]])
+def test_a_port_given_to_streamlit_appears_once(extra):
+    """Issue 12: --server.port was passed twice (the launcher's own from --port, then the user's)."""
+    options = _options(streamlit_command(data="sample", port=8501, workspace=None, data_root=None, extra=extra)[0])
+    assert options["--server.port"] == ["9000"]
+    assert all(len(values) == 1 for values in options.values())
+
+
+def test_a_network_address_needs_a_data_root_and_warns(tmp_path, capsys):
+    assert main(["dashboard", "--server.address", "0.0.0.0"]) == 2
+    assert "--server.address 0.0.0.0 shares the dashboard on the network" in capsys.readouterr().err
+    command, notes = streamlit_command(data="sample", port=8501, workspace=None, data_root=str(tmp_path),
+                                       extra=["--server.address", "0.0.0.0"])
+    assert _options(command)["--server.address"] == ["0.0.0.0"]
+    assert command[-2:] == ["--data-root", str(tmp_path.resolve())]
+    assert notes[0].startswith("warning: listening on 0.0.0.0: anyone who can reach this machine")
+    with pytest.raises(InfluenceLensError, match="--data-root is not a folder"):
+        streamlit_command(data="sample", port=8501, workspace=None, data_root=str(tmp_path / "nope"), extra=[])
+
+
+def test_the_dashboards_workspace_folder_is_checked_at_launch(tmp_path, capsys):
+    (tmp_path / "ws").write_text("a file")
+    assert main(["dashboard", "--workspace", str(tmp_path / "ws")]) == 2
+    assert "--workspace is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_plain_streamlit_run_gets_the_same_defaults():
+    """The script-level config beside app.py: `streamlit run dashboard/app.py` from any folder."""
+    config = tomllib.loads((REPO_ROOT / "dashboard" / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["address"] == "127.0.0.1"
+    assert config["client"]["toolbarMode"] == TOOLBAR_MODE
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, "the launcher exited before the server answered"
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.read() == b"ok":
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer")
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to follow the server process")
+def test_sigterm_to_the_launcher_stops_the_streamlit_server(tmp_path):
+    """Issue 12 bug 7: SIGTERM to `influence-lens dashboard` left the server running, adopted by PID 1."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    port = _free_port()
+    launcher = subprocess.Popen([sys.executable, "-m", "engine.cli", "dashboard", "--port", str(port),
+                                 "--server.headless", "true"], cwd=tmp_path, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = None
+    try:
+        deadline = time.time() + 60
+        while server is None and time.time() < deadline:
+            children = _children(launcher.pid)
+            server = children[0] if children else None
+            time.sleep(0.2)
+        assert server is not None, "the launcher started no server"
+        _wait_healthy(f"http://127.0.0.1:{port}", launcher)  # up, with the launcher's options, on 127.0.0.1
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=60)
+        deadline = time.time() + 30
+        while _running(server) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _running(server), "the streamlit server outlived its launcher"
+    finally:
+        for pid in ([server] if server else []):
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+
+
+# -- the data root ----------------------------------------------------------------------------------
+
+def test_the_data_root_refuses_paths_outside_it_without_saying_what_exists(tmp_path):
+    root = tmp_path / "root"
+    (root / "data").mkdir(parents=True)
+    (tmp_path / "private").mkdir()
+    (root / "escape").symlink_to(tmp_path / "private")
+    check_within_root(["data", str(root / "data"), "sample:val", None], root)  # inside: accepted
+    messages = []
+    for spec in (str(tmp_path / "private"), str(tmp_path / "no-such-folder"), "../private", "escape", "/etc"):
+        with pytest.raises(InfluenceLensError) as caught:
+            check_within_root([spec], root)
+        messages.append(str(caught.value).removeprefix(spec))
+    assert len(set(messages)) == 1 and "outside the data root" in messages[0]  # same words, exists or not
+
+
+# -- data-derived text -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_a_class_name_is_shown_as_text_not_markdown(name):
+    """Every Markdown-active character is escaped, on one line: nothing is fetched, linked or formatted."""
+    shown = md(name)
+    unescaped = [c for i, c in enumerate(shown) if c in "![]()<>$:*`#=" and (i == 0 or shown[i - 1] != "\\")]
+    assert unescaped == [] and "\n" not in shown
+    assert shown.replace("\\", "") == " ".join(name.replace("\\", "").split())
+
+
+def test_gallery_captions_escape_class_names():
+    row = pd.Series({"rank": 1, "score": 0.5, "given": 0, "predicted": 1, "suggested": 1, "status": "relabel",
+                     "new_label": 0})
+    caption = charts.card_caption(row, (HOSTILE[0], HOSTILE[1]))
+    assert "![x](" not in caption and "[click](" not in caption
+    assert "\\!\\[x\\]\\(https\\:" in caption
+
+
+def test_chart_labels_show_html_as_text():
+    """Plotly draws <a href> and <b> in chart text: class names reach the figures escaped."""
+    figure = charts.probability_figure(np.array([0.5, 0.5]), ('<a href="https://example.com">x</a>', "<b>b</b>"),
+                                       given=0, suggested=1)
+    assert list(figure.data[0].x) == ['&lt;a href="https://example.com"&gt;x&lt;/a&gt;', "&lt;b&gt;b&lt;/b&gt;"]
+    counts = np.array([[0, 2], [1, 0]])
+    figure = charts.confusion_figure(counts, ("<i>a</i>", "b"))
+    assert "<i>" not in str(figure.to_dict())
+
+
+# -- spreadsheet exports -------------------------------------------------------------------------------
+
+def test_exported_cells_cannot_run_as_formulas_and_read_back(tmp_path):
+    """OWASP CSV injection: = + - @ (and tab / CR) at a text cell's start get a quote; numbers stay numbers;
+    the quoted label still reads back as the class for `influence-lens retrain`."""
+    frame = pd.DataFrame({"index": [0, 1, 2], "score": [-0.5, 1.0, 2.0],
+                          "new_label": ["=1+1", "@SUM(A1)", "cat"], "action": ["relabel", "relabel", "relabel"]})
+    safe = spreadsheet_safe(frame)
+    assert safe["new_label"].tolist() == ["'=1+1", "'@SUM(A1)", "cat"]
+    assert safe["score"].tolist() == [-0.5, 1.0, 2.0] and frame["new_label"][0] == "=1+1"  # a copy
+    dataset = make_dataset(classes=3, per_class=2)
+    dataset = dataset.__class__(dataset.images, dataset.labels, ("=1+1", "@SUM(A1)", "cat"))
+    safe[["index", "action", "new_label"]].to_csv(tmp_path / "d.csv", index=False)
+    assert read_decisions(str(tmp_path / "d.csv"), dataset)["new_label"].tolist() == [0, 1, 2]
+
+
+def test_a_folder_loaded_under_the_data_root_keeps_links_inside(tmp_path):
+    """The one link policy: links inside the data's folder are followed (here: a class folder's file)."""
+    from engine.data import load_dataset
+
+    folder = tmp_path / "folder"
+    for c in ("a", "b"):
+        for i in range(2):
+            save_image(np.full((6, 6), 40 * i, dtype=np.uint8), folder / c / f"{i}.png")
+    (folder / "a" / "again.png").symlink_to(folder / "b" / "0.png")
+    assert len(load_dataset(folder)) == 5
+
+
+def test_streamed_scores_never_land_in_the_data(tmp_path):
+    """The output guard covers the engine's streaming writer too (an .npy beside the manifest's images)."""
+    from engine.streaming import ImageFiles, stream_scores
+    from engine.training import TrainConfig, train
+
+    for c in ("a", "b"):
+        for i in range(3):
+            save_image(np.full((6, 6), 40 * i, dtype=np.uint8), tmp_path / "folder" / c / f"{i}.png")
+    files = ImageFiles.open(tmp_path / "folder")
+    trained = train(files.load(np.arange(len(files))), TrainConfig(epochs=1, device="cpu"))
+    with pytest.raises(InfluenceLensError, match="out is, or lies inside, the input"):
+        stream_scores(files, trained, "loss", tmp_path / "folder" / "a" / "s.npy", workers=0)
+    (tmp_path / "mine.npy").write_bytes(b"not scores")
+    with pytest.raises(InfluenceLensError, match="exists and was not written by influence-lens"):
+        stream_scores(files, trained, "loss", tmp_path / "mine.npy", workers=0)
+    stream_scores(files, trained, "loss", tmp_path / "s.npy", workers=0)
+    assert len(stream_scores(files, trained, "loss", tmp_path / "s.npy", workers=0)) == 6  # its own file: replaced
+
+
+def test_the_dashboard_loads_data_only_under_its_data_root(tmp_path, monkeypatch):
+    """``--data-root`` reaches the app: paths are read relative to it, and refused outside it."""
+    import json
+
+    from dashboard import state
+    from engine.data import save_npz
+    from engine.runs import RunSettings
+
+    root = tmp_path / "root"
+    root.mkdir()
+    save_npz(make_dataset(per_class=4), root / "train.npz")
+    save_npz(make_dataset(per_class=4), tmp_path / "outside.npz")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["app.py", "--data-root", str(root), "--workspace", str(tmp_path / "ws")])
+    state.run_data.clear()
+    loaded = state.run_data(json.dumps(RunSettings(data="train.npz").to_dict(), sort_keys=True))
+    assert len(loaded.full_train) == 12
+    with pytest.raises(InfluenceLensError, match="root/outside.npz: no such file"):  # relative to the root
+        state.run_data(json.dumps(RunSettings(data="outside.npz").to_dict(), sort_keys=True))
+    for spec in (str(tmp_path / "outside.npz"), "../outside.npz"):
+        with pytest.raises(InfluenceLensError, match="outside the data root"):
+            state.run_data(json.dumps(RunSettings(data=spec).to_dict(), sort_keys=True))
