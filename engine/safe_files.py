@@ -25,6 +25,8 @@ from engine.errors import DataError, InfluenceLensError
 
 # A score table's header: a CSV starting with it was written by ``influence-lens score``.
 SCORE_CSV_HEADER = "index,score,rank,given_label,predicted_label,suggested_label"
+# data read from files carries each row's path beside its index (engine.cli._write_scores)
+SCORE_CSV_HEADERS = (SCORE_CSV_HEADER, SCORE_CSV_HEADER.replace("index,", "index,path,", 1))
 
 
 def input_paths(specs: Iterable[str | Path | None]) -> list[Path]:
@@ -54,7 +56,7 @@ def written_score_table(path: Path) -> bool:
     """Whether ``path`` is a CSV that ``influence-lens score`` wrote (its first line is our header)."""
     try:
         with open(path, encoding="utf-8") as handle:
-            return handle.readline().rstrip("\r\n").startswith(SCORE_CSV_HEADER)
+            return handle.readline().rstrip("\r\n").startswith(SCORE_CSV_HEADERS)
     except (OSError, UnicodeDecodeError):
         return False
 
