@@ -238,6 +238,7 @@ def test_streamed_scores_never_land_in_the_data(tmp_path):
         stream_scores(files, trained, "loss", tmp_path / "mine.npy", workers=0)
     stream_scores(files, trained, "loss", tmp_path / "s.npy", workers=0)
     assert len(stream_scores(files, trained, "loss", tmp_path / "s.npy", workers=0)) == 6  # its own file: replaced
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # written beside, then renamed
 
 
 def test_the_dashboard_loads_data_only_under_its_data_root(tmp_path, monkeypatch):
