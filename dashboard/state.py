@@ -73,7 +73,7 @@ def run_data(settings_json: str) -> RunData:
     """Datasets of a run, shared by every session (never mutated); with a data root, only data under it."""
     settings = RunSettings.from_dict(json.loads(settings_json))
     root = app_args().data_root
-    check_within_root([settings.data, settings.validation, settings.test], root)
+    check_within_root([settings.data, settings.validation, settings.test], root, own=folder())
     if root is not None:  # paths are relative to the root, whatever the server's working folder
         settings = replace(settings, **{name: str(Path(root) / value) for name in ("data", "validation", "test")
                                         if (value := getattr(settings, name)) and not value.startswith("sample")})

@@ -127,17 +127,20 @@ def write_atomically(path: str | Path, write: Callable[[IO], None], *, binary: b
             temporary.unlink(missing_ok=True)
 
 
-def check_within_root(specs: Iterable[str | Path | None], root: str | Path | None) -> None:
+def check_within_root(specs: Iterable[str | Path | None], root: str | Path | None, *,
+                      own: str | Path | None = None) -> None:
     """Refuse a data path outside ``root`` (links resolved), with the same words whether or not it
-    exists: a dashboard shared on the network must not read, or reveal, the server's other folders."""
+    exists: a dashboard shared on the network must not read, or reveal, the server's other folders.
+    Paths inside ``own`` (the workspace folder: files the tool wrote, e.g. a grown validation set) pass."""
     if root is None:
         return
     root = Path(root).resolve()
+    allowed = [root] if own is None else [root, Path(own).resolve()]
     for spec in specs:
         if spec is None or str(spec) == "sample" or str(spec).startswith("sample:"):
             continue
         try:
-            inside = (root / spec).resolve().is_relative_to(root)
+            inside = _inside((root / spec).resolve(), allowed) is not None
         except (OSError, ValueError):  # a link loop, a NUL byte: refused like any path outside
             inside = False
         if not inside:

@@ -12,6 +12,8 @@ Python strings would be copied into every forked worker as reference counts touc
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -129,7 +131,22 @@ def stream_scores(files: ImageFiles, trained: TrainedModel, method: str, out: st
         raise DataError(f"{files.source}: {files.num_classes} classes, the model was trained for {trained.num_classes}")
     out = check_output(out, [files.source], force=force, option="out", ours=_is_scores_file)
     scorer = make_scorer(method, settings)
-    table = open_memmap(out, mode="w+", dtype=RECORD, shape=(len(files),))
+    temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # renamed onto ``out`` once complete
+    try:
+        _score_chunks(files, trained, method, scorer, temporary, validation, validation_trusted, chunk_rows,
+                      workers, progress)
+        os.replace(temporary, out)
+    finally:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+    return np.load(out, mmap_mode="r+")
+
+
+def _score_chunks(files: ImageFiles, trained: TrainedModel, method: str, scorer, path: Path,
+                  validation: Dataset | None, validation_trusted: bool, chunk_rows: int, workers: int,
+                  progress: Progress) -> None:
+    """Score chunk by chunk into a new ``.npy`` at ``path`` (see :func:`stream_scores`)."""
+    table = open_memmap(path, mode="w+", dtype=RECORD, shape=(len(files),))
     loader = torch.utils.data.DataLoader(files, batch_size=chunk_rows, num_workers=workers, collate_fn=_stack)
     prepared = False
     for images, labels, rows in loader:
@@ -144,4 +161,3 @@ def stream_scores(files: ImageFiles, trained: TrainedModel, method: str, out: st
         part["predicted_label"], part["suggested_label"] = context.predictions.predicted, result.suggested_labels
         progress(int(rows[-1]) + 1, len(files), f"scoring {method}")
     table.flush()
-    return table

@@ -620,15 +620,27 @@ def test_huge_image_is_refused_before_it_is_decoded(tmp_path):
 # --- issue 13: the cases the tool now handles rather than refuses ---------------------------------
 
 def test_a_score_table_the_tool_wrote_is_replaced_atomically(tmp_path, monkeypatch, capsys):
-    """A second run over its own CSV replaces it (no --force needed) through a temporary file."""
+    """A second run over its own CSV replaces it (no --force needed); a disk that fills half-way through
+    the write leaves the previous file whole, and no temporary file behind."""
+    import pandas as pd
+
     good_npz(tmp_path)
     monkeypatch.chdir(tmp_path)
     assert main(score("train.npz")) == 0
     first = (tmp_path / "out.csv").read_text()
     assert main(score("train.npz", "--seed", "1")) == 0
-    assert (tmp_path / "out.csv").read_text() != first
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv", "train.npz"]  # no temporary left
-    capsys.readouterr()
+    second = (tmp_path / "out.csv").read_text()
+    assert second != first
+
+    def disk_full(frame, target, **kwargs):
+        (open(target, "w") if isinstance(target, (str, Path)) else target).write("index,sco")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", disk_full)
+    assert main(score("train.npz", "--seed", "2")) == 2
+    assert capsys.readouterr().err.strip().endswith("out.csv: cannot write it (No space left on device)")
+    assert (tmp_path / "out.csv").read_text() == second
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv", "train.npz"]
 
 
 def test_force_replaces_a_foreign_file_but_never_an_input(tmp_path, monkeypatch, capsys):

@@ -238,6 +238,7 @@ def test_streamed_scores_never_land_in_the_data(tmp_path):
         stream_scores(files, trained, "loss", tmp_path / "mine.npy", workers=0)
     stream_scores(files, trained, "loss", tmp_path / "s.npy", workers=0)
     assert len(stream_scores(files, trained, "loss", tmp_path / "s.npy", workers=0)) == 6  # its own file: replaced
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # written beside, then renamed
 
 
 def test_the_dashboard_loads_data_only_under_its_data_root(tmp_path, monkeypatch):
@@ -262,3 +263,7 @@ def test_the_dashboard_loads_data_only_under_its_data_root(tmp_path, monkeypatch
     for spec in (str(tmp_path / "outside.npz"), "../outside.npz"):
         with pytest.raises(InfluenceLensError, match="outside the data root"):
             state.run_data(json.dumps(RunSettings(data=spec).to_dict(), sort_keys=True))
+    (tmp_path / "ws").mkdir()  # the tool's own files (Close the loop's grown validation set) stay readable
+    save_npz(make_dataset(per_class=2), tmp_path / "ws" / "grown.npz")
+    settings = RunSettings(data="train.npz", validation=str(tmp_path / "ws" / "grown.npz"))
+    assert len(state.run_data(json.dumps(settings.to_dict(), sort_keys=True)).validation) == 6

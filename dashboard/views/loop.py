@@ -17,6 +17,7 @@ from engine.errors import InfluenceLensError
 from engine.measured import recommended_methods
 from engine.metrics import detection_metrics, ranks
 from engine.runs import config_hash, reviewed_validation, score_into
+from engine.safe_files import write_atomically
 from engine.scorers import available_methods, scorer_class
 from engine.stages import fingerprint
 
@@ -29,8 +30,8 @@ def start_loop(run: state.Active, methods: list[str]) -> None:
     validation = reviewed_validation(run.data, decisions)
     workspace = run.workspace
     path = workspace.path.parent / f"{workspace.path.stem}-validation-{fingerprint(validation)}.npz"
-    if not path.exists():
-        save_npz(validation, path)
+    if not path.exists():  # written whole or not at all, like every file the tool writes
+        write_atomically(path, lambda handle: save_npz(validation, handle), binary=True)
     settings = replace(run.settings, validation=str(path), val_from_train=None)
     data = state.run_data(json.dumps(settings.to_dict(), sort_keys=True))
     key = config_hash(settings, data)
