@@ -1,0 +1,198 @@
+"""Which form of the flat-validation score wins? Variants scored on one trained model per setting.
+
+    python benchmarks/flagship_variants.py --setting cifar-sym20 --setting cifar-pair20 \\
+        --setting mnist-real-trusted --setting cifar-real-trusted
+
+Per setting (``benchmarks/detection.py``'s data, recipe and seed): θ* is trained once (cached in the
+git-ignored ``benchmarks/out/flagship/``), the baselines (loss, margin, cleanlab) run through
+``score_methods`` on it, and θ̃ is fine-tuned on the trusted validation set with SAM for each
+fine-tune seed (and plain SGD once). From those θ̃ come the variants:
+
+- ``fvm`` / ``fvm-loss``: the registered scorers' quantities at one θ̃ (seed 0), recomputed here;
+- ``rank(fvm, fvm-loss)``: the mean of the two rankings' percentiles; ``fvm × fvm-loss``: their product;
+- ``…×S seeds``: the same averaged over S fine-tune seeds (each seed's θ̃ fits its own curvature);
+- ``… over ρ∈{…}``: averaged over the SGD θ̃ and SAM θ̃ at several radii (``--rhos``), seed 0;
+  ``… over all θ̃``: over every θ̃ above;
+- relabel rules: θ̃'s argmax, the argmin of the influence over candidate labels, and both averaged
+  over the seeds (argmax of the mean probability, argmin of the mean candidate influence).
+
+Output: one JSON line per variant on stdout and ``benchmarks/results/flagship-variants.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `benchmarks` importable
+
+from benchmarks.common import REPO_ROOT, data_root  # noqa: E402
+from benchmarks.detection import SIZES, Experiment, _machine, build_experiment, detect, train_base  # noqa: E402
+from engine.curvature import DEFAULT_RELATIVE_DAMPING  # noqa: E402
+from engine.finetune import FinetuneConfig, finetune  # noqa: E402
+from engine.metrics import detection_metrics  # noqa: E402
+from engine.progress import no_progress  # noqa: E402
+from engine.scorers.influence import fit_last_layer  # noqa: E402
+from engine.scorers.loss import cross_entropy  # noqa: E402
+from engine.training import TrainedModel, predict  # noqa: E402
+
+CACHE = REPO_ROOT / "benchmarks" / "out" / "flagship"  # git-ignored
+OUT = REPO_ROOT / "benchmarks" / "results" / "flagship-variants.md"
+BASELINES = ("loss", "margin", "cleanlab")
+
+
+def percentile_rank(scores: np.ndarray) -> np.ndarray:
+    return rankdata(scores) / len(scores)
+
+
+def cached_theta_star(exp: Experiment, seed: int) -> tuple[TrainedModel, dict]:
+    path = CACHE / f"{exp.name}-seed{seed}-theta.pt"
+    if path.is_file():
+        saved = torch.load(path, weights_only=False)
+        trained, row = saved["trained"], saved["row"]
+    else:
+        trained, row = train_base(exp, no_progress)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        torch.save({"trained": trained, "row": row}, path)
+    return trained, row
+
+
+def cached_baseline(exp: Experiment, trained: TrainedModel, method: str, seed: int) -> dict:
+    path = CACHE / f"{exp.name}-seed{seed}-{method}.npz"
+    if not path.is_file():
+        row, result = detect(exp, trained, method, no_progress)
+        np.savez(path, scores=result.scores, suggested=result.suggested_labels, seconds=row["seconds"])
+    with np.load(path) as saved:
+        return {"scores": saved["scores"], "suggested": saved["suggested"], "seconds": float(saved["seconds"])}
+
+
+def theta_tilde_outputs(exp: Experiment, trained: TrainedModel, config: FinetuneConfig, seed: int) -> dict:
+    """Loss, probabilities and candidate influences of the training rows at one θ̃ (cached)."""
+    tag = f"{config.optimizer}-rho{config.rho}-ft{config.seed}"
+    path = CACHE / f"{exp.name}-seed{seed}-{tag}.npz"
+    if not path.is_file():
+        start = time.perf_counter()
+        tuned = finetune(trained, exp.validation, config)
+        model = tuned.model
+        fit = predict(model, trained.task, exp.validation.images, trained.device)
+        curvature = fit_last_layer(model, fit, trained.device, DEFAULT_RELATIVE_DAMPING)
+        target = predict(model, trained.task, exp.train.images, trained.device)
+        candidates = curvature.candidate_scores(target.features, target.probabilities)
+        np.savez(path, loss=cross_entropy(target.logits, exp.train.labels), probabilities=target.probabilities,
+                 candidates=candidates, seconds=time.perf_counter() - start,
+                 validation_accuracy=tuned.validation_accuracy)
+    with np.load(path) as saved:
+        return {k: saved[k] for k in saved.files}
+
+
+def measure(exp: Experiment, name: str, scores: np.ndarray, suggested: np.ndarray, seconds: float) -> dict:
+    judged = exp.is_noisy & (exp.true_labels >= 0)
+    metrics = detection_metrics(scores, exp.is_noisy)
+    return {"setting": exp.name, "variant": name, "auroc": metrics["auroc"], "ap": metrics["ap"],
+            "recall_at_2pct": metrics["recall_at_2pct"],
+            "relabel_top1": float((suggested[judged] == exp.true_labels[judged]).mean()), "relabel_n": int(judged.sum()),
+            "seconds": seconds}
+
+
+def variants(exp: Experiment, outputs: list[dict], sgd: dict,
+             radii: dict[float, dict]) -> list[tuple[str, np.ndarray, np.ndarray, float]]:
+    labels, rows = exp.train.labels, np.arange(len(exp.train))
+    out = []
+    groups = [("", outputs[:1])]
+    if len(outputs) > 1:
+        groups.append((f"×{len(outputs)} seeds", outputs))
+    if radii:
+        groups.append((f" over ρ∈{{0 (sgd), {', '.join(map(str, sorted(radii)))}}}", [sgd, outputs[0], *radii.values()]))
+        groups.append((" over all θ̃", [sgd, *outputs, *radii.values()]))
+    for tag, group in groups:
+        seconds = sum(float(o["seconds"]) for o in group)
+        influence = np.mean([o["candidates"][rows, labels] for o in group], axis=0)
+        loss = np.mean([o["loss"] for o in group], axis=0)
+        argmax = np.mean([o["probabilities"] for o in group], axis=0).argmax(1)
+        argmin = np.mean([o["candidates"] for o in group], axis=0).argmin(1)
+        combined = (percentile_rank(influence) + percentile_rank(loss)) / 2
+        out += [(f"fvm{tag}", influence, argmin, seconds), (f"fvm-loss{tag}", loss, argmax, seconds),
+                (f"rank(fvm, fvm-loss){tag}", combined, argmin, seconds),
+                (f"rank(fvm, fvm-loss){tag}, relabel argmax", combined, argmax, seconds),
+                (f"fvm × fvm-loss{tag}", influence * loss, argmin, seconds)]
+    sgd_influence = sgd["candidates"][rows, labels]
+    out += [("vm", sgd_influence, sgd["candidates"].argmin(1), float(sgd["seconds"])),
+            ("vm-loss", sgd["loss"], sgd["probabilities"].argmax(1), float(sgd["seconds"])),
+            ("rank(vm, vm-loss)", (percentile_rank(sgd_influence) + percentile_rank(sgd["loss"])) / 2,
+             sgd["candidates"].argmin(1), float(sgd["seconds"]))]
+    return out
+
+
+def run(name: str, args: argparse.Namespace) -> list[dict]:
+    exp = build_experiment(name, SIZES["cpu"], lambda: data_root(args.data_root), seed=args.seed, device="cpu")
+    trained, training = cached_theta_star(exp, args.seed)
+    rows = []
+    for method in BASELINES:
+        result = cached_baseline(exp, trained, method, args.seed)
+        rows.append(measure(exp, method, result["scores"], result["suggested"], result["seconds"]))
+    sam = [theta_tilde_outputs(exp, trained, FinetuneConfig(rho=args.rho, seed=s), args.seed)
+           for s in range(args.finetune_seeds)]
+    sgd = theta_tilde_outputs(exp, trained, FinetuneConfig(optimizer="sgd"), args.seed)
+    radii = {rho: theta_tilde_outputs(exp, trained, FinetuneConfig(rho=rho), args.seed) for rho in args.rhos}
+    for variant in variants(exp, sam, sgd, radii):
+        rows.append(measure(exp, *variant))
+    for row in rows:
+        row["theta_star_validation_accuracy"] = training["validation_accuracy"]
+        row["theta_tilde_validation_accuracy"] = float(sam[0]["validation_accuracy"])
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def write(rows: list[dict], args: argparse.Namespace) -> None:
+    md = ["# Flat-validation variants on one trained model per setting", "", "```", args.command, "```", "",
+          f"Run {args.started} on {args.machine}. Data, recipes and seeds as `benchmarks/detection.py` (cpu size); "
+          f"validation trusted in every setting; SAM ρ = {args.rho}, {args.finetune_seeds} fine-tune seeds "
+          "(they change the batch order of the fine-tune only). Seconds: the fine-tunes, curvature fits and "
+          "scoring of the variant (θ* training excluded); CPU shared, noisy.", ""]
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        part = [r for r in rows if r["setting"] == setting]
+        best = max(r["auroc"] for r in part if r["variant"] in BASELINES)
+        md += [f"## {setting} (θ* validation accuracy {part[0]['theta_star_validation_accuracy']:.3f}, "
+               f"θ̃ {part[0]['theta_tilde_validation_accuracy']:.3f}; best baseline AUROC {best:.3f}, "
+               f"target {best + 0.02:.3f})", "",
+               "| variant | AUROC | AP | R@2% | relabel top-1 | seconds |", "|---|---|---|---|---|---|"]
+        md += [f"| {r['variant']} | {r['auroc']:.3f} | {r['ap']:.3f} | {r['recall_at_2pct']:.3f} | "
+               f"{r['relabel_top1']:.2f} ({r['relabel_n']}) | {r['seconds']:.1f} |" for r in part]
+        md.append("")
+    OUT.write_text("\n".join(md))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", action="append", required=True)
+    parser.add_argument("--finetune-seeds", type=int, default=3)
+    parser.add_argument("--rho", type=float, default=FinetuneConfig.rho)
+    parser.add_argument("--rhos", type=lambda v: [float(x) for x in v.split(",") if x], default=[],
+                        help="extra SAM radii (seed 0) for the ensemble over radii, e.g. 0.02,0.1")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--no-write", action="store_true", help="print only (do not rewrite the results table)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    args.command = "python benchmarks/flagship_variants.py " + " ".join(shlex.quote(a) for a in argv)
+    args.started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    args.machine = _machine("cpu")
+    rows = [row for name in args.setting for row in run(name, args)]
+    if not args.no_write:
+        write(rows, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
