@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import charts, jobs, state
+from engine.data import original_image
 
 TILE_PX = 112
 
@@ -67,7 +68,7 @@ def card(run: state.Active, row: pd.Series) -> None:
     names = run.class_names
     index, suggested, given = int(row["index"]), int(row["suggested"]), int(row["given"])
     with st.container(border=True, key=f"card_{index}"):
-        st.image(charts.tile(run.data.train.images[int(row["position"])], TILE_PX), width=TILE_PX)
+        st.image(charts.tile(original_image(run.data.train, int(row["position"]), TILE_PX), TILE_PX), width=TILE_PX)
         st.markdown(charts.card_caption(row, names))
         with st.container(horizontal=True, gap="small"):
             st.button(f"✓ {names[suggested]}", key=f"accept_{index}", help="accept the suggested label",

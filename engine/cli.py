@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.data import NOISE_KINDS, Dataset, conform, load_dataset
+from engine.backbones import FREEZE_CHOICES
+from engine.data import NOISE_KINDS, Dataset
 from engine.device import DEVICE_NAMES
 from engine.distributed import LOCAL, from_torchrun
 from engine.errors import InfluenceLensError
@@ -24,15 +25,13 @@ from engine.guidance import review_estimate, scoring_advice
 from engine.metrics import detection_metrics
 from engine.models import MODEL_NAMES
 from engine.pipeline import (
-    carve_validation,
     read_decisions,
     result_table,
     retrain_comparison,
     score_methods,
-    with_injected_noise,
 )
 from engine.progress import close_progress_bars, no_progress, tqdm_progress
-from engine.runs import RunSettings, load_run_data, score_into
+from engine.runs import RunData, RunSettings, load_run_data, score_into
 from engine.scorers import available_methods, scorer_class
 from engine.scorers.flat_validation import CURVATURES
 from engine.stages import StageStore
@@ -50,11 +49,29 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=defaults.learning_rate,
                         help="peak learning rate of the schedule (default %(default)s)")
     parser.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICE_NAMES)}")
-    parser.add_argument("--model", default="auto", help=f"one of {', '.join(MODEL_NAMES)}")
+    parser.add_argument("--model", default="auto", help=f"one of {', '.join(MODEL_NAMES)}, or timm:NAME")
     parser.add_argument("--noise-rate", type=float, default=None, help="inject this fraction of label noise first")
     parser.add_argument("--noise-kind", default="symmetric", help=f"one of {', '.join(NOISE_KINDS)}")
     parser.add_argument("--skip-unreadable", action="store_true",
                         help="leave out unreadable images (and report them) instead of stopping")
+    _add_start_options(parser)
+
+
+def _add_start_options(parser: argparse.ArgumentParser) -> None:
+    """Bring your model (engine.backbones): start from weights, a backbone, timm, or embeddings."""
+    group = parser.add_argument_group("bring your model")
+    group.add_argument("--weights", default=None, metavar="FILE",
+                       help="a state_dict (.pt or .safetensors) for --model small-cnn/resnet18 (or a timm model)")
+    group.add_argument("--backbone", default=None, metavar="FILE",
+                       help="a TorchScript module mapping N×C×H×W images to N×D features; a linear head goes on top")
+    group.add_argument("--embeddings", default=None, metavar="FILE.npy",
+                       help="N×D features already computed, row i for the sample of index i: a head is trained on them")
+    group.add_argument("--freeze", choices=FREEZE_CHOICES, default=None,
+                       help="backbone (default with a start): features once, train the head alone; none: fine-tune all")
+    group.add_argument("--pretrained", action="store_true", help="--model timm:NAME: timm's pretrained weights")
+    group.add_argument("--image-size", type=int, default=None, metavar="S",
+                       help="resize at load: shorter side to S, centre crop (default: the backbone's input; "
+                            "images as they are for the built-in models)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,16 +113,33 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace) -> TrainConfig:
     return replace(TrainConfig(), epochs=args.epochs, seed=args.seed, device=args.device, model=args.model,
-                   learning_rate=args.lr).validate()
+                   learning_rate=args.lr, weights=args.weights, backbone=args.backbone, embeddings=args.embeddings,
+                   freeze=args.freeze, pretrained=args.pretrained).validate()
 
 
-def _load(spec: str, args: argparse.Namespace, *, like: Dataset | None = None, role: str = "training"):
-    """Load ``spec``; a validation or test set is brought to the images' shape of ``like`` (the training set)."""
-    dataset = load_dataset(spec, skip_unreadable=args.skip_unreadable)
-    if like is not None:
-        dataset = conform(dataset, like.image_shape, role)
-    _report_loading(spec, dataset)
-    return dataset
+def _run_settings(args: argparse.Namespace) -> RunSettings:
+    """The run the options describe, in the runs layer's terms (the CLI and the dashboard load alike)."""
+    config = _config(args)  # its own checks first (e.g. --epochs 0), which the run settings would default away
+    return RunSettings(data=args.train, validation=getattr(args, "val", None),
+                       val_from_train=getattr(args, "val_from_train", None), test=getattr(args, "test", None),
+                       noise_rate=args.noise_rate or 0.0, noise_kind=args.noise_kind, epochs=config.epochs,
+                       seed=config.seed, device=config.device, learning_rate=config.learning_rate, model=config.model,
+                       curvature=getattr(args, "curvature", None), weights=config.weights, backbone=config.backbone,
+                       embeddings=config.embeddings, freeze=config.freeze, pretrained=config.pretrained,
+                       image_size=args.image_size).validate()
+
+
+def _load(settings: RunSettings, args: argparse.Namespace) -> RunData:
+    """:func:`engine.runs.load_run_data`, saying on stderr what loading left out or changed."""
+    data = load_run_data(settings, skip_unreadable=args.skip_unreadable)
+    _report_loading(args.train, data.full_train)
+    for spec, dataset in ((settings.validation, data.validation), (settings.test, data.test)):
+        if spec is not None and dataset is not None:
+            _report_loading(spec, dataset)
+    for note in data.notes:
+        print(f"influence-lens: {note}", file=sys.stderr)
+    _check_truth(data.flipped, args)
+    return data
 
 
 def _report_loading(spec: str, dataset) -> None:
@@ -116,13 +150,6 @@ def _report_loading(spec: str, dataset) -> None:
         print(f"influence-lens: skipped {problem}", file=sys.stderr)
     for note in dataset.notes:
         print(f"influence-lens: {note}", file=sys.stderr)
-
-
-def _noisy(dataset, args):
-    if args.noise_rate is None:
-        return dataset, None
-    noisy = with_injected_noise(dataset, rate=args.noise_rate, kind=args.noise_kind, seed=args.seed)
-    return noisy.dataset, noisy.flipped
 
 
 def _output_path(args: argparse.Namespace) -> Path:
@@ -154,69 +181,52 @@ def _method_settings(args: argparse.Namespace) -> dict:
 
 
 def _score(args: argparse.Namespace) -> dict | None:
-    config = _config(args)
     out = _output_path(args)
-    if args.workspace is not None:
-        return _score_in_workspace(args, config, out)
+    settings = _run_settings(args)
+    if args.workspace is not None and args.distributed:
+        raise InfluenceLensError("--workspace runs in one process; it cannot be combined with --distributed")
+    method_settings = _method_settings(args)  # refuse a --curvature the method does not have, before any work
+    config = settings.train_config()
     distributed = from_torchrun(config.device) if args.distributed else LOCAL
     start = time.perf_counter()
-    train_set, flipped = _noisy(_load(args.train, args), args)
-    validation, trusted = None, True
-    if args.val is not None:
-        validation = _load(args.val, args, like=train_set, role="validation")
-    elif args.val_from_train is not None:
-        keep_rows, validation = carve_validation(train_set, args.val_from_train, seed=args.seed)
-        if flipped is not None:
-            flipped = flipped[np.isin(train_set.index, keep_rows.index)]
-        train_set, trusted = keep_rows, False
-    _check_truth(flipped, args)
-    run = score_methods(train_set, [args.method], validation=validation, validation_trusted=trusted,
-                        config=config, settings=_method_settings(args),
+    data = _load(settings, args)
+    if args.workspace is not None:
+        return _score_in_workspace(args, settings, data, out, start)
+    run = score_methods(data.train, [args.method], validation=data.validation,
+                        validation_trusted=data.validation_trusted, config=config, settings=method_settings,
                         progress=tqdm_progress() if distributed.is_main else no_progress, distributed=distributed)
     if not distributed.is_main:
         return None  # rank 0 writes the one merged result
-    table = run.table(args.method, flipped)
-    _write_scores(table, out)
+    table = run.table(args.method, data.flipped)
+    _write_scores(table, out, data.train)
     trained = run.trained
-    summary = _summary(args, config, out, start, run.results[args.method], n=len(train_set),
-                       device=str(trained.device), model=trained.model_name, validation=validation, trusted=trusted,
-                       flipped=flipped, train_seconds=run.train_seconds)
-    summary["review"] = _review(run.results, args.method, train_set.labels, run.context.predictions.probabilities)
-    return _with_advice(summary, scoring_advice(train_set, table, validation=validation, trusted=trusted,
-                                                info=run.results[args.method].info, history=trained.history,
-                                                training_notes=trained.notes))
+    summary = _summary(args, config, out, start, run.results[args.method], n=len(data.train),
+                       device=str(trained.device), model=trained.model_name, validation=data.validation,
+                       trusted=data.validation_trusted, flipped=data.flipped, train_seconds=run.train_seconds)
+    summary["review"] = _review(run.results, args.method, data.train.labels, run.context.predictions.probabilities)
+    return _with_advice(summary, scoring_advice(data.train, table, validation=data.validation,
+                                                trusted=data.validation_trusted, info=run.results[args.method].info,
+                                                history=trained.history, training_notes=trained.notes))
 
 
-def _score_in_workspace(args: argparse.Namespace, config: TrainConfig, out: Path) -> dict:
+def _score_in_workspace(args: argparse.Namespace, settings: RunSettings, data: RunData, out: Path,
+                        start: float) -> dict:
     """``score --workspace``: the dashboard's resumable run (:func:`engine.runs.score_into`), one method."""
-    if args.distributed:
-        raise InfluenceLensError("--workspace runs in one process; it cannot be combined with --distributed")
-    _method_settings(args)  # refuse a --curvature the method does not have, before any work
-    start = time.perf_counter()
-    settings = RunSettings(data=args.train, validation=args.val, val_from_train=args.val_from_train,
-                           noise_rate=args.noise_rate or 0.0, noise_kind=args.noise_kind, epochs=config.epochs,
-                           seed=config.seed, device=config.device, learning_rate=config.learning_rate,
-                           model=config.model, curvature=args.curvature)
-    data = load_run_data(settings, skip_unreadable=args.skip_unreadable)
-    _report_loading(args.train, data.full_train)
-    if data.validation is not None and args.val is not None:
-        _report_loading(args.val, data.validation)
-    _check_truth(data.flipped, args)
     workspace = Workspace.for_data(settings.data_key(), args.workspace)
     stages = StageStore.in_workspace_folder(args.workspace)
     key, _ = score_into(workspace, settings, data, [args.method], progress=tqdm_progress(), stages=stages)
     results, arrays = workspace.results(key), workspace.arrays(key)
     result = results[args.method]
     table = result_table(data.train, result, arrays["logits"].argmax(1), data.flipped)
-    _write_scores(table, out)
+    _write_scores(table, out, data.train)
     training = workspace.report(key, "training")
     log = stages.summary() if stages.log else {"reused": ["result"], "computed": []}
     for kind in ("reused", "computed"):
         if log[kind]:
             print(f"influence-lens: {kind} {', '.join(log[kind])}", file=sys.stderr)
-    summary = _summary(args, config, out, start, result, n=len(data.train), device=training["device"],
-                       model=training["model"], validation=data.validation, trusted=data.validation_trusted,
-                       flipped=data.flipped, train_seconds=training["seconds"])
+    summary = _summary(args, settings.train_config(), out, start, result, n=len(data.train),
+                       device=training["device"], model=training["model"], validation=data.validation,
+                       trusted=data.validation_trusted, flipped=data.flipped, train_seconds=training["seconds"])
     summary["workspace"] = {"file": str(workspace.path), "run": key, "stages": log}
     summary["review"] = _review(results, args.method, data.train.labels,
                                 Predictions(arrays["logits"].astype(np.float64), arrays["features"]).probabilities)
@@ -242,7 +252,11 @@ def _with_advice(summary: dict, advice: list) -> dict:
     return summary
 
 
-def _write_scores(table, out: Path) -> None:
+def _write_scores(table, out: Path, train_set: Dataset) -> None:
+    """The table, with each row's file path beside its index when the data came from files."""
+    if train_set.paths is not None:
+        path_of = dict(zip(train_set.index.tolist(), train_set.paths, strict=True))
+        table.insert(1, "path", [path_of[i] for i in table["index"].tolist()])
     try:
         table.to_csv(out, index=False)
     except OSError as exc:
@@ -265,10 +279,10 @@ def _summary(args: argparse.Namespace, config: TrainConfig, out: Path, start: fl
 
 
 def _retrain(args: argparse.Namespace) -> dict:
-    train_set, _ = _noisy(_load(args.train, args), args)
-    decisions = read_decisions(args.decisions, train_set)
-    return retrain_comparison(train_set, decisions, _load(args.test, args, like=train_set, role="test"),
-                              config=_config(args),
+    settings = _run_settings(args)
+    data = _load(settings, args)
+    decisions = read_decisions(args.decisions, data.full_train)
+    return retrain_comparison(data.full_train, decisions, data.test, config=settings.train_config(),
                               progress=tqdm_progress())
 
 

@@ -31,7 +31,9 @@ MAX_CLASSES = 100_000
 
 @dataclass(frozen=True)
 class Dataset:
-    """Images, labels, class names and a stable index per sample (see module docstring)."""
+    """Images, labels, class names and a stable index per sample (see module docstring). On the
+    head-only path (:mod:`engine.backbones`) ``images`` holds a frozen backbone's float32 N×D features
+    instead, and everything downstream (training, scorers) runs on those rows unchanged."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -61,7 +63,7 @@ class Dataset:
 
     @property
     def channels(self) -> int:
-        return 1 if self.images.ndim == 3 else int(self.images.shape[3])
+        return int(self.images.shape[3]) if self.images.ndim == 4 else 1
 
     def with_labels(self, labels: np.ndarray) -> Dataset:
         """A copy with other labels (same images, classes and index)."""
@@ -78,9 +80,10 @@ class Dataset:
 def _validate(ds: Dataset) -> None:
     where = ds.source or "dataset"
     images, labels = ds.images, ds.labels
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+    features = isinstance(images, np.ndarray) and images.ndim == 2 and images.dtype == np.float32
+    if not features and (not isinstance(images, np.ndarray) or images.dtype != np.uint8):
         raise DataError(f"{where}: images must be a uint8 array, got {getattr(images, 'dtype', type(images))}")
-    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
+    if not features and images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
         raise DataError(f"{where}: images must be N×H×W or N×H×W×C with C in (1, 3), got shape {images.shape}")
     if not isinstance(labels, np.ndarray) or labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{where}: labels must be a 1-D integer array")
@@ -166,8 +169,9 @@ def load_npz(path: str | Path) -> Dataset:
                    None if index is None else index.astype(np.int64), source=where)
 
 
-def read_image(path: Path) -> np.ndarray:
-    """One image file as uint8 H×W or H×W×3; a :class:`DataError` naming the file otherwise."""
+def read_image(path: Path, draft: int | None = None) -> np.ndarray:
+    """One image file as uint8 H×W or H×W×3; a :class:`DataError` naming the file otherwise.
+    ``draft``: a JPEG may be decoded at a reduced scale whose shorter side is still at least this."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -178,6 +182,8 @@ def read_image(path: Path) -> np.ndarray:
             if img.width * img.height > MAX_IMAGE_PIXELS:
                 raise DataError(f"{path}: image is {img.width}×{img.height}, larger than the "
                                 f"{MAX_IMAGE_PIXELS} pixels this tool accepts")
+            if draft is not None and img.mode in ("L", "RGB"):
+                img.draft(img.mode, (draft, draft))  # JPEG's DCT scaling: a 4000×3000 photo never decodes whole
             if img.mode.startswith("I;16"):  # 16-bit grayscale PNG: rescale, as convert("L") would clip at 255
                 return np.round(np.asarray(img, dtype=np.float64) / 257.0).astype(np.uint8)
             mode = "L" if img.mode in ("1", "L", "I", "F") else "RGB"
@@ -202,6 +208,49 @@ def conform_image(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if pil.size != (shape[1], shape[0]):
         pil = pil.resize((shape[1], shape[0]), Image.BILINEAR)
     return np.asarray(pil, dtype=np.uint8)
+
+
+def original_image(dataset: Dataset, position: int, size: int) -> np.ndarray:
+    """The row's own file (the real photo, not the resized training copy) at about ``size`` px on its
+    long side, for the gallery and the sample detail; the stored image when there is no file."""
+    from PIL import Image
+
+    path = original_file(dataset, position)
+    if path is None:
+        return dataset.images[position]
+    try:
+        image = Image.fromarray(read_image(path, draft=size))
+    except DataError:  # moved or changed since loading: show what was trained on
+        return dataset.images[position]
+    image.thumbnail((size, size), Image.BILINEAR)
+    return np.asarray(image)
+
+
+def original_file(dataset: Dataset, position: int) -> Path | None:
+    """The file a row was loaded from (image folder or manifest data), if it is still there."""
+    if dataset.paths is None or not dataset.source:
+        return None
+    source = Path(dataset.source)
+    path = (source if source.is_dir() else source.parent.resolve()) / dataset.paths[position]
+    return path if path.is_file() else None
+
+
+def center_fit(image: np.ndarray, size: int) -> np.ndarray:
+    """``image`` with its shorter side resized to ``size`` and centre-cropped to size×size (bilinear)."""
+    from PIL import Image, ImageOps
+
+    if image.shape[:2] == (size, size):
+        return image
+    return np.asarray(ImageOps.fit(Image.fromarray(image), (size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def fit_images(dataset: Dataset, size: int) -> Dataset:
+    """A loaded dataset's images as size×size (shorter side, centre crop), with a note saying so."""
+    if dataset.image_shape[:2] == (size, size):
+        return dataset
+    images = np.stack([center_fit(image, size) for image in dataset.images])
+    return replace(dataset, images=images, notes=(*dataset.notes, f"{dataset.source}: images resized to {size}×{size} "
+                                                                  "(shorter side, centre crop)"))
 
 
 def _stack_images(arrays: list[np.ndarray], where: str) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -233,12 +282,15 @@ def conform(dataset: Dataset, image_shape: tuple[int, ...], role: str) -> Datase
     return replace(dataset, images=images, notes=(*dataset.notes, note))
 
 
-def _decode_all(paths: list[Path], where: str, skip_unreadable: bool) -> tuple[list[np.ndarray], list[int], list[str]]:
-    """Decode every image; with ``skip_unreadable`` collect failures instead of raising."""
+def _decode_all(paths: list[Path], where: str, skip_unreadable: bool,
+                image_size: int | None = None) -> tuple[list[np.ndarray], list[int], list[str]]:
+    """Decode every image; with ``skip_unreadable`` collect failures instead of raising. With
+    ``image_size`` each is resized as soon as it is decoded: memory follows the model's input."""
     images, kept, skipped = [], [], []
     for i, p in enumerate(paths):
         try:
-            images.append(read_image(p))
+            image = read_image(p, image_size)
+            images.append(image if image_size is None else center_fit(image, image_size))
             kept.append(i)
         except DataError as exc:
             if not skip_unreadable:
@@ -249,17 +301,18 @@ def _decode_all(paths: list[Path], where: str, skip_unreadable: bool) -> tuple[l
     return images, kept, skipped
 
 
-def load_image_folder(path: str | Path, *, skip_unreadable: bool = False) -> Dataset:
+def load_image_folder(path: str | Path, *, skip_unreadable: bool = False, image_size: int | None = None) -> Dataset:
     """One sub-folder per class (sorted names are the classes), PNG/JPEG files inside."""
     root = Path(path)
-    return _decode_listing(*image_folder_files(root), root=root, where=str(root), skip_unreadable=skip_unreadable)
+    return _decode_listing(*image_folder_files(root), root=root, where=str(root), skip_unreadable=skip_unreadable,
+                           image_size=image_size)
 
 
 def _decode_listing(files: list[Path], labels: np.ndarray, class_names: tuple[str, ...], *, root: Path, where: str,
-                    skip_unreadable: bool) -> Dataset:
+                    skip_unreadable: bool, image_size: int | None = None) -> Dataset:
     """Decode a listing of image files into a :class:`Dataset`: the index is the listing position, the
     paths relative to ``root``; what was skipped or changed is kept in ``skipped`` / ``notes``."""
-    decoded, kept, skipped = _decode_all(files, where, skip_unreadable)
+    decoded, kept, skipped = _decode_all(files, where, skip_unreadable, image_size)
     kept_files = [files[i] for i in kept]
     images, notes = _stack_images(decoded, where)
     return Dataset(images, labels[kept], class_names, np.asarray(kept, dtype=np.int64), source=where,
@@ -287,11 +340,11 @@ def image_folder_files(root: Path) -> tuple[list[Path], np.ndarray, tuple[str, .
     return files, np.asarray(labels, dtype=np.int64), tuple(d.name for d in class_dirs)
 
 
-def load_csv_manifest(path: str | Path, *, skip_unreadable: bool = False) -> Dataset:
+def load_csv_manifest(path: str | Path, *, skip_unreadable: bool = False, image_size: int | None = None) -> Dataset:
     """A CSV with columns ``path,label``; paths relative to the CSV, labels names or integers."""
     csv_path = Path(path)
     return _decode_listing(*manifest_files(csv_path), root=csv_path.parent.resolve(), where=str(csv_path),
-                           skip_unreadable=skip_unreadable)
+                           skip_unreadable=skip_unreadable, image_size=image_size)
 
 
 def manifest_files(csv_path: Path) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
@@ -380,8 +433,14 @@ def load_sample(split: str = "train") -> Dataset:
     return load_digits_split(split)
 
 
-def load_dataset(spec: str | Path, *, skip_unreadable: bool = False) -> Dataset:
-    """Load ``sample[:split]``, an ``.npz``, an image folder or a ``.csv`` manifest."""
+def load_dataset(spec: str | Path, *, skip_unreadable: bool = False, image_size: int | None = None) -> Dataset:
+    """Load ``sample[:split]``, an ``.npz``, an image folder or a ``.csv`` manifest; with ``image_size``,
+    every image as image_size² (shorter side, centre crop; files resized one at a time as decoded)."""
+    dataset = _load_files(spec, skip_unreadable=skip_unreadable, image_size=image_size)  # files: as decoded
+    return dataset if image_size is None else fit_images(dataset, image_size)  # arrays (npz, sample): after
+
+
+def _load_files(spec: str | Path, *, skip_unreadable: bool = False, image_size: int | None = None) -> Dataset:
     text = str(spec)
     if text == "sample" or text.startswith("sample:"):
         return load_sample(text.partition(":")[2] or "train")
@@ -389,12 +448,12 @@ def load_dataset(spec: str | Path, *, skip_unreadable: bool = False) -> Dataset:
     if not path.exists():
         raise DataError(f"{text}: no such file or folder")
     if path.is_dir():
-        return load_image_folder(path, skip_unreadable=skip_unreadable)
+        return load_image_folder(path, skip_unreadable=skip_unreadable, image_size=image_size)
     suffix = path.suffix.lower()
     if suffix == ".npz":
         return load_npz(path)
     if suffix == ".csv":
-        return load_csv_manifest(path, skip_unreadable=skip_unreadable)
+        return load_csv_manifest(path, skip_unreadable=skip_unreadable, image_size=image_size)
     raise DataError(f"{text}: unsupported data file (expected a .npz, a .csv manifest or an image folder)")
 
 

@@ -12,11 +12,12 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import precision_recall_curve, roc_curve
 
+from engine.backbones import frozen_inputs
 from engine.data import Dataset
 from engine.metrics import ranking
 from engine.pipeline import apply_decisions
 from engine.progress import Progress, no_progress
-from engine.task import ImageTask
+from engine.task import fit_task
 from engine.training import TrainConfig, evaluate, train
 
 MAP_METHODS = ("pca", "tsne")
@@ -117,8 +118,8 @@ def cleaning_curves(dataset: Dataset, test_set: Dataset, rankings: dict[str, tup
     retrains with the same recipe and seed; identical decision sets are trained once.
     Returns ``curve, fixed, relabeled, accuracy``.
     """
-    config = config or TrainConfig()
-    task = ImageTask.fit(dataset)  # relabeling leaves the images, hence the normalization, unchanged
+    config, dataset, (test_set,) = frozen_inputs(config or TrainConfig(), dataset, test_set)
+    task = fit_task(dataset)  # relabeling leaves the images (or features), hence the normalization, unchanged
     trained_for: dict[tuple, float] = {}
     rows = []
     jobs = [(name, k) for name in rankings for k in depths]

@@ -12,6 +12,7 @@ from torch import nn
 from engine.errors import OptionError
 
 MODEL_NAMES = ("auto", "small-cnn", "resnet18")
+HEAD_MODEL = "linear"  # the head alone, trained on a frozen backbone's features (engine.backbones)
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
@@ -76,18 +77,38 @@ class ResNet18(nn.Module):
         return self.head(self.features(x))
 
 
+class LinearHead(nn.Module):
+    """A linear classifier on feature rows: ``features`` is the identity (the frozen backbone ran once
+    beforehand), so every scorer's ``features(x)`` + ``head`` sees exactly the convex head problem."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.head = nn.Linear(dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+
 def choose_model(image_shape: tuple[int, ...], device: torch.device) -> str:
-    """ResNet-18 for RGB images of 32 px and more on a GPU; the small CNN everywhere else."""
+    """ResNet-18 for RGB images of 32 px and more on a GPU; the small CNN everywhere else (the head
+    alone on feature rows)."""
+    if len(image_shape) == 1:
+        return HEAD_MODEL
     rgb = len(image_shape) == 3 and image_shape[2] == 3
     return "resnet18" if device.type == "cuda" and rgb and min(image_shape[:2]) >= 32 else "small-cnn"
 
 
 def build_model(name: str, image_shape: tuple[int, ...], num_classes: int, device: torch.device) -> nn.Module:
     """Build the named model (``auto`` resolves by :func:`choose_model`) for the image shape."""
-    if name not in MODEL_NAMES:
+    if name not in (*MODEL_NAMES, HEAD_MODEL):
         raise OptionError("model", name, MODEL_NAMES)
     if name == "auto":
         name = choose_model(image_shape, device)
+    if name == HEAD_MODEL or len(image_shape) == 1:
+        return LinearHead(image_shape[0], num_classes)
     channels = 1 if len(image_shape) == 2 else image_shape[2]
     if name == "resnet18":
         return ResNet18(channels, num_classes)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from engine.backbones import HEAD_ONLY_NOTE, frozen_inputs, head_only
 from engine.data import Dataset, inject_noise, stratified_split
 from engine.distributed import LOCAL, Distributed
 from engine.errors import DataError, InfluenceLensError
@@ -124,6 +125,8 @@ def score_methods(train_set: Dataset, methods: list[str], *, validation: Dataset
     if validation is not None:
         check_compatible(train_set, validation, "validation")
     start = time.perf_counter()
+    frozen = head_only(config)
+    config, train_set, (validation,) = frozen_inputs(config, train_set, validation, stages=stages, progress=progress)
     if trained is None and stages is not None:
         trained = train_in_stages(train_set, config, stages, progress=progress)
     if trained is None:
@@ -138,6 +141,8 @@ def score_methods(train_set: Dataset, methods: list[str], *, validation: Dataset
         scorer = make_scorer(name, settings.get(name))
         run.results[name] = _score_in_stages(scorer, context) if distributed.world_size == 1 else \
             _score_distributed(scorer, context, distributed)
+        if frozen:
+            run.results[name].info["trained_part"] = HEAD_ONLY_NOTE
     return run
 
 
@@ -299,6 +304,7 @@ def retrain_comparison(train_set: Dataset, decisions: pd.DataFrame, test_set: Da
     ``before``: the model already trained on ``train_set`` with ``config`` (saves one training).
     """
     check_compatible(train_set, test_set, "test")
+    config, train_set, (test_set,) = frozen_inputs(config, train_set, test_set, progress=progress)
     cleaned = apply_decisions(train_set, decisions)
     before = before or train(train_set, config, progress=progress)
     after = train(cleaned, replace(config, model=before.model_name), task=before.task, progress=progress)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from engine.backbones import backbone_size, check_embeddings, file_hash, start_notes
 from engine.data import NOISE_KINDS, Dataset, conform, load_dataset
 from engine.device import DEVICE_NAMES
 from engine.errors import DataError, OptionError
@@ -50,6 +51,13 @@ class RunSettings:
     learning_rate: float | None = None
     model: str | None = None
     curvature: str | None = None
+    # Bring your model (engine.backbones): the TrainConfig fields of the same names.
+    weights: str | None = None
+    backbone: str | None = None
+    embeddings: str | None = None
+    freeze: str | None = None
+    pretrained: bool = False
+    image_size: int | None = None  # resize at load: shorter side to this, centre crop (engine.data)
 
     def validate(self) -> RunSettings:
         if self.preset not in PRESETS:
@@ -62,6 +70,11 @@ class RunSettings:
             raise OptionError("curvature", self.curvature, CURVATURES)
         if self.validation and self.val_from_train:
             raise DataError("choose either a trusted validation set or a fraction carved from training, not both")
+        if self.image_size is not None and not 2 <= self.image_size <= 4096:
+            raise DataError(f"--image-size must be a side length in pixels from 2 to 4096, got {self.image_size}")
+        if self.embeddings and (self.validation or self.test):
+            raise DataError("--embeddings has rows for the training file only: carve the validation set with "
+                            "--val-from-train (a separate validation or test set needs its own features)")
         self.train_config()
         return self
 
@@ -69,7 +82,8 @@ class RunSettings:
         preset = PRESETS[self.preset]
         return replace(preset, epochs=self.epochs or preset.epochs, seed=self.seed, device=self.device or preset.device,
                        learning_rate=self.learning_rate or preset.learning_rate,
-                       model=self.model or preset.model).validate()
+                       model=self.model or preset.model, weights=self.weights, backbone=self.backbone,
+                       embeddings=self.embeddings, freeze=self.freeze, pretrained=self.pretrained).validate()
 
     def method_settings(self, methods: list[str]) -> dict[str, Any]:
         """Scorer settings these settings change (``curvature`` for the methods that have one)."""
@@ -80,7 +94,7 @@ class RunSettings:
 
     @property
     def test_spec(self) -> str | None:
-        return self.test or ("sample:test" if _is_sample(self.data) else None)
+        return self.test or ("sample:test" if _is_sample(self.data) and not self.embeddings else None)
 
     def data_key(self) -> str:
         """The labelled data under review: the workspace is one per key (demo noise included)."""
@@ -113,6 +127,7 @@ class RunData:
     flipped: np.ndarray | None
     clean_labels: np.ndarray | None
     fingerprint: str
+    notes: tuple[str, ...] = ()  # what loading changed (resized images, a replaced head), for the user
 
     @property
     def truth_known(self) -> bool:
@@ -122,14 +137,19 @@ class RunData:
 def load_run_data(settings: RunSettings, *, skip_unreadable: bool = True) -> RunData:
     """Load, inject the demo noise, and carve or load the validation set (as the CLI does)."""
     settings.validate()
-    full = load_dataset(settings.data, skip_unreadable=skip_unreadable)
+    config = settings.train_config()
+    size = settings.image_size or backbone_size(config)
+    full = load_dataset(settings.data, skip_unreadable=skip_unreadable, image_size=size)
+    if settings.embeddings:
+        check_embeddings(settings.embeddings, full)
+    notes = tuple(start_notes(config, full))  # the loaders' own notes stay on the datasets
     flipped = clean = None
     if settings.noise_rate > 0:
         noisy = with_injected_noise(full, rate=settings.noise_rate, kind=settings.noise_kind, seed=settings.seed)
         full, flipped, clean = noisy.dataset, noisy.flipped, noisy.clean_labels
     train_set, validation, trusted = full, None, True
     if settings.validation:
-        validation = conform(load_dataset(settings.validation, skip_unreadable=skip_unreadable),
+        validation = conform(load_dataset(settings.validation, skip_unreadable=skip_unreadable, image_size=size),
                              train_set.image_shape, "validation")
         check_compatible(train_set, validation, "validation")
     elif settings.val_from_train:
@@ -140,16 +160,18 @@ def load_run_data(settings: RunSettings, *, skip_unreadable: bool = True) -> Run
             flipped, clean = flipped[keep], clean[keep]
     test = None
     if settings.test_spec:
-        test = conform(load_dataset(settings.test_spec, skip_unreadable=skip_unreadable), full.image_shape, "test")
+        test = conform(load_dataset(settings.test_spec, skip_unreadable=skip_unreadable, image_size=size),
+                       full.image_shape, "test")
         check_compatible(full, test, "test")
-    return RunData(train_set, full, validation, trusted, test, flipped, clean, fingerprint(train_set, validation))
+    return RunData(train_set, full, validation, trusted, test, flipped, clean, fingerprint(train_set, validation),
+                   notes)
 
 
 def reviewed_validation(data: RunData, decisions: pd.DataFrame) -> Dataset:
     """A trusted validation set grown by the samples a person reviewed (METHODS.md §4: "the samples
     a person has reviewed and confirmed or relabeled"): confirmed ones with their given label,
     relabeled ones with the new label, after the run's own validation set when that one is trusted.
-    Rows are re-indexed 0..M-1 (the two sets' indices may overlap)."""
+    Rows keep their stable index, or are re-indexed 0..M-1 when the two sets' indices overlap."""
     decided = decisions.set_index("index")
     reviewed = decided[decided["action"].isin(["keep", "relabel"])]
     rows = np.flatnonzero(np.isin(data.train.index, reviewed.index))
@@ -158,11 +180,13 @@ def reviewed_validation(data: RunData, decisions: pd.DataFrame) -> Dataset:
     action = reviewed.loc[data.train.index[rows], "action"].to_numpy()
     new_label = reviewed.loc[data.train.index[rows], "new_label"].to_numpy()
     labels = np.where(action == "relabel", new_label, data.train.labels[rows])
-    parts = [(data.train.images[rows], labels)]
+    parts = [(data.train.images[rows], labels, data.train.index[rows])]
     if data.validation is not None and data.validation_trusted:
-        parts.insert(0, (data.validation.images, data.validation.labels))
+        parts.insert(0, (data.validation.images, data.validation.labels, data.validation.index))
     images = np.concatenate([p[0] for p in parts])
+    index = np.concatenate([p[2] for p in parts])
     return Dataset(images, np.concatenate([p[1] for p in parts]).astype(np.int64), data.train.class_names,
+                   index=index if len(np.unique(index)) == len(index) else None,  # embeddings look rows up by it
                    source=f"{data.train.source or 'training'}: reviewed samples as validation")
 
 
@@ -171,6 +195,8 @@ def config_hash(settings: RunSettings, data: RunData) -> str:
     values = {k: v for k, v in settings.to_dict().items() if k != "test"}
     values["train_config"] = asdict(settings.train_config())
     values["fingerprint"] = data.fingerprint
+    values["start_files"] = {path: file_hash(path) for path in (settings.weights, settings.backbone,
+                                                                 settings.embeddings) if path}  # the content counts
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -206,8 +232,8 @@ def _store_model_outputs(workspace: Workspace, key: str, data: RunData, run) -> 
     preds = run.context.predictions
     arrays = {"index": data.train.index, "logits": preds.logits.astype(np.float32),
               "features": preds.features.astype(np.float32)}
-    if data.validation is not None:
-        val = predict(trained.model, trained.task, data.validation.images, trained.device)
+    if data.validation is not None:  # the context's copy: feature rows on the head-only path
+        val = predict(trained.model, trained.task, run.context.validation.images, trained.device)
         arrays.update(val_index=data.validation.index, val_logits=val.logits.astype(np.float32),
                       val_features=val.features.astype(np.float32))
     workspace.save_arrays(key, arrays)

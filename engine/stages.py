@@ -32,13 +32,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.backbones import build_network
 from engine.curvature import EKFAC, LastLayerCurvature, _LayerBasis
 from engine.data import Dataset
 from engine.device import resolve_device
 from engine.finetune import FinetunedModel
-from engine.models import build_model
 from engine.progress import Progress
-from engine.task import ImageTask
+from engine.task import task_from
 from engine.training import Checkpoint, TrainConfig, TrainedModel, train
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,8 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _encode_trained(trained: TrainedModel, image_shape: tuple[int, ...]) -> dict:
     return {"model_name": trained.model_name, "num_classes": trained.num_classes, "config": asdict(trained.config),
-            "image_shape": list(image_shape), "task": {"mean": list(trained.task.mean), "std": list(trained.task.std)},
+            "image_shape": list(image_shape),
+            "task": {"kind": trained.task.kind, "mean": list(trained.task.mean), "std": list(trained.task.std)},
             "state": _cpu_state(trained.model), "seconds": trained.seconds, "history": trained.history,
             "notes": trained.notes,
             "checkpoints": [{"epoch": c.epoch, "learning_rate": c.learning_rate, "state": c.state}
@@ -207,10 +208,11 @@ def _encode_trained(trained: TrainedModel, image_shape: tuple[int, ...]) -> dict
 def _decode_trained(state: dict) -> TrainedModel:
     config = TrainConfig(**state["config"])
     device = resolve_device(config.device)
-    model = build_model(state["model_name"], tuple(state["image_shape"]), state["num_classes"], device).to(device)
+    model = build_network(state["model_name"], tuple(state["image_shape"]), state["num_classes"], config, device)
     model.load_state_dict(state["state"])
     checkpoints = [Checkpoint(c["epoch"], c["learning_rate"], c["state"]) for c in state["checkpoints"]]
-    return TrainedModel(model=model.eval(), task=ImageTask(tuple(state["task"]["mean"]), tuple(state["task"]["std"])),
+    task = task_from(state["task"].get("kind", "image"), state["task"]["mean"], state["task"]["std"])
+    return TrainedModel(model=model.eval(), task=task,
                         config=config, model_name=state["model_name"], device=device,
                         num_classes=state["num_classes"], checkpoints=checkpoints, history=state["history"],
                         seconds=state["seconds"], notes=state.get("notes", []))

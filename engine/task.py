@@ -35,6 +35,38 @@ class ImageTask:
         std = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
         return ((x.float() / 255.0) - mean) / std
 
+    @property
+    def kind(self) -> str:
+        return "image"
+
     @staticmethod
     def loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         return F.cross_entropy(logits.float(), labels, reduction=reduction)
+
+
+@dataclass(frozen=True)
+class FeatureTask(ImageTask):
+    """The head-only path's task: float32 feature rows standardised per dimension (fitted on the
+    training rows; a linear map, so the head's problem stays convex)."""
+
+    @classmethod
+    def fit(cls, dataset: Dataset) -> FeatureTask:
+        rows = dataset.images.astype(np.float64)
+        return cls(tuple(rows.mean(0).tolist()), tuple(np.maximum(rows.std(0), 1e-6).tolist()))
+
+    @property
+    def kind(self) -> str:
+        return "features"
+
+    def inputs(self, images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+        x = torch.as_tensor(images, device=device, dtype=torch.float32)
+        return (x - torch.tensor(self.mean, device=device)) / torch.tensor(self.std, device=device)
+
+
+def fit_task(dataset: Dataset) -> ImageTask:
+    """The task for a dataset: image normalisation, or feature standardisation for feature rows."""
+    return FeatureTask.fit(dataset) if dataset.images.ndim == 2 else ImageTask.fit(dataset)
+
+
+def task_from(kind: str, mean: tuple[float, ...], std: tuple[float, ...]) -> ImageTask:
+    return (FeatureTask if kind == "features" else ImageTask)(tuple(mean), tuple(std))

@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.backbones import check_start, start_model
 from engine.data import Dataset
 from engine.device import resolve_device
 from engine.distributed import LOCAL, Distributed
 from engine.errors import OptionError, TrainingError
-from engine.models import MODEL_NAMES, build_model, choose_model
+from engine.models import HEAD_MODEL, MODEL_NAMES, choose_model
 from engine.progress import Progress, no_progress
-from engine.task import ImageTask
+from engine.task import ImageTask, fit_task
 
 SCHEDULES = ("onecycle", "cosine")
 AUGMENTATIONS = ("auto", "none", "crop", "flip-crop")
@@ -48,10 +49,21 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     mixed_precision: bool = True  # bf16 autocast, GPU only
+    # Start from a network you have (engine.backbones): a state_dict for the built-in model
+    # (``weights``), a TorchScript feature extractor (``backbone``), a timm model (``model="timm:NAME"``,
+    # ``pretrained``), or features already computed (``embeddings``, an .npy aligned with the index).
+    weights: str | None = None
+    backbone: str | None = None
+    embeddings: str | None = None
+    pretrained: bool = False
+    # "backbone": compute the features once and train the head alone (the default with a start);
+    # "none": fine-tune every layer from the given weights.
+    freeze: str | None = None
 
     def validate(self) -> TrainConfig:
-        if self.model not in MODEL_NAMES:
+        if self.model not in (*MODEL_NAMES, HEAD_MODEL) and not self.model.startswith("timm:"):
             raise OptionError("model", self.model, MODEL_NAMES)
+        check_start(self)
         if self.schedule not in SCHEDULES:
             raise OptionError("schedule", self.schedule, SCHEDULES)
         if self.augment not in AUGMENTATIONS:
@@ -181,10 +193,12 @@ def _train_once(dataset: Dataset, config: TrainConfig, *, task: ImageTask | None
         raise TrainingError(f"{dataset.source or 'training set'}: images of {dataset.image_shape[0]}×"
                             f"{dataset.image_shape[1]} pixels are too small to train on (2×2 at least)")
     device = resolve_device(config.device)
-    task = task or ImageTask.fit(dataset)
+    task = task or fit_task(dataset)
     model_name = choose_model(dataset.image_shape, device) if config.model == "auto" else config.model
     augment = config.augment
-    if augment == "auto":
+    if dataset.images.ndim == 2:
+        augment = "none"  # feature rows: nothing to crop or flip
+    elif augment == "auto":
         augment = "flip-crop" if dataset.channels == 3 else "crop"
     order = _canonical_order(dataset)
     x_all = task.inputs(dataset.images[order], device)
@@ -196,7 +210,7 @@ def _train_once(dataset: Dataset, config: TrainConfig, *, task: ImageTask | None
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
-        model = build_model(model_name, dataset.image_shape, dataset.num_classes, device).to(device)
+        model = start_model(model_name, dataset, config, device)
     net = distributed.training_module(model)  # ``model`` itself single-process
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum,
                                 nesterov=True, weight_decay=config.weight_decay)

@@ -382,7 +382,8 @@ class Workspace:
     # -- exports ----------------------------------------------------------------------------------
 
     def cleaned_labels(self, dataset: Dataset) -> pd.DataFrame:
-        """``index,original_label,final_label,action`` for every row of ``dataset`` (class names).
+        """``index,original_label,final_label,action`` for every row of ``dataset`` (class names), with
+        ``path`` after ``index`` when the data came from files.
 
         Dropped rows have an empty ``final_label``; rows without a decision are ``unreviewed``.
         """
@@ -396,8 +397,11 @@ class Workspace:
         positions = pd.Index(dataset.index).get_indexer(relabel.index)
         final[positions] = names[relabel["new_label"].to_numpy()]
         final[(action == "drop").to_numpy()] = ""
-        return pd.DataFrame({"index": dataset.index, "original_label": names[dataset.labels],
-                             "final_label": final, "action": action.to_numpy()}, columns=CLEANED_COLUMNS)
+        frame = pd.DataFrame({"index": dataset.index, "original_label": names[dataset.labels],
+                              "final_label": final, "action": action.to_numpy()}, columns=CLEANED_COLUMNS)
+        if dataset.paths is not None:  # each row's file beside its index
+            frame.insert(1, "path", list(dataset.paths))
+        return frame
 
     def decision_log_export(self, class_names: tuple[str, ...] | None = None) -> pd.DataFrame:
         """The full log for a CSV, with ``new_label`` as a class name when ``class_names`` is given."""

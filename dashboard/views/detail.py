@@ -7,6 +7,7 @@ import numpy as np
 import streamlit as st
 
 from dashboard import charts, state, widgets
+from engine.data import original_image
 from engine.explain import explain
 
 NEIGHBOURS = 6
@@ -58,7 +59,7 @@ probabilities = run.predictions.probabilities[position]
 decisions = run.decisions().set_index("index")
 image_col, chart_col = st.columns([1, 2])
 with image_col:
-    st.image(charts.tile(train.images[position], 320), width=320)
+    st.image(charts.tile(original_image(train, position, 640), 320), width=320)  # the real photo
     source = f" · `{train.paths[position]}`" if train.paths is not None else ""
     st.markdown(f"given **{names[given]}** · predicted **{names[int(probabilities.argmax())]}** · "
                 f"suggested **{names[suggested]}**{source}")

@@ -67,10 +67,31 @@ def settings_form(base: RunSettings, methods_before: list[str]) -> tuple[RunSett
         seed = c2.number_input("Seed", 0, 2**31 - 1, base.seed, key="setup_seed")
         devices = ["preset", "auto", "cpu", "cuda"]
         device = c3.selectbox("Device", devices, index=devices.index(base.device or "preset"), key="setup_device")
+        start = model_form(base)
     settings = RunSettings(data=data.strip(), validation=(validation or "").strip() or None, val_from_train=carve,
                            test=test.strip() or None, noise_rate=float(rate), noise_kind=kind, preset=preset,
-                           epochs=int(epochs), seed=int(seed), device=None if device == "preset" else device)
+                           epochs=int(epochs), seed=int(seed), device=None if device == "preset" else device, **start)
     return settings, methods
+
+
+def model_form(base: RunSettings) -> dict:
+    """Bring your model (engine.backbones): the RunSettings fields of the CLI's options of the same names."""
+    with st.expander("Bring your model", expanded=bool(base.weights or base.backbone or base.embeddings)):
+        weights = st.text_input("Weights file (.pt / .safetensors state_dict)", base.weights or "",
+                                key="setup_weights", help="for the built-in small-cnn / resnet18 (the preset's model)")
+        backbone = st.text_input("Backbone file (TorchScript)", base.backbone or "", key="setup_backbone",
+                                 help="maps N×C×H×W images to N×D features; a linear head is trained on top")
+        embeddings = st.text_input("Embeddings file (.npy, N×D)", base.embeddings or "", key="setup_embeddings",
+                                   help="row i for the sample of index i")
+        c1, c2 = st.columns(2)
+        freezes = ["backbone", "none"]
+        freeze = c1.selectbox("Freeze", freezes, index=freezes.index(base.freeze or "backbone"), key="setup_freeze",
+                              help="backbone: features once, the head alone is trained (fast, exact last-layer "
+                                   "methods); none: fine-tune every layer from the weights")
+        size = c2.number_input("Image size (0: as loaded)", 0, 4096, base.image_size or 0, key="setup_image_size")
+    start = {"weights": weights.strip() or None, "backbone": backbone.strip() or None,
+             "embeddings": embeddings.strip() or None, "image_size": int(size) or None}
+    return {**start, "freeze": freeze if start["weights"] or start["backbone"] or start["embeddings"] else None}
 
 
 def device_line(settings: RunSettings) -> str:
@@ -96,6 +117,8 @@ def start_run(settings: RunSettings, methods: list[str]) -> None:
     for part in (data.full_train, data.validation, data.test):
         for note in part.notes if part is not None else ():
             st.info(note)
+    for note in data.notes:
+        st.info(note)
     workspace = Workspace.for_data(settings.data_key(), state.folder())
     key = config_hash(settings, data)
     state.activate(workspace, key, settings)
