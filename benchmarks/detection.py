@@ -465,7 +465,24 @@ def write_summary(out: Path) -> None:
     text = ["# Detection AUROC by setting", "",
             "Generated from the tables in this folder (each `<setting>.md` holds its command, data and model).", "",
             _markdown(table), ""]
+    text += _side_studies(out)
     (out / "summary.md").write_text("\n".join(text))
+
+
+SIDE_STUDIES = ("flagship-variants", "own-model")  # tables other benchmark scripts write into this folder
+
+
+def _side_studies(out: Path) -> list[str]:
+    """A pointer per side study whose table is in ``out``: its title, its command and its headline lines."""
+    lines = []
+    for stem in SIDE_STUDIES:
+        path = out / f"{stem}.md"
+        if path.is_file():
+            study = path.read_text().splitlines()
+            headline = [line for line in study if line.startswith("**")]
+            lines += [f"## {study[0].lstrip('# ')}", "", f"[{path.name}]({path.name}), from:", "",
+                      *study[2:5], "", *headline, ""]
+    return lines
 
 
 # ---- command line -----------------------------------------------------------------------------

@@ -31,13 +31,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy.stats import rankdata
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `benchmarks` importable
 
 from benchmarks.common import REPO_ROOT, data_root  # noqa: E402
-from benchmarks.detection import SIZES, Experiment, _machine, build_experiment, detect, train_base  # noqa: E402
+from benchmarks.detection import (  # noqa: E402
+    SIZES,
+    Experiment,
+    _machine,
+    build_experiment,
+    detect,
+    train_base,
+    write_summary,
+)
 from engine.curvature import DEFAULT_RELATIVE_DAMPING  # noqa: E402
 from engine.finetune import FinetuneConfig, finetune  # noqa: E402
 from engine.metrics import detection_metrics  # noqa: E402
@@ -79,6 +88,8 @@ def cached_baseline(exp: Experiment, trained: TrainedModel, method: str, seed: i
 def theta_tilde_outputs(exp: Experiment, trained: TrainedModel, config: FinetuneConfig, seed: int) -> dict:
     """Loss, probabilities and candidate influences of the training rows at one θ̃ (cached)."""
     tag = f"{config.optimizer}-rho{config.rho}-ft{config.seed}"
+    if config.learning_rate != FinetuneConfig.learning_rate:
+        tag += f"-lr{config.learning_rate}"
     path = CACHE / f"{exp.name}-seed{seed}-{tag}.npz"
     if not path.is_file():
         start = time.perf_counter()
@@ -100,8 +111,8 @@ def measure(exp: Experiment, name: str, scores: np.ndarray, suggested: np.ndarra
     metrics = detection_metrics(scores, exp.is_noisy)
     return {"setting": exp.name, "variant": name, "auroc": metrics["auroc"], "ap": metrics["ap"],
             "recall_at_2pct": metrics["recall_at_2pct"],
-            "relabel_top1": float((suggested[judged] == exp.true_labels[judged]).mean()), "relabel_n": int(judged.sum()),
-            "seconds": seconds}
+            "relabel_top1": float((suggested[judged] == exp.true_labels[judged]).mean()),
+            "relabel_n": int(judged.sum()), "seconds": seconds}
 
 
 def variants(exp: Experiment, outputs: list[dict], sgd: dict,
@@ -112,7 +123,8 @@ def variants(exp: Experiment, outputs: list[dict], sgd: dict,
     if len(outputs) > 1:
         groups.append((f"×{len(outputs)} seeds", outputs))
     if radii:
-        groups.append((f" over ρ∈{{0 (sgd), {', '.join(map(str, sorted(radii)))}}}", [sgd, outputs[0], *radii.values()]))
+        radii_tag = f" over ρ∈{{0 (sgd), {', '.join(map(str, sorted(radii)))}}}"
+        groups.append((radii_tag, [sgd, outputs[0], *radii.values()]))
         groups.append((" over all θ̃", [sgd, *outputs, *radii.values()]))
     for tag, group in groups:
         seconds = sum(float(o["seconds"]) for o in group)
@@ -140,10 +152,11 @@ def run(name: str, args: argparse.Namespace) -> list[dict]:
     for method in BASELINES:
         result = cached_baseline(exp, trained, method, args.seed)
         rows.append(measure(exp, method, result["scores"], result["suggested"], result["seconds"]))
-    sam = [theta_tilde_outputs(exp, trained, FinetuneConfig(rho=args.rho, seed=s), args.seed)
+    recipe = FinetuneConfig(learning_rate=args.finetune_lr)
+    sam = [theta_tilde_outputs(exp, trained, replace(recipe, rho=args.rho, seed=s), args.seed)
            for s in range(args.finetune_seeds)]
-    sgd = theta_tilde_outputs(exp, trained, FinetuneConfig(optimizer="sgd"), args.seed)
-    radii = {rho: theta_tilde_outputs(exp, trained, FinetuneConfig(rho=rho), args.seed) for rho in args.rhos}
+    sgd = theta_tilde_outputs(exp, trained, replace(recipe, optimizer="sgd"), args.seed)
+    radii = {rho: theta_tilde_outputs(exp, trained, replace(recipe, rho=rho), args.seed) for rho in args.rhos}
     for variant in variants(exp, sam, sgd, radii):
         rows.append(measure(exp, *variant))
     for row in rows:
@@ -156,7 +169,8 @@ def run(name: str, args: argparse.Namespace) -> list[dict]:
 def write(rows: list[dict], args: argparse.Namespace) -> None:
     md = ["# Flat-validation variants on one trained model per setting", "", "```", args.command, "```", "",
           f"Run {args.started} on {args.machine}. Data, recipes and seeds as `benchmarks/detection.py` (cpu size); "
-          f"validation trusted in every setting; SAM ρ = {args.rho}, {args.finetune_seeds} fine-tune seeds "
+          f"validation trusted in every setting; fine-tune lr {args.finetune_lr}, SAM ρ = {args.rho}, "
+          f"{args.finetune_seeds} fine-tune seeds "
           "(they change the batch order of the fine-tune only). Seconds: the fine-tunes, curvature fits and "
           "scoring of the variant (θ* training excluded); CPU shared, noisy.", ""]
     for setting in dict.fromkeys(r["setting"] for r in rows):
@@ -169,7 +183,24 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
         md += [f"| {r['variant']} | {r['auroc']:.3f} | {r['ap']:.3f} | {r['recall_at_2pct']:.3f} | "
                f"{r['relabel_top1']:.2f} ({r['relabel_n']}) | {r['seconds']:.1f} |" for r in part]
         md.append("")
-    OUT.write_text("\n".join(md))
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        part = [r for r in rows if r["setting"] == setting]
+        base = max((r for r in part if r["variant"] in BASELINES), key=lambda r: r["auroc"])
+        flagship = next(r for r in part if r["variant"] == "fvm")
+        top = max((r for r in part if r["variant"] not in BASELINES), key=lambda r: r["auroc"])
+
+        def verdict(row: dict, base: dict = base) -> str:
+            gap = row["auroc"] - base["auroc"] - 0.02
+            status = "meets" if gap >= 0 else f"{-gap:.4f} short of"
+            return f"`{row['variant']}` {row['auroc']:.4f} ({status} the target)"
+
+        argmax = next(r for r in part if r["variant"] == "fvm-loss")["relabel_top1"]
+        md.append(f"**{setting}: best baseline `{base['variant']}` {base['auroc']:.4f}, target +0.02; "
+                  f"{verdict(flagship)}; best variant {verdict(top)}; relabel top-1 `fvm` "
+                  f"{flagship['relabel_top1']:.3f} vs θ̃'s argmax {argmax:.3f}.**  ")
+    OUT.write_text("\n".join(md) + "\n")
+    pd.DataFrame(rows).to_csv(OUT.with_suffix(".csv"), index=False)
+    write_summary(OUT.parent)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--setting", action="append", required=True)
     parser.add_argument("--finetune-seeds", type=int, default=3)
     parser.add_argument("--rho", type=float, default=FinetuneConfig.rho)
+    parser.add_argument("--finetune-lr", type=float, default=FinetuneConfig.learning_rate)
     parser.add_argument("--rhos", type=lambda v: [float(x) for x in v.split(",") if x], default=[],
                         help="extra SAM radii (seed 0) for the ensemble over radii, e.g. 0.02,0.1")
     parser.add_argument("--seed", type=int, default=0)
