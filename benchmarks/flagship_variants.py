@@ -13,6 +13,7 @@ fine-tune seed (and plain SGD once). From those θ̃ come the variants:
 - ``…×S seeds``: the same averaged over S fine-tune seeds (each seed's θ̃ fits its own curvature);
 - ``… over ρ∈{…}``: averaged over the SGD θ̃ and SAM θ̃ at several radii (``--rhos``), seed 0;
   ``… over all θ̃``: over every θ̃ above;
+- ``…, fine-tune lr R`` (``--extra-lr``): the SAM and SGD θ̃ fine-tuned at another learning rate;
 - relabel rules: θ̃'s argmax, the argmin of the influence over candidate labels, and both averaged
   over the seeds (argmax of the mean probability, argmin of the mean candidate influence).
 
@@ -85,12 +86,16 @@ def cached_baseline(exp: Experiment, trained: TrainedModel, method: str, seed: i
         return {"scores": saved["scores"], "suggested": saved["suggested"], "seconds": float(saved["seconds"])}
 
 
-def theta_tilde_outputs(exp: Experiment, trained: TrainedModel, config: FinetuneConfig, seed: int) -> dict:
-    """Loss, probabilities and candidate influences of the training rows at one θ̃ (cached)."""
+def theta_tilde_outputs(exp: Experiment, trained: TrainedModel, config: FinetuneConfig, seed: int, *,
+                        cached_only: bool = False) -> dict | None:
+    """Loss, probabilities and candidate influences of the training rows at one θ̃ (cached; None when
+    ``cached_only`` and no earlier run computed it)."""
     tag = f"{config.optimizer}-rho{config.rho}-ft{config.seed}"
     if config.learning_rate != FinetuneConfig.learning_rate:
         tag += f"-lr{config.learning_rate}"
     path = CACHE / f"{exp.name}-seed{seed}-{tag}.npz"
+    if not path.is_file() and cached_only:
+        return None
     if not path.is_file():
         start = time.perf_counter()
         tuned = finetune(trained, exp.validation, config)
@@ -153,12 +158,25 @@ def run(name: str, args: argparse.Namespace) -> list[dict]:
         result = cached_baseline(exp, trained, method, args.seed)
         rows.append(measure(exp, method, result["scores"], result["suggested"], result["seconds"]))
     recipe = FinetuneConfig(learning_rate=args.finetune_lr)
-    sam = [theta_tilde_outputs(exp, trained, replace(recipe, rho=args.rho, seed=s), args.seed)
-           for s in range(args.finetune_seeds)]
+    sam = [theta_tilde_outputs(exp, trained, replace(recipe, rho=args.rho, seed=s), args.seed,
+                               cached_only=s > 0 and args.cached_only) for s in range(args.finetune_seeds)]
+    sam = [o for o in sam if o is not None]
     sgd = theta_tilde_outputs(exp, trained, replace(recipe, optimizer="sgd"), args.seed)
     radii = {rho: theta_tilde_outputs(exp, trained, replace(recipe, rho=rho), args.seed) for rho in args.rhos}
     for variant in variants(exp, sam, sgd, radii):
         rows.append(measure(exp, *variant))
+    for rate in args.extra_lr:  # the same θ̃ recipes at another fine-tune learning rate
+        faster = replace(recipe, learning_rate=rate)
+        for optimizer, name in (("sam", "fvm"), ("sgd", "vm")):
+            out = theta_tilde_outputs(exp, trained, replace(faster, optimizer=optimizer), args.seed,
+                                      cached_only=args.cached_only)
+            if out is None:
+                continue
+            influence = out["candidates"][np.arange(len(exp.train)), exp.train.labels]
+            rows += [measure(exp, f"{name}, fine-tune lr {rate}", influence, out["candidates"].argmin(1),
+                             float(out["seconds"])),
+                     measure(exp, f"{name}-loss, fine-tune lr {rate}", out["loss"], out["probabilities"].argmax(1),
+                             float(out["seconds"]))]
     for row in rows:
         row["theta_star_validation_accuracy"] = training["validation_accuracy"]
         row["theta_tilde_validation_accuracy"] = float(sam[0]["validation_accuracy"])
@@ -167,11 +185,13 @@ def run(name: str, args: argparse.Namespace) -> list[dict]:
 
 
 def write(rows: list[dict], args: argparse.Namespace) -> None:
+    only = "; --cached-only: seeds > 0 and --extra-lr rows only where an earlier run computed them" \
+        if args.cached_only else ""
     md = ["# Flat-validation variants on one trained model per setting", "", "```", args.command, "```", "",
           f"Run {args.started} on {args.machine}. Data, recipes and seeds as `benchmarks/detection.py` (cpu size); "
           f"validation trusted in every setting; fine-tune lr {args.finetune_lr}, SAM ρ = {args.rho}, "
-          f"{args.finetune_seeds} fine-tune seeds "
-          "(they change the batch order of the fine-tune only). Seconds: the fine-tunes, curvature fits and "
+          f"up to {args.finetune_seeds} fine-tune seeds (they change the batch order of the fine-tune only{only}). "
+          "Seconds: the fine-tunes, curvature fits and "
           "scoring of the variant (θ* training excluded); CPU shared, noisy.", ""]
     for setting in dict.fromkeys(r["setting"] for r in rows):
         part = [r for r in rows if r["setting"] == setting]
@@ -212,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-lr", type=float, default=FinetuneConfig.learning_rate)
     parser.add_argument("--rhos", type=lambda v: [float(x) for x in v.split(",") if x], default=[],
                         help="extra SAM radii (seed 0) for the ensemble over radii, e.g. 0.02,0.1")
+    parser.add_argument("--extra-lr", type=lambda v: [float(x) for x in v.split(",") if x], default=[],
+                        help="also score the SAM and SGD θ̃ fine-tuned at these learning rates, e.g. 0.01")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="fine-tune seeds > 0 and --extra-lr θ̃ only where an earlier run cached them")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--no-write", action="store_true", help="print only (do not rewrite the results table)")

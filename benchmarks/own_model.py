@@ -119,6 +119,17 @@ def run_method(setting: str, data: dict, val: str, way: str, method: str, args: 
     return row
 
 
+def _rows_from_logs(args: argparse.Namespace) -> list[dict]:
+    """The rows printed by earlier runs, in table order; a combination in no log becomes a 'not run' row."""
+    found = {}
+    for log in args.from_logs:
+        for line in Path(log).read_text().splitlines():
+            row = json.loads(line)
+            found[(row["setting"], row["way"], row["method"])] = row
+    return [found.get((s, w, m), {"setting": s, "way": w, "method": m, "error": "not run (out of time)"})
+            for w in args.ways.split(",") for s in args.settings.split(",") for m in args.methods.split(",")]
+
+
 def write(rows: list[dict], args: argparse.Namespace) -> None:
     pd.DataFrame(rows).to_csv(OUT / "own-model.csv", index=False)
     md = ["# Bring your model: from scratch, frozen backbone, full fine-tune (CIFAR-10 test images)", "",
@@ -135,7 +146,7 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
     md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         if r.get("error"):
-            md.append(f"| {r['setting']} | {r['way']} | {r['method']} | failed: {r['error']} |" + " |" * 7)
+            md.append(f"| {r['setting']} | {r['way']} | {r['method']} | {r['error']} |" + " |" * 7)
             continue
         md.append(f"| {r['setting']} | {r['way']} | {r['method']} | {r['auroc']:.3f} | {r['ap']:.3f} | "
                   + " | ".join(f"{r[f'top{p}pct']}/{r['positives']}" for p in TOP_PERCENT)
@@ -161,10 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-epochs", type=int, default=4)
     parser.add_argument("--finetune-lr", type=float, default=0.01)
     parser.add_argument("--data-root", default=None)
+    parser.add_argument("--from-logs", nargs="+", default=None, metavar="LOG",
+                        help="no runs: write the table from the JSON lines earlier runs printed (runs split "
+                             "across processes); combinations that are in no log are listed as not run")
     args = parser.parse_args(argv)
     args.command = "python benchmarks/own_model.py " + " ".join(shlex.quote(a) for a in argv)
     args.started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     args.machine = _machine("cpu")
+    if args.from_logs:
+        write(_rows_from_logs(args), args)
+        return 0
     data = prepare(args)
     rows = []
     for way in args.ways.split(","):  # way by way: the cheap frozen path first when the time is short
