@@ -77,8 +77,11 @@ def cached_theta_star(exp: Experiment, seed: int) -> tuple[TrainedModel, dict]:
     return trained, row
 
 
-def cached_baseline(exp: Experiment, trained: TrainedModel, method: str, seed: int) -> dict:
+def cached_baseline(exp: Experiment, trained: TrainedModel, method: str, seed: int, *,
+                    cached_only: bool = False) -> dict | None:
     path = CACHE / f"{exp.name}-seed{seed}-{method}.npz"
+    if not path.is_file() and cached_only:
+        return None
     if not path.is_file():
         row, result = detect(exp, trained, method, no_progress)
         np.savez(path, scores=result.scores, suggested=result.suggested_labels, seconds=row["seconds"])
@@ -155,8 +158,9 @@ def run(name: str, args: argparse.Namespace) -> list[dict]:
     trained, training = cached_theta_star(exp, args.seed)
     rows = []
     for method in BASELINES:
-        result = cached_baseline(exp, trained, method, args.seed)
-        rows.append(measure(exp, method, result["scores"], result["suggested"], result["seconds"]))
+        result = cached_baseline(exp, trained, method, args.seed, cached_only=args.cached_only and method == "cleanlab")
+        if result is not None:
+            rows.append(measure(exp, method, result["scores"], result["suggested"], result["seconds"]))
     recipe = FinetuneConfig(learning_rate=args.finetune_lr)
     sam = [theta_tilde_outputs(exp, trained, replace(recipe, rho=args.rho, seed=s), args.seed,
                                cached_only=s > 0 and args.cached_only) for s in range(args.finetune_seeds)]
@@ -185,7 +189,7 @@ def run(name: str, args: argparse.Namespace) -> list[dict]:
 
 
 def write(rows: list[dict], args: argparse.Namespace) -> None:
-    only = "; --cached-only: seeds > 0 and --extra-lr rows only where an earlier run computed them" \
+    only = "; --cached-only: cleanlab, seeds > 0 and --extra-lr rows only where an earlier run computed them" \
         if args.cached_only else ""
     md = ["# Flat-validation variants on one trained model per setting", "", "```", args.command, "```", "",
           f"Run {args.started} on {args.machine}. Data, recipes and seeds as `benchmarks/detection.py` (cpu size); "
@@ -196,8 +200,10 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
     for setting in dict.fromkeys(r["setting"] for r in rows):
         part = [r for r in rows if r["setting"] == setting]
         best = max(r["auroc"] for r in part if r["variant"] in BASELINES)
+        missing = [m for m in BASELINES if m not in {r["variant"] for r in part}]
         md += [f"## {setting} (θ* validation accuracy {part[0]['theta_star_validation_accuracy']:.3f}, "
-               f"θ̃ {part[0]['theta_tilde_validation_accuracy']:.3f}; best baseline AUROC {best:.3f}, "
+               f"θ̃ {part[0]['theta_tilde_validation_accuracy']:.3f}; best baseline AUROC {best:.3f}"
+               f"{' (' + ', '.join(missing) + ' not run)' if missing else ''}, "
                f"target {best + 0.02:.3f})", "",
                "| variant | AUROC | AP | R@2% | relabel top-1 | seconds |", "|---|---|---|---|---|---|"]
         md += [f"| {r['variant']} | {r['auroc']:.3f} | {r['ap']:.3f} | {r['recall_at_2pct']:.3f} | "
@@ -235,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra-lr", type=lambda v: [float(x) for x in v.split(",") if x], default=[],
                         help="also score the SAM and SGD θ̃ fine-tuned at these learning rates, e.g. 0.01")
     parser.add_argument("--cached-only", action="store_true",
-                        help="fine-tune seeds > 0 and --extra-lr θ̃ only where an earlier run cached them")
+                        help="cleanlab, fine-tune seeds > 0 and --extra-lr θ̃ only where an earlier run cached them")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--no-write", action="store_true", help="print only (do not rewrite the results table)")
