@@ -14,6 +14,7 @@ fine-tune seed (and plain SGD once). From those θ̃ come the variants:
 - ``… over ρ∈{…}``: averaged over the SGD θ̃ and SAM θ̃ at several radii (``--rhos``), seed 0;
   ``… over all θ̃``: over every θ̃ above;
 - ``…, fine-tune lr R`` (``--extra-lr``): the SAM and SGD θ̃ fine-tuned at another learning rate;
+- fvm's two factors alone: the residual ‖p − e_y‖² and the rest, fvm / ‖p − e_y‖² (why it trails the loss);
 - relabel rules: θ̃'s argmax, the argmin of the influence over candidate labels, and both averaged
   over the seeds (argmax of the mean probability, argmin of the mean candidate influence).
 
@@ -145,6 +146,13 @@ def variants(exp: Experiment, outputs: list[dict], sgd: dict,
                 (f"rank(fvm, fvm-loss){tag}", combined, argmin, seconds),
                 (f"rank(fvm, fvm-loss){tag}, relabel argmax", combined, argmax, seconds),
                 (f"fvm × fvm-loss{tag}", influence * loss, argmin, seconds)]
+    # fvm's two factors (head gradient (p − e_y) ⊗ a): the residual ‖p − e_y‖², bounded by 2 where the
+    # loss is not, and the rest, fvm / ‖p − e_y‖²: mostly the features' leverage under the curvature.
+    first = outputs[0]
+    residual = np.square(first["probabilities"] - np.eye(first["probabilities"].shape[1])[labels]).sum(1)
+    influence = first["candidates"][rows, labels]
+    out += [("fvm's residual factor ‖p − e_y‖²", residual, first["probabilities"].argmax(1), 0.0),
+            ("fvm's curvature factor fvm / ‖p − e_y‖²", influence / residual, first["candidates"].argmin(1), 0.0)]
     sgd_influence = sgd["candidates"][rows, labels]
     out += [("vm", sgd_influence, sgd["candidates"].argmin(1), float(sgd["seconds"])),
             ("vm-loss", sgd["loss"], sgd["probabilities"].argmax(1), float(sgd["seconds"])),

@@ -141,6 +141,8 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
           "(`real`: all 54 known errors among them; `sym20`: other rows, 20% symmetric flips). "
           "top x% = how many of the positives rank in the top x% (of `positives`); method s = its prepare + "
           "score seconds on the shared trained model; train s = the way's training (once per way).", ""]
+    if args.note:
+        md += [args.note, ""]
     header = ["setting", "way", "method", "AUROC", "AP", "top 1%", "top 2%", "top 5%", "relabel top-1",
               "method s", "train s"]
     md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-logs", nargs="+", default=None, metavar="LOG",
                         help="no runs: write the table from the JSON lines earlier runs printed (runs split "
                              "across processes); combinations that are in no log are listed as not run")
+    parser.add_argument("--note", default="", help="a paragraph for the table (e.g. the commands of split runs)")
     args = parser.parse_args(argv)
     args.command = "python benchmarks/own_model.py " + " ".join(shlex.quote(a) for a in argv)
     args.started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
