@@ -205,6 +205,8 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
           f"up to {args.finetune_seeds} fine-tune seeds (they change the batch order of the fine-tune only{only}). "
           "Seconds: the fine-tunes, curvature fits and "
           "scoring of the variant (θ* training excluded); CPU shared, noisy.", ""]
+    if args.note:
+        md += [args.note, ""]
     for setting in dict.fromkeys(r["setting"] for r in rows):
         part = [r for r in rows if r["setting"] == setting]
         best = max(r["auroc"] for r in part if r["variant"] in BASELINES)
@@ -250,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also score the SAM and SGD θ̃ fine-tuned at these learning rates, e.g. 0.01")
     parser.add_argument("--cached-only", action="store_true",
                         help="cleanlab, fine-tune seeds > 0 and --extra-lr θ̃ only where an earlier run cached them")
+    parser.add_argument("--note", default="", help="a paragraph for the table (what the figures show)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--no-write", action="store_true", help="print only (do not rewrite the results table)")
