@@ -134,7 +134,8 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
     pd.DataFrame(rows).to_csv(OUT / "own-model.csv", index=False)
     md = ["# Bring your model: from scratch, frozen backbone, full fine-tune (CIFAR-10 test images)", "",
           "```", args.command, "```", "",
-          f"Run {args.started} on {args.machine}; seconds are noisy (shared CPU). Weights: `{args.weights}` "
+          f"{'Assembled' if args.from_logs else 'Run'} {args.started} on {args.machine} (each CLI run one torch "
+          f"thread); seconds are noisy (shared CPU). Weights: `{args.weights}` "
           f"({args.weights_note}). Ways: scratch {args.scratch_epochs} epochs; frozen backbone, head "
           f"{args.frozen_epochs} epochs; full fine-tune {args.finetune_epochs} epochs at peak lr {args.finetune_lr}. "
           f"Trusted validation: {args.val_rows} held-out clean test rows. Scored: {args.rows} rows per setting "
