@@ -10,6 +10,9 @@ Settings (``--setting``, repeatable, or ``all``):
   15 / 54 human-validated label errors (../shared/data); every row is trained on and scored. Methods
   that require validation get a 10% stratified carve-out of the same rows (``carve_validation``): it
   carries the given labels, so it is reported as *untrusted*, and it overlaps the training rows.
+- ``mnist-real-trusted`` / ``cifar-real-trusted``: the same test sets with a **trusted** validation set
+  instead: a 10% stratified split of the rows that are not known errors is held out (never trained on
+  nor scored); the other 90%, every known error among them, is trained on and scored.
 - ``cifar-sym20`` / ``cifar-pair20``: CIFAR-10 train with 20% symmetric / pair-flip noise; a clean
   validation split and a separate clean test split, both from the CIFAR-10 test set.
 - ``digits-sym20`` / ``digits-pair20``: the embedded digits (val = sample:val, test = sample:test).
@@ -73,7 +76,8 @@ from engine.progress import Progress, tqdm_progress  # noqa: E402
 from engine.scorers import ScoreResult, available_methods, scorer_class  # noqa: E402
 from engine.training import PRESETS, TrainConfig, TrainedModel, evaluate, train  # noqa: E402
 
-SETTINGS = ("mnist-real", "cifar-real", "cifar-sym20", "cifar-pair20", "digits-sym20", "digits-pair20")
+SETTINGS = ("mnist-real", "cifar-real", "mnist-real-trusted", "cifar-real-trusted", "cifar-sym20", "cifar-pair20",
+            "digits-sym20", "digits-pair20")
 NOISE = {"sym20": ("symmetric", 0.2), "pair20": ("pair", 0.2)}
 REAL_VALIDATION_FRACTION = 0.1  # 1,000 of 10,000: the size of the injected settings' clean validation
 REAL_TOP_K = (100, 200, 500)
@@ -137,19 +141,23 @@ class Experiment:
 def build_experiment(name: str, size: Size, root, *, seed: int, device: str) -> Experiment:
     """Load and split the data of setting ``name``; ``root`` is called only for the shared data."""
     family, _, tag = name.partition("-")
-    recipe = size.recipes[name if tag == "real" else family]
+    real = tag.startswith("real")
+    recipe = size.recipes[f"{family}-real" if real else family]
     config = replace(recipe, seed=seed, device=recipe.device if recipe.device != "auto" else device).validate()
-    if tag == "real":
-        return _real(name, family, size, root(), config, seed)
+    if real:
+        return _real(name, family, size, root(), config, seed, trusted=tag == "real-trusted")
     return _injected(name, family, tag, size, root, config, seed)
 
 
-def _real(name: str, family: str, size: Size, root: Path, config: TrainConfig, seed: int) -> Experiment:
+def _real(name: str, family: str, size: Size, root: Path, config: TrainConfig, seed: int, *,
+          trusted: bool = False) -> Experiment:
     full = load_mnist_test(root) if family == "mnist" else load_cifar10(root, "test")
     table = load_label_errors(root, "mnist" if family == "mnist" else "cifar10")
     total_errors = int(known_errors(full, table).is_error.sum())
     if size.real_rows is not None and size.real_rows < len(full):
         full = full.subset(_rows_keeping(known_errors(full, table).is_error, size.real_rows, seed))
+    if trusted:
+        return _real_trusted(name, full, table, total_errors, config, seed)
     validation = carve_validation(full, REAL_VALIDATION_FRACTION, seed=seed)[1]
     errors = known_errors(full, table)
     correctable = int((errors.is_error & (errors.true_labels >= 0)).sum())
@@ -164,6 +172,27 @@ def _real(name: str, family: str, size: Size, root: Path, config: TrainConfig, s
         f"holding {errors_in_validation} of the errors.",
     ]
     return Experiment(name, full, errors.is_error, errors.true_labels, validation, False, None, config, description)
+
+
+def _real_trusted(name: str, full: Dataset, table: pd.DataFrame, total_errors: int, config: TrainConfig,
+                  seed: int) -> Experiment:
+    """Hold out a clean validation set from the rows that are not known errors; train and score the rest."""
+    clean_rows = np.flatnonzero(~known_errors(full, table).is_error)
+    held_out = carve_validation(full.subset(clean_rows), REAL_VALIDATION_FRACTION, seed=seed)[1]
+    validation = replace(held_out, source=f"{full.source} (held-out clean rows)")
+    train_set = full.subset(~np.isin(full.index, validation.index))
+    errors = known_errors(train_set, table)
+    correctable = int((errors.is_error & (errors.true_labels >= 0)).sum())
+    description = [
+        f"Data: {full.source}, labels as given: {len(train_set):,} rows trained on and scored; the truth is "
+        f"{int(errors.is_error.sum())} of the {total_errors} human-validated label errors "
+        f"(../shared/data/label_errors), {correctable} of them correctable (relabel top-1 is measured on those).",
+        f"Validation (only for methods that require one): {len(validation):,} rows held out of the same set, "
+        f"a stratified {REAL_VALIDATION_FRACTION:.0%} of the rows that are not known errors (seed {seed}): "
+        "**trusted**, and never trained on nor scored.",
+    ]
+    return Experiment(name, train_set, errors.is_error, errors.true_labels, validation, True, None, config,
+                      description)
 
 
 def _rows_keeping(is_error: np.ndarray, count: int, seed: int) -> np.ndarray:
@@ -444,6 +473,7 @@ def write_summary(out: Path) -> None:
     text = ["# Detection AUROC by setting", "",
             "Generated from the tables in this folder (each `<setting>.md` holds its command, data and model).", "",
             _markdown(table), ""]
+    text += _side_studies(out)
     (out / "summary.md").write_text("\n".join(text))
     summary = json.dumps(_summary_json(detection), indent=1) + "\n"
     (out / "summary.json").write_text(summary)
@@ -464,6 +494,22 @@ def _summary_json(detection: pd.DataFrame) -> dict:
     return {"generated_by": "python benchmarks/detection.py --summary-only (from benchmarks/results/*.csv)",
             "ranked_by": "settings measured, then mean AUROC over them",
             "settings": sorted(detection["column"].unique().tolist()), "methods": methods}
+
+
+SIDE_STUDIES = ("flagship-variants", "own-model")  # tables other benchmark scripts write into this folder
+
+
+def _side_studies(out: Path) -> list[str]:
+    """A pointer per side study whose table is in ``out``: its title, its command and its headline lines."""
+    lines = []
+    for stem in SIDE_STUDIES:
+        path = out / f"{stem}.md"
+        if path.is_file():
+            study = path.read_text().splitlines()
+            headline = [line for line in study if line.startswith("**")]
+            lines += [f"## {study[0].lstrip('# ')}", "", f"[{path.name}]({path.name}), from:", "",
+                      *study[2:5], "", *headline, ""]
+    return lines
 
 
 # ---- command line -----------------------------------------------------------------------------

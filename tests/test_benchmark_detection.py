@@ -14,7 +14,7 @@ from conftest import REPO_ROOT
 sys.path.insert(0, str(REPO_ROOT))  # `benchmarks` is a folder of scripts, not an installed package
 
 from benchmarks.common import DEFAULT_ROOTS, known_errors, load_cifar10, load_label_errors, load_mnist_test  # noqa: E402
-from benchmarks.detection import recovery_methods  # noqa: E402
+from benchmarks.detection import SIZES, build_experiment, recovery_methods  # noqa: E402
 
 SHARED = next((root for root in DEFAULT_ROOTS if (root / "mnist_test.npz").is_file()), None)
 needs_shared = pytest.mark.skipif(SHARED is None, reason="the shared data (../shared/data) is not here")
@@ -48,6 +48,20 @@ def test_known_errors_follow_the_stable_index_after_subsetting():
     unknown = everything.is_error & (everything.true_labels < 0)
     assert unknown.sum() == 15 - len(correctable)
     assert (everything.true_labels[~everything.is_error] == mnist.labels[~everything.is_error]).all()
+
+
+@needs_shared
+def test_trusted_real_setting_holds_out_clean_rows_and_scores_every_known_error():
+    untrusted = build_experiment("mnist-real", SIZES["cpu"], lambda: SHARED, seed=0, device="cpu")
+    exp = build_experiment("mnist-real-trusted", SIZES["cpu"], lambda: SHARED, seed=0, device="cpu")
+    assert exp.validation_trusted and not untrusted.validation_trusted
+    assert not np.isin(exp.validation.index, exp.train.index).any()  # held out: never trained on nor scored
+    assert len(exp.train) + len(exp.validation) == 10_000
+    assert 995 <= len(exp.validation) <= 1_000  # 10% of the 9,985 rows that are not known errors
+    assert exp.is_noisy.sum() == 15  # every known error is among the scored rows, none in the validation set
+    table = load_label_errors(SHARED, "mnist")
+    assert not np.isin(exp.validation.index, table.loc[table["is_label_error"] == 1, "index"]).any()
+    assert np.bincount(exp.validation.labels).min() >= 80  # stratified: about 100 per digit
 
 
 def test_recovery_takes_loss_cleanlab_and_the_best_influence_methods():
