@@ -8,13 +8,26 @@ import streamlit as st
 
 from dashboard import charts, jobs, state
 
-TILE_PX = 112
+TILE_PX = 96
+# Dense cards: small padding, one-line captions, icon buttons; a decided card is dimmed (its caption holds
+# charts.DECIDED_MARK) and a selected one outlined, so both show without a rerun of anything else.
+CARD_CSS = """
+[data-testid="stMainBlockContainer"] { padding: 1.5rem 1.5rem 4rem; }
+[class*="st-key-card_"] { padding: .3rem .35rem !important; }
+[class*="st-key-card_"] [data-testid="stMarkdownContainer"] p { font-size: .8rem; margin: 0; white-space: nowrap;
+  overflow: hidden; text-overflow: ellipsis; }
+[class*="st-key-card_"] button { min-height: 1.6rem; padding: 0 .2rem; }
+[class*="st-key-card_"]:has(.il-decided) img { opacity: .35; }
+[class*="st-key-card_"]:has(.il-decided) { background: rgba(128, 128, 128, .08); }
+[class*="st-key-card_"]:has([data-testid="stCheckbox"] input:checked) { box-shadow: inset 0 0 0 3px #1f77b4; }
+"""
 
 
 def status_bar() -> None:
     """Above every page: the active run, the decisions so far, and undo (the log keeps the history)."""
     if "startup_error" in st.session_state:
         st.error(st.session_state.pop("startup_error"))
+    state.show_told()
     run = state.active()
     if run is None:
         return
@@ -63,31 +76,43 @@ def open_detail(index: int) -> None:
 
 
 def card(run: state.Active, row: pd.Series) -> None:
-    """One gallery image with its numbers and one-click decisions."""
+    """One compact gallery card: the image, one line (select, rank, given → suggested, or the decision's badge)
+    and one row of small icons (accept, keep, drop, another label, look closer)."""
     names = run.class_names
     index, suggested, given = int(row["index"]), int(row["suggested"]), int(row["given"])
-    with st.container(border=True, key=f"card_{index}"):
+    with st.container(border=True, key=f"card_{index}", gap="xsmall"):
         st.image(charts.tile(run.data.train.images[int(row["position"])], TILE_PX), width=TILE_PX)
-        st.markdown(charts.card_caption(row, names))
-        with st.container(horizontal=True, gap="small"):
-            st.button(f"✓ {names[suggested]}", key=f"accept_{index}", help="accept the suggested label",
-                      disabled=suggested == given, on_click=state.decide, args=(run, [index], "relabel", suggested))
-            st.button("", key=f"keep_{index}", icon=":material/verified:", help="confirm the given label is correct",
-                      on_click=state.decide, args=(run, [index], "keep"))
-            st.button("", key=f"drop_{index}", icon=":material/delete:", help="drop this sample",
+        with st.container(horizontal=True, gap="xsmall", vertical_alignment="center"):
+            st.session_state[f"select_{index}"] = index in st.session_state["selected"]  # the set is the truth
+            st.checkbox("select", key=f"select_{index}", on_change=toggle_selected, args=(index,),
+                        label_visibility="collapsed", help="select (Space)", width="content")
+            st.markdown(charts.card_caption(row, names), unsafe_allow_html=True)
+        with st.container(horizontal=True, gap=None, vertical_alignment="center"):
+            st.button("", key=f"accept_{index}", icon=":material/check:", type="tertiary",
+                      help=f"accept the suggestion {names[suggested]} (A or Enter)", disabled=suggested == given,
+                      on_click=state.decide, args=(run, [index], "relabel", suggested))
+            st.button("", key=f"keep_{index}", icon=":material/verified:", type="tertiary",
+                      help="keep: the given label is correct (K)", on_click=state.decide, args=(run, [index], "keep"))
+            st.button("", key=f"drop_{index}", icon=":material/delete:", type="tertiary", help="drop this sample (D)",
                       on_click=state.decide, args=(run, [index], "drop"))
-            with st.popover("", icon=":material/edit:", help="pick another label"):
-                label = st.selectbox("New label", range(len(names)), format_func=names.__getitem__,
-                                     index=suggested, key=f"pick_{index}")
-                st.button("Relabel", key=f"relabel_{index}", on_click=state.decide,
-                          args=(run, [index], "relabel", label))
-            st.button("", key=f"detail_{index}", icon=":material/zoom_in:", help="look closer",
+            menu = st.popover("", icon=":material/edit:", help="another label (digit keys)", type="tertiary",
+                              key=f"relabel_menu_{index}", on_change="rerun")
+            if menu.open:  # the label list is built only for the open menu
+                with menu:
+                    st.selectbox("New label", range(len(names)), format_func=names.__getitem__, index=suggested,
+                                 key=f"pick_{index}")
+                    st.button("Relabel", key=f"relabel_{index}", on_click=relabel, args=(run, index))
+            st.button("", key=f"detail_{index}", icon=":material/zoom_in:", type="tertiary", help="look closer",
                       on_click=open_detail, args=(index,))
-        st.session_state[f"select_{index}"] = index in st.session_state["selected"]  # the set is the truth
-        st.checkbox("select", key=f"select_{index}", on_change=_toggle_selected, args=(index,))
 
 
-def _toggle_selected(index: int) -> None:
+def relabel(run: state.Active, index: int) -> None:
+    """Callback of a card's label menu: relabel, then close the menu."""
+    state.decide(run, [index], "relabel", st.session_state[f"pick_{index}"])
+    st.session_state[f"relabel_menu_{index}"] = False
+
+
+def toggle_selected(index: int) -> None:
     selected = set(st.session_state["selected"])
     selected ^= {index}
     st.session_state["selected"] = selected

@@ -26,8 +26,7 @@ st.title("Look closer")
 run = widgets.require_run()
 names = run.class_names
 train = run.data.train
-method = st.session_state.get("review_method", run.methods[0])
-method = method if method in run.results else run.methods[0]
+method = state.review_settings(run)["method"]  # the gallery's ranking: its rank, score and suggestion
 ranks = run.ranks(method)
 order = train.index[np.argsort(ranks)]  # stable indices, most suspicious first
 
