@@ -300,11 +300,12 @@ def remember_review_setting(run: Active, name: str) -> None:
 
 # -- decisions ------------------------------------------------------------------------------------
 
-def decide(run: Active, indices, action: str, new_label=None, *, overwrite: bool = True) -> None:
+def decide(run: Active, indices, action: str, new_label=None, *, overwrite: bool = True) -> str:
     """Write one decision (or one batch: one undo) to the workspace at once; say so.
 
     ``new_label`` is one label or one per sample. A sample already decided this way is left alone (no
     duplicate log rows); with ``overwrite=False`` a sample decided otherwise is skipped too, and counted.
+    Returns what it told the user.
     """
     indices = [int(i) for i in np.atleast_1d(indices)]
     labels = np.broadcast_to(np.asarray(-1 if new_label is None else new_label, dtype=np.int64),
@@ -331,6 +332,7 @@ def decide(run: Active, indices, action: str, new_label=None, *, overwrite: bool
     if skipped:
         told += f"; skipped {skipped} already decided (tick “overwrite decisions” to replace them)"
     tell(told)
+    return told
 
 
 def undo(run: Active) -> None:

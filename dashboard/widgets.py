@@ -8,7 +8,7 @@ import streamlit as st
 
 from dashboard import charts, jobs, state
 
-TILE_PX = 96
+TILE_PX = 112
 # Dense cards: small padding, one-line captions, icon buttons; a decided card is dimmed (its caption holds
 # charts.DECIDED_MARK) and a selected one outlined, so both show without a rerun of anything else.
 CARD_CSS = """

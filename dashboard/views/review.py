@@ -32,8 +32,9 @@ def bulk(run: state.Active, action: str, label_of=None) -> None:
     if not selected:
         state.tell("select some images first")
         return
-    state.decide(run, selected, action, None if label_of is None else label_of(selected),
-                 overwrite=st.session_state.get("bulk_overwrite", False))
+    told = state.decide(run, selected, action, None if label_of is None else label_of(selected),
+                        overwrite=st.session_state.get("bulk_overwrite", False))
+    st.session_state["bulk_note"] = f"last bulk action: {told}"  # stays beside the buttons, unlike the toast
 
 
 def select(indices) -> None:
@@ -255,6 +256,8 @@ def gallery() -> None:
                       args=(run, "relabel", lambda ids: [target] * len(ids)))
         st.toggle("overwrite decisions", key="bulk_overwrite",
                   help="off: bulk actions skip the cards decided already (and say how many)")
+        if "bulk_note" in st.session_state:
+            st.caption(st.session_state["bulk_note"])
         st.button("Previous", key="prev_page", icon=":material/chevron_left:", disabled=page <= 1,
                   on_click=set_page, args=(page - 1,), help="previous page (P)")
         st.markdown(f"page **{page}** of {pages}")
