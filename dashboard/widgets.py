@@ -84,7 +84,7 @@ def card(run: state.Active, row: pd.Series) -> None:
         st.image(charts.tile(run.data.train.images[int(row["position"])], TILE_PX), width=TILE_PX)
         with st.container(horizontal=True, gap="xsmall", vertical_alignment="center"):
             st.session_state[f"select_{index}"] = index in st.session_state["selected"]  # the set is the truth
-            st.checkbox("select", key=f"select_{index}", on_change=toggle_selected, args=(index,),
+            st.checkbox("select", key=f"select_{index}", on_change=follow_checkbox, args=(index,),
                         label_visibility="collapsed", help="select (Space)", width="content")
             st.markdown(charts.card_caption(row, names), unsafe_allow_html=True)
         with st.container(horizontal=True, gap=None, vertical_alignment="center"):
@@ -112,10 +112,19 @@ def relabel(run: state.Active, index: int) -> None:
     st.session_state[f"relabel_menu_{index}"] = False
 
 
-def toggle_selected(index: int) -> None:
+def follow_checkbox(index: int) -> None:
+    """Callback of a card's checkbox: the set follows the box's value (a toggle would undo "Select page"
+    when the browser reports boxes that the server ticked)."""
     selected = set(st.session_state["selected"])
-    selected ^= {index}
+    if st.session_state[f"select_{index}"]:
+        selected.add(index)
+    else:
+        selected.discard(index)
     st.session_state["selected"] = selected
+
+
+def toggle_selected(index: int) -> None:
+    st.session_state["selected"] = set(st.session_state["selected"]) ^ {index}
 
 
 def tiles(images: np.ndarray, captions: list[str], *, per_row: int = 6, size: int = 96) -> None:
