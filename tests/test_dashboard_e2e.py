@@ -171,7 +171,8 @@ def test_three_accepted_suggestions_persist_and_retrain(server, page, tmp_path):
         container = acceptable.nth(position)
         key = next(c for c in container.get_attribute("class").split() if c.startswith("st-key-accept_"))
         index = int(key.removeprefix("st-key-accept_"))
-        caption = page.locator(f".st-key-card_{index} [data-testid='stMarkdownContainer']").first.inner_text()
+        caption = page.locator(f".st-key-card_{index} [data-testid='stMarkdownContainer']", has_text="→").first
+        caption = caption.inner_text()
         accepted[index] = caption.split("→")[-1].strip()  # "#rank given → suggested"
     for index in accepted:
         page.locator(f".st-key-accept_{index} button").first.click()
