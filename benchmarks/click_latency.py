@@ -132,9 +132,9 @@ def measure(rows: int, decisions: int) -> dict:
                     written.append(wait_for(lambda b=before: len(workspace.decision_log()) > b) - pressed)
                     page.locator(f".st-key-card_{card}").filter(has_text="kept").first.wait_for()
                     shown.append(time.perf_counter() - pressed)
-                for card in reversed(cards[:min(decisions, 5)]):  # full-page reruns: the status bar's Undo
+                for card in list(reversed(cards[:decisions]))[:5]:  # full-page reruns: the status bar's Undo
                     pressed = time.perf_counter()
-                    page.locator(".st-key-undo button").first.click()
+                    page.locator(".st-key-undo button").first.dispatch_event("click")  # under the sticky header
                     page.locator(f".st-key-card_{card}").filter(has_text="kept").first.wait_for(state="detached")
                     full.append(time.perf_counter() - pressed)
                 browser.close()

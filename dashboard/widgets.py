@@ -39,7 +39,8 @@ def status_bar() -> None:
                    f"decisions: **{int(counts.sum())}** (relabel {counts.get('relabel', 0)}, drop "
                    f"{counts.get('drop', 0)}, keep {counts.get('keep', 0)}) · workspace `{run.workspace.path.name}`")
         st.button("Undo", key="undo", icon=":material/undo:", shortcut="U", on_click=state.undo, args=(run,),
-                  disabled=counts.empty, help=f"undo the last decision (U); the log keeps it. {run.workspace.path}")
+                  help=f"undo the last decision (U); the log keeps it. {run.workspace.path}")  # never disabled:
+        # decisions made in the gallery's fragment do not rerun this bar, so its counts may lag until the next run
 
 
 def require_run() -> state.Active:
