@@ -342,6 +342,20 @@ def test_flag_down_to_here_sets_the_cut_without_a_warning(session_dir):
     at.number_input(key="review_cut").set_value(max(10, round(0.1 * 1078))).run()
 
 
+@pytest.mark.slow
+def test_tsne_map_is_computed_in_the_background(session_dir):
+    """t-SNE took the page for ~30 s: now the gallery is usable while a background job computes it."""
+    at = new_session("views/review.py")
+    at.radio(key="map_method").set_value("tsne").run()
+    assert not at.exception, at.exception
+    assert len(card_indices(at)) == 24  # the gallery is drawn while the map is computed
+    finish_jobs()
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any("feature map" in chart.proto.spec for chart in at.get("plotly_chart"))  # the t-SNE map is drawn
+    at.radio(key="map_method").set_value("pca").run()
+
+
 @pytest.fixture
 def two_methods(folder, tmp_path, monkeypatch):
     """A copy of the scored workspace with a second ranking ("margin": the loss ranking reversed, with other
