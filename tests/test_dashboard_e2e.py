@@ -293,6 +293,7 @@ def test_keyboard_review_flow(tmp_path):
             assert current[cards[3]] == "keep" and (current.drop(cards[3]) == "relabel").all(), current
             log = workspace.decision_log()  # one batch of every selected card but the kept and the accepted one
             assert (log["batch"] == log["batch"].max()).sum() == 22 == len(current) - 2, log
+            page.evaluate("document.querySelector('.st-key-gallery_bar').scrollIntoView({block: 'start'})")
             page.screenshot(path=shots / "bulk-accepted.png")
             page.keyboard.press("u")
             wait_until(lambda: sorted(workspace.decisions()["index"]) == sorted(cards[1:4:2]))
