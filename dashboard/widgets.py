@@ -9,6 +9,7 @@ import streamlit as st
 from dashboard import charts, jobs, state
 
 TILE_PX = 112
+SELECTED_MARK = '<span class="il-selected"></span>'  # the stylesheet outlines a card holding it
 # Dense cards: small padding, one-line captions, icon buttons; a decided card is dimmed (its caption holds
 # charts.DECIDED_MARK) and a selected one outlined, so both show without a rerun of anything else.
 CARD_CSS = """
@@ -19,7 +20,7 @@ CARD_CSS = """
 [class*="st-key-card_"] button { min-height: 1.6rem; padding: 0 .2rem; }
 [class*="st-key-card_"]:has(.il-decided) img { opacity: .35; }
 [class*="st-key-card_"]:has(.il-decided) { background: rgba(128, 128, 128, .08); }
-[class*="st-key-card_"]:has([data-testid="stCheckbox"] input:checked) { box-shadow: inset 0 0 0 3px #1f77b4; }
+[class*="st-key-card_"]:has(.il-selected) { box-shadow: inset 0 0 0 3px #1f77b4; }
 """
 
 
@@ -83,11 +84,14 @@ def card(run: state.Active, row: pd.Series) -> None:
     index, suggested, given = int(row["index"]), int(row["suggested"]), int(row["given"])
     with st.container(border=True, key=f"card_{index}", gap="xsmall"):
         st.image(charts.tile(run.data.train.images[int(row["position"])], TILE_PX), width=TILE_PX)
-        with st.container(horizontal=True, gap="xsmall", vertical_alignment="center"):
-            st.session_state[f"select_{index}"] = index in st.session_state["selected"]  # the set is the truth
-            st.checkbox("select", key=f"select_{index}", on_change=follow_checkbox, args=(index,),
-                        label_visibility="collapsed", help="select (Space)", width="content")
-            st.markdown(charts.card_caption(row, names), unsafe_allow_html=True)
+        selected = index in st.session_state["selected"]
+        with st.container(horizontal=True, gap=None, vertical_alignment="center"):
+            # a button, not a checkbox: a click is an event, so a box the browser still shows unticked
+            # cannot undo "Select page" (the set in the session is the only truth)
+            st.button("", key=f"select_{index}", type="tertiary", on_click=toggle_selected, args=(index,),
+                      icon=":material/check_box:" if selected else ":material/check_box_outline_blank:",
+                      help="select (Space)")
+            st.markdown(charts.card_caption(row, names) + (SELECTED_MARK if selected else ""), unsafe_allow_html=True)
         with st.container(horizontal=True, gap=None, vertical_alignment="center"):
             st.button("", key=f"accept_{index}", icon=":material/check:", type="tertiary",
                       help=f"accept the suggestion {names[suggested]} (A or Enter)", disabled=suggested == given,
@@ -111,17 +115,6 @@ def relabel(run: state.Active, index: int) -> None:
     """Callback of a card's label menu: relabel, then close the menu."""
     state.decide(run, [index], "relabel", st.session_state[f"pick_{index}"])
     st.session_state[f"relabel_menu_{index}"] = False
-
-
-def follow_checkbox(index: int) -> None:
-    """Callback of a card's checkbox: the set follows the box's value (a toggle would undo "Select page"
-    when the browser reports boxes that the server ticked)."""
-    selected = set(st.session_state["selected"])
-    if st.session_state[f"select_{index}"]:
-        selected.add(index)
-    else:
-        selected.discard(index)
-    st.session_state["selected"] = selected
 
 
 def toggle_selected(index: int) -> None:

@@ -243,16 +243,28 @@ def test_keyboard_review_flow(tmp_path):
             page.wait_for_function("window.__ilKeysInstalled && !document.querySelector('.stSkeleton')")
             cards = page.evaluate("window.__ilKeys.data.cards")
             assert len(cards) == 24
-            page.evaluate("document.querySelector('.st-key-gallery_bar').scrollIntoView({block: 'start'})")
+            deadline = time.time() + 60  # charts above the gallery may still be drawing and push it down
+            while True:
+                page.evaluate("document.querySelector('.st-key-gallery_bar').scrollIntoView({block: 'start'})")
+                if visible_cards(page) >= 24 or time.time() > deadline:
+                    break
+                time.sleep(0.5)
             assert visible_cards(page) >= 24  # the density target: 24 thumbnails in one 1280×800 screen
             page.screenshot(path=shots / "gallery.png")
 
             page.keyboard.press("ArrowRight")  # the cursor: first card → second, outlined
             second = page.locator(f".st-key-card_{cards[1]}")
             expect(second).to_have_css("outline-style", "solid")
-            # tick a checkbox (it keeps the focus), then accept the cursor's suggestion with a key
-            page.locator(f".st-key-select_{cards[5]} input").check(force=True)
+            # select a card and flip the "overwrite decisions" switch on and off (a checkbox input: it keeps
+            # the focus), then accept the cursor's suggestion with a key
+            page.locator(f".st-key-select_{cards[5]} button").first.click()
             expect(page.locator(".st-key-gallery_bar")).to_contain_text("1 selected")
+            switch = page.locator(".st-key-bulk_overwrite input")
+            switch.check(force=True)
+            expect(switch).to_be_checked()
+            switch.uncheck(force=True)
+            expect(switch).not_to_be_checked()
+            assert page.evaluate("document.activeElement.type") == "checkbox"
             page.keyboard.press("a")
             wait_until(lambda: cards[1] in workspace.decisions()["index"].tolist())
             assert workspace.decisions().set_index("index").loc[cards[1], "action"] == "relabel"
