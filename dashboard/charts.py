@@ -91,18 +91,16 @@ def page_of(table: pd.DataFrame, page: int, per_page: int) -> tuple[pd.DataFrame
     return table.iloc[(page - 1) * per_page: page * per_page], pages
 
 
+DECIDED_MARK = '<span class="il-decided"></span>'  # the page's stylesheet dims a card holding it
+
+
 def card_caption(row: pd.Series, class_names: tuple[str, ...]) -> str:
-    """The text under a gallery image: rank, score, given / predicted / suggested, decision."""
+    """The one line under a gallery image: rank, given → suggested, or a coloured badge once decided."""
     name = [md(c) for c in class_names]
-    text = (f"**#{int(row['rank'])}** · {row['score']:.3g}  \n"
-            f"given **{name[row['given']]}** · pred {name[row['predicted']]} · sugg **{name[row['suggested']]}**")
-    if row["status"] == "relabel":
-        text += f"  \n:green[relabeled → {name[row['new_label']]}]"
-    elif row["status"] == "drop":
-        text += "  \n:red[dropped]"
-    elif row["status"] == "keep":
-        text += "  \n:blue[confirmed correct]"
-    return text
+    text = f"**#{int(row['rank'])}** {name[row['given']]} → **{name[row['suggested']]}**"
+    badge = {"relabel": f":green-badge[relabeled → {name[row['new_label']]}]" if row["status"] == "relabel" else "",
+             "drop": ":red-badge[dropped]", "keep": ":blue-badge[kept]"}.get(row["status"])
+    return f"**#{int(row['rank'])}** {badge}{DECIDED_MARK}" if badge else text
 
 
 # -- review charts --------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from engine.guidance import (
     review_estimate,
     scoring_advice,
 )
+from engine.measured import recommended_methods
 from engine.metrics import ranks
 from engine.pipeline import result_table
 from engine.runs import RunData, RunSettings, load_run_data
@@ -239,7 +240,8 @@ def activate(workspace: Workspace, key: str, settings: RunSettings) -> None:
     st.session_state["active"] = (str(workspace.path), key, json.dumps(settings.to_dict(), sort_keys=True))
     st.query_params["run"] = key
     st.query_params["workspace"] = workspace.path.stem
-    for name in ("gallery_page", "detail_index", "spot_check_indices"):
+    review_widgets = [name for name in st.session_state if str(name).startswith("review_")]  # the old run's
+    for name in ("gallery_page", "detail_index", "spot_check_indices", *review_widgets):
         st.session_state.pop(name, None)
 
 
@@ -305,19 +307,92 @@ def init() -> None:
         st.session_state["startup_error"] = str(exc)
 
 
+# -- review settings ------------------------------------------------------------------------------
+
+REVIEW_SETTINGS = "review_settings"  # the workspace report that keeps them, one per run
+PAGE_SIZES = (24, 48, 96, 192)
+
+
+def review_defaults(run: Active) -> dict:
+    n = len(run.data.train)
+    return {"method": recommended_methods(run.methods, 1)[0],  # the best measured method (engine.measured)
+            "cut": min(n, max(10, round(0.1 * n))), "only_flagged": True,
+            "per_page": PAGE_SIZES[0], "panel_depth": True, "panel_overview": True}
+
+
+def review_settings(run: Active) -> dict:
+    """How this run is reviewed (ranking, cut, paging, open panels): kept in the workspace with the run,
+    so a page switch, a reload or a second tab finds them; stale values fall back to the defaults."""
+    settings = review_defaults(run)
+    stored = run.workspace.report(run.key, REVIEW_SETTINGS) or {}
+    valid = {"method": lambda v: v in run.results, "per_page": lambda v: v in PAGE_SIZES,
+             "cut": lambda v: isinstance(v, int) and 1 <= v <= len(run.data.train)}
+    settings.update({k: v for k, v in stored.items() if k in settings and valid.get(k, lambda _: True)(v)})
+    return settings
+
+
+def seed_review_widgets(run: Active) -> None:
+    """Give the review widgets their stored values unless the session holds them already (the widgets
+    then take no default of their own: a default beside session state is refused with a warning)."""
+    for name, value in review_settings(run).items():
+        st.session_state.setdefault(f"review_{name}", value)
+
+
+def remember_review_setting(run: Active, name: str) -> None:
+    """Callback of a review widget: store its new value with the run."""
+    settings = review_settings(run)
+    value = st.session_state[f"review_{name}"]
+    settings[name] = int(value) if name in ("cut", "per_page") else value
+    run.workspace.save_report(run.key, REVIEW_SETTINGS, settings)
+
+
 # -- decisions ------------------------------------------------------------------------------------
 
-def decide(run: Active, indices, action: str, new_label: int | None = None) -> None:
-    """Write one decision (or one batch) to the workspace at once; say so."""
+def decide(run: Active, indices, action: str, new_label=None, *, overwrite: bool = True) -> str:
+    """Write one decision (or one batch: one undo) to the workspace at once; say so.
+
+    ``new_label`` is one label or one per sample. A sample already decided this way is left alone (no
+    duplicate log rows); with ``overwrite=False`` a sample decided otherwise is skipped too, and counted.
+    Returns what it told the user.
+    """
     indices = [int(i) for i in np.atleast_1d(indices)]
-    run.workspace.decide(indices, action, new_label)
-    what = {"relabel": f"relabeled → {md(run.class_names[new_label])}" if new_label is not None else "relabeled",
-            "drop": "dropped", "keep": "confirmed correct"}[action]
-    st.toast(f"{len(indices)} sample{'s' if len(indices) > 1 else ''} {what}" if len(indices) > 1
-             else f"sample {indices[0]} {what}")
+    labels = np.broadcast_to(np.asarray(-1 if new_label is None else new_label, dtype=np.int64),
+                             (len(indices),)).tolist()
+    current = run.decisions().set_index("index")
+    chosen, chosen_labels, skipped = [], [], 0
+    for index, label in zip(indices, labels, strict=True):
+        if index in current.index:
+            same = current.at[index, "action"] == action
+            if same and (action != "relabel" or current.at[index, "new_label"] == label):
+                continue
+            if not overwrite:
+                skipped += 1
+                continue
+        chosen.append(index)
+        chosen_labels.append(label)
     st.session_state["selected"] = set(st.session_state.get("selected", set())) - set(indices)
+    if chosen:
+        run.workspace.decide(chosen, action, chosen_labels if action == "relabel" else None)
+    what = {"relabel": f"relabeled → {md(run.class_names[chosen_labels[0]])}" if len(set(chosen_labels)) == 1
+            else "relabeled", "drop": "dropped", "keep": "confirmed correct"}[action]
+    told = (f"{len(chosen)} samples {what}" if len(chosen) > 1 else f"sample {chosen[0]} {what}") if chosen \
+        else "nothing changed"
+    if skipped:
+        told += f"; skipped {skipped} already decided (tick “overwrite decisions” to replace them)"
+    tell(told)
+    return told
 
 
 def undo(run: Active) -> None:
     undone = run.workspace.undo()
-    st.toast(f"undid the decision on {len(undone)} sample(s)" if len(undone) else "nothing to undo")
+    tell(f"undid the decision on {len(undone)} sample(s)" if len(undone) else "nothing to undo")
+
+
+def tell(text: str) -> None:
+    """Queue a toast: callbacks of a fragment may not draw, so the next run shows it (``show_told``)."""
+    st.session_state.setdefault("told", []).append(text)
+
+
+def show_told() -> None:
+    for text in st.session_state.pop("told", []):
+        st.toast(text)

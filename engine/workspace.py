@@ -16,7 +16,7 @@ import json
 import re
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -315,26 +315,37 @@ class Workspace:
 
     # -- decisions --------------------------------------------------------------------------------
 
-    def decide(self, indices, action: str, new_label: int | None = None) -> int:
+    def decide(self, indices, action: str, new_label: int | Sequence[int] | None = None) -> int:
         """Record one decision for each sample index (one transaction, one batch); returns the batch id.
 
-        ``action`` is ``relabel`` (``new_label`` required), ``drop`` or ``keep`` (confirmed correct).
+        ``action`` is ``relabel`` (``new_label`` required: one label for all, or one per index, so a
+        bulk "accept the suggestions" is still one batch and one undo), ``drop`` or ``keep``.
         """
         if action not in ACTIONS:
             raise InfluenceLensError(f"unknown action {action!r}; valid: {', '.join(ACTIONS)}")
-        if action == "relabel" and (new_label is None or int(new_label) < 0):
-            raise InfluenceLensError("a relabel decision needs the new label")
-        label = int(new_label) if action == "relabel" else None
         indices = [int(i) for i in np.atleast_1d(np.asarray(indices, dtype=np.int64))]
         if not indices:
             raise InfluenceLensError("no samples selected")
+        if action == "relabel":
+            if new_label is None:
+                raise InfluenceLensError("a relabel decision needs the new label")
+            labels = np.atleast_1d(np.asarray(new_label, dtype=np.int64))
+            labels = np.repeat(labels, len(indices)) if len(labels) == 1 else labels
+            if len(labels) != len(indices):
+                raise InfluenceLensError(f"{len(labels)} new labels for {len(indices)} samples")
+            if (labels < 0).any():
+                raise InfluenceLensError("a relabel decision needs the new label")
+            labels = [int(label) for label in labels]
+        else:
+            labels = [None] * len(indices)
 
         def write():
             with self._transaction() as con:
                 batch = con.execute("SELECT coalesce(max(batch), 0) + 1 FROM decisions").fetchone()[0]
                 now = _now()
                 con.executemany("INSERT INTO decisions (batch, sample_index, action, new_label, decided_at) "
-                                "VALUES (?, ?, ?, ?, ?)", [(batch, i, action, label, now) for i in indices])
+                                "VALUES (?, ?, ?, ?, ?)",
+                                [(batch, i, action, label, now) for i, label in zip(indices, labels, strict=True)])
                 return int(batch)
         return self._retrying(write)
 

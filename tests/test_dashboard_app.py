@@ -19,7 +19,7 @@ from engine.guidance import review_estimate
 from engine.measured import measured_methods, recommended_methods
 from engine.metrics import detection_metrics, ranks
 from engine.runs import RunSettings, load_run_data
-from engine.scorers import available_methods, scorer_class
+from engine.scorers import ScoreResult, available_methods, scorer_class
 from engine.workspace import Workspace
 
 APP = str(REPO_ROOT / "dashboard" / "app.py")
@@ -135,11 +135,10 @@ def test_relabel_reaches_the_sqlite_file_and_undo_restores(session_dir):
 def test_bulk_action_on_selected_samples_is_one_batch(session_dir):
     path = workspace_file(session_dir)
     at = new_session("views/review.py")
-    boxes = [c for c in at.checkbox if (c.key or "").startswith("select_")][:3]
-    for box in boxes:
-        box.check().run()
+    chosen = sorted(card_indices(at)[:3])
+    for index in chosen:
+        at.button(key=f"select_{index}").click().run()
     at.button(key="bulk_drop").click().run()
-    chosen = sorted(int(b.key.split("_")[1]) for b in boxes)
     current = Workspace(path).decisions()
     assert sorted(current["index"]) == chosen and set(current["action"]) == {"drop"}
     at.button(key="undo").click().run()  # one undo takes the whole batch back
@@ -259,6 +258,164 @@ def test_a_finished_scoring_is_said_once_and_never_beside_a_failed_run(session_d
     assert [s.value for s in again.success] == ["Scored loss in 0.0 s."]
     again.run()
     assert not again.success and jobs.get(job_key) is None
+
+
+# -- the review workbench (issue 12) --------------------------------------------------------------
+
+def card_indices(at: AppTest, prefix: str = "keep_") -> list[int]:
+    return [int(b.key.split("_")[1]) for b in at.button if (b.key or "").startswith(prefix) and not b.disabled]
+
+
+def suggestion_of(path: Path) -> dict[int, int]:
+    workspace = Workspace(path)
+    result = workspace.results(workspace.runs()["config_hash"][0])["loss"]
+    data = load_run_data(RunSettings(noise_rate=NOISE, noise_kind=KIND, epochs=2))
+    return dict(zip(data.train.index.tolist(), result.suggested_labels.tolist(), strict=True))
+
+
+def test_bulk_accept_of_different_suggestions_is_undone_at_once(session_dir):
+    """Bug 1: one bulk action was written as one batch per suggested label, so undo took back one label."""
+    path = workspace_file(session_dir)
+    suggested = suggestion_of(path)
+    at = new_session("views/review.py")
+    chosen, labels = [], set()
+    for index in card_indices(at, "accept_"):  # cards whose suggestions differ
+        if suggested[index] not in labels:
+            chosen.append(index)
+            labels.add(suggested[index])
+        if len(chosen) == 3:
+            break
+    assert len(labels) >= 2, "the sample run needs cards with different suggestions"
+    for index in chosen:
+        at.button(key=f"select_{index}").click().run()
+    at.button(key="bulk_accept").click().run()
+    current = Workspace(path).decisions()
+    assert dict(zip(current["index"], current["new_label"], strict=True)) == {i: suggested[i] for i in chosen}
+    at.button(key="undo").click().run()
+    assert Workspace(path).decisions().empty
+
+
+def test_bulk_actions_skip_decided_cards_unless_told_to_overwrite(session_dir):
+    """Bug 2: a bulk accept replaced the decisions made by hand on the page."""
+    path = workspace_file(session_dir)
+    at = new_session("views/review.py")
+    kept, *others = card_indices(at, "accept_")[:3]
+    at.button(key=f"keep_{kept}").click().run()
+    for index in [kept, *others]:
+        at.button(key=f"select_{index}").click().run()
+    at.button(key="bulk_accept").click().run()
+    current = Workspace(path).decisions().set_index("index")["action"].to_dict()
+    assert current == {kept: "keep", **{i: "relabel" for i in others}}
+    assert any("skipped 1 already decided" in t.value for t in at.toast)
+    at.button(key=f"select_{kept}").click().run()
+    at.toggle(key="bulk_overwrite").set_value(True).run()
+    at.button(key="bulk_drop").click().run()
+    assert Workspace(path).decisions().set_index("index").loc[kept, "action"] == "drop"
+    for _ in range(3):
+        at.button(key="undo").click().run()
+    assert Workspace(path).decisions().empty
+
+
+def test_reclicking_accept_writes_no_duplicate_log_rows(session_dir):
+    path = workspace_file(session_dir)
+    at = new_session("views/review.py")
+    index = card_indices(at, "accept_")[0]
+    rows_before = len(Workspace(path).decision_log())
+    at.button(key=f"accept_{index}").click().run()
+    at.button(key=f"accept_{index}").click().run()
+    assert len(Workspace(path).decision_log()) == rows_before + 1
+    at.button(key="undo").click().run()
+    assert Workspace(path).decisions().empty
+
+
+def test_the_label_menu_closes_after_a_relabel(session_dir):
+    path = workspace_file(session_dir)
+    at = new_session("views/review.py")
+    index = card_indices(at)[0]
+    at.session_state[f"relabel_menu_{index}"] = True  # the user opens the card's label menu
+    at.run()
+    at.selectbox(key=f"pick_{index}").set_value(3)
+    at.button(key=f"relabel_{index}").click().run()
+    assert Workspace(path).decisions()[["index", "new_label"]].values.tolist() == [[index, 3]]
+    assert at.session_state[f"relabel_menu_{index}"] is False
+    assert not [s for s in at.selectbox if s.key == f"pick_{index}"]  # closed: its list is gone
+    at.button(key="undo").click().run()
+
+
+def test_review_settings_survive_a_page_switch_and_a_reload(session_dir):
+    """Bug 4: the ranking, cut, page size and filter reset when the user visited another page."""
+    at = new_session("views/review.py")
+    at.number_input(key="review_cut").set_value(30).run()
+    at.toggle(key="review_only_flagged").set_value(False).run()
+    at.selectbox(key="review_per_page").set_value(48).run()
+    assert len(card_indices(at)) == 48
+    at.switch_page("views/detail.py").run()
+    at.switch_page("views/review.py").run()
+    fresh = new_session("views/review.py")  # a reload: a new session on the same run
+    for session in (at, fresh):
+        assert not session.exception, session.exception
+        assert session.number_input(key="review_cut").value == 30
+        assert session.toggle(key="review_only_flagged").value is False
+        assert session.selectbox(key="review_per_page").value == 48
+        assert len(card_indices(session)) == 48
+    assert not [w for w in at.warning if "default value" in w.value]  # review_cut: no default beside session state
+    fresh.number_input(key="review_cut").set_value(max(10, round(0.1 * 1078))).run()
+    fresh.toggle(key="review_only_flagged").set_value(True).run()
+    fresh.selectbox(key="review_per_page").set_value(24).run()
+
+
+def test_flag_down_to_here_sets_the_cut_without_a_warning(session_dir):
+    at = new_session("views/review.py")
+    at.button(key="flag_down_to").click().run()
+    cut = at.number_input(key="review_cut").value
+    at.run()
+    assert not at.exception and not [w for w in at.warning if "default value" in w.value]
+    assert new_session("views/review.py").number_input(key="review_cut").value == cut  # stored with the run
+    at.number_input(key="review_cut").set_value(max(10, round(0.1 * 1078))).run()
+
+
+@pytest.mark.slow
+def test_tsne_map_is_computed_in_the_background(session_dir):
+    """t-SNE took the page for ~30 s: now the gallery is usable while a background job computes it."""
+    at = new_session("views/review.py")
+    at.radio(key="map_method").set_value("tsne").run()
+    assert not at.exception, at.exception
+    assert len(card_indices(at)) == 24  # the gallery is drawn while the map is computed
+    finish_jobs()
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any("feature map" in chart.proto.spec for chart in at.get("plotly_chart"))  # the t-SNE map is drawn
+    at.radio(key="map_method").set_value("pca").run()
+
+
+@pytest.fixture
+def two_methods(folder, tmp_path, monkeypatch):
+    """A copy of the scored workspace with a second ranking ("margin": the loss ranking reversed, with other
+    suggestions), so the gallery and the detail page can disagree."""
+    import shutil
+
+    shutil.copytree(folder / "workspaces", tmp_path / "workspaces")
+    workspace = Workspace(workspace_file(tmp_path))
+    key = workspace.runs()["config_hash"][0]
+    loss = workspace.results(key)["loss"]
+    workspace.save_result(key, ScoreResult("margin", -loss.scores, (loss.suggested_labels + 1) % 10, {}, {}))
+    monkeypatch.chdir(tmp_path)
+    return workspace, key
+
+
+def test_sample_detail_follows_the_gallery_ranking(two_methods):
+    """Bug 5: card #1 of another ranking opened as "rank 149 by loss", with loss's suggestion."""
+    workspace, key = two_methods
+    margin = workspace.results(key)["margin"]
+    data = load_run_data(RunSettings(noise_rate=NOISE, noise_kind=KIND, epochs=2))
+    top = int(np.argmin(ranks(margin.scores)))
+    at = new_session("views/review.py")
+    at.selectbox(key="review_method").set_value("margin").run()
+    at.button(key=f"detail_{int(data.train.index[top])}").click().run()
+    assert [t.value for t in at.title] == ["Look closer"]
+    assert any(f"rank **1** of {len(data.train)} by **margin**" in m.value for m in at.markdown)
+    suggested = data.train.class_names[int(margin.suggested_labels[top])]
+    assert at.button(key="detail_accept").label == f"Accept {suggested}"
 
 
 def test_close_the_loop_rescoring_with_reviewed_samples(session_dir):
@@ -423,3 +580,5 @@ def test_runs_table_says_what_each_run_is_and_opens_one_by_click(session_dir):
     assert at.session_state["active"][1] == table["run"][0]
     assert [t.value for t in at.title] == ["Review the suspects"]
     assert any(m.value.startswith("Opened the run of") for m in at.success)
+
+

@@ -64,8 +64,12 @@ def test_page_of_clamps_and_counts(table):
 def test_card_caption_names_labels_and_decision(table):
     row = table.iloc[1]  # index 11: given one, predicted two, suggested two, relabeled → two
     text = charts.card_caption(row, NAMES)
-    assert "#2" in text and "given **one**" in text and "sugg **two**" in text and "relabeled → two" in text
+    assert "#2" in text and "relabeled → two" in text and charts.DECIDED_MARK in text
     assert "dropped" in charts.card_caption(table.iloc[0], NAMES)
+    undecided = table[table["status"] == charts.UNREVIEWED].iloc[0]
+    text = charts.card_caption(undecided, NAMES)
+    assert f"{NAMES[undecided['given']]} → **{NAMES[undecided['suggested']]}**" in text
+    assert charts.DECIDED_MARK not in text
 
 
 def test_score_histogram_marks_the_cut():

@@ -54,6 +54,16 @@ def test_undo_restores_the_previous_decision_and_keeps_history(workspace):
     assert workspace.undo().empty  # nothing left to undo
 
 
+def test_one_batch_can_carry_a_label_per_sample_and_is_undone_at_once(workspace):
+    workspace.decide([1, 2, 3], "relabel", [4, 0, 4])  # a bulk "accept the suggestions"
+    assert workspace.decisions()[["index", "new_label"]].values.tolist() == [[1, 4], [2, 0], [3, 4]]
+    assert workspace.decision_log()["batch"].nunique() == 1
+    assert sorted(workspace.undo()["index"]) == [1, 2, 3]
+    assert workspace.decisions().empty
+    with pytest.raises(InfluenceLensError, match="2 new labels for 3 samples"):
+        workspace.decide([1, 2, 3], "relabel", [4, 0])
+
+
 def test_decide_validates_actions(workspace):
     with pytest.raises(InfluenceLensError, match="unknown action"):
         workspace.decide([1], "delete")

@@ -7,8 +7,8 @@ import numpy as np
 import streamlit as st
 
 from dashboard import charts, state, widgets
-from engine.data import original_image
 from dashboard.text import md
+from engine.data import original_image
 from engine.explain import explain
 
 NEIGHBOURS = 6
@@ -29,8 +29,7 @@ run = widgets.require_run()
 names = run.class_names
 shown = [md(name) for name in names]  # for Markdown: the data's names as text
 train = run.data.train
-method = st.session_state.get("review_method", run.methods[0])
-method = method if method in run.results else run.methods[0]
+method = state.review_settings(run)["method"]  # the gallery's ranking: its rank, score and suggestion
 ranks = run.ranks(method)
 order = train.index[np.argsort(ranks)]  # stable indices, most suspicious first
 

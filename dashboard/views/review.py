@@ -6,15 +6,13 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from dashboard import charts, state, widgets
+from dashboard import charts, jobs, keys, state, widgets
 from dashboard.text import md
-from engine.explain import MAP_METHODS, class_confusion
+from engine.explain import MAP_METHODS, class_confusion, feature_map
 from engine.guidance import TRAINED_MODEL_SOURCE, spot_check_rows
-from engine.measured import recommended_methods
 
-PER_ROW = 6
+PER_ROW = 8  # 3 rows of 8 fill a 1280×800 window once scrolled to the gallery
 SPOT_CHECK_SIZE = 12
-PAGE_SIZES = (12, 24, 48, 96)
 TSNE_MAX_ROWS = 10_000  # scikit-learn's t-SNE takes minutes beyond this on a CPU; PCA is offered alone then
 QUIET = {"displayModeBar": False}  # the tool bar hides the titles of these small charts; lasso is the drag mode
 
@@ -29,17 +27,15 @@ def set_page(page: int) -> None:
 
 
 def bulk(run: state.Active, action: str, label_of=None) -> None:
-    """Callback: one action on every selected sample (one batch, undone together)."""
+    """Callback: one action on every selected sample: one batch, one undo. Cards decided already are
+    skipped (and counted) unless "overwrite decisions" is on."""
     selected = sorted(st.session_state["selected"])
     if not selected:
-        st.toast("select some images first")
+        state.tell("select some images first")
         return
-    if label_of is None:
-        state.decide(run, selected, action)
-        return
-    labels = label_of(selected)
-    for label in sorted(set(labels)):  # one batch per target label
-        state.decide(run, [i for i, lab in zip(selected, labels, strict=True) if lab == label], action, label)
+    told = state.decide(run, selected, action, None if label_of is None else label_of(selected),
+                        overwrite=st.session_state.get("bulk_overwrite", False))
+    st.session_state["bulk_note"] = f"last bulk action: {told}"  # stays beside the buttons, unlike the toast
 
 
 def select(indices) -> None:
@@ -50,9 +46,10 @@ def clear_selection() -> None:
     st.session_state["selected"] = set()
 
 
-def flag_down_to(depth: int) -> None:
+def flag_down_to(run: state.Active, depth: int) -> None:
     """Callback: move the cut to the estimated review depth."""
     st.session_state["review_cut"] = max(1, depth)
+    state.remember_review_setting(run, "cut")
 
 
 def spot_check(indices: list[int]) -> None:
@@ -65,71 +62,104 @@ def end_spot_check() -> None:
     st.session_state.pop("spot_check_indices", None)
 
 
-if st.session_state.pop("goto_detail", False):
-    st.switch_page("views/detail.py")
-
 st.title("Review the suspects")
 run = widgets.require_run()
 names = run.class_names
 n = len(run.data.train)
+state.seed_review_widgets(run)
+st.html(f"<style>{widgets.CARD_CSS}</style>")
 
-c1, c2, c3, c4 = st.columns([2, 2, 2, 2])
-method = c1.selectbox("Ranked by", run.methods, key="review_method",  # opens on the best measured method
-                      index=run.methods.index(recommended_methods(run.methods, 1)[0]))
+
+def remember(name: str) -> dict:
+    """Widget arguments that store the widget's value with the run."""
+    return {"key": f"review_{name}", "on_change": state.remember_review_setting, "args": (run, name)}
+
+
+c1, c2, c3, c4 = st.columns(4)
+method = c1.selectbox("Ranked by", run.methods, **remember("method"))
 result = run.results[method]
-cut = int(c2.number_input("Flag the top", 1, n, min(n, max(10, round(0.1 * n))), key="review_cut",
-                          help="the cut: samples ranked above it are 'flagged'"))
-only_flagged = c3.toggle("Only flagged", value=True, key="review_only_flagged")
-per_page = c4.selectbox("Images per page", PAGE_SIZES, index=1, key="review_per_page")
+cut = int(c2.number_input("Flag the top", 1, n, help="the cut: samples ranked above it are 'flagged'",
+                          **remember("cut")))
+only_flagged = c3.toggle("Only flagged", **remember("only_flagged"))
+per_page = c4.selectbox("Images per page", state.PAGE_SIZES, **remember("per_page"))
 
 for advice in run.advice(method):
     st.warning(md(advice.message), icon=":material/warning:")
 
-with st.expander("How deep to review", expanded=True, key="review_depth"):
-    chart, numbers = st.columns([3, 1])
-    threshold = numbers.slider("Stop when precision falls below", 0.05, 0.95, 0.5, 0.05, key="review_threshold",
-                               format="%.2f", help="the estimated chance that the next sample is a label error")
-    estimate = run.review_estimate(method, threshold)
-    numbers.metric("Review down to", f"{estimate.stop_depth:,}", f"{estimate.stop_depth / n:.1%} of the set",
-                   delta_color="off", delta_arrow="off")
-    numbers.metric("Found so far / estimated total", f"{estimate.found:,} / {estimate.expected_total:,.0f}",
-                   f"estimated noise rate {estimate.expected_noise_rate:.1%}", delta_color="off", delta_arrow="off")
-    numbers.button("Flag down to here", key="flag_down_to", on_click=flag_down_to, args=(estimate.stop_depth,),
-                   disabled=estimate.stop_depth in (0, cut))
-    reviewed_rows, _ = run.reviewed()
-    sample = run.data.train.index[spot_check_rows(estimate, reviewed_rows, SPOT_CHECK_SIZE, seed=len(reviewed_rows))]
-    numbers.button("Spot-check beyond the line", key="spot_check", on_click=spot_check, args=(sample.tolist(),),
-                   disabled=len(sample) == 0,
-                   help=f"show {SPOT_CHECK_SIZE} random unreviewed samples ranked below the line: your decisions on "
-                        "them correct the estimate of how many errors remain there")
-    chart.plotly_chart(charts.review_depth_figure(estimate, threshold, cut), key="review_depth_chart", config=QUIET)
-    second = f" cleanlab counts {estimate.cleanlab_total:,} issues." if estimate.cleanlab_total is not None else ""
-    if estimate.source == TRAINED_MODEL_SOURCE:
-        second += " Score with fvm-loss, fvm or cleanlab for an estimate from a model that did not learn the labels."
-    chart.caption(f"Estimated from the probabilities of **{estimate.source}**, recalibrated with your "
-                  f"{estimate.reviewed:,} decisions so far (relabel and drop count as errors, keep as correct); "
-                  f"the estimate of the top {cut:,} is {estimate.precision_at(cut):.0%} precision.{second}")
+depth_panel = st.expander("How deep to review", **remember("panel_depth"))
+if depth_panel.open:  # a closed panel costs nothing
+    with depth_panel:
+        chart, numbers = st.columns([3, 1])
+        threshold = numbers.slider("Stop when precision falls below", 0.05, 0.95, 0.5, 0.05, key="review_threshold",
+                                   format="%.2f", help="the estimated chance that the next sample is a label error")
+        estimate = run.review_estimate(method, threshold)
+        numbers.metric("Review down to", f"{estimate.stop_depth:,}", f"{estimate.stop_depth / n:.1%} of the set",
+                       delta_color="off", delta_arrow="off")
+        numbers.metric("Found so far / estimated total", f"{estimate.found:,} / {estimate.expected_total:,.0f}",
+                       f"estimated noise rate {estimate.expected_noise_rate:.1%}", delta_color="off",
+                       delta_arrow="off")
+        numbers.button("Flag down to here", key="flag_down_to", on_click=flag_down_to, args=(run, estimate.stop_depth),
+                       disabled=estimate.stop_depth in (0, cut))
+        reviewed_rows, _ = run.reviewed()
+        sample = run.data.train.index[spot_check_rows(estimate, reviewed_rows, SPOT_CHECK_SIZE,
+                                                      seed=len(reviewed_rows))]
+        numbers.button("Spot-check beyond the line", key="spot_check", on_click=spot_check, args=(sample.tolist(),),
+                       disabled=len(sample) == 0,
+                       help=f"show {SPOT_CHECK_SIZE} random unreviewed samples ranked below the line: your decisions "
+                            "on them correct the estimate of how many errors remain there")
+        chart.plotly_chart(charts.review_depth_figure(estimate, threshold, cut), key="review_depth_chart",
+                           config=QUIET)
+        second = "" if estimate.cleanlab_total is None else f" cleanlab counts {estimate.cleanlab_total:,} issues."
+        if estimate.source == TRAINED_MODEL_SOURCE:
+            second += (" Score with fvm-loss, fvm or cleanlab for an estimate from a model that did not learn the "
+                       "labels.")
+        chart.caption(f"Estimated from the probabilities of **{estimate.source}**, recalibrated with your "
+                      f"{estimate.reviewed:,} decisions so far (relabel and drop count as errors, keep as correct; "
+                      f"decisions in the gallery below update this on the next change of page settings); "
+                      f"the estimate of the top {cut:,} is {estimate.precision_at(cut):.0%} precision.{second}")
 
 predicted = run.predictions.predicted
-table = charts.gallery_table(run.data.train.index, result.scores, run.data.train.labels, predicted,
-                             result.suggested_labels, run.decisions())
 flagged_mask = run.ranks(method) <= cut
 
-with st.expander("Overview: score histogram, given vs. suggested, feature map", expanded=True):
-    h, m, f = st.columns(3)
-    cut_score = float(np.sort(result.scores)[::-1][cut - 1])
-    h.plotly_chart(charts.score_histogram(result.scores, cut_score, method=method, flagged=cut), key="histogram",
-                   config=QUIET)
-    counts = class_confusion(run.data.train.labels[flagged_mask], result.suggested_labels[flagged_mask], len(names))
-    cell_event = m.plotly_chart(charts.confusion_figure(counts, names), on_select="rerun", selection_mode="points",
-                                key=f"confusion_{st.session_state.get('confusion_key', 0)}", config=QUIET)
-    map_method = f.radio("Map", MAP_METHODS if n <= TSNE_MAX_ROWS else ("pca",), horizontal=True, key="map_method",
-                         label_visibility="collapsed", format_func=lambda x: {"pca": "PCA", "tsne": "t-SNE"}[x])
-    xy = state.feature_xy(str(run.workspace.path), run.key, map_method)
-    map_event = f.plotly_chart(charts.feature_map_figure(xy, run.data.train.labels, run.data.train.index, flagged_mask,
-                                                         names),
-                               on_select="rerun", selection_mode=("lasso", "box"), config=QUIET,
-                               key=f"map_{st.session_state.get('map_key', 0)}")
+
+def map_xy(map_method: str) -> np.ndarray | None:
+    """PCA at once; t-SNE in a background job with its progress (None until it is done)."""
+    if map_method == "pca":
+        return state.feature_xy(str(run.workspace.path), run.key, map_method)
+    job_key = jobs.key_for(f"map-{map_method}", run.workspace.path, run.key)
+    job = jobs.get(job_key) or jobs.start(job_key, "t-SNE map", lambda progress: feature_map(
+        run.arrays["features"], method=map_method))
+    if job.running:
+        jobs.watch(job_key)
+        return None
+    if job.error:
+        st.error(f"The t-SNE map failed: {job.error}")
+        return None
+    return job.result
+
+
+overview = st.expander("Overview: score histogram, given vs. suggested, feature map", **remember("panel_overview"))
+cell_event = map_event = None
+if overview.open:
+    with overview:
+        h, m, f = st.columns(3)
+        cut_score = float(np.sort(result.scores)[::-1][cut - 1])
+        h.plotly_chart(charts.score_histogram(result.scores, cut_score, method=method, flagged=cut), key="histogram",
+                       config=QUIET)
+        counts = class_confusion(run.data.train.labels[flagged_mask], result.suggested_labels[flagged_mask],
+                                 len(names))
+        cell_event = m.plotly_chart(charts.confusion_figure(counts, names), on_select="rerun", selection_mode="points",
+                                    key=f"confusion_{st.session_state.get('confusion_key', 0)}", config=QUIET)
+        with f:
+            map_method = st.radio("Map", MAP_METHODS if n <= TSNE_MAX_ROWS else ("pca",), horizontal=True,
+                                  key="map_method", label_visibility="collapsed",
+                                  format_func=lambda x: {"pca": "PCA", "tsne": "t-SNE"}[x])
+            xy = map_xy(map_method)
+            if xy is not None:
+                map_event = st.plotly_chart(charts.feature_map_figure(xy, run.data.train.labels, run.data.train.index,
+                                                                      flagged_mask, names),
+                                            on_select="rerun", selection_mode=("lasso", "box"), config=QUIET,
+                                            key=f"map_{st.session_state.get('map_key', 0)}")
 
 cell = None
 if cell_event and cell_event.selection.points:
@@ -161,43 +191,92 @@ if checking is not None:
                  on_click=end_spot_check)
     lasso = checking if lasso is None else lasso & checking
 
-shown = charts.filter_gallery(table, top_k=cut if only_flagged and checking is None else None, given=given_filter,
-                              suggested=suggested_filter, status=status_filter, score_range=score_range,
-                              indices=lasso, cell=cell)
-page_rows, pages = charts.page_of(shown, st.session_state.get("gallery_page", 1), per_page)
-page = min(st.session_state.get("gallery_page", 1), pages)
 
-selected = st.session_state["selected"]
-with st.container(horizontal=True, vertical_alignment="center"):
-    st.markdown(f"**{len(shown)}** shown · **{len(selected)}** selected")
-    st.button("Select page", key="select_page", on_click=select, args=(page_rows["index"].tolist(),))
-    st.button("Clear selection", key="clear_selection", on_click=clear_selection, disabled=not selected)
-    suggested_of = dict(zip(table["index"], table["suggested"], strict=True))
-    st.button("Accept suggestions", key="bulk_accept", shortcut="A", disabled=not selected, type="primary",
-              on_click=bulk, args=(run, "relabel", lambda ids: [int(suggested_of[i]) for i in ids]))
-    st.button("Confirm correct", key="bulk_keep", shortcut="K", disabled=not selected,
-              on_click=bulk, args=(run, "keep"))
-    st.button("Drop", key="bulk_drop", shortcut="D", disabled=not selected, on_click=bulk, args=(run, "drop"))
-    with st.popover("Relabel to…", disabled=not selected):
-        target = st.selectbox("Label", label_ids, format_func=names.__getitem__, key="bulk_label")
-        st.button("Relabel selected", key="bulk_relabel", on_click=bulk,
-                  args=(run, "relabel", lambda ids: [target] * len(ids)))
+def suggestions(indices) -> list[int]:
+    return [int(result.suggested_labels[run.position_of(i)]) for i in indices]
 
-with st.container(horizontal=True, vertical_alignment="center"):
-    st.button("Previous", key="prev_page", icon=":material/chevron_left:", shortcut="P", disabled=page <= 1,
-              on_click=set_page, args=(page - 1,))
-    st.markdown(f"page **{page}** of {pages}")
-    st.button("Next", key="next_page", icon=":material/chevron_right:", shortcut="N", disabled=page >= pages,
-              on_click=set_page, args=(page + 1,))
-    st.number_input("Go to page", 1, pages, page, key=f"goto_page_{pages}", label_visibility="collapsed",
-                    on_change=lambda: set_page(st.session_state[f"goto_page_{pages}"]), width=110)
 
-if page_rows.empty:
-    st.info("No image passes the filters.")
-for start in range(0, len(page_rows), PER_ROW):
-    columns = st.columns(PER_ROW)
-    for column, (_, row) in zip(columns, page_rows.iloc[start:start + PER_ROW].iterrows(), strict=False):
-        with column:
-            widgets.card(run, row)
-st.caption("Shortcuts: A accept suggestions · K confirm correct · D drop (selected images) · N / P next / previous "
-           "page · U undo.")
+BULK = {"accept": ("relabel", suggestions), "keep": ("keep", None), "drop": ("drop", None)}
+
+
+def on_key(command: dict) -> None:
+    """A key pressed on the gallery (see ``keys.SHORTCUTS``): decide on the cursor's card, and so on."""
+    action, index = command.get("action", ""), command.get("index")
+    if action in ("accept", "keep", "drop", "relabel") and index is not None:
+        if action == "accept":
+            (label,) = suggestions([index])
+            if label == int(run.data.train.labels[run.position_of(index)]):
+                state.tell(f"sample {index}: the suggestion is its given label (K keeps it)")
+                return
+            state.decide(run, [index], "relabel", label)
+        else:
+            state.decide(run, [index], action, command.get("label"))
+    elif action.startswith("bulk_"):
+        bulk(run, *BULK[action.removeprefix("bulk_")])
+    elif action == "undo":
+        state.undo(run)
+    elif action == "select" and index is not None:
+        widgets.toggle_selected(int(index))
+    elif action == "page":
+        set_page(min(st.session_state.get("gallery_page", 1) + int(command.get("step", 0)),
+                     st.session_state.get("gallery_pages", 1)))
+
+
+@st.fragment
+def gallery() -> None:
+    """The cards, their bulk actions and the pager: a decision reruns only this part of the page."""
+    if st.session_state.pop("goto_detail", False):
+        st.switch_page("views/detail.py")
+    state.show_told()
+    table = charts.gallery_table(run.data.train.index, result.scores, run.data.train.labels, predicted,
+                                 result.suggested_labels, run.decisions())
+    shown = charts.filter_gallery(table, top_k=cut if only_flagged and checking is None else None,
+                                  given=given_filter, suggested=suggested_filter, status=status_filter,
+                                  score_range=score_range, indices=lasso, cell=cell)
+    page_rows, pages = charts.page_of(shown, st.session_state.get("gallery_page", 1), per_page)
+    page = min(st.session_state.get("gallery_page", 1), pages)
+    st.session_state["gallery_pages"] = pages
+
+    selected = st.session_state["selected"]
+    decided = int((page_rows["status"] != charts.UNREVIEWED).sum())
+    flagged = int((page_rows["rank"] <= cut).sum())
+    with st.container(horizontal=True, vertical_alignment="center", key="gallery_bar"):
+        st.markdown(f"**{len(shown):,}** shown · this page: **{decided}** of {len(page_rows)} decided, "
+                    f"**{flagged}** flagged · **{len(selected)}** selected")
+        st.button("Select page", key="select_page", on_click=select, args=(page_rows["index"].tolist(),))
+        st.button("Clear selection", key="clear_selection", on_click=clear_selection, disabled=not selected)
+        st.button("Accept suggestions", key="bulk_accept", disabled=not selected, type="primary",
+                  on_click=bulk, args=(run, *BULK["accept"]), help="accept each selected card's suggestion (Shift+A)")
+        st.button("Keep", key="bulk_keep", disabled=not selected, on_click=bulk, args=(run, *BULK["keep"]),
+                  help="the given labels of the selected cards are correct (Shift+K)")
+        st.button("Drop", key="bulk_drop", disabled=not selected, on_click=bulk, args=(run, *BULK["drop"]),
+                  help="drop the selected cards (Shift+D)")
+        with st.popover("Relabel to…", disabled=not selected):
+            target = st.selectbox("Label", label_ids, format_func=names.__getitem__, key="bulk_label")
+            st.button("Relabel selected", key="bulk_relabel", on_click=bulk,
+                      args=(run, "relabel", lambda ids: [target] * len(ids)))
+        st.toggle("overwrite decisions", key="bulk_overwrite",
+                  help="off: bulk actions skip the cards decided already (and say how many)")
+        if "bulk_note" in st.session_state:
+            st.caption(st.session_state["bulk_note"])
+        st.button("Previous", key="prev_page", icon=":material/chevron_left:", disabled=page <= 1,
+                  on_click=set_page, args=(page - 1,), help="previous page (P)")
+        st.markdown(f"page **{page}** of {pages}")
+        st.button("Next", key="next_page", icon=":material/chevron_right:", disabled=page >= pages,
+                  on_click=set_page, args=(page + 1,), help="next page (N)")
+        st.number_input("Go to page", 1, pages, page, key=f"goto_page_{pages}", label_visibility="collapsed",
+                        on_change=lambda: set_page(st.session_state[f"goto_page_{pages}"]), width=100)
+    keys.listen(page_rows["index"].tolist(), names, PER_ROW, on_key)
+
+    if page_rows.empty:
+        st.info("No image passes the filters.")
+    for start in range(0, len(page_rows), PER_ROW):
+        columns = st.columns(PER_ROW, gap="small")
+        for column, (_, row) in zip(columns, page_rows.iloc[start:start + PER_ROW].iterrows(), strict=False):
+            with column:
+                widgets.card(run, row)
+    st.caption("Keyboard: arrows move · Enter/A accept · digits relabel · K keep · D drop · Space select · "
+               "U undo · N/P page · **?** lists every key.")
+
+
+gallery()
