@@ -412,7 +412,7 @@ def test_sample_detail_follows_the_gallery_ranking(two_methods):
     at = new_session("views/review.py")
     at.selectbox(key="review_method").set_value("margin").run()
     at.button(key=f"detail_{int(data.train.index[top])}").click().run()
-    assert [t.value for t in at.title] == ["Look closer"]
+    assert [t.value for t in at.title] == ["Sample detail"]
     assert any(f"rank **1** of {len(data.train)} by **margin**" in m.value for m in at.markdown)
     suggested = data.train.class_names[int(margin.suggested_labels[top])]
     assert at.button(key="detail_accept").label == f"Accept {suggested}"

@@ -295,9 +295,9 @@ def test_keyboard_review_flow(tmp_path):
             expect(cut).to_have_value("40")
             assert len(workspace.decisions()) == 2  # the digits typed did not relabel anything
             page.get_by_role("link", name="Sample detail").click()
-            expect(page.get_by_role("heading", name="Look closer")).to_be_visible()
+            expect(page.get_by_role("heading", name="Sample detail")).to_be_visible()
             page.screenshot(path=shots / "detail.png")
-            page.get_by_role("link", name="Review suspects").click()
+            page.get_by_role("link", name="Review the suspects").click()
             expect(page.locator(".st-key-review_cut input")).to_have_value("40")
 
             # bulk accept of the page skips the card kept by hand; one undo takes the whole batch back
