@@ -92,13 +92,18 @@ class LinearHead(nn.Module):
         return self.head(x)
 
 
+def is_rgb_32px_or_more(image_shape: tuple[int, ...]) -> bool:
+    """Colour photos of CIFAR-10's size or larger (H×W×3, both sides ≥ 32): where the model and the
+    fine-tune recipe change."""
+    return len(image_shape) == 3 and image_shape[2] == 3 and min(image_shape[:2]) >= 32
+
+
 def choose_model(image_shape: tuple[int, ...], device: torch.device) -> str:
     """ResNet-18 for RGB images of 32 px and more on a GPU; the small CNN everywhere else (the head
     alone on feature rows)."""
     if len(image_shape) == 1:
         return HEAD_MODEL
-    rgb = len(image_shape) == 3 and image_shape[2] == 3
-    return "resnet18" if device.type == "cuda" and rgb and min(image_shape[:2]) >= 32 else "small-cnn"
+    return "resnet18" if device.type == "cuda" and is_rgb_32px_or_more(image_shape) else "small-cnn"
 
 
 def build_model(name: str, image_shape: tuple[int, ...], num_classes: int, device: torch.device) -> nn.Module:

@@ -14,7 +14,7 @@ from conftest import make_dataset
 import engine.finetune as finetune_module
 import engine.pipeline as pipeline
 from engine.errors import OptionError
-from engine.finetune import RECIPES, FinetuneConfig, _descend, finetune
+from engine.finetune import RECIPES, FinetuneConfig, _descend, choose_recipe, finetune
 from engine.guidance import scoring_advice
 from engine.pipeline import score_methods, with_injected_noise
 from engine.scorers import ScoringContext, make_scorer, scorer_class
@@ -122,7 +122,7 @@ def _batches_seen(trained, validation, optimizer):
                 seen.append(rows)
 
     model.register_forward_pre_hook(record)
-    config = FinetuneConfig(optimizer=optimizer, epochs=3, batch_size=5).for_model(trained.model_name)
+    config = FinetuneConfig(optimizer=optimizer, epochs=3, batch_size=5).with_recipe(trained.model_name)
     _descend(model, trained, x, y, config, lambda *a: None)
     return seen
 
@@ -155,11 +155,49 @@ def test_lpf_perturbs_every_parameter_by_its_norm_one_dimensional_ones_too():
     assert (weight_shift.std(1) / (0.1 * before[0].flatten(1).norm(dim=1))).sub(1).abs().max() < 0.7
 
 
-def test_recipes_differ_by_architecture_and_explicit_values_win():
-    assert RECIPES["resnet18"] != RECIPES["small-cnn"]
-    assert FinetuneConfig().for_model("resnet18").gamma == RECIPES["resnet18"].gamma
-    assert FinetuneConfig().for_model("small-cnn").learning_rate == RECIPES["small-cnn"].learning_rate
-    assert FinetuneConfig(epochs=7).for_model("resnet18").epochs == 7
+@pytest.mark.parametrize(("model", "shape", "recipe"), [
+    ("small-cnn", (8, 8), "small-cnn"),  # the sample digits: lr 0.01 overshoots there
+    ("small-cnn", (28, 28), "small-cnn"),  # MNIST: not measured at 0.01
+    ("small-cnn", (32, 32), "small-cnn"),  # grayscale, whatever its size
+    ("small-cnn", (31, 40, 3), "small-cnn"),  # colour, one side under 32 px
+    ("small-cnn", (32, 32, 3), "small-cnn-rgb32"),  # CIFAR-10 (flagship-variants.md)
+    ("small-cnn", (64, 48, 3), "small-cnn-rgb32"),
+    ("resnet18", (32, 32, 3), "resnet18"),
+    ("timm:resnet50", (224, 224, 3), "resnet18"),  # no recipe of its own
+    ("head", (512,), "resnet18"),  # feature rows
+])
+def test_the_recipe_follows_the_architecture_and_the_input(model, shape, recipe):
+    assert choose_recipe(model, shape) == recipe
+
+
+def test_recipes_fill_only_the_unset_values():
+    assert RECIPES["small-cnn-rgb32"].learning_rate > RECIPES["small-cnn"].learning_rate
+    assert FinetuneConfig().with_recipe("resnet18").gamma == RECIPES["resnet18"].gamma
+    assert FinetuneConfig().with_recipe("small-cnn-rgb32").learning_rate == RECIPES["small-cnn-rgb32"].learning_rate
+    assert FinetuneConfig(epochs=7).with_recipe("resnet18").epochs == 7
+    assert FinetuneConfig(learning_rate=0.05).with_recipe("small-cnn-rgb32").learning_rate == 0.05
+
+
+@pytest.mark.parametrize(("shape", "explicit_rate", "recipe"), [
+    ((8, 8), None, "small-cnn"), ((32, 32, 3), None, "small-cnn-rgb32"), ((32, 32, 3), 0.002, "small-cnn-rgb32")])
+def test_the_scorer_fine_tunes_with_the_inputs_recipe_unless_the_settings_set_it(monkeypatch, shape, explicit_rate,
+                                                                                  recipe):
+    data = make_dataset(classes=2, per_class=4, shape=shape)
+    trained = train(data, replace(TINY, epochs=1))
+    rates = []  # the rate each fine-tune attempt starts from (before any backtracking)
+
+    def descend(model, trained, x, y, config, progress):
+        rates.append(config.learning_rate)
+        return _descend(model, trained, x, y, config, progress)
+
+    monkeypatch.setattr(finetune_module, "_descend", descend)
+    settings = replace(scorer_class("vm-loss").Settings(),
+                       finetune=FinetuneConfig(optimizer="sgd", epochs=1, learning_rate=explicit_rate))
+    info = make_scorer("vm-loss", settings).run(ScoringContext(data, trained, data, validation_trusted=True)).info
+    assert trained.model_name == "small-cnn" and info["finetune_recipe"] == recipe
+    assert rates[0] == (explicit_rate or RECIPES[recipe].learning_rate)
+    assert info["finetune_recipe_why"].startswith(RECIPES[recipe].why)
+    assert ("learning_rate" in info["finetune_recipe_why"]) == (explicit_rate is not None)
 
 
 def test_finetune_reports_the_heads_validation_gradient_at_the_finetuned_model(tiny):
