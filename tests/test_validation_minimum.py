@@ -16,6 +16,7 @@ import engine.pipeline as pipeline
 from engine.errors import OptionError
 from engine.finetune import RECIPES, FinetuneConfig, _descend, choose_recipe, finetune
 from engine.guidance import scoring_advice
+from engine.models import choose_model
 from engine.pipeline import score_methods, with_injected_noise
 from engine.scorers import ScoringContext, make_scorer, scorer_class
 from engine.training import TrainConfig, predict, train
@@ -168,6 +169,13 @@ def test_lpf_perturbs_every_parameter_by_its_norm_one_dimensional_ones_too():
 ])
 def test_the_recipe_follows_the_architecture_and_the_input(model, shape, recipe):
     assert choose_recipe(model, shape) == recipe
+
+
+def test_the_recipe_switches_where_a_gpu_run_switches_to_resnet18():
+    shapes = [(8, 8), (32, 32), (31, 40, 3), (32, 32, 3), (64, 48, 3), (40, 40, 4), (512,)]
+    for shape in shapes:
+        resnet = choose_model(shape, torch.device("cuda")) == "resnet18"  # pure: no GPU needed
+        assert resnet == (choose_recipe("small-cnn", shape) == "small-cnn-rgb32"), shape
 
 
 def test_recipes_fill_only_the_unset_values():
