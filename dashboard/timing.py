@@ -1,7 +1,8 @@
 """Server time of the steps a reviewer waits for, as debug log lines (``benchmarks/click_latency.py`` reads them).
 
-Shown with ``STREAMLIT_LOGGER_LEVEL=debug`` (or ``--logger.level debug``): Streamlit's own logger factory
-gives the line its format and level, so nothing is printed at the default level.
+Shown when the server starts with ``STREAMLIT_LOGGER_LEVEL=debug`` in its environment (``influence-lens
+dashboard`` passes it on; a plain ``streamlit run`` also takes ``--logger.level debug``): Streamlit's own logger
+factory gives the line its format and level, so nothing is printed at the default level.
 """
 
 from __future__ import annotations
