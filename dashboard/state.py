@@ -21,7 +21,7 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from dashboard import charts
+from dashboard import charts, timing
 from dashboard.text import md
 from engine.errors import InfluenceLensError
 from engine.explain import feature_map
@@ -348,6 +348,7 @@ def remember_review_setting(run: Active, name: str) -> None:
 
 # -- decisions ------------------------------------------------------------------------------------
 
+@timing.timed("decide")
 def decide(run: Active, indices, action: str, new_label=None, *, overwrite: bool = True) -> str:
     """Write one decision (or one batch: one undo) to the workspace at once; say so.
 

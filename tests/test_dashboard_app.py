@@ -132,6 +132,30 @@ def test_relabel_reaches_the_sqlite_file_and_undo_restores(session_dir):
     assert not any("relabeled →" in m.value for m in at.markdown)
 
 
+def test_a_review_decision_logs_its_server_time_at_debug_level_only(session_dir, caplog):
+    """benchmarks/click_latency.py reads these lines: the callback, then the gallery's rerun after it."""
+    from dashboard import timing
+
+    timing.log.addHandler(caplog.handler)  # Streamlit's loggers do not propagate to the root logger
+    level = timing.log.level
+    try:
+        at = new_session("views/review.py")
+        caplog.clear()
+        next(b for b in at.button if (b.key or "").startswith("keep_")).click().run()
+        assert caplog.messages == []  # Streamlit's default level (info) prints nothing
+        timing.log.setLevel("DEBUG")
+        next(b for b in at.button if (b.key or "").startswith("drop_")).click().run()
+        steps = [m.split(" took ")[0] for m in caplog.messages]
+        assert steps[:2] == ["decide", "gallery fragment"], caplog.messages
+        assert all(float(m.split(" took ")[1].removesuffix(" ms")) > 0 for m in caplog.messages)
+    finally:
+        timing.log.setLevel(level)
+        timing.log.removeHandler(caplog.handler)
+    at.button(key="undo").click().run()
+    at.button(key="undo").click().run()
+    assert Workspace(workspace_file(session_dir)).decisions().empty
+
+
 def test_bulk_action_on_selected_samples_is_one_batch(session_dir):
     path = workspace_file(session_dir)
     at = new_session("views/review.py")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from dashboard import charts, jobs, keys, state, widgets
+from dashboard import charts, jobs, keys, state, timing, widgets
 from dashboard.text import md
 from engine.explain import MAP_METHODS, class_confusion, feature_map
 from engine.guidance import TRAINED_MODEL_SOURCE, spot_check_rows
@@ -223,6 +223,7 @@ def on_key(command: dict) -> None:
 
 
 @st.fragment
+@timing.timed("gallery fragment")
 def gallery() -> None:
     """The cards, their bulk actions and the pager: a decision reruns only this part of the page."""
     if st.session_state.pop("goto_detail", False):
