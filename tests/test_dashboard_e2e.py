@@ -226,6 +226,14 @@ def visible_cards(page) -> int:
     }).length""")
 
 
+def wait_for_card_images(page, count: int = 24) -> None:
+    """Every card shows its thumbnail (decoded), so a screenshot is not of empty frames."""
+    page.wait_for_function("""n => { const images = [...document.querySelectorAll("[class*='st-key-card_'] img")];
+        return images.length >= n && images.every(i => i.complete && i.naturalWidth > 0); }""", arg=count)
+    expect(page.get_by_text("lists every key")).to_be_visible()  # the gallery's last line: drawn to the end
+    page.wait_for_timeout(300)  # one more paint
+
+
 def test_keyboard_review_flow(tmp_path):
     """The reviewer's workbench at 1280×800: cursor, accept with a key while a checkbox has focus, relabel
     with a digit, undo, settings kept across a page switch, bulk accept that skips a decided card, one undo."""
@@ -254,6 +262,7 @@ def test_keyboard_review_flow(tmp_path):
                     break
                 time.sleep(0.5)
             assert visible_cards(page) >= 24  # the density target: 24 thumbnails in one 1280×800 screen
+            wait_for_card_images(page)
             page.screenshot(path=shots / "gallery.png")
 
             page.keyboard.press("ArrowRight")  # the cursor: first card → second, outlined
@@ -310,6 +319,7 @@ def test_keyboard_review_flow(tmp_path):
             log = workspace.decision_log()  # one batch of every selected card but the kept and the accepted one
             assert (log["batch"] == log["batch"].max()).sum() == 22 == len(current) - 2, log
             page.evaluate("document.querySelector('.st-key-gallery_bar').scrollIntoView({block: 'start'})")
+            wait_for_card_images(page)
             page.screenshot(path=shots / "bulk-accepted.png")
             page.keyboard.press("u")
             wait_until(lambda: sorted(workspace.decisions()["index"]) == sorted(cards[1:4:2]))
