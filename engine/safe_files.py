@@ -73,11 +73,7 @@ def check_output(path: str | Path, inputs: Iterable[str | Path | None], *, force
         raise InfluenceLensError(f"{out}: {option} is a folder; give a file name such as {out / 'scores.csv'}")
     if not out.parent.is_dir():
         raise InfluenceLensError(f"{out}: the folder {out.parent} does not exist")
-    resolved = out.resolve()
-    source = _inside(resolved, input_paths(inputs))
-    if source is not None:
-        raise InfluenceLensError(f"{out}: {option} is, or lies inside, the input {source}; influence-lens never "
-                                 "writes over its data: choose a path outside it")
+    resolved = _outside_inputs(out, inputs, option)
     if os.path.lexists(resolved):
         try:
             mode = os.stat(resolved).st_mode
@@ -100,11 +96,16 @@ def check_folder(folder: str | Path, inputs: Iterable[str | Path | None], *, opt
     path = Path(folder)
     if os.path.lexists(path) and not path.is_dir():
         raise InfluenceLensError(f"{path}: {option} is a file, not a folder; give a folder (it is created if missing)")
+    return _outside_inputs(path, inputs, option)
+
+
+def _outside_inputs(path: Path, inputs: Iterable[str | Path | None], option: str) -> Path:
+    """``path`` resolved (links followed), refused when it is, or lies inside, one of the inputs."""
     resolved = path.resolve()
     source = _inside(resolved, input_paths(inputs))
     if source is not None:
         raise InfluenceLensError(f"{path}: {option} is, or lies inside, the input {source}; influence-lens never "
-                                 "writes into its data: choose a folder outside it")
+                                 "writes over its data: choose a path outside it")
     return resolved
 
 
