@@ -28,6 +28,7 @@ from engine.device import resolve_device
 from engine.errors import DataError, InfluenceLensError, OptionError
 from engine.models import HEAD_MODEL, build_model, choose_model
 from engine.progress import Progress, no_progress
+from engine.sources import LazyImages, array_rows, batches, inference_batch
 from engine.task import ImageTask
 
 if TYPE_CHECKING:
@@ -41,7 +42,11 @@ TIMM_PREFIX = "timm:"
 # grayscale images use the mean of the three channels' values.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-FEATURE_BATCH = 256
+# The feature stage: float16 rows (half the disk and page cache of float32; a feature's relative rounding
+# of 5e-4 is far below what moves a ranking), written in chunks of this many rows, each one saved before
+# the next starts (a kill loses one chunk at most).
+FEATURE_DTYPE = np.dtype(np.float16)
+FEATURE_CHUNK_ROWS = 4096
 HEAD_ONLY_NOTE = ("the head alone, on frozen backbone features: last-layer methods are exact (a convex problem); "
                   "whole-network methods (if-ekfac, TracIn) cover the head, the only trainable part")
 
@@ -267,9 +272,12 @@ def read_embeddings(path: str) -> np.ndarray:
         raise DataError(f"{path}: not a readable .npy array ({exc.__class__.__name__}: {exc})") from None
     if rows.ndim != 2 or not np.issubdtype(rows.dtype, np.floating):
         raise DataError(f"{path}: embeddings must be an N×D float array, got {rows.dtype} of shape {rows.shape}")
-    if not np.isfinite(rows).all():
-        row = int(np.flatnonzero(~np.isfinite(rows).all(1))[0])
-        raise DataError(f"{path}: embeddings contain NaN or infinite values (row {row} first)")
+    step = max(1, 2**26 // max(1, rows[:1].nbytes))  # checked in slices: the file is never read whole
+    for lo in range(0, len(rows), step):
+        finite = np.isfinite(rows[lo:lo + step]).all(1)
+        if not finite.all():
+            raise DataError(f"{path}: embeddings contain NaN or infinite values (row {lo + int(np.argmin(finite))} "
+                            "first)")
     return rows
 
 
@@ -317,29 +325,45 @@ class FrozenBackbone:
         module, task, source = self._network
         return f"{source}:{task}"
 
+    def embedding_rows(self, dataset: Dataset) -> LazyImages:
+        """The user's embeddings of the dataset's rows: a view of the memory-mapped file, read per batch."""
+        rows = read_embeddings(self.config.embeddings)
+        if int(dataset.index.max()) >= len(rows):
+            raise DataError(f"{self.config.embeddings}: {len(rows)} rows, but {dataset.source or 'the data'} has "
+                            f"index {int(dataset.index.max())}; --embeddings covers the training file's rows only")
+        return array_rows(rows, dataset.index, np.float32)
+
     @torch.no_grad()
-    def features(self, dataset: Dataset, progress: Progress = no_progress) -> np.ndarray:
-        if self.config.embeddings:
-            rows = read_embeddings(self.config.embeddings)
-            if int(dataset.index.max()) >= len(rows):
-                raise DataError(f"{self.config.embeddings}: {len(rows)} rows, but {dataset.source or 'the data'} has "
-                                f"index {int(dataset.index.max())}; --embeddings covers the training file's rows only")
-            return np.ascontiguousarray(rows[dataset.index], dtype=np.float32)
+    def features(self, dataset: Dataset, progress: Progress = no_progress, *, total: int | None = None,
+                 done: int = 0) -> np.ndarray:
+        """The backbone's float32 features of every row, in batches that follow the memory budget, the
+        images decoded ahead by worker processes. ``done`` / ``total``: where these rows sit in a
+        longer run, for the progress bar."""
         module, task, _ = self._network
         where = self.config.backbone or self.config.weights or self.config.model
+        total = total or len(dataset)
         parts = []
-        for lo in range(0, len(dataset), FEATURE_BATCH):
-            out = module(task.inputs(dataset.images[lo:lo + FEATURE_BATCH], self.device))
-            if not isinstance(out, torch.Tensor) or out.ndim != 2 or len(out) != min(FEATURE_BATCH, len(dataset) - lo):
+        for positions, images in batches(dataset.images, batch_size=inference_batch(dataset.image_shape, cap=256)):
+            out = module(task.inputs(images, self.device))
+            if not isinstance(out, torch.Tensor) or out.ndim != 2 or len(out) != len(positions):
                 shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise DataError(f"{where}: the backbone returned {shape} for a batch of "
-                                f"{min(FEATURE_BATCH, len(dataset) - lo)} images; it must return N×D features")
-            parts.append(out.float().cpu().numpy())
-            progress(min(lo + FEATURE_BATCH, len(dataset)), len(dataset), "features: running the backbone")
-        rows = np.concatenate(parts).astype(np.float32)
-        if not np.isfinite(rows).all():
-            raise DataError(f"{where}: the backbone's features contain NaN or infinite values")
-        return rows
+                                f"{len(positions)} images; it must return N×D features")
+            part = out.float().cpu().numpy()
+            if not np.isfinite(part).all():
+                raise DataError(f"{where}: the backbone's features contain NaN or infinite values")
+            parts.append(part)
+            progress(done + int(positions[-1]) + 1, total, "features: running the backbone")
+        return np.concatenate(parts)
+
+
+def _as_stored(rows: np.ndarray, *, where: str) -> np.ndarray:
+    """Feature rows as :data:`FEATURE_DTYPE`, refused when a value lies beyond its range."""
+    limit = float(np.finfo(FEATURE_DTYPE).max)
+    if rows.size and float(np.abs(rows).max()) > limit:
+        raise DataError(f"{where}: the backbone's features reach {float(np.abs(rows).max()):.3g}, beyond the "
+                        f"{limit:g} that the feature stage stores ({FEATURE_DTYPE}); scale the backbone's output")
+    return rows.astype(FEATURE_DTYPE)
 
 
 class _FeaturesOf(nn.Module):
@@ -360,7 +384,7 @@ def frozen_inputs(config: TrainConfig, train_set: Dataset, *others: Dataset | No
     and the head's recipe; otherwise everything unchanged."""
     if not head_only(config):
         return config, train_set, list(others)
-    from engine.stages import ARRAY, digest, fingerprint
+    from engine.stages import digest, fetch_rows, fingerprint
 
     backbone = FrozenBackbone(config, train_set, resolve_device(config.device))
     identity = backbone.identity
@@ -368,12 +392,17 @@ def frozen_inputs(config: TrainConfig, train_set: Dataset, *others: Dataset | No
     def as_features(dataset: Dataset | None) -> Dataset | None:
         if dataset is None:
             return None
-        if stages is None:
-            rows = backbone.features(dataset, progress)
-        else:
-            rows = stages.fetch("features", digest("features", identity, fingerprint(dataset)),
-                                lambda: backbone.features(dataset, progress), ARRAY,
-                                label=f"features:{dataset.source or 'data'}")
-        return replace(dataset, images=rows)
+        if config.embeddings:
+            return replace(dataset, images=backbone.embedding_rows(dataset))
+
+        def chunk(lo: int, hi: int) -> np.ndarray:
+            part = dataset.subset(np.arange(lo, hi))
+            rows = backbone.features(part, progress, total=len(dataset), done=lo)
+            return _as_stored(rows, where=config.backbone or config.weights or config.model)
+
+        rows = fetch_rows(stages, "features", digest("features", identity, fingerprint(dataset)), len(dataset), chunk,
+                          chunk_rows=FEATURE_CHUNK_ROWS, dtype=FEATURE_DTYPE,
+                          label=f"features:{dataset.source or 'data'}")
+        return replace(dataset, images=array_rows(rows, np.arange(len(rows))))
 
     return head_config(config), as_features(train_set), [as_features(d) for d in others]

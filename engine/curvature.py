@@ -42,6 +42,7 @@ from engine.distributed import LOCAL, Distributed
 from engine.errors import OptionError
 from engine.per_sample import DEFAULT_CHUNK_ELEMENTS, LayerCapture
 from engine.progress import Progress, no_progress
+from engine.sources import batches
 from engine.task import ImageTask
 from engine.training import Predictions
 
@@ -256,9 +257,9 @@ def _batched_passes(model: nn.Module, layers: list[nn.Module], task: ImageTask, 
     dtype = next(model.parameters()).dtype
     try:
         with LayerCapture(model, layers) as capture:
-            for lo in range(0, len(images), batch_size):
-                hi = min(lo + batch_size, len(images))
-                x = task.inputs(images[lo:hi], device).to(dtype).requires_grad_(True)
+            for positions, batch in batches(images, batch_size=batch_size):
+                lo, hi = int(positions[0]), int(positions[-1]) + 1
+                x = task.inputs(batch, device).to(dtype).requires_grad_(True)
                 logits = model(x)
                 grads = output_gradients(torch.softmax(logits.detach().double(), dim=1), lo)
                 for k, g in enumerate(grads):

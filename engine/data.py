@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
 import unicodedata
 import warnings
@@ -22,6 +21,7 @@ from typing import Literal
 import numpy as np
 
 from engine.errors import DataError, OptionError
+from engine.sources import ArraySource, FileSource, LazyImages, Names, is_lazy, machine_memory, memory_budget
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 NOISE_KINDS = ("symmetric", "pair")
@@ -39,9 +39,11 @@ _INTEGER = re.compile(r"-?[0-9]+")  # what a manifest reads as an integer label 
 
 @dataclass(frozen=True)
 class Dataset:
-    """Images, labels, class names and a stable index per sample (see module docstring). On the
-    head-only path (:mod:`engine.backbones`) ``images`` holds a frozen backbone's float32 N×D features
-    instead, and everything downstream (training, scorers) runs on those rows unchanged."""
+    """Images, labels, class names and a stable index per sample (see module docstring). ``images`` is
+    an array, or a :class:`engine.sources.LazyImages` that decodes rows on access when the decoded
+    set would not fit the memory budget. On the head-only path (:mod:`engine.backbones`) ``images``
+    holds a frozen backbone's N×D features instead (float32, or a float16 memory map), and
+    everything downstream (training, scorers) runs on those rows unchanged."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -81,15 +83,17 @@ class Dataset:
         """Rows chosen by a boolean mask or integer positions; the stable index is kept."""
         selection = np.asarray(selection)
         paths = None if self.paths is None else tuple(np.asarray(self.paths, dtype=object)[selection])
-        return replace(self, images=self.images[selection], labels=self.labels[selection],
+        images = self.images.take(selection) if is_lazy(self.images) else self.images[selection]
+        return replace(self, images=images, labels=self.labels[selection],
                        index=self.index[selection], paths=paths)
 
 
 def _validate(ds: Dataset) -> None:
     where = ds.source or "dataset"
     images, labels = ds.images, ds.labels
-    features = isinstance(images, np.ndarray) and images.ndim == 2 and images.dtype == np.float32
-    if not features and (not isinstance(images, np.ndarray) or images.dtype != np.uint8):
+    array_like = isinstance(images, (np.ndarray, LazyImages))
+    features = array_like and images.ndim == 2 and images.dtype in (np.float16, np.float32)
+    if not features and (not array_like or images.dtype != np.uint8):
         raise DataError(f"{where}: images must be a uint8 array, got {getattr(images, 'dtype', type(images))}")
     if not features and images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
         raise DataError(f"{where}: images must be N×H×W or N×H×W×C with C in (1, 3), got shape {images.shape}")
@@ -153,16 +157,21 @@ def load_npz(path: str | Path) -> Dataset:
         raise DataError(f"{where}: file not found")
     if not zipfile.is_zipfile(path):
         raise DataError(f"{where}: not a .npz archive (expected a zip of arrays, as numpy.savez writes)")
-    _check_npz_size(path, where)
+    mapped = _mapped_images(path, where) if _npz_bytes(path, where) > memory_budget() else None
+    if mapped is None:
+        _check_npz_size(path, where)
     try:
         with np.load(path, allow_pickle=False) as archive:
-            arrays = {k: archive[k] for k in archive.files}
+            arrays = {k: archive[k] for k in archive.files if mapped is None or k != "images"}
     except Exception as exc:  # zipfile, pickle and value errors all mean "not a readable npz"
         raise DataError(f"{where}: not a readable .npz file ({exc.__class__.__name__}: {exc})") from None
+    if mapped is not None:
+        arrays["images"] = mapped
     for key in ("images", "labels"):
         if key not in arrays:
             raise DataError(f"{where}: missing array {key!r} (found: {', '.join(sorted(arrays)) or 'none'})")
-    images = _squeeze_gray(_as_uint8_images(np.asarray(arrays["images"]), where))
+    images = _squeeze_gray(arrays["images"] if mapped is not None else _as_uint8_images(np.asarray(arrays["images"]),
+                                                                                        where))
     if images.ndim not in (3, 4):
         raise DataError(f"{where}: images must be N×H×W or N×H×W×C, got shape {images.shape}")
     labels = np.asarray(arrays["labels"])
@@ -180,16 +189,17 @@ def load_npz(path: str | Path) -> Dataset:
     index = arrays.get("index")
     if index is not None and (index.shape != labels.shape or not np.issubdtype(index.dtype, np.integer)):
         raise DataError(f"{where}: index must be 1-D integers, one per sample, got {index.dtype} {index.shape}")
+    if mapped is not None:  # rows read on access (a view keeps them unread)
+        images = LazyImages(ArraySource(images), np.arange(len(images)), images.shape[1:])
     return Dataset(images, labels.astype(np.int64), class_names,
                    None if index is None else index.astype(np.int64), source=where)
 
 
-def _check_npz_size(path: Path, where: str) -> None:
-    """Refuse an archive whose arrays would not fit in :data:`MAX_NPZ_BYTES`, from the .npy headers alone."""
+def _npz_headers(path: Path, where: str) -> dict[str, tuple[zipfile.ZipInfo, tuple[int, ...], np.dtype, bool]]:
+    """Each ``.npy`` member's zip entry, shape, dtype and Fortran order, from the headers alone."""
     from numpy.lib import format as npy
 
-    limit = min(MAX_NPZ_BYTES, _memory_bytes() // 2)
-    total = 0
+    headers = {}
     try:
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
@@ -198,22 +208,46 @@ def _check_npz_size(path: Path, where: str) -> None:
                 with archive.open(info) as member:
                     version = npy.read_magic(member)
                     read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
-                    shape, _, dtype = read_header(member)
-                total += int(np.prod(shape, dtype=object)) * dtype.itemsize
+                    shape, fortran, dtype = read_header(member)
+                headers[info.filename[:-4]] = (info, shape, dtype, fortran)
     except Exception as exc:  # a damaged archive or header: the same words as np.load's own failures
         raise DataError(f"{where}: not a readable .npz file ({exc.__class__.__name__}: {exc})") from None
+    return headers
+
+
+def _npz_bytes(path: Path, where: str) -> int:
+    return sum(int(np.prod(shape, dtype=object)) * dtype.itemsize
+               for _, shape, dtype, _ in _npz_headers(path, where).values())
+
+
+def _mapped_images(path: Path, where: str) -> np.memmap | None:
+    """The ``images`` member memory-mapped, when it is stored uncompressed (``numpy.savez``) as uint8;
+    None otherwise (it is then loaded whole, if it fits)."""
+    from numpy.lib import format as npy
+
+    entry = _npz_headers(path, where).get("images")
+    if entry is None or entry[0].compress_type != zipfile.ZIP_STORED or entry[2] != np.uint8 or entry[3]:
+        return None
+    info = entry[0]
+    with open(path, "rb") as handle:  # the member's data follow its local header (30 bytes, name, extra)
+        handle.seek(info.header_offset + 26)
+        name_length, extra_length = np.frombuffer(handle.read(4), dtype="<u2")
+        handle.seek(info.header_offset + 30 + int(name_length) + int(extra_length))
+        version = npy.read_magic(handle)
+        (npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0)(handle)
+        offset = handle.tell()
+    return np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=tuple(entry[1]))
+
+
+def _check_npz_size(path: Path, where: str) -> None:
+    """Refuse an archive whose arrays would not fit in :data:`MAX_NPZ_BYTES`, from the .npy headers alone."""
+    limit = min(MAX_NPZ_BYTES, machine_memory() // 2)
+    total = _npz_bytes(path, where)
     if total > limit:
         raise DataError(f"{where}: its arrays take {total / 2**30:,.1f} GiB once decompressed, more than the "
                         f"{limit / 2**30:,.1f} GiB this tool loads (half the memory, at most "
-                        f"{MAX_NPZ_BYTES // 2**30} GiB)")
-
-
-def _memory_bytes() -> int:
-    """Physical memory of this machine (a large number where the OS does not say)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 2 * MAX_NPZ_BYTES
+                        f"{MAX_NPZ_BYTES // 2**30} GiB); save the images as uint8 with numpy.savez "
+                        "(uncompressed) and they are memory-mapped instead")
 
 
 def read_image(path: Path, draft: int | None = None) -> np.ndarray:
@@ -306,7 +340,10 @@ def fit_images(dataset: Dataset, size: int) -> Dataset:
     """A loaded dataset's images as size×size (shorter side, centre crop), with a note saying so."""
     if dataset.image_shape[:2] == (size, size):
         return dataset
-    images = np.stack([center_fit(image, size) for image in dataset.images])
+    if is_lazy(dataset.images):  # resized as rows are read
+        images = replace(dataset.images, sample_shape=(size, size, *dataset.image_shape[2:]), fit=size)
+    else:
+        images = np.stack([center_fit(image, size) for image in dataset.images])
     return replace(dataset, images=images, notes=(*dataset.notes, f"{dataset.source}: images resized to {size}×{size} "
                                                                   "(shorter side, centre crop)"))
 
@@ -336,7 +373,8 @@ def conform(dataset: Dataset, image_shape: tuple[int, ...], role: str) -> Datase
     note = (f"{dataset.source or role}: {role} images are {size}{'' if dataset.channels == 1 else ' RGB'}, "
             f"converted to the training images' {image_shape[1]}×{image_shape[0]}"
             f"{' RGB' if len(image_shape) == 3 else ' grayscale'}")
-    images = np.stack([conform_image(image, image_shape) for image in dataset.images])
+    images = dataset.images.with_shape(image_shape) if is_lazy(dataset.images) else \
+        np.stack([conform_image(image, image_shape) for image in dataset.images])
     return replace(dataset, images=images, notes=(*dataset.notes, note))
 
 
@@ -369,12 +407,98 @@ def load_image_folder(path: str | Path, *, skip_unreadable: bool = False, image_
 def _decode_listing(files: list[Path], labels: np.ndarray, class_names: tuple[str, ...], *, root: Path, where: str,
                     skip_unreadable: bool, image_size: int | None = None) -> Dataset:
     """Decode a listing of image files into a :class:`Dataset`: the index is the listing position, the
-    paths relative to ``root``; what was skipped or changed is kept in ``skipped`` / ``notes``."""
+    paths relative to ``root``; what was skipped or changed is kept in ``skipped`` / ``notes``. When the
+    decoded images would exceed the memory budget, they are listed instead (:func:`_lazy_listing`)."""
+    if _decoded_bytes(files, image_size) > memory_budget():
+        return _lazy_listing(files, labels, class_names, root=root, where=where, skip_unreadable=skip_unreadable,
+                             image_size=image_size)
     decoded, kept, skipped = _decode_all(files, where, skip_unreadable, image_size)
     kept_files = [files[i] for i in kept]
     images, notes = _stack_images(decoded, where)
     return Dataset(images, labels[kept], class_names, np.asarray(kept, dtype=np.int64), source=where,
                    paths=tuple(str(f.relative_to(root)) for f in kept_files), skipped=tuple(skipped), notes=notes)
+
+
+# Headers read to estimate a listing's decoded size (evenly spaced over the files).
+SIZE_PROBES = 200
+
+
+def _decoded_bytes(files: list[Path], image_size: int | None) -> int:
+    """The decoded size of every image, estimated from a few files' headers (unreadable ones skipped)."""
+    picked = np.unique(np.linspace(0, len(files) - 1, min(len(files), SIZE_PROBES)).round().astype(int))
+    per_image = []
+    for i in picked:
+        try:
+            height, width, rgb = read_header(files[i])
+        except DataError:
+            continue
+        pixels = image_size * image_size if image_size else height * width
+        per_image.append(pixels * (3 if rgb else 1))
+    return int(np.mean(per_image) * len(files)) if per_image else 0
+
+
+def read_header(path: Path) -> tuple[int, int, bool]:
+    """Height, width (as shown: EXIF rotation applied) and colour of an image file, from its header;
+    a :class:`DataError` naming the file as :func:`read_image` would."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height, mode = img.width, img.height, img.mode
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise DataError(f"{path}: image is {width}×{height}, larger than the "
+                                    f"{MAX_IMAGE_PIXELS} pixels this tool accepts")
+                # (a PNG's EXIF may follow its pixels: only the one in its header is read, decoding nothing)
+                exif = img.getexif() if img.format != "PNG" or "exif" in img.info else {}
+                if exif.get(0x0112) in (5, 6, 7, 8):  # rotated by a quarter turn
+                    width, height = height, width
+    except DataError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: image is larger than the {MAX_IMAGE_PIXELS} pixels this tool accepts "
+                        f"({exc})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{path}: unreadable image ({exc.__class__.__name__}: {exc})") from None
+    return height, width, not grayscale_mode(mode)
+
+
+def _lazy_listing(files: list[Path], labels: np.ndarray, class_names: tuple[str, ...], *, root: Path, where: str,
+                  skip_unreadable: bool, image_size: int | None) -> Dataset:
+    """A listing too large to decode at once, as a :class:`Dataset` of :class:`LazyImages`: every
+    header is read now (sizes, colour, unreadable files skipped or refused as when decoding), the
+    pixels when rows are used. Same shape rule as :func:`_stack_images`: RGB if any image is, and the
+    most common size (or ``image_size``²). A file whose header reads but whose pixels do not is
+    refused when it is read, naming it."""
+    sizes: Counter = Counter()
+    kept, skipped, rgb, stats = [], [], False, []
+    for i, file in enumerate(files):
+        try:
+            height, width, colour = read_header(file)
+        except DataError as exc:
+            if not skip_unreadable:
+                raise
+            skipped.append(str(exc))
+            continue
+        kept.append(i)
+        sizes[(height, width)] += 1
+        rgb = rgb or colour
+        stats.append(file.stat())
+    if not kept:
+        raise DataError(f"{where}: no readable images")
+    target = (image_size, image_size) if image_size else most_common_size(sizes)
+    shape = (*target, 3) if rgb else target
+    notes = ()
+    if image_size is None and len(sizes) > 1:
+        notes = (f"{where}: resized {len(kept) - sizes[target]} of {len(kept)} images to {target[1]}×{target[0]}, "
+                 f"the most common of {len(sizes)} sizes",)
+    names = [str(files[i].relative_to(root)) for i in kept]
+    source = FileSource(root, Names(names), np.asarray([st.st_size for st in stats], dtype=np.int64),
+                        np.asarray([st.st_mtime_ns for st in stats], dtype=np.int64))
+    images = LazyImages(source, np.arange(len(kept)), shape, fit=image_size)
+    return Dataset(images, labels[kept], class_names, np.asarray(kept, dtype=np.int64), source=where,
+                   paths=tuple(names), skipped=tuple(skipped), notes=notes)
 
 
 def image_folder_files(root: Path) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:

@@ -17,6 +17,7 @@ the top 1% where the true one is 0.03.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -28,6 +29,7 @@ from sklearn.isotonic import IsotonicRegression
 
 from engine.data import Dataset
 from engine.metrics import ranking
+from engine.sources import batches, inference_batch
 
 # How many decisions the prior on the calibration is worth: with fewer reviewed samples than this
 # the model's own probabilities dominate; with many more, the reviewer's decisions do.
@@ -259,7 +261,11 @@ class Advice:
 
 
 def _image_keys(dataset: Dataset) -> set[bytes]:
-    return {img.tobytes() for img in dataset.images}
+    """A digest of each row's pixels, read batch by batch (never every image at once)."""
+    keys = set()
+    for _, images in batches(dataset.images, batch_size=inference_batch(dataset.image_shape, cap=4096)):
+        keys.update(hashlib.blake2b(image.tobytes(), digest_size=16).digest() for image in images)
+    return keys
 
 
 def validation_warnings(train: Dataset, validation: Dataset | None, *, trusted: bool = True,
@@ -272,7 +278,7 @@ def validation_warnings(train: Dataset, validation: Dataset | None, *, trusted: 
         return []
     found: list[Advice] = []
     moved = np.isin(train.index, np.asarray(reviewed_in_validation, dtype=np.int64))
-    overlap = len({image.tobytes() for image in train.images[~moved]} & _image_keys(validation))
+    overlap = len(_image_keys(train.subset(~moved)) & _image_keys(validation))
     if overlap:
         found.append(Advice("validation-overlap", f"{overlap} validation images also appear in the training set; "
                                                     "a trusted validation set must be held out"))

@@ -31,6 +31,7 @@ from torch import nn
 
 from engine.errors import InfluenceLensError
 from engine.progress import Progress, no_progress
+from engine.sources import batches
 from engine.task import ImageTask
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.BatchNorm2d)
@@ -390,9 +391,9 @@ def per_sample_grad_sq_norms(model: nn.Module, task: ImageTask, images: np.ndarr
     out = np.empty(len(images), dtype=np.float64)
     try:
         with LayerCapture(model, norm_method=norm_method) as capture:
-            for lo in range(0, len(images), batch_size):
-                hi = min(lo + batch_size, len(images))
-                x = task.inputs(images[lo:hi], device).requires_grad_(True)
+            for positions, batch in batches(images, batch_size=batch_size):
+                lo, hi = int(positions[0]), int(positions[-1]) + 1
+                x = task.inputs(batch, device).requires_grad_(True)
                 y = torch.as_tensor(labels[lo:hi], device=device)
                 loss = task.loss(model(x), y, reduction="sum")
                 torch.autograd.grad(loss, x)

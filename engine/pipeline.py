@@ -202,7 +202,8 @@ def _merge_info(infos: list[dict], sizes: list[int]) -> dict:
 def _sharded_predictions(context: ScoringContext, distributed: Distributed) -> Predictions:
     """θ*'s predictions on the training rows, one shard per rank, gathered in row order."""
     trained, n = context.trained, len(context.train)
-    local = predict(trained.model, trained.task, context.train.images[distributed.shard(n)], trained.device)
+    local = predict(trained.model, trained.task, context.train.subset(np.arange(n)[distributed.shard(n)]).images,
+                    trained.device)
     return Predictions(distributed.gather_rows(local.logits, n), distributed.gather_rows(local.features, n))
 
 

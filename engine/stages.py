@@ -35,6 +35,7 @@ from engine.backbones import build_network
 from engine.data import Dataset
 from engine.device import resolve_device
 from engine.progress import Progress
+from engine.sources import is_lazy
 from engine.task import task_from
 from engine.training import Checkpoint, TrainConfig, TrainedModel, train
 
@@ -54,7 +55,14 @@ def fingerprint(*datasets: Dataset | None) -> str:
     digest = hashlib.sha256()
     for ds in datasets:
         if ds is not None:
-            for array in (ds.images, ds.labels, ds.index):
+            files = ds.images.file_identity() if is_lazy(ds.images) else None
+            if files is not None:  # the files' names, sizes and mtimes, not their pixels
+                digest.update(files)
+            else:  # the rows' bytes in slices (a memory map or a view is never copied whole)
+                step = max(1, (64 * 2**20) // max(1, ds.images[:1].nbytes))
+                for lo in range(0, len(ds.images), step):
+                    digest.update(np.ascontiguousarray(ds.images[lo:lo + step]).tobytes())
+            for array in (ds.labels, ds.index):
                 digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()[:16]
 
@@ -236,3 +244,71 @@ def state_codec(decode: Callable[[dict], T]) -> Codec[T]:
 ARRAY = Codec(lambda array: {"array": torch.from_numpy(np.ascontiguousarray(array))},
               lambda state: state["array"].numpy())
 
+
+
+# -- row stages: an N×D array written chunk by chunk into a memory map, resumable at any chunk -------
+
+def fetch_rows(store: StageStore | None, stage: str, key: str, n: int, compute: Callable[[int, int], np.ndarray], *,
+               chunk_rows: int, dtype: np.dtype, label: str | None = None,
+               progress: Progress | None = None) -> np.ndarray:
+    """An ``n``-row array, ``compute(lo, hi)`` giving rows ``lo:hi``: without a store, computed into
+    memory; with one, the memory-mapped ``<stage>-<key>.npy`` a previous run finished, else written
+    chunk by chunk into ``.partial.npy`` beside a record of the chunks done (each saved after its rows
+    are flushed), so a run killed at any chunk resumes at the first missing one, and renamed into
+    place when complete. Returns a read-only memory map (or the array, without a store)."""
+    label = label or stage
+    chunks = [(lo, min(lo + chunk_rows, n)) for lo in range(0, n, chunk_rows)]
+    if store is None:
+        return np.concatenate([np.asarray(compute(lo, hi), dtype=dtype) for lo, hi in chunks])
+    final = store.folder / f"{stage}-{key}.npy"
+    if final.exists():
+        try:
+            rows = np.load(final, mmap_mode="r")
+            if len(rows) == n:
+                store.log.append((label, "reused"))
+                return rows
+        except (OSError, ValueError) as exc:
+            log.warning("%s: unreadable stage file, computing it again (%s)", final, exc)
+    store.folder.mkdir(parents=True, exist_ok=True)
+    partial, record = final.with_suffix(".partial.npy"), final.with_suffix(".chunks.npy")
+    done, table = _resume_rows(partial, record, n, len(chunks))
+    resumed = int(done.sum())
+    for k, (lo, hi) in enumerate(chunks):
+        if done[k]:
+            continue
+        rows = np.asarray(compute(lo, hi))
+        if table is None:
+            table = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=(n, *rows.shape[1:]))
+        table[lo:hi] = rows
+        table.flush()
+        done[k] = True
+        _replace_atomically(record, done)
+        if progress is not None:
+            progress(hi, n, f"{label}: {hi:,} of {n:,} rows saved")
+    del table
+    os.replace(partial, final)
+    record.unlink(missing_ok=True)
+    _fsync_folder(store.folder)
+    store.log.append((f"{label} ({resumed} of {len(chunks)} chunks resumed)" if resumed else label, "computed"))
+    return np.load(final, mmap_mode="r")
+
+
+def _resume_rows(partial: Path, record: Path, n: int, chunk_count: int) -> tuple[np.ndarray, np.memmap | None]:
+    """The chunks a killed run saved, and its table opened for writing; nothing when there is none."""
+    try:
+        done = np.load(record)
+        table = np.load(partial, mmap_mode="r+")
+        if done.shape == (chunk_count,) and done.dtype == bool and len(table) == n:
+            return done, table
+    except (OSError, ValueError):
+        pass
+    return np.zeros(chunk_count, dtype=bool), None
+
+
+def _replace_atomically(path: Path, array: np.ndarray) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}{_TEMPORARY}")
+    with open(temporary, "wb") as handle:
+        np.save(handle, array)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.data import Dataset
+from engine.sources import batches, inference_batch
 
 
 @dataclass(frozen=True)
@@ -23,13 +24,22 @@ class ImageTask:
 
     @classmethod
     def fit(cls, dataset: Dataset) -> ImageTask:
-        pixels = dataset.images.reshape(len(dataset), -1, dataset.channels).astype(np.float64) / 255.0
-        std = pixels.std(axis=(0, 1))
-        return cls(tuple(pixels.mean(axis=(0, 1)).tolist()), tuple(np.maximum(std, 1e-3).tolist()))
+        """Per-channel mean and standard deviation of the pixels in [0, 1], from integer sums over
+        batches (exact, so the result does not depend on the batch size, and never a float copy of
+        every pixel)."""
+        sums = np.zeros((2, dataset.channels), dtype=object)  # Python integers: exact at any N
+        for _, batch in batches(dataset.images, batch_size=inference_batch(dataset.image_shape, cap=4096)):
+            pixels = batch.reshape(-1, dataset.channels).astype(np.int64)
+            sums[0] += pixels.sum(0)
+            sums[1] += np.square(pixels).sum(0)
+        count = len(dataset) * int(np.prod(dataset.image_shape[:2]))
+        mean = [float(s) / count / 255.0 for s in sums[0]]
+        var = [float(count * q - s * s) / count**2 / 255.0**2 for s, q in zip(sums[0], sums[1], strict=True)]
+        return cls(tuple(mean), tuple(float(max(np.sqrt(v), 1e-3)) for v in var))
 
     def inputs(self, images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
         """uint8 N×H×W(×C) → float N×C×H×W, normalized, on ``device``."""
-        x = torch.as_tensor(images, device=device)
+        x = torch.as_tensor(np.asarray(images), device=device)  # a LazyImages decodes its rows here
         x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
         mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
@@ -58,15 +68,24 @@ class FeatureTask(ImageTask):
 
     @classmethod
     def fit(cls, dataset: Dataset) -> FeatureTask:
-        rows = dataset.images.astype(np.float64)
-        return cls(tuple(rows.mean(0).tolist()), tuple(np.maximum(rows.std(0), 1e-6).tolist()))
+        """Per-dimension mean and standard deviation, merged over batches of rows in float64 (Chan et
+        al.'s pairwise update: no float64 copy of every row)."""
+        count, mean, squares = 0, np.zeros(dataset.image_shape[0]), np.zeros(dataset.image_shape[0])
+        for _, batch in batches(dataset.images, batch_size=inference_batch(dataset.image_shape, cap=65536)):
+            rows = batch.astype(np.float64)
+            n, batch_mean = len(rows), rows.mean(0)
+            delta = batch_mean - mean
+            squares += np.square(rows - batch_mean).sum(0) + np.square(delta) * count * n / (count + n)
+            mean += delta * n / (count + n)
+            count += n
+        return cls(tuple(mean.tolist()), tuple(np.maximum(np.sqrt(squares / count), 1e-6).tolist()))
 
     @property
     def kind(self) -> str:
         return "features"
 
     def inputs(self, images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-        x = torch.as_tensor(images, device=device, dtype=torch.float32)
+        x = torch.as_tensor(np.asarray(images), device=device, dtype=torch.float32)
         return (x - torch.tensor(self.mean, device=device)) / torch.tensor(self.std, device=device)
 
 

@@ -25,6 +25,8 @@ from engine.distributed import LOCAL, Distributed
 from engine.errors import OptionError, TrainingError
 from engine.models import HEAD_MODEL, MODEL_NAMES, choose_model
 from engine.progress import Progress, no_progress
+from engine.sources import batches as read_batches
+from engine.sources import inference_batch, is_lazy, memory_budget
 from engine.task import ImageTask, fit_task
 
 SCHEDULES = ("onecycle", "cosine")
@@ -148,6 +150,14 @@ def _canonical_order(dataset: Dataset) -> np.ndarray:
     return np.argsort(dataset.index, kind="stable")
 
 
+def _training_images(images):
+    """What the epochs read batches from: lazy images decoded once into memory when they fit the
+    budget (every epoch reads every row), else read per batch by worker processes."""
+    if is_lazy(images) and images.nbytes <= memory_budget():
+        return images[:]
+    return images
+
+
 def _augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
     """Random translation by up to H/8 pixels (zero padding) and, for ``flip-crop``, mirror."""
     n, _, h, w = x.shape
@@ -236,7 +246,7 @@ def _train_once(dataset: Dataset, config: TrainConfig, *, task: ImageTask | None
     elif augment == "auto":
         augment = "flip-crop" if dataset.channels == 3 else "crop"
     order = _canonical_order(dataset)
-    x_all = task.inputs(dataset.images[order], device)
+    images = _training_images(dataset.images)
     y_all = torch.as_tensor(dataset.labels[order], device=device)
     n = len(dataset)
     batches = [(s, min(s + config.batch_size, n)) for s in range(0, n, config.batch_size)]
@@ -262,9 +272,11 @@ def _train_once(dataset: Dataset, config: TrainConfig, *, task: ImageTask | None
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
         seen, lrs = 0, []
+        rows = order[perm.cpu().numpy()]  # the epoch's rows in dataset positions
+        read = read_batches(images, rows[:batches[-1][1]], batch_size=config.batch_size)
         for b, (lo, hi) in enumerate(batches):
             idx = perm[lo:hi]
-            x, y = x_all[idx], y_all[idx]
+            x, y = task.inputs(next(read)[1], device), y_all[idx]
             if augment != "none":
                 x = _augment(x, augment, generator)
             part = distributed.shard(hi - lo)  # this rank's rows of the global batch
@@ -318,12 +330,13 @@ class Predictions:
 
 @torch.no_grad()
 def predict(model: nn.Module, task: ImageTask, images: np.ndarray, device: torch.device,
-            *, batch_size: int = 512) -> Predictions:
-    """Logits and penultimate features in eval mode (BatchNorm uses running statistics)."""
+            *, batch_size: int | None = None) -> Predictions:
+    """Logits and penultimate features in eval mode (BatchNorm uses running statistics), in batches
+    whose size follows the memory budget (:func:`engine.sources.inference_batch`)."""
     model.eval()
     logits, feats = [], []
-    for lo in range(0, len(images), batch_size):
-        x = task.inputs(images[lo:lo + batch_size], device)
+    for _, batch in read_batches(images, batch_size=batch_size or inference_batch(images.shape[1:])):
+        x = task.inputs(batch, device)
         a = model.features(x)
         logits.append(model.head(a).float().cpu())
         feats.append(a.float().cpu())

@@ -60,7 +60,7 @@ class ConfidentLearningScorer(Scorer):
                 fold = replace(base, model=context.trained.model_name, seed=base.seed + k + 1)
                 fold_model = train(context.train.subset(fit_rows), fold, task=context.trained.task,
                                    progress=fold_progress)
-                held = context.train.images[held_rows]
+                held = context.train.subset(held_rows).images
                 return predict(fold_model.model, fold_model.task, held, fold_model.device).probabilities
 
             self.pred_probs[held_rows] = context.cached("cv-fold", (self.settings, self.folds, k),

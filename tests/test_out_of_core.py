@@ -1,0 +1,262 @@
+"""The out-of-core data path: data larger than the memory budget is read per batch, with the same
+results as when it is decoded into memory; the feature stage resumes at any chunk; the memory a run
+takes does not follow the size of the decoded data."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.data import load_dataset
+from engine.errors import DataError
+from engine.pipeline import score_methods
+from engine.sources import MEMORY_BUDGET_VARIABLE, LazyImages, batches, inference_batch, memory_budget
+from engine.stages import StageStore, fetch_rows, fingerprint
+from engine.task import FeatureTask, ImageTask
+from engine.training import TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def photo_folder(root: Path, per_class: int = 12, size: int = 20) -> Path:
+    """Three classes of coloured squares, a few of another size and one grayscale file among them."""
+    rng = np.random.default_rng(0)
+    for c, colour in enumerate(((200, 40, 40), (40, 200, 40), (40, 40, 200))):
+        folder = root / f"class_{c}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            side = size + 6 if i == 3 else size
+            pixels = np.clip(rng.normal(colour, 40, (side, side + (i % 2), 3)), 0, 255).astype(np.uint8)
+            image = Image.fromarray(pixels)
+            (image.convert("L") if (c, i) == (1, 5) else image).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def lazy(monkeypatch):
+    """Every dataset over one byte of decoded images is read per batch."""
+    monkeypatch.setenv(MEMORY_BUDGET_VARIABLE, "1")
+
+
+def test_memory_budget_reads_units(monkeypatch):
+    monkeypatch.setenv(MEMORY_BUDGET_VARIABLE, "512M")
+    assert memory_budget() == 512 * 2**20
+    monkeypatch.setenv(MEMORY_BUDGET_VARIABLE, "1.5G")
+    assert memory_budget() == 3 * 2**29
+    assert inference_batch((224, 224, 3)) == 64  # 1.5 GiB / (4 × 64 × 224²) B = 125 rows: the power of two below
+    monkeypatch.setenv(MEMORY_BUDGET_VARIABLE, "lots")
+    with pytest.raises(DataError, match="expected bytes"):
+        memory_budget()
+
+
+@pytest.mark.parametrize("image_size", [None, 16])
+def test_lazy_folder_reads_what_the_in_memory_loader_decodes(tmp_path, monkeypatch, image_size):
+    folder = photo_folder(tmp_path / "photos")
+    eager = load_dataset(folder, image_size=image_size)
+    monkeypatch.setenv(MEMORY_BUDGET_VARIABLE, "1")
+    listed = load_dataset(folder, image_size=image_size)
+    assert isinstance(listed.images, LazyImages) and isinstance(eager.images, np.ndarray)
+    assert listed.images.shape == eager.images.shape
+    np.testing.assert_array_equal(listed.images[:], eager.images)
+    np.testing.assert_array_equal(listed.images[[5, 2, 30]], eager.images[[5, 2, 30]])
+    assert (listed.index.tolist(), listed.paths, listed.notes) == (eager.index.tolist(), eager.paths, eager.notes)
+    part = listed.subset(np.arange(len(listed)) % 3 == 1)  # a view: nothing decoded until read
+    assert isinstance(part.images, LazyImages)
+    np.testing.assert_array_equal(part.images[:], eager.subset(np.arange(len(eager)) % 3 == 1).images)
+
+
+def test_statistics_stream_over_batches_exactly(tmp_path, lazy):
+    folder = photo_folder(tmp_path / "photos")
+    listed = load_dataset(folder)
+    pixels = listed.images[:].reshape(-1, 3).astype(np.float64) / 255.0  # the old way: every pixel at once
+    task = ImageTask.fit(listed)
+    np.testing.assert_allclose(task.mean, pixels.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(task.std, pixels.std(0), rtol=1e-9)
+    rows = np.random.default_rng(1).normal(3, 2, (1000, 7)).astype(np.float32)
+    features = load_dataset("sample")  # any labels: the rows are what counts
+    from dataclasses import replace
+    head = FeatureTask.fit(replace(features.subset(np.arange(1000)), images=rows))
+    np.testing.assert_allclose(head.mean, rows.astype(np.float64).mean(0), rtol=1e-10)
+    np.testing.assert_allclose(head.std, rows.astype(np.float64).std(0), rtol=1e-10)
+
+
+@pytest.mark.slow
+def test_scores_are_the_same_read_per_batch_or_in_memory(tmp_path, monkeypatch):
+    folder = photo_folder(tmp_path / "photos")
+    config = TrainConfig(epochs=3, batch_size=16, checkpoints=2)
+
+    def scores():
+        train = load_dataset(folder)
+        validation = train.subset(np.arange(len(train)) % 4 == 0)
+        run = score_methods(train.subset(np.arange(len(train)) % 4 != 0), ["loss", "vm-loss", "tracin-last"],
+                            validation=validation, config=config)
+        return train, {name: result.scores for name, result in run.results.items()}
+
+    eager_data, eager = scores()
+    monkeypatch.setenv(MEMORY_BUDGET_VARIABLE, "1")
+    lazy_data, lazy_scores = scores()
+    assert isinstance(lazy_data.images, LazyImages) and not isinstance(eager_data.images, LazyImages)
+    for name in eager:  # inference batches differ in size (one row vs. all): float rounding only
+        np.testing.assert_allclose(lazy_scores[name], eager[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_npz_larger_than_the_budget_is_memory_mapped(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (50, 9, 9, 3), dtype=np.uint8)
+    np.savez(tmp_path / "big.npz", images=images, labels=np.arange(50) % 2)  # uncompressed: mappable
+    np.savez_compressed(tmp_path / "packed.npz", images=images, labels=np.arange(50) % 2)
+    monkeypatch.setenv(MEMORY_BUDGET_VARIABLE, "1K")
+    mapped = load_dataset(tmp_path / "big.npz")
+    assert isinstance(mapped.images, LazyImages) and isinstance(mapped.images.source.array, np.memmap)
+    np.testing.assert_array_equal(mapped.images[:], images)
+    np.testing.assert_array_equal(mapped.subset([4, 1]).images[:], images[[4, 1]])
+    np.testing.assert_array_equal(load_dataset(tmp_path / "big.npz", image_size=6).images[3].shape, (6, 6, 3))
+    assert isinstance(load_dataset(tmp_path / "packed.npz").images, np.ndarray)  # compressed: loaded (it fits)
+    monkeypatch.delenv(MEMORY_BUDGET_VARIABLE)
+    loaded = load_dataset(tmp_path / "big.npz")
+    np.testing.assert_array_equal(loaded.images, images)
+    assert fingerprint(mapped) == fingerprint(loaded)  # the same rows: the same stages, mapped or loaded
+
+
+def test_a_file_that_fails_in_a_worker_is_named_in_one_error(tmp_path, lazy):
+    folder = photo_folder(tmp_path / "photos")
+    broken = folder / "class_2" / "007.png"
+    broken.write_bytes(broken.read_bytes()[:120])  # the header reads, the pixels do not
+    listed = load_dataset(folder)
+    with pytest.raises(DataError, match=r"007\.png: unreadable image"):
+        for _ in batches(listed.images, batch_size=4, workers=2):
+            pass
+
+
+@pytest.mark.parametrize("killed_at", [0, 1, 3])
+def test_row_stage_resumes_at_the_first_missing_chunk(tmp_path, killed_at):
+    rows = np.random.default_rng(0).normal(size=(45, 6)).astype(np.float32)
+    asked = []
+
+    class Killed(Exception):
+        pass
+
+    def compute(lo, hi, fail_at=None):
+        if fail_at is not None and lo // 10 == fail_at:
+            raise Killed
+        asked.append(lo)
+        return rows[lo:hi]
+
+    store = StageStore(tmp_path / "stages")
+    with pytest.raises(Killed):
+        fetch_rows(store, "features", "k", 45, lambda lo, hi: compute(lo, hi, killed_at), chunk_rows=10,
+                   dtype=np.float16)
+    asked.clear()
+    again = StageStore(tmp_path / "stages")
+    out = fetch_rows(again, "features", "k", 45, compute, chunk_rows=10, dtype=np.float16)
+    assert asked == list(range(10 * killed_at, 45, 10))  # only the chunks the killed run had not saved
+    np.testing.assert_array_equal(out, rows.astype(np.float16))
+    assert again.summary()["computed"] == [f"features ({killed_at} of 5 chunks resumed)" if killed_at else "features"]
+    asked.clear()
+    assert np.array_equal(fetch_rows(StageStore(tmp_path / "stages"), "features", "k", 45, compute, chunk_rows=10,
+                                     dtype=np.float16), out) and asked == []
+
+
+def pooling_backbone(path: Path) -> Path:
+    """A TorchScript feature extractor: each channel averaged over a 4×4 grid (cheap at any image size)."""
+
+    class Pool(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+
+    torch.jit.save(torch.jit.script(Pool()), str(path))
+    return path
+
+
+def big_photo_folder(root: Path, count: int, side: int) -> Path:
+    """``count`` smooth photos of side² RGB pixels: tiny PNGs, large once decoded."""
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    for i in range(count):
+        folder = root / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        tint = (i * 37) % 200
+        pixels = np.stack([np.add.outer(ramp, ramp) / 2, np.full((side, side), tint), ramp[None].repeat(side, 0)], 2)
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i:04d}.png", compress_level=1)
+    return root
+
+
+@pytest.mark.slow
+def test_a_run_takes_less_memory_than_its_decoded_images(tmp_path):
+    """300 photos of 1024² RGB are 0.94 GB decoded; scoring them through a frozen backbone with a
+    256 MB budget must peak well below that (the old loader held them all, and more)."""
+    folder = big_photo_folder(tmp_path / "photos", 300, 1024)
+    decoded = 300 * 1024 * 1024 * 3
+    backbone = pooling_backbone(tmp_path / "pool.pt")
+    env = {**os.environ, MEMORY_BUDGET_VARIABLE: "256M", "PYTHONPATH": str(ROOT)}
+    code = ("import resource, sys\nfrom engine.cli import main\nstatus = main(sys.argv[1:])\n"
+            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "
+            "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\nsys.exit(status)")
+    done = subprocess.run([sys.executable, "-c", code, "score", str(folder), "--method", "vm-loss",
+                           "--val-from-train", "0.2", "--backbone", str(backbone), "--epochs", "3",
+                           "--out", str(tmp_path / "scores.csv")], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    peak, workers = (int(v) for v in done.stdout.split("PEAK")[1].split())
+    assert max(peak, workers) < 0.75 * decoded, (peak, workers, decoded)
+    summary = json.loads(done.stdout.split("PEAK")[0].strip().splitlines()[-1])
+    assert summary["n"] == 240
+
+
+KILL_SCRIPT = """
+import sys, time
+import torch
+from engine import backbones
+from engine.cli import main
+
+backbones.FEATURE_CHUNK_ROWS = 16
+original = backbones.FrozenBackbone.features
+def slow(self, dataset, *args, **kwargs):
+    time.sleep(float(sys.argv[1]))
+    return original(self, dataset, *args, **kwargs)
+backbones.FrozenBackbone.features = slow
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+def test_kill_minus_nine_during_feature_extraction_resumes_to_the_same_scores(tmp_path):
+    folder = photo_folder(tmp_path / "photos", per_class=30)  # 90 photos: 6 chunks of 16
+    backbone = pooling_backbone(tmp_path / "pool.pt")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), MEMORY_BUDGET_VARIABLE: "1"}
+
+    def score(workspace: Path, out: str, delay: float) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(delay), "score", str(folder), "--method",
+                                 "vm-loss", "--val-from-train", "0.2", "--backbone", str(backbone), "--epochs", "3",
+                                 "--workspace", str(workspace), "--out", str(tmp_path / out)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    reference = score(tmp_path / "clean", "clean.csv", 0.0)
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()[-2000:]
+    victim = score(tmp_path / "killed", "killed.csv", 1.0)
+    record = None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and victim.poll() is None:
+        records = list((tmp_path / "killed" / "stages").glob("features-*.chunks.npy"))
+        if records and np.load(records[0]).sum() >= 2:
+            record = records[0]
+            break
+        time.sleep(0.05)
+    assert record is not None, "the run never saved two chunks"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    resumed = score(tmp_path / "killed", "killed.csv", 0.0)
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-2000:]
+    report = json.loads(resumed.stdout.read().strip().splitlines()[-1])
+    assert any("chunks resumed" in label for label in report["workspace"]["stages"]["computed"])
+    assert (tmp_path / "killed.csv").read_text() == (tmp_path / "clean.csv").read_text()
