@@ -397,19 +397,21 @@ def _decode_all(paths: list[Path], where: str, skip_unreadable: bool,
     return images, kept, skipped
 
 
-def load_image_folder(path: str | Path, *, skip_unreadable: bool = False, image_size: int | None = None) -> Dataset:
+def load_image_folder(path: str | Path, *, skip_unreadable: bool = False, image_size: int | None = None,
+                      lazy: bool = False) -> Dataset:
     """One sub-folder per class (sorted names are the classes), PNG/JPEG files inside."""
     root = Path(path)
     return _decode_listing(*image_folder_files(root), root=root, where=str(root), skip_unreadable=skip_unreadable,
-                           image_size=image_size)
+                           image_size=image_size, lazy=lazy)
 
 
 def _decode_listing(files: list[Path], labels: np.ndarray, class_names: tuple[str, ...], *, root: Path, where: str,
-                    skip_unreadable: bool, image_size: int | None = None) -> Dataset:
+                    skip_unreadable: bool, image_size: int | None = None, lazy: bool = False) -> Dataset:
     """Decode a listing of image files into a :class:`Dataset`: the index is the listing position, the
     paths relative to ``root``; what was skipped or changed is kept in ``skipped`` / ``notes``. When the
-    decoded images would exceed the memory budget, they are listed instead (:func:`_lazy_listing`)."""
-    if _decoded_bytes(files, image_size) > memory_budget():
+    decoded images would exceed the memory budget (or with ``lazy``), they are listed instead
+    (:func:`_lazy_listing`)."""
+    if lazy or _decoded_bytes(files, image_size) > memory_budget():
         return _lazy_listing(files, labels, class_names, root=root, where=where, skip_unreadable=skip_unreadable,
                              image_size=image_size)
     decoded, kept, skipped = _decode_all(files, where, skip_unreadable, image_size)
@@ -539,11 +541,12 @@ def _refuse_link_outside(file: Path, root: Path, where: str) -> None:
                         "copy the file in instead (links are followed only inside the data's folder)")
 
 
-def load_csv_manifest(path: str | Path, *, skip_unreadable: bool = False, image_size: int | None = None) -> Dataset:
+def load_csv_manifest(path: str | Path, *, skip_unreadable: bool = False, image_size: int | None = None,
+                      lazy: bool = False) -> Dataset:
     """A CSV with columns ``path,label``; paths relative to the CSV, labels names or integers."""
     csv_path = Path(path)
     return _decode_listing(*manifest_files(csv_path), root=csv_path.parent.resolve(), where=str(csv_path),
-                           skip_unreadable=skip_unreadable, image_size=image_size)
+                           skip_unreadable=skip_unreadable, image_size=image_size, lazy=lazy)
 
 
 def manifest_files(csv_path: Path) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
@@ -633,14 +636,18 @@ def load_sample(split: str = "train") -> Dataset:
     return load_digits_split(split)
 
 
-def load_dataset(spec: str | Path, *, skip_unreadable: bool = False, image_size: int | None = None) -> Dataset:
+def load_dataset(spec: str | Path, *, skip_unreadable: bool = False, image_size: int | None = None,
+                 lazy: bool = False) -> Dataset:
     """Load ``sample[:split]``, an ``.npz``, an image folder or a ``.csv`` manifest; with ``image_size``,
-    every image as image_size² (shorter side, centre crop; files resized one at a time as decoded)."""
-    dataset = _load_files(spec, skip_unreadable=skip_unreadable, image_size=image_size)  # files: as decoded
+    every image as image_size² (shorter side, centre crop; files resized one at a time as decoded).
+    Image files are listed and read per batch (:class:`engine.sources.LazyImages`) when their decoded
+    size exceeds the memory budget, or always with ``lazy`` (a run that reads each image once)."""
+    dataset = _load_files(spec, skip_unreadable=skip_unreadable, image_size=image_size, lazy=lazy)
     return dataset if image_size is None else fit_images(dataset, image_size)  # arrays (npz, sample): after
 
 
-def _load_files(spec: str | Path, *, skip_unreadable: bool = False, image_size: int | None = None) -> Dataset:
+def _load_files(spec: str | Path, *, skip_unreadable: bool = False, image_size: int | None = None,
+                lazy: bool = False) -> Dataset:
     text = str(spec)
     if text == "sample" or text.startswith("sample:"):
         return load_sample(text.partition(":")[2] or "train")
@@ -648,14 +655,14 @@ def _load_files(spec: str | Path, *, skip_unreadable: bool = False, image_size: 
     if not path.exists():
         raise DataError(f"{text}: no such file or folder")
     if path.is_dir():
-        return load_image_folder(path, skip_unreadable=skip_unreadable, image_size=image_size)
+        return load_image_folder(path, skip_unreadable=skip_unreadable, image_size=image_size, lazy=lazy)
     if not path.is_file():  # reading a FIFO would wait forever for a writer
         raise DataError(f"{text}: not a regular file (a FIFO, device or socket); give a data file or folder")
     suffix = path.suffix.lower()
     if suffix == ".npz":
         return load_npz(path)
     if suffix == ".csv":
-        return load_csv_manifest(path, skip_unreadable=skip_unreadable, image_size=image_size)
+        return load_csv_manifest(path, skip_unreadable=skip_unreadable, image_size=image_size, lazy=lazy)
     raise DataError(f"{text}: unsupported data file (expected a .npz, a .csv manifest or an image folder)")
 
 

@@ -27,9 +27,9 @@ from scipy.optimize import brentq, minimize_scalar
 from scipy.special import expit, logit
 from sklearn.isotonic import IsotonicRegression
 
-from engine.data import Dataset
+from engine.data import Dataset, original_file
 from engine.metrics import ranking
-from engine.sources import batches, inference_batch
+from engine.sources import batches, inference_batch, is_lazy
 
 # How many decisions the prior on the calibration is worth: with fewer reviewed samples than this
 # the model's own probabilities dominate; with many more, the reviewer's decisions do.
@@ -260,11 +260,25 @@ class Advice:
     message: str
 
 
-def _image_keys(dataset: Dataset) -> set[bytes]:
-    """A digest of each row's pixels, read batch by batch (never every image at once)."""
+def _shared_images(first: Dataset, second: Dataset) -> int:
+    """How many of ``second``'s images also appear in ``first``: compared by file content when both
+    were read from files (nothing decoded: a frozen-backbone run reads each photo once, for its
+    features), else by pixels, read batch by batch (never every image at once)."""
+    by_file = first.paths is not None and second.paths is not None and \
+        (is_lazy(first.images) or is_lazy(second.images))
+    return len(_image_keys(first, by_file) & _image_keys(second, by_file))
+
+
+def _image_keys(dataset: Dataset, by_file: bool) -> set[bytes]:
+    def digest(data: bytes) -> bytes:
+        return hashlib.blake2b(data, digest_size=16).digest()
+
+    if by_file:
+        return {digest(path.read_bytes()) for path in map(lambda p: original_file(dataset, p), range(len(dataset)))
+                if path is not None}
     keys = set()
     for _, images in batches(dataset.images, batch_size=inference_batch(dataset.image_shape, cap=4096)):
-        keys.update(hashlib.blake2b(image.tobytes(), digest_size=16).digest() for image in images)
+        keys.update(digest(image.tobytes()) for image in images)
     return keys
 
 
@@ -278,7 +292,7 @@ def validation_warnings(train: Dataset, validation: Dataset | None, *, trusted: 
         return []
     found: list[Advice] = []
     moved = np.isin(train.index, np.asarray(reviewed_in_validation, dtype=np.int64))
-    overlap = len(_image_keys(train.subset(~moved)) & _image_keys(validation))
+    overlap = _shared_images(train.subset(~moved), validation)
     if overlap:
         found.append(Advice("validation-overlap", f"{overlap} validation images also appear in the training set; "
                                                     "a trusted validation set must be held out"))
@@ -301,7 +315,7 @@ def cleaning_test_set_warnings(train: Dataset, test: Dataset | None) -> list[Adv
     """Warn when the set being cleaned is also the one test accuracy is reported on."""
     if test is None:
         return []
-    shared = len(_image_keys(train) & _image_keys(test))
+    shared = _shared_images(train, test)
     if shared:
         return [Advice("cleaning-test-set", f"{shared} test images are also in the set being cleaned; "
                                               "accuracy measured on them after cleaning is optimistic")]

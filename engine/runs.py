@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from engine.backbones import backbone_size, check_embeddings, file_hash, start_notes
+from engine.backbones import backbone_size, check_embeddings, file_hash, head_only, start_notes
 from engine.data import NOISE_KINDS, Dataset, conform, load_dataset
 from engine.device import DEVICE_NAMES
 from engine.errors import DataError, OptionError
@@ -141,7 +141,8 @@ def load_run_data(settings: RunSettings, *, skip_unreadable: bool = True) -> Run
     settings.validate()
     config = settings.train_config()
     size = settings.image_size or backbone_size(config)
-    full = load_dataset(settings.data, skip_unreadable=skip_unreadable, image_size=size)
+    lazy = head_only(config)  # each image is read once, for its features: never decoded into memory
+    full = load_dataset(settings.data, skip_unreadable=skip_unreadable, image_size=size, lazy=lazy)
     if settings.embeddings:
         check_embeddings(settings.embeddings, full)
     notes = tuple(start_notes(config, full))  # the loaders' own notes stay on the datasets
@@ -151,7 +152,8 @@ def load_run_data(settings: RunSettings, *, skip_unreadable: bool = True) -> Run
         full, flipped, clean = noisy.dataset, noisy.flipped, noisy.clean_labels
     train_set, validation, trusted = full, None, True
     if settings.validation:
-        validation = conform(load_dataset(settings.validation, skip_unreadable=skip_unreadable, image_size=size),
+        validation = conform(load_dataset(settings.validation, skip_unreadable=skip_unreadable, image_size=size,
+                                          lazy=lazy),
                              train_set.image_shape, "validation")
         check_compatible(train_set, validation, "validation")
     elif settings.val_from_train:
@@ -162,7 +164,7 @@ def load_run_data(settings: RunSettings, *, skip_unreadable: bool = True) -> Run
             flipped, clean = flipped[keep], clean[keep]
     test = None
     if settings.test_spec:
-        test = conform(load_dataset(settings.test_spec, skip_unreadable=skip_unreadable, image_size=size),
+        test = conform(load_dataset(settings.test_spec, skip_unreadable=skip_unreadable, image_size=size, lazy=lazy),
                        full.image_shape, "test")
         check_compatible(full, test, "test")
     return RunData(train_set, full, validation, trusted, test, flipped, clean, fingerprint(train_set, validation),

@@ -180,6 +180,25 @@ class LazyImages:
         return b"".join([self.source.identity(), self.rows.tobytes(), str((self.sample_shape, self.fit)).encode()])
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def bound_heap_growth() -> None:
+    """Have glibc return every large block to the system when it is freed (a process-wide setting, made
+    by the command line and the dashboard, which own their process). Its default raises the mmap
+    threshold to the largest block freed so far, so a batch of large images decoded, normalised and
+    freed again and again is served from a heap that fragments: measured here, a run over 1024-px
+    photos grew to 2.9 GB with a 256 MB budget, and stayed flat with this."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+    except (OSError, AttributeError):  # not glibc: its allocator has no such setting
+        pass
+
+
 def is_lazy(images) -> bool:
     return isinstance(images, LazyImages)
 
