@@ -49,13 +49,18 @@ def with_injected_noise(dataset: Dataset, *, rate: float, kind: str = "symmetric
     return NoisyDataset(dataset.with_labels(noisy), flipped, dataset.labels.copy())
 
 
+def carve_validation_fraction(fraction: float) -> None:
+    """A carved validation part is a fraction in (0, 0.5) (0 or NaN would silently carve nothing)."""
+    if not 0.0 < fraction < 0.5:
+        raise DataError(f"--val-from-train must be a fraction in (0, 0.5), got {fraction}")
+
+
 def carve_validation(train_set: Dataset, fraction: float, *, seed: int = 0) -> tuple[Dataset, Dataset]:
     """Split a seeded, stratified validation part off the training data: ``(rest, validation)``.
 
     The carved part carries the training set's (possibly noisy) labels, so it is *untrusted*.
     """
-    if not 0.0 < fraction < 0.5:
-        raise DataError(f"--val-from-train must be a fraction in (0, 0.5), got {fraction}")
+    carve_validation_fraction(fraction)
     rest, validation = stratified_split(train_set, (1.0 - fraction, fraction), seed=seed)
     return rest, validation
 

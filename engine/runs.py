@@ -69,6 +69,8 @@ class RunSettings:
             raise OptionError("device", self.device, DEVICE_NAMES)
         if self.curvature is not None and self.curvature not in CURVATURES:
             raise OptionError("curvature", self.curvature, CURVATURES)
+        if not (isinstance(self.noise_rate, (int, float)) and 0 <= self.noise_rate < 1):  # NaN fails too
+            raise DataError(f"noise rate must be in [0, 1), got {self.noise_rate}")
         if self.validation and self.val_from_train:
             raise DataError("choose either a trusted validation set or a fraction carved from training, not both")
         if self.image_size is not None and not 2 <= self.image_size <= 4096:

@@ -267,3 +267,138 @@ def test_the_dashboard_loads_data_only_under_its_data_root(tmp_path, monkeypatch
     save_npz(make_dataset(per_class=2), tmp_path / "ws" / "grown.npz")
     settings = RunSettings(data="train.npz", validation=str(tmp_path / "ws" / "grown.npz"))
     assert len(state.run_data(json.dumps(settings.to_dict(), sort_keys=True)).validation) == 6
+
+
+# -- issue 19: every input named on the command line, by identity; the workspace database; annotations --
+
+def _npz(root: Path, name: str = "train.npz") -> Path:
+    from engine.data import save_npz
+
+    save_npz(make_dataset(), root / name)
+    return root / name
+
+
+def _score_args(*extra: str) -> list[str]:
+    return ["score", "train.npz", "--method", "loss", "--epochs", "2", "--device", "cpu", *extra]
+
+
+def _refused(args: list[str], root: Path, capsys, message: str) -> None:
+    """Status 2, ``message`` in the last stderr line, and nothing in ``root`` changed."""
+    from conftest import snapshot
+
+    before = snapshot(root)
+    assert main(args) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in last, last
+    assert snapshot(root) == before
+
+
+def _embeddings(root: Path) -> Path:
+    np.save(root / "emb.npy", np.random.default_rng(0).normal(size=(18, 4)).astype(np.float32))
+    return root / "emb.npy"
+
+
+def _backbone(root: Path) -> Path:
+    import torch
+
+    torch.jit.save(torch.jit.script(torch.nn.Flatten()), root / "bb.pt")
+    return root / "bb.pt"
+
+
+def _weights(root: Path) -> Path:
+    import torch
+
+    torch.save({"w": torch.zeros(2)}, root / "w.pt")
+    return root / "w.pt"
+
+
+@pytest.mark.parametrize(("option", "make"), [("--embeddings", _embeddings), ("--backbone", _backbone),
+                                              ("--weights", _weights)])
+def test_out_over_a_start_file_is_refused_even_with_force(option, make, tmp_path, monkeypatch, capsys):
+    """Issue 19: only TRAIN and --val were protected; --out with --force replaced the model files."""
+    _npz(tmp_path)
+    name = make(tmp_path).name
+    monkeypatch.chdir(tmp_path)
+    _refused(_score_args(option, name, "--out", name, "--force"), tmp_path, capsys,
+             f"--out is, or lies inside, the input {tmp_path.resolve() / name}")
+
+
+def test_a_hard_link_to_the_training_file_is_recognised(tmp_path, monkeypatch, capsys):
+    _npz(tmp_path)
+    (tmp_path / "other").mkdir()
+    os.link(tmp_path / "train.npz", tmp_path / "other" / "copy.csv")
+    monkeypatch.chdir(tmp_path)
+    _refused(_score_args("--out", "other/copy.csv", "--force"), tmp_path, capsys,
+             "--out is, or lies inside, the input")
+
+
+def test_a_hard_link_to_an_image_of_the_manifest_is_recognised(tmp_path, monkeypatch, capsys):
+    from conftest import write_manifest
+
+    write_manifest(make_dataset(), tmp_path / "m.csv")
+    image = next(p for p in tmp_path.rglob("*.png"))
+    os.link(image, tmp_path / "out.csv")
+    monkeypatch.chdir(tmp_path)
+    args = ["score", "m.csv", "--method", "loss", "--epochs", "2", "--device", "cpu", "--out", "out.csv", "--force"]
+    _refused(args, tmp_path, capsys, "--out is, or lies inside, the input")
+
+
+def _can_bind_mount() -> bool:
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True) if shutil_which("unshare") else None
+    return probe is not None and probe.returncode == 0
+
+
+def shutil_which(name: str) -> str | None:
+    import shutil
+
+    return shutil.which(name)
+
+
+@pytest.mark.skipif(not _can_bind_mount(), reason="needs `unshare -m` (root or user namespaces) for a bind mount")
+@pytest.mark.parametrize("where", ["--out view/scores.csv", "--workspace view/ws"])
+def test_a_bind_mount_of_the_image_folder_is_recognised(where, tmp_path):
+    """The same folder reached through a bind mount (other device path, same inode): --out and --workspace
+    inside it are refused, in a private mount namespace so nothing outlives the test."""
+    from conftest import snapshot, write_image_folder
+
+    write_image_folder(make_dataset(), tmp_path / "folder")
+    (tmp_path / "view").mkdir()
+    before = snapshot(tmp_path / "folder")
+    command = (f"mount --bind folder view && {sys.executable} -m engine.cli score folder --method loss --epochs 2 "
+               f"--device cpu {where}")
+    result = subprocess.run(["unshare", "-m", "sh", "-c", command], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "is, or lies inside, the input" in result.stderr and "Traceback" not in result.stderr
+    assert snapshot(tmp_path / "folder") == before
+
+
+def test_the_workspace_database_is_never_an_output(tmp_path, monkeypatch, capsys):
+    from engine.workspace import Workspace
+
+    _npz(tmp_path)
+    Workspace(tmp_path / "reviews.sqlite").decide([1], "drop")
+    (tmp_path / "renamed.csv").write_bytes((tmp_path / "reviews.sqlite").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    for name in ("reviews.sqlite", "renamed.csv"):
+        _refused(_score_args("--out", name, "--force"), tmp_path, capsys, "is a workspace database")
+
+
+def test_an_annotated_score_table_is_not_replaced_without_force(tmp_path, monkeypatch, capsys):
+    """Our header is not enough: a table the user added a column to (or edited) is theirs now."""
+    _npz(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(_score_args("--out", "s.csv")) == 0
+    table = pd.read_csv(tmp_path / "s.csv")
+    assert main(_score_args("--out", "s.csv", "--seed", "1")) == 0  # unchanged since we wrote it: replaced
+    assert not pd.read_csv(tmp_path / "s.csv").equals(table)
+    capsys.readouterr()
+    annotated = pd.read_csv(tmp_path / "s.csv").assign(my_note="checked")
+    annotated.to_csv(tmp_path / "s.csv", index=False)
+    _refused(_score_args("--out", "s.csv"), tmp_path, capsys, "was not written by influence-lens (or was changed")
+    assert main(_score_args("--out", "s.csv", "--force")) == 0
+    capsys.readouterr()
+    edited = pd.read_csv(tmp_path / "s.csv")
+    edited.loc[0, "suggested_label"] = (edited.loc[0, "suggested_label"] + 1) % 3  # same columns, a value changed
+    edited.to_csv(tmp_path / "s.csv", index=False)
+    _refused(_score_args("--out", "s.csv"), tmp_path, capsys, "was not written by influence-lens")
