@@ -42,6 +42,7 @@ from engine.cli import main
 from engine.data import conform, load_dataset, save_npz
 from engine.device import resolve_device
 from engine.errors import DataError, InfluenceLensError
+from engine.launch import streamlit_command
 from engine.pipeline import carve_validation, read_decisions, retrain_comparison, score_methods, with_injected_noise
 from engine.runs import RunSettings
 from engine.safe_files import check_folder, check_output
@@ -480,6 +481,25 @@ CASES = [
          r"class_0/elsewhere\.png is a link to a file outside the folder", loading("folder")),
     Case("val-and-val-from-train", good_npz, score("train.npz", "--val", "train.npz", "--val-from-train", "0.2"),
          r"--val and --val-from-train both give a validation set; use one of them", None),
+    # issue 19: options that ran with a silently wrong value, or failed with a traceback or the wrong words
+    Case("method-that-looks-like-a-path", good_npz, score("train.npz", method="../../x"),
+         r"unknown method '\.\./\.\./x'; valid choices: .*loss", lambda root: make_scorer("../../x")),
+    Case("empty-train-path", lambda root: None, score(""), r"TRAIN is empty: give a path", None),
+    Case("empty-val-path", good_npz, score("train.npz", "--val", ""), r"--val is empty: give a path", None),
+    Case("dashboard-port-too-large", lambda root: None, ["dashboard", "--port", "70000"],
+         r"--port must be a TCP port from 1 to 65535, got 70000",
+         lambda root: streamlit_command(data="sample", port=70000, workspace=None, data_root=None, extra=[])),
+    Case("dashboard-port-negative", lambda root: None, ["dashboard", "--port", "-1"],
+         r"--port must be a TCP port from 1 to 65535, got -1",
+         lambda root: streamlit_command(data="sample", port=-1, workspace=None, data_root=None, extra=[])),
+    Case("noise-rate-negative", good_npz, score("train.npz", "--noise-rate", "-0.2"),
+         r"noise rate must be in \[0, 1\), got -0\.2", lambda root: RunSettings(noise_rate=-0.2).validate()),
+    Case("noise-rate-nan", good_npz, score("train.npz", "--noise-rate", "nan"), r"noise rate must be in \[0, 1\), got nan",
+         lambda root: RunSettings(noise_rate=float("nan")).validate()),
+    Case("noise-rate-negative-on-retrain", lambda root: [good_npz(root), decisions(root, ["3,drop,"])],
+         retrain("decisions.csv", "--noise-rate", "-0.2"), r"noise rate must be in \[0, 1\), got -0\.2", None),
+    Case("val-from-train-zero", good_npz, score("train.npz", "--val-from-train", "0"),
+         r"--val-from-train must be a fraction in \(0, 0\.5\), got 0\.0", None),
 ]
 
 
@@ -723,3 +743,41 @@ def test_training_gives_the_same_weights_whatever_the_callers_thread_count():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(weights[0], weights[1])
+
+
+# --- issue 19: the cases the tool now handles rather than failing with a traceback ---------------
+
+@pytest.mark.parametrize("steps", range(1, 13))
+def test_every_small_number_of_optimizer_steps_trains(steps):
+    """The one-cycle warm-up of exactly one step (4 steps in all) was a ZeroDivisionError in PyTorch."""
+    trained = train(make_dataset(), TrainConfig(epochs=steps, batch_size=64, device="cpu"))  # 18 rows: 1 step/epoch
+    assert len(trained.history) == steps
+
+
+def test_four_steps_through_the_cli_and_retrain(tmp_path, monkeypatch, capsys):
+    good_npz(tmp_path)
+    decisions(tmp_path, ["3,drop,"])
+    monkeypatch.chdir(tmp_path)
+    assert main(score("train.npz", "--epochs", "4")) == 0
+    assert main(retrain("decisions.csv", "--epochs", "4")) == 0
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("workspace", [False, True])
+def test_ctrl_c_during_score_says_how_to_resume(workspace, tmp_path, monkeypatch, capsys):
+    import engine.cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    good_npz(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(engine.cli, "score_into" if workspace else "score_methods", interrupted)
+    args = score("train.npz", *(["--workspace", "ws"] if workspace else []))
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and not (tmp_path / "out.csv").exists()
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("influence-lens: interrupted; ")
+    assert ("resume with the same command" if workspace else "resume with --workspace DIR") in last
+    assert "score train.npz --method loss" in last
