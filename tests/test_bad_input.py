@@ -38,13 +38,14 @@ from conftest import (
 )
 from PIL import Image
 
+from engine.backbones import backbone_size
 from engine.cli import main
 from engine.data import conform, load_dataset, save_npz
 from engine.device import resolve_device
 from engine.errors import DataError, InfluenceLensError
 from engine.launch import streamlit_command
 from engine.pipeline import carve_validation, read_decisions, retrain_comparison, score_methods, with_injected_noise
-from engine.runs import RunSettings
+from engine.runs import RunSettings, load_run_data
 from engine.safe_files import check_folder, check_output
 from engine.scorers import make_scorer
 from engine.training import MAX_EPOCHS, MAX_SEED, TrainConfig, train
@@ -169,6 +170,55 @@ def folder_linking_out(root: Path) -> Path:
     save_image(np.full((8, 8), 5, dtype=np.uint8), root / "secret.png")
     linked(folder / "class_0" / "elsewhere.png", root / "secret.png")
     return folder
+
+
+class _Flat(torch.nn.Module):
+    """A TorchScript backbone: flattened pixels as features, with the attributes the tool reads."""
+
+    def __init__(self, mean: list[float] | None = None, image_size: float | None = None, fail: bool = False):
+        super().__init__()
+        if mean is not None:
+            self.mean = mean
+        if image_size is not None:
+            self.image_size = image_size
+        self.fail = fail
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fail:
+            raise RuntimeError("this backbone always fails")
+        return x.flatten(1)
+
+
+def backbone_file(root: Path, module: torch.nn.Module, name: str = "bb.pt") -> Path:
+    """``train.npz`` (grayscale 8×8) and a TorchScript ``module`` saved beside it."""
+    good_npz(root)
+    torch.jit.save(torch.jit.script(module), root / name)
+    return root / name
+
+
+def with_backbone(name: str = "bb.pt") -> Callable[[Path], object]:
+    return lambda root: score_methods(load_dataset(root / "train.npz"), ["loss"],
+                                      config=TrainConfig(epochs=2, device="cpu", backbone=str(root / name)))
+
+
+def size_of_backbone(name: str = "bb.pt") -> Callable[[Path], object]:
+    return lambda root: backbone_size(TrainConfig(backbone=str(root / name)))
+
+
+def embeddings_file(root: Path, rows: np.ndarray | None = None, name: str = "emb.npy", **npz_kwargs) -> Path:
+    """``train.npz`` (18 rows) and embeddings beside it: ``rows`` as an .npy, or an .npz archive."""
+    good_npz(root, **npz_kwargs)
+    if name.endswith(".npz"):
+        np.savez(root / name, features=np.zeros((18, 4), np.float32))
+    else:
+        np.save(root / name, np.random.default_rng(0).normal(size=(18, 4)).astype(np.float32) if rows is None
+                else rows)
+    return root / name
+
+
+def with_embeddings(name: str, train_name: str = "train.npz") -> Callable[[Path], object]:
+    return lambda root: load_run_data(RunSettings(data=str(root / train_name), embeddings=str(root / name),
+                                                  device="cpu"))
 
 
 def decisions(root: Path, lines: list[str]) -> Path:
@@ -494,12 +544,60 @@ CASES = [
          lambda root: streamlit_command(data="sample", port=-1, workspace=None, data_root=None, extra=[])),
     Case("noise-rate-negative", good_npz, score("train.npz", "--noise-rate", "-0.2"),
          r"noise rate must be in \[0, 1\), got -0\.2", lambda root: RunSettings(noise_rate=-0.2).validate()),
-    Case("noise-rate-nan", good_npz, score("train.npz", "--noise-rate", "nan"), r"noise rate must be in \[0, 1\), got nan",
+    Case("noise-rate-nan", good_npz, score("train.npz", "--noise-rate", "nan"),
+         r"noise rate must be in \[0, 1\), got nan",
          lambda root: RunSettings(noise_rate=float("nan")).validate()),
     Case("noise-rate-negative-on-retrain", lambda root: [good_npz(root), decisions(root, ["3,drop,"])],
          retrain("decisions.csv", "--noise-rate", "-0.2"), r"noise rate must be in \[0, 1\), got -0\.2", None),
     Case("val-from-train-zero", good_npz, score("train.npz", "--val-from-train", "0"),
          r"--val-from-train must be a fraction in \(0, 0\.5\), got 0\.0", None),
+    # issue 19: your own model files
+    Case("backbone-forward-raises", lambda root: backbone_file(root, _Flat(fail=True)),
+         score("train.npz", "--backbone", "bb.pt"),
+         r"bb\.pt: the backbone failed on a batch of shape \(18, 1, 8, 8\) .*this backbone always fails",
+         with_backbone()),
+    Case("backbone-3-channel-conv-on-grayscale",
+         lambda root: backbone_file(root, torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten())),
+         score("train.npz", "--backbone", "bb.pt"), r"bb\.pt: the backbone failed on a batch of shape \(18, 1, 8, 8\)",
+         with_backbone()),
+    Case("backbone-mean-of-the-wrong-length", lambda root: backbone_file(root, _Flat(mean=[0.5, 0.5, 0.5, 0.5, 0.5])),
+         score("train.npz", "--backbone", "bb.pt"),
+         r"bb\.pt: the module's mean attribute is \[0\.5, .*the data has 1 channel\(s\), so it must hold 1",
+         with_backbone()),
+    Case("backbone-image-size-negative", lambda root: backbone_file(root, _Flat(image_size=-3)),
+         score("train.npz", "--backbone", "bb.pt"), r"bb\.pt: the module's image_size attribute is -3; it must be",
+         size_of_backbone()),
+    Case("backbone-image-size-nan", lambda root: backbone_file(root, _Flat(image_size=float("nan"))),
+         score("train.npz", "--backbone", "bb.pt"), r"bb\.pt: the module's image_size attribute is nan; it must be",
+         size_of_backbone()),
+    Case("backbone-image-size-huge", lambda root: backbone_file(root, _Flat(image_size=100000)),
+         score("train.npz", "--backbone", "bb.pt"), r"image_size attribute is 100000; it must be a side length in "
+         r"pixels from 2 to 4096", size_of_backbone()),
+    Case("backbone-returns-zero-features",
+         lambda root: backbone_file(root, torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 0))),
+         score("train.npz", "--backbone", "bb.pt"), r"bb\.pt: the backbone returned \(18, 0\), 0 features per image",
+         with_backbone()),
+    Case("embeddings-an-npz-archive", lambda root: embeddings_file(root, name="emb.npz"),
+         score("train.npz", "--embeddings", "emb.npz"), r"emb\.npz: an \.npz archive; --embeddings takes one",
+         with_embeddings("emb.npz")),
+    Case("embeddings-with-zero-columns", lambda root: embeddings_file(root, np.zeros((18, 0), np.float32)),
+         score("train.npz", "--embeddings", "emb.npy"), r"emb\.npy: embeddings have 0 columns \(shape \(18, 0\)\)",
+         with_embeddings("emb.npy")),
+    Case("embeddings-with-a-negative-index",
+         lambda root: [embeddings_file(root), raw_npz(root, "neg.npz", images=make_dataset().images,
+                                                      labels=make_dataset().labels, index=np.arange(18) - 1)],
+         score("neg.npz", "--embeddings", "emb.npy"), r"neg\.npz: index -1 is negative; with --embeddings",
+         with_embeddings("emb.npy", "neg.npz")),
+    Case("weights-is-a-folder", lambda root: [good_npz(root), (root / "w").mkdir()],
+         score("train.npz", "--weights", "w"), r"w: --weights is a folder; give the file itself",
+         lambda root: TrainConfig(weights=str(root / "w")).validate()),
+    Case("weights-is-a-fifo", lambda root: [good_npz(root), fifo(root / "w.pt")],
+         score("train.npz", "--weights", "w.pt"), r"w\.pt: --weights is not a regular file \(a FIFO",
+         lambda root: TrainConfig(weights=str(root / "w.pt")).validate()),
+    Case("weights-with-nan", lambda root: [good_npz(root), torch.save({"conv.weight": torch.full((2,), np.nan)},
+                                                                      root / "w.pt")],
+         score("train.npz", "--weights", "w.pt", "--model", "small-cnn", "--freeze", "none"),
+         r"w\.pt: tensor 'conv\.weight' contains NaN or infinite values", None),
 ]
 
 
