@@ -22,6 +22,7 @@ from engine.device import DEVICE_NAMES
 from engine.distributed import LOCAL, from_torchrun
 from engine.errors import InfluenceLensError
 from engine.guidance import review_estimate, scoring_advice
+from engine.memory import check_loading, check_training
 from engine.launch import run as run_streamlit
 from engine.launch import streamlit_command
 from engine.metrics import detection_metrics
@@ -62,8 +63,9 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-unreadable", action="store_true",
                         help="leave out unreadable images (and report them) instead of stopping")
     parser.add_argument("--force", action="store_true",
-                        help="replace an existing --out file that influence-lens did not write, and start a training "
-                             f"estimated at more than {MAX_ESTIMATED_HOURS:g} hours")
+                        help="replace an existing --out file that influence-lens did not write, start a training "
+                             f"estimated at more than {MAX_ESTIMATED_HOURS:g} hours, and try a run estimated to need "
+                             "more memory than the machine has")
     _add_start_options(parser)
 
 
@@ -144,8 +146,15 @@ def _run_settings(args: argparse.Namespace) -> RunSettings:
 
 
 def _load(settings: RunSettings, args: argparse.Namespace) -> RunData:
-    """:func:`engine.runs.load_run_data`, saying on stderr what loading left out or changed."""
+    """:func:`engine.runs.load_run_data`, saying on stderr what loading left out or changed; the memory the
+    images and the training will take checked before each asks for it (``--force`` tries anyway)."""
+    if settings.image_size is not None:
+        for spec in (settings.data, settings.validation, settings.test):
+            if spec is not None:
+                check_loading(spec, settings.image_size, force=args.force)
     data = load_run_data(settings, skip_unreadable=args.skip_unreadable)
+    check_training(data.train, settings.train_config(), [args.method] if hasattr(args, "method") else [],
+                   force=args.force)
     _report_loading(args.train, data.full_train)
     for spec, dataset in ((settings.validation, data.validation), (settings.test, data.test)):
         if spec is not None and dataset is not None:

@@ -879,3 +879,40 @@ def test_ctrl_c_during_score_says_how_to_resume(workspace, tmp_path, monkeypatch
     assert last.startswith("influence-lens: interrupted; ")
     assert ("resume with the same command" if workspace else "resume with --workspace DIR") in last
     assert "score train.npz --method loss" in last
+
+
+# --- issue 19: memory asked for before anything checked it --------------------------------------
+
+@pytest.mark.parametrize(("build", "args", "message"), [
+    (good_folder, score("folder", "--image-size", "4096"),
+     r"training on 9 images of 4096×4096 needs about [\d,.]+ GiB of memory, more than the 16\.0 GiB available"),
+    (lambda root: embeddings_file(root, np.zeros((18, 200_000), np.float32)),
+     score("train.npz", "--embeddings", "emb.npy", method="if-last"),
+     r"the head curvature of if-last on 200,000-column embeddings needs about [\d,.]+ GiB of memory"),
+    (lambda root: [good_npz(root, per_class=400)], score("train.npz", "--image-size", "4096"),
+     r"loading 1,200 images of train\.npz at --image-size 4096 needs about 18\.8 GiB of memory, more than the 16\.0"),
+], ids=["image-size-4096-on-8x8-images", "if-last-on-200000-dim-embeddings", "image-size-4096-on-1200-images"])
+def test_memory_is_estimated_and_refused_before_it_is_asked_for(build, args, message, tmp_path, monkeypatch, capsys):
+    """On a machine with 16 GiB available (patched, so the test does not depend on this one)."""
+    import engine.memory
+
+    monkeypatch.setattr(engine.memory, "available_bytes", lambda: 16 * 2**30)
+    build(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert re.search(message, last) and last.endswith("pass --force to try anyway"), last
+    assert "Traceback" not in err and snapshot(tmp_path) == before
+
+
+def test_force_tries_a_run_above_the_memory_estimate(tmp_path, monkeypatch, capsys):
+    import engine.memory
+
+    monkeypatch.setattr(engine.memory, "available_bytes", lambda: 2**20)  # 1 MiB: any training is above it
+    good_npz(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(score("train.npz")) == 2
+    assert "needs about" in capsys.readouterr().err
+    assert main(score("train.npz", "--force")) == 0 and (tmp_path / "out.csv").exists()
