@@ -22,9 +22,9 @@ from engine.device import DEVICE_NAMES
 from engine.distributed import LOCAL, from_torchrun
 from engine.errors import InfluenceLensError
 from engine.guidance import review_estimate, scoring_advice
-from engine.memory import check_loading, check_training
 from engine.launch import run as run_streamlit
 from engine.launch import streamlit_command
+from engine.memory import check_loading, check_training
 from engine.metrics import detection_metrics
 from engine.models import MODEL_NAMES
 from engine.pipeline import (

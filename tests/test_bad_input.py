@@ -916,3 +916,18 @@ def test_force_tries_a_run_above_the_memory_estimate(tmp_path, monkeypatch, caps
     assert main(score("train.npz")) == 2
     assert "needs about" in capsys.readouterr().err
     assert main(score("train.npz", "--force")) == 0 and (tmp_path / "out.csv").exists()
+
+
+def test_a_damaged_blob_in_the_workspace_is_named_not_a_traceback(tmp_path, monkeypatch, capsys):
+    good_npz(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(score("train.npz", "--workspace", "ws")) == 0
+    with sqlite3.connect(workspace_file(tmp_path)) as con:
+        con.execute("UPDATE results SET scores = ?", (b"\x93NUMPY damaged",))
+    con.close()
+    capsys.readouterr()
+    assert main(score("train.npz", "--workspace", "ws")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.search(r"\.sqlite: the stored results of run \w+ are damaged \(ValueError: .*move the file away",
+                     err.strip().splitlines()[-1]), err
