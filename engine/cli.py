@@ -33,6 +33,7 @@ from engine.pipeline import (
     result_table,
     retrain_comparison,
     score_methods,
+    with_class_names,
 )
 from engine.progress import MAX_ESTIMATED_HOURS, close_progress_bars, no_progress, time_limited, tqdm_progress
 from engine.runs import RunData, RunSettings, load_run_data, score_into
@@ -298,6 +299,7 @@ def _with_advice(summary: dict, advice: list) -> dict:
 
 def _write_scores(table, out: Path, train_set: Dataset) -> None:
     """The table, with each row's file path beside its index when the data came from files."""
+    table = with_class_names(table, train_set.class_names)  # folder classes 0, 1, 10, 2: the names beside
     if train_set.paths is not None:
         path_of = dict(zip(train_set.index.tolist(), train_set.paths, strict=True))
         table.insert(1, "path", [path_of[i] for i in table["index"].tolist()])

@@ -138,12 +138,25 @@ class RunData:
         return self.flipped is not None
 
 
+def check_populated_classes(dataset: Dataset) -> None:
+    """Training needs samples of two classes at least: class names alone (labels all 0 of three names, or a
+    class whose every file was unreadable and skipped) would train a constant and report nonsense."""
+    counts = np.bincount(dataset.labels, minlength=dataset.num_classes)
+    if np.count_nonzero(counts) < 2:
+        only = dataset.class_names[int(np.argmax(counts))]
+        empty = [c for c, n in zip(dataset.class_names, counts, strict=True) if n == 0]
+        raise DataError(f"{dataset.source or 'the data'}: only class {only!r} has samples ({int(counts.max())}); "
+                        f"{', '.join(map(repr, empty[:5]))}{' …' if len(empty) > 5 else ''} "
+                        f"{'has' if len(empty) == 1 else 'have'} none; a classifier needs samples of 2 classes")
+
+
 def load_run_data(settings: RunSettings, *, skip_unreadable: bool = True) -> RunData:
     """Load, inject the demo noise, and carve or load the validation set (as the CLI does)."""
     settings.validate()
     config = settings.train_config()
     size = settings.image_size or backbone_size(config)
     full = load_dataset(settings.data, skip_unreadable=skip_unreadable, image_size=size)
+    check_populated_classes(full)
     if settings.embeddings:
         check_embeddings(settings.embeddings, full)
     notes = tuple(start_notes(config, full))  # the loaders' own notes stay on the datasets

@@ -33,6 +33,7 @@ from engine.errors import DataError, InfluenceLensError
 SCORE_CSV_HEADER = "index,score,rank,given_label,predicted_label,suggested_label"
 # data read from files carries each row's path beside its index (engine.cli._write_scores)
 SCORE_CSV_HEADERS = (SCORE_CSV_HEADER, SCORE_CSV_HEADER.replace("index,", "index,path,", 1))
+SCORE_TABLE_STARTS = ("index,score,rank,", "index,path,score,rank,")  # class-name columns may follow (cli)
 
 
 def input_paths(specs: Iterable[str | Path | None]) -> list[Path]:
@@ -155,7 +156,7 @@ def written_score_table(path: Path) -> bool:
     checksum recorded when it was written (a table annotated with extra columns or edited is not ours)."""
     try:
         with open(path, encoding="utf-8") as handle:
-            ours = handle.readline().rstrip("\r\n").startswith(SCORE_CSV_HEADERS)
+            ours = handle.readline().rstrip("\r\n").startswith(SCORE_TABLE_STARTS)
     except (OSError, UnicodeDecodeError):
         return False
     return ours and written_by_us(path)
@@ -260,11 +261,12 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet reads as
 
 def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
     """A copy whose text cells cannot run as spreadsheet formulas: a cell starting with ``= + - @`` (or a
-    tab / carriage return) gets a leading ``'`` (OWASP, CSV injection). Numbers are left as they are;
+    tab / carriage return) gets a leading ``'`` (OWASP, CSV injection); so does one that starts with ``'``
+    itself, so that classes ``'=x`` and ``=x`` stay apart (``''=x`` and ``'=x``). Numbers are left as they are;
     :func:`engine.pipeline.read_decisions` reads such a label back without the quote."""
     safe = frame.copy()
     for column in safe.columns:
         if not pd.api.types.is_numeric_dtype(safe[column]):
-            safe[column] = [f"'{v}" if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v
+            safe[column] = [f"'{v}" if isinstance(v, str) and v.startswith((*FORMULA_STARTS, "'")) else v
                             for v in safe[column]]
     return safe

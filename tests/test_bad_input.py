@@ -20,7 +20,7 @@ import sys
 import unicodedata
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +219,21 @@ def embeddings_file(root: Path, rows: np.ndarray | None = None, name: str = "emb
 def with_embeddings(name: str, train_name: str = "train.npz") -> Callable[[Path], object]:
     return lambda root: load_run_data(RunSettings(data=str(root / train_name), embeddings=str(root / name),
                                                   device="cpu"))
+
+
+def numbered_classes_npz(root: Path) -> Path:
+    """``train.npz`` whose classes are named 0, 1, 10, 2 (the sorted folder names of classes 0, 1, 2, 10)."""
+    save_npz(replace(make_dataset(classes=4, per_class=4), class_names=("0", "1", "10", "2")), root / "train.npz")
+    return root / "train.npz"
+
+
+def folder_with_unreadable_classes(root: Path) -> Path:
+    """A three-class folder where every file of class_1 and class_2 is unreadable: one class is left."""
+    folder = good_folder(root)
+    for name in ("class_1", "class_2"):
+        for image in (folder / name).iterdir():
+            image.write_text("not an image")
+    return folder
 
 
 def decisions(root: Path, lines: list[str]) -> Path:
@@ -594,6 +609,30 @@ CASES = [
     Case("weights-is-a-fifo", lambda root: [good_npz(root), fifo(root / "w.pt")],
          score("train.npz", "--weights", "w.pt"), r"w\.pt: --weights is not a regular file \(a FIFO",
          lambda root: TrainConfig(weights=str(root / "w.pt")).validate()),
+    # issue 19: silently wrong results, now refused
+    Case("npz-one-populated-class", lambda root: raw_npz(root, images=IMAGES, labels=np.zeros(4, np.int64),
+                                                         class_names=np.array(["a", "b", "c"])),
+         score("bad.npz"), r"bad\.npz: only class 'a' has samples \(4\); 'b', 'c' have none",
+         lambda root: load_run_data(RunSettings(data=str(root / "bad.npz")))),
+    Case("every-file-of-two-classes-unreadable-skipping", folder_with_unreadable_classes,
+         score("folder", "--skip-unreadable"), r"folder: only class 'class_0' has samples \(3\)",
+         lambda root: load_run_data(RunSettings(data=str(root / "folder")))),
+    Case("decisions-underscore-index", lambda root: [good_npz(root), decisions(root, ["1_0,drop,"])],
+         retrain("decisions.csv"), r"decisions\.csv: decision 1 has index '1_0', not an integer",
+         reading_decisions("decisions.csv")),
+    Case("decisions-label-both-a-name-and-a-number", lambda root: [numbered_classes_npz(root),
+                                                                    decisions(root, ["3,relabel,2"])],
+         retrain("decisions.csv"), r"new_label '2' is ambiguous: class '2' is label 3, and label 2 is class '10'",
+         reading_decisions("decisions.csv")),
+    Case("decisions-unterminated-quote", lambda root: [good_npz(root), decisions(root, ["3,drop,", '"4,drop,'])],
+         retrain("decisions.csv"), r"decisions\.csv, line 3: a quote \(\"\) opened there is never closed",
+         reading_decisions("decisions.csv")),
+    csv_case("csv-two-label-columns", ["path,label,label", "img0.png,a,b", "img1.png,b,a"],
+             r"m\.csv: column 'label' appears more than once in the header"),
+    csv_case("csv-unterminated-quote", ["path,label", "img0.png,a", '"img1.png,b', "img2.png,a"],
+             r"m\.csv, line 3: a quote \(\"\) opened there is never closed"),
+    npz_case("npz-uint64-label-at-the-top-of-its-type", r"bad\.npz: label 18446744073709551615 is too large",
+             images=IMAGES, labels=np.array([0, 1, 0, 2**64 - 1], np.uint64), class_names=np.array(["a", "b"])),
     Case("weights-with-nan", lambda root: [good_npz(root), torch.save({"conv.weight": torch.full((2,), np.nan)},
                                                                       root / "w.pt")],
          score("train.npz", "--weights", "w.pt", "--model", "small-cnn", "--freeze", "none"),
@@ -931,3 +970,37 @@ def test_a_damaged_blob_in_the_workspace_is_named_not_a_traceback(tmp_path, monk
     assert "Traceback" not in err
     assert re.search(r"\.sqlite: the stored results of run \w+ are damaged \(ValueError: .*move the file away",
                      err.strip().splitlines()[-1]), err
+
+
+def test_a_float_tiff_named_png_decodes_to_its_values_not_black(tmp_path):
+    from engine.data import read_image
+
+    Image.fromarray(np.full((8, 8), 0.5, np.float32), mode="F").save(tmp_path / "x.png", format="TIFF")
+    assert (read_image(tmp_path / "x.png") == 128).all()
+    Image.fromarray(np.full((8, 8), 1e6, np.float32), mode="F").save(tmp_path / "y.png", format="TIFF")
+    with pytest.raises(DataError, match=r"y\.png \(TIFF of mode F\): float images must lie in \[0, 1\] or "):
+        read_image(tmp_path / "y.png")
+
+
+def test_numbered_folder_classes_are_named_beside_their_labels(tmp_path, monkeypatch):
+    """Folders 0, 1, 2, 10 sort as 0, 1, 10, 2: label 2 is the class "10". The CSV names each label, and
+    the decisions export writes a name that reads back as that class."""
+    import pandas as pd
+
+    from engine.pipeline import decision_label
+
+    write_image_folder(make_dataset(classes=4, per_class=3), tmp_path / "tmp")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for position, name in enumerate(("0", "1", "10", "2")):
+        (tmp_path / "tmp" / f"class_{position}").rename(folder / name)
+    monkeypatch.chdir(tmp_path)
+    assert main(score("folder")) == 0
+    table = pd.read_csv(tmp_path / "out.csv", dtype={"given_class": str})
+    assert list(table.columns[:6]) == ["index", "path", "score", "rank", "given_label", "given_class"]
+    in_ten = table[table["path"].str.startswith("10/")]
+    assert len(in_ten) == 3 and (in_ten["given_label"] == 2).all() and (in_ten["given_class"] == "10").all()
+    train_set = load_dataset(folder)
+    for label in range(4):
+        decisions(tmp_path, [f"0,relabel,{decision_label(train_set.class_names, label)}"])
+        assert read_decisions(str(tmp_path / "decisions.csv"), train_set)["new_label"].tolist() == [label]

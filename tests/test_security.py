@@ -209,6 +209,17 @@ def test_exported_cells_cannot_run_as_formulas_and_read_back(tmp_path):
     assert read_decisions(str(tmp_path / "d.csv"), dataset)["new_label"].tolist() == [0, 1, 2]
 
 
+def test_classes_quote_equals_x_and_equals_x_export_apart_and_read_back_apart(tmp_path):
+    """Issue 19: "'=x" and "=x" both exported as "'=x", and retrain mapped both to one class."""
+    dataset = make_dataset(classes=3, per_class=2)
+    dataset = dataset.__class__(dataset.images, dataset.labels, ("'=x", "=x", "'plain"))
+    frame = pd.DataFrame({"index": [0, 1, 2], "action": ["relabel"] * 3, "new_label": list(dataset.class_names)})
+    safe = spreadsheet_safe(frame)
+    assert len(set(safe["new_label"])) == 3
+    safe.to_csv(tmp_path / "d.csv", index=False)
+    assert read_decisions(str(tmp_path / "d.csv"), dataset)["new_label"].tolist() == [0, 1, 2]
+
+
 def test_a_folder_loaded_under_the_data_root_keeps_links_inside(tmp_path):
     """The one link policy: links inside the data's folder are followed (here: a class folder's file)."""
     from engine.data import load_dataset
