@@ -6,16 +6,15 @@ results into the table the CLI writes, apply review decisions, and retrain to me
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
-
-import csv
-import io
-import re
 
 import numpy as np
 import pandas as pd
