@@ -142,7 +142,7 @@ def check_populated_classes(dataset: Dataset) -> None:
     """Training needs samples of two classes at least: class names alone (labels all 0 of three names, or a
     class whose every file was unreadable and skipped) would train a constant and report nonsense."""
     counts = np.bincount(dataset.labels, minlength=dataset.num_classes)
-    if np.count_nonzero(counts) < 2:
+    if np.count_nonzero(counts) < 2 and len(dataset) >= 2:  # a single sample: "at least 2 training samples"
         only = dataset.class_names[int(np.argmax(counts))]
         empty = [c for c, n in zip(dataset.class_names, counts, strict=True) if n == 0]
         raise DataError(f"{dataset.source or 'the data'}: only class {only!r} has samples ({int(counts.max())}); "

@@ -235,6 +235,20 @@ def write_atomically(path: str | Path, write: Callable[[IO], None], *, binary: b
             temporary.unlink(missing_ok=True)
 
 
+def is_sample_spec(spec: str | Path | None) -> bool:
+    """``sample`` or ``sample:SPLIT``, the embedded data: nothing on disk (``samples/x.npz`` is a path)."""
+    return spec is not None and (str(spec) == "sample" or str(spec).startswith("sample:"))
+
+
+def under_root(spec: str | None, root: str | Path | None, *, own: str | Path | None = None) -> str | None:
+    """The path to read for ``spec``: with a data root, ``root/spec`` once :func:`check_within_root` has
+    passed it (the one check every path a dashboard page reads goes through); as given without a root."""
+    if spec is None or root is None or is_sample_spec(spec):
+        return spec
+    check_within_root([spec], root, own=own)
+    return str(Path(root).resolve() / spec)
+
+
 def check_within_root(specs: Iterable[str | Path | None], root: str | Path | None, *,
                       own: str | Path | None = None) -> None:
     """Refuse a data path outside ``root`` (links resolved), with the same words whether or not it
@@ -245,7 +259,7 @@ def check_within_root(specs: Iterable[str | Path | None], root: str | Path | Non
     root = Path(root).resolve()
     allowed = [root] if own is None else [root, Path(own).resolve()]
     for spec in specs:
-        if spec is None or str(spec) == "sample" or str(spec).startswith("sample:"):
+        if spec is None or is_sample_spec(spec):
             continue
         try:
             inside = _inside((root / spec).resolve(), allowed) is not None

@@ -3,7 +3,9 @@ spreadsheet exports, and a launcher that takes its server down with it."""
 
 from __future__ import annotations
 
+import html
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -170,9 +172,10 @@ def test_the_data_root_refuses_paths_outside_it_without_saying_what_exists(tmp_p
 def test_a_class_name_is_shown_as_text_not_markdown(name):
     """Every Markdown-active character is escaped, on one line: nothing is fetched, linked or formatted."""
     shown = md(name)
-    unescaped = [c for i, c in enumerate(shown) if c in "![]()<>$:*`#=" and (i == 0 or shown[i - 1] != "\\")]
+    bare = re.sub(r"&#\d+;", "", shown)  # character references (: . @) display as the character itself
+    unescaped = [c for i, c in enumerate(bare) if c in "![]()<>$:*`#=" and (i == 0 or bare[i - 1] != "\\")]
     assert unescaped == [] and "\n" not in shown
-    assert shown.replace("\\", "") == " ".join(name.replace("\\", "").split())
+    assert html.unescape(shown.replace("\\", "")) == " ".join(name.replace("\\", "").split())
 
 
 def test_gallery_captions_escape_class_names():
@@ -180,7 +183,20 @@ def test_gallery_captions_escape_class_names():
                      "new_label": 0})
     caption = charts.card_caption(row, (HOSTILE[0], HOSTILE[1]))
     assert "![x](" not in caption and "[click](" not in caption
-    assert "\\!\\[x\\]\\(https\\:" in caption
+    assert "\\!\\[x\\]\\(https&#58;" in caption
+
+
+@pytest.mark.parametrize("name", ["https://example.com/cat", "see www.example.com", "cat http://x.io/a?b=c",
+                                  "mail me@example.com"])
+def test_a_url_in_a_class_name_is_shown_as_text_not_a_link(name):
+    """Issue 19: GFM turns a bare URL into a live link even when its characters are escaped; the shown text
+    keeps no URL or e-mail pattern, and reads back as the name."""
+    shown = md(name)
+    assert "://" not in shown and "www." not in shown and "@" not in shown
+    assert html.unescape(shown.replace("\\", "")) == name
+    row = pd.Series({"rank": 1, "score": 0.5, "given": 0, "predicted": 1, "suggested": 1, "status": "",
+                     "new_label": -1})
+    assert "://" not in charts.card_caption(row, (name, "b")) and "www." not in charts.card_caption(row, (name, "b"))
 
 
 def test_chart_labels_show_html_as_text():
@@ -413,3 +429,83 @@ def test_an_annotated_score_table_is_not_replaced_without_force(tmp_path, monkey
     edited.loc[0, "suggested_label"] = (edited.loc[0, "suggested_label"] + 1) % 3  # same columns, a value changed
     edited.to_csv(tmp_path / "s.csv", index=False)
     _refused(_score_args("--out", "s.csv"), tmp_path, capsys, "was not written by influence-lens")
+
+
+
+# -- issue 19: the data root, for every path a page reads ----------------------------------------
+
+def _root_app(tmp_path: Path, monkeypatch) -> Path:
+    """The app's arguments as the launcher gives them: a data root with train.npz; the server's folder
+    (the working directory) holds files that must stay out of reach."""
+    from dashboard import state
+    from engine.data import save_npz
+
+    root = tmp_path / "root"
+    root.mkdir()
+    save_npz(make_dataset(per_class=4), root / "train.npz")
+    (tmp_path / "samples").mkdir()
+    save_npz(make_dataset(per_class=4), tmp_path / "samples" / "secret.npz")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["app.py", "--data-root", str(root), "--workspace", str(tmp_path / "ws")])
+    state.run_data.clear()
+    return root
+
+
+def test_a_path_starting_with_sample_does_not_bypass_the_data_root(tmp_path, monkeypatch):
+    import json
+
+    from dashboard import state
+    from engine.runs import RunSettings
+
+    _root_app(tmp_path, monkeypatch)
+    with pytest.raises(InfluenceLensError, match=r"root/samples/secret\.npz: no such file or folder"):
+        state.run_data(json.dumps(RunSettings(data="samples/secret.npz").to_dict(), sort_keys=True))
+    for spec in ("../samples/secret.npz", str(tmp_path / "samples" / "secret.npz")):
+        with pytest.raises(InfluenceLensError, match="outside the data root"):
+            state.readable(spec)
+
+
+@pytest.mark.parametrize("field", ["weights", "backbone", "embeddings"])
+def test_model_files_are_read_only_under_the_data_root_with_the_same_words(field, tmp_path, monkeypatch):
+    """--weights / --backbone / --embeddings outside the root: refused, whether or not the file exists
+    (an existence oracle before), before any file check."""
+    import json
+
+    from dashboard import state
+    from engine.runs import RunSettings
+
+    _root_app(tmp_path, monkeypatch)
+    (tmp_path / "model.pt").write_bytes(b"exists")
+    said = set()
+    for path in (tmp_path / "model.pt", tmp_path / "absent.pt"):
+        settings = RunSettings(data="train.npz", val_from_train=0.2, **{field: str(path)})
+        with pytest.raises(InfluenceLensError) as refused:
+            state.run_data(json.dumps(settings.to_dict(), sort_keys=True))
+        said.add(str(refused.value).replace(str(path), "PATH"))
+        with pytest.raises(InfluenceLensError, match="outside the data root"):
+            state.readable_settings(settings)
+    assert len(said) == 1 and "outside the data root" in said.pop()
+
+
+@pytest.mark.slow
+def test_the_set_up_preview_and_the_demo_page_stay_under_the_data_root(tmp_path, monkeypatch):
+    """The set-up page's preview listed class folders outside the root, and its words told what exists;
+    the "Why it works" page loaded data from anywhere."""
+    from streamlit.testing.v1 import AppTest
+
+    root = _root_app(tmp_path, monkeypatch)
+    folder = tmp_path / "outside"
+    for name in ("alpha", "beta"):
+        save_image(np.zeros((8, 8), np.uint8), folder / name / "x.png")
+    messages = []
+    for spec in (str(folder), "../outside", str(tmp_path / "absent"), "../absent"):
+        at = AppTest.from_file(str(REPO_ROOT / "dashboard" / "app.py"), default_timeout=120).run()
+        at.text_input(key="setup_data").set_value(spec).run()
+        shown = " ".join(w.value for w in at.warning) + " ".join(m.value for m in at.markdown)
+        assert "outside the data root" in shown and "alpha" not in shown and "beta" not in shown, shown
+        messages.append([w.value.replace(md(spec), "PATH") for w in at.warning if "data root" in w.value])
+    assert all(m == messages[0] for m in messages)
+    why = AppTest.from_file(str(REPO_ROOT / "dashboard" / "app.py"), default_timeout=120).run()
+    why.switch_page("views/why.py").run()
+    why.text_input(key="why_data").set_value(str(folder)).run()
+    assert any("outside the data root" in e.value for e in why.error) and root.is_dir()
