@@ -344,6 +344,8 @@ def _resume_hint(args: argparse.Namespace) -> str:
     command = " ".join(shlex.quote(a) for a in ["influence-lens", *(args.argv or [])])
     if getattr(args, "workspace", None) is not None:
         return f"resume with the same command (the stages saved in {args.workspace} are reused): {command}"
+    if args.command == "retrain":
+        return f"nothing was written; run it again: {command}"
     return (f"nothing was written; resume with --workspace DIR to keep each stage as it finishes: "
             f"{command} --workspace DIR")
 

@@ -920,6 +920,21 @@ def test_ctrl_c_during_score_says_how_to_resume(workspace, tmp_path, monkeypatch
     assert "score train.npz --method loss" in last
 
 
+def test_ctrl_c_during_retrain_is_not_a_traceback(tmp_path, monkeypatch, capsys):
+    import engine.cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    good_npz(tmp_path)
+    decisions(tmp_path, ["3,drop,"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(engine.cli, "retrain_comparison", interrupted)
+    assert main(retrain("decisions.csv")) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "interrupted; nothing was written; run it again: influence-lens retrain" in err
+
+
 # --- issue 19: memory asked for before anything checked it --------------------------------------
 
 @pytest.mark.parametrize(("build", "args", "message"), [
