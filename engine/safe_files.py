@@ -8,8 +8,8 @@ above it), so a hard link, a bind mount or any second path to an input is recogn
 workspace database is never an output. An existing file must be a regular file written by this tool
 (or ``force``): a score table whose bytes still match the checksum recorded when it was written
 (:func:`remember_written`), so a table the user has annotated since is not replaced. Its folder
-must exist and be writable. :func:`write_atomically` writes through a temporary file in the same folder and a
-rename, so a kill or a full disk leaves the old file or the new one, never a torn one.
+must exist and be writable. :func:`write_atomically` writes through a temporary file in the same
+folder and a rename, so a kill or a full disk leaves the old file or the new one, never a torn one.
 :func:`check_folder` is the same guard for a folder the tool writes into (the workspace folder).
 """
 
@@ -42,7 +42,7 @@ def input_paths(specs: Iterable[str | Path | None]) -> list[Path]:
     on disk)."""
     protected: list[Path] = []
     for spec in specs:
-        if spec is None or str(spec) == "" or str(spec) == "sample" or str(spec).startswith("sample:"):
+        if spec is None or str(spec) == "" or is_sample_spec(spec):
             continue
         path = Path(spec)
         protected.append(path.resolve())
