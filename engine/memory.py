@@ -54,15 +54,20 @@ def gib(size: float) -> str:
     return f"{size / 2**30:,.1f} GiB"
 
 
-def check_memory(need: float, what: str, *, force: bool = False, advice: str = "") -> None:
-    """Refuse ``what`` when it needs more than the memory available now, unless ``force``."""
+FORCE_HINT = "pass --force to try anyway"
+
+
+def check_memory(need: float, what: str, *, force: bool = False, advice: str = "",
+                 override: str | None = FORCE_HINT) -> None:
+    """Refuse ``what`` when it needs more than the memory available now, unless ``force``; ``override``
+    says how to try anyway (None where there is no way, e.g. on the dashboard)."""
     if force:
         return
     available = available_bytes()
     if need > available:
         raise InfluenceLensError(f"{what} needs about {gib(need)} of memory, more than the {gib(available)} "
-                                 f"available on this machine{'; ' + advice if advice else ''}; pass --force to try "
-                                 "anyway")
+                                 f"available on this machine" + "".join(f"; {part}" for part in (advice, override)
+                                                                          if part))
 
 
 def images_bytes(rows: int, image_shape: tuple[int, ...]) -> int:
@@ -127,17 +132,19 @@ def listed_rows(spec: str) -> int | None:
     return None
 
 
-def check_loading(spec: str, image_size: int | None, *, force: bool = False) -> None:
+def check_loading(spec: str, image_size: int | None, *, force: bool = False,
+                  override: str | None = FORCE_HINT) -> None:
     """Before loading with ``image_size``: every image becomes image_size² pixels (one byte each at the least)."""
     if image_size is None or spec == "sample" or str(spec).startswith("sample:"):
         return
     rows = listed_rows(spec)
     if rows:
         check_memory(rows * image_size**2, f"loading {rows:,} images of {spec} at --image-size {image_size}",
-                     force=force, advice="choose a smaller --image-size")
+                     force=force, advice="choose a smaller --image-size", override=override)
 
 
-def check_training(train_set, config, methods: list[str], *, force: bool = False) -> None:
+def check_training(train_set, config, methods: list[str], *, force: bool = False,
+                   override: str | None = FORCE_HINT) -> None:
     """Before training: the input tensor and one batch's activations (a network trained whole), and the
     head curvature of a curvature method on embeddings (D² numbers at the least)."""
     from engine.backbones import head_only
@@ -152,7 +159,7 @@ def check_training(train_set, config, methods: list[str], *, force: bool = False
                          f"the head curvature of {', '.join(m for m in methods if m in CURVATURE_METHODS)} on "
                          f"{columns:,}-column embeddings", force=force,
                          advice="reduce the embeddings' dimension (e.g. PCA) or pick a method without curvature "
-                                "(loss, margin, tracin-last, vm-loss)")
+                                "(loss, margin, tracin-last, vm-loss)", override=override)
     if head_only(config) or len(train_set.image_shape) == 1:
         return
     shape = train_set.image_shape
@@ -165,4 +172,4 @@ def check_training(train_set, config, methods: list[str], *, force: bool = False
             model = build_model(name, shape, train_set.num_classes, torch.device("meta"))
         need += activation_bytes(model, shape, min(config.batch_size, len(train_set)))
     check_memory(need, f"training on {len(train_set):,} images of {'×'.join(map(str, shape))}", force=force,
-                 advice="choose a smaller --image-size")
+                 advice="choose a smaller --image-size", override=override)

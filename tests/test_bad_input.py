@@ -1019,3 +1019,25 @@ def test_numbered_folder_classes_are_named_beside_their_labels(tmp_path, monkeyp
     for label in range(4):
         decisions(tmp_path, [f"0,relabel,{decision_label(train_set.class_names, label)}"])
         assert read_decisions(str(tmp_path / "decisions.csv"), train_set)["new_label"].tolist() == [label]
+
+
+@pytest.mark.slow
+def test_the_dashboard_checks_memory_before_a_run(tmp_path, monkeypatch):
+    """The set-up page's Run: the same estimate, refused with the figures (no --force there)."""
+    from streamlit.testing.v1 import AppTest
+
+    import engine.memory
+    from conftest import REPO_ROOT
+
+    monkeypatch.setattr(engine.memory, "available_bytes", lambda: 16 * 2**30)
+    good_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["app.py", "--workspace", str(tmp_path / "ws")])
+    at = AppTest.from_file(str(REPO_ROOT / "dashboard" / "app.py"), default_timeout=120).run()
+    at.text_input(key="setup_data").set_value(str(tmp_path / "folder")).run()
+    at.multiselect(key="setup_methods").set_value(["loss"])
+    at.number_input(key="setup_image_size").set_value(4096)
+    at.button(key="run").click().run()
+    errors = [e.value for e in at.error]
+    assert any("needs about" in e and "16&#46;0 GiB available" in e for e in errors), errors
+    assert not any("--force" in e for e in errors)

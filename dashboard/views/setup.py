@@ -14,6 +14,7 @@ from engine.data import NOISE_KINDS
 from engine.device import resolve_device
 from engine.errors import InfluenceLensError
 from engine.measured import recommended_methods
+from engine.memory import check_loading, check_training
 from engine.preflight import DataPreview, TimeEstimate, estimate_run_time, preview_data
 from engine.runs import RunSettings, config_hash, score_into
 from engine.scorers import available_methods, scorer_class
@@ -220,7 +221,11 @@ def start_run(settings: RunSettings, methods: list[str]) -> None:
     if needing and not (settings.validation or settings.val_from_train):
         raise InfluenceLensError(f"{', '.join(needing)} need a validation set: give a trusted one, or carve one "
                                  "out of the training data")
+    for spec in (checked.data, checked.validation, checked.test):  # memory checked before it is asked for
+        if spec is not None:
+            check_loading(spec, checked.image_size, override=None)
     data = state.run_data(json.dumps(settings.to_dict(), sort_keys=True))
+    check_training(data.train, checked.train_config(), methods, override=None)
     if data.full_train.skipped:
         st.warning(f"{len(data.full_train.skipped)} unreadable file(s) left out: "
                    + "; ".join(md(s) for s in data.full_train.skipped[:5]))
