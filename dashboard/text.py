@@ -6,8 +6,8 @@ would be a link, ``$..$`` LaTeX, ``:red[..]`` colour. :func:`md` backslash-escap
 with a meaning there (CommonMark renders an escaped ASCII punctuation mark as itself) and folds line
 breaks, which would start a new block; ``:``, ``.`` and ``@`` go as character references, so a URL
 or an e-mail address in a class name is not turned into a link (GFM autolinks). Every data-derived
-string goes through it before it is put into Markdown. Plotly draws a subset of HTML in chart text (``<a href>``, ``<b>``): :func:`plot_text`
-escapes that for axis labels, legends and hover text.
+string goes through it before it is put into Markdown. Plotly draws a subset of HTML in chart text
+(``<a href>``, ``<b>``): :func:`plot_text` escapes that for axis labels, legends and hover text.
 """
 
 from __future__ import annotations

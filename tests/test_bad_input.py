@@ -1024,10 +1024,10 @@ def test_numbered_folder_classes_are_named_beside_their_labels(tmp_path, monkeyp
 @pytest.mark.slow
 def test_the_dashboard_checks_memory_before_a_run(tmp_path, monkeypatch):
     """The set-up page's Run: the same estimate, refused with the figures (no --force there)."""
+    from conftest import REPO_ROOT
     from streamlit.testing.v1 import AppTest
 
     import engine.memory
-    from conftest import REPO_ROOT
 
     monkeypatch.setattr(engine.memory, "available_bytes", lambda: 16 * 2**30)
     good_folder(tmp_path)
