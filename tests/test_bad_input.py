@@ -547,8 +547,9 @@ CASES = [
     Case("val-and-val-from-train", good_npz, score("train.npz", "--val", "train.npz", "--val-from-train", "0.2"),
          r"--val and --val-from-train both give a validation set; use one of them", None),
     # issue 19: options that ran with a silently wrong value, or failed with a traceback or the wrong words
-    Case("method-that-looks-like-a-path", good_npz, score("train.npz", method="../../x"),
-         r"unknown method '\.\./\.\./x'; valid choices: .*loss", lambda root: make_scorer("../../x")),
+    Case("method-that-looks-like-a-path", good_npz,  # no --out: the default name is built from the method
+         ["score", "train.npz", "--method", "../nope/x", "--epochs", "2", "--device", "cpu"],
+         r"unknown method '\.\./nope/x'; valid choices: .*loss", lambda root: make_scorer("../nope/x")),
     Case("empty-train-path", lambda root: None, score(""), r"TRAIN is empty: give a path", None),
     Case("empty-val-path", good_npz, score("train.npz", "--val", ""), r"--val is empty: give a path", None),
     Case("dashboard-port-too-large", lambda root: None, ["dashboard", "--port", "70000"],
