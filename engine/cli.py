@@ -194,8 +194,9 @@ def _inputs(args: argparse.Namespace) -> list[str | None]:
     """Every file or folder named on the command line that the run reads: none of them is ever written."""
     for name, option in INPUT_OPTIONS.items():
         if getattr(args, name, None) is not None and not str(getattr(args, name)).strip():
-            raise InfluenceLensError(f"{option} is empty: give a path (an .npz, an image folder, a CSV manifest, "
-                                     "or 'sample' for TRAIN)")
+            wanted = ("an .npz, an image folder or a CSV manifest" + (", or 'sample'" if name == "train" else "")
+                      if name in ("train", "val", "test") else "the file")
+            raise InfluenceLensError(f"{option} is empty: give a path ({wanted})")
     return [getattr(args, name, None) for name in INPUT_OPTIONS]
 
 
