@@ -1042,3 +1042,28 @@ def test_the_dashboard_checks_memory_before_a_run(tmp_path, monkeypatch):
     errors = [e.value for e in at.error]
     assert any("needs about" in e and "16&#46;0 GiB available" in e for e in errors), errors
     assert not any("--force" in e for e in errors)
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_real_process_during_training(tmp_path):
+    """SIGINT while the CLI trains: status 130, "interrupted; resume with ...", no traceback, no output."""
+    import signal
+    import time
+
+    from conftest import REPO_ROOT
+
+    good_npz(tmp_path)
+    process = subprocess.Popen([sys.executable, "-m", "engine.cli", *score("train.npz", "--epochs", "100000",
+                                                                           "--workspace", "ws", "--force")],
+                               cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    seen, deadline = b"", time.monotonic() + 120
+    while b"training" not in seen and time.monotonic() < deadline and process.poll() is None:
+        seen += os.read(process.stderr.fileno(), 4096)
+    assert b"training" in seen, seen
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    err = (seen + err).decode()
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and out == b"" and not (tmp_path / "out.csv").exists()
+    assert "influence-lens: interrupted; resume with the same command (the stages saved in ws are reused)" in err
