@@ -38,7 +38,7 @@ from engine.measured import recommended_methods
 from engine.metrics import ranks
 from engine.pipeline import result_table
 from engine.runs import RunData, RunSettings, load_run_data
-from engine.safe_files import check_folder, check_within_root
+from engine.safe_files import check_folder, under_root
 from engine.training import Predictions, TrainedModel
 from engine.workspace import SUFFIX, StoredResult, Workspace, default_folder
 
@@ -72,14 +72,24 @@ def folder() -> Path:
 @st.cache_resource(show_spinner="Loading the data…", max_entries=8)
 def run_data(settings_json: str) -> RunData:
     """Datasets of a run, shared by every session (never mutated); with a data root, only data under it."""
-    settings = RunSettings.from_dict(json.loads(settings_json))
-    root = app_args().data_root
-    check_within_root([settings.data, settings.validation, settings.test], root, own=folder())
-    if root is not None:  # paths are relative to the root, whatever the server's working folder
-        settings = replace(settings, **{name: str(Path(root) / value) for name in ("data", "validation", "test")
-                                        if (value := getattr(settings, name)) and not value.startswith("sample")})
+    settings = readable_settings(RunSettings.from_dict(json.loads(settings_json)))
     check_folder(folder(), [settings.data, settings.validation, settings.test])  # workspaces never go into data
     return load_run_data(settings)
+
+
+READ_FIELDS = ("data", "validation", "test", "weights", "backbone", "embeddings")  # every path a run reads
+
+
+def readable(spec: str | None) -> str | None:
+    """A path a page is about to read: with ``--data-root``, relative to the root and refused outside it
+    (:func:`engine.safe_files.under_root`, the same words whether or not it exists); as given otherwise."""
+    return under_root(spec, app_args().data_root, own=folder())
+
+
+def readable_settings(settings: RunSettings) -> RunSettings:
+    """``settings`` with every path it reads (data, validation, test, weights, backbone, embeddings) through
+    :func:`readable`."""
+    return replace(settings, **{name: readable(getattr(settings, name)) for name in READ_FIELDS})
 
 
 @st.cache_resource(max_entries=32)

@@ -12,7 +12,9 @@ folds retrain the head).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
 import warnings
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -47,6 +49,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # the next starts (a kill loses one chunk at most).
 FEATURE_DTYPE = np.dtype(np.float16)
 FEATURE_CHUNK_ROWS = 4096
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 2, 4096  # --image-size's range (engine.runs.RunSettings)
 HEAD_ONLY_NOTE = ("the head alone, on frozen backbone features: last-layer methods are exact (a convex problem); "
                   "whole-network methods (if-ekfac, TracIn) cover the head, the only trainable part")
 
@@ -84,8 +87,19 @@ def check_start(config: TrainConfig) -> None:
                                  "for a built-in model or --model timm:NAME")
     for option, path in (("weights", config.weights), ("backbone", config.backbone),
                          ("embeddings", config.embeddings)):
-        if path and not Path(path).is_file():
-            raise DataError(f"{path}: --{option} file not found")
+        if path:
+            check_start_file(path, f"--{option}")
+
+
+def check_start_file(path: str, option: str) -> None:
+    """The file exists and is a regular file (a folder or a FIFO named as a file says so; a FIFO would block)."""
+    file = Path(path)
+    if file.is_dir():
+        raise DataError(f"{path}: {option} is a folder; give the file itself")
+    if file.exists() and not file.is_file():
+        raise DataError(f"{path}: {option} is not a regular file (a FIFO, device or socket)")
+    if not file.is_file():
+        raise DataError(f"{path}: {option} file not found")
 
 
 def head_config(config: TrainConfig) -> TrainConfig:
@@ -127,6 +141,10 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DataError(f"{path}: expected a state_dict (a mapping of names to tensors)")
+    for name, tensor in state.items():  # else training from it fails later, blaming the learning rate
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise DataError(f"{path}: tensor {name!r} contains NaN or infinite values; these weights cannot be "
+                            "trained from")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -225,7 +243,13 @@ def backbone_size(config: TrainConfig) -> int | None:
         return int(timm_data_config(body)["input_size"][-1])
     if config.backbone:
         size = getattr(load_torchscript(config.backbone, torch.device("cpu")), "image_size", None)
-        return int(size) if isinstance(size, (int, float)) else None
+        if size is None:
+            return None
+        if isinstance(size, bool) or not isinstance(size, (int, float)) or not (
+                math.isfinite(size) and size == int(size) and MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE):
+            raise DataError(f"{config.backbone}: the module's image_size attribute is {size!r}; it must be a side "
+                            f"length in pixels from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (or give --image-size)")
+        return int(size)
     return None
 
 
@@ -270,8 +294,14 @@ def read_embeddings(path: str) -> np.ndarray:
         rows = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as exc:  # not an .npy, a pickled object array, a truncated file
         raise DataError(f"{path}: not a readable .npy array ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(rows, np.ndarray):  # an .npz archive loads as a mapping of arrays
+        with contextlib.suppress(Exception):
+            rows.close()
+        raise DataError(f"{path}: an .npz archive; --embeddings takes one N×D float array saved with np.save (.npy)")
     if rows.ndim != 2 or not np.issubdtype(rows.dtype, np.floating):
         raise DataError(f"{path}: embeddings must be an N×D float array, got {rows.dtype} of shape {rows.shape}")
+    if rows.shape[1] == 0:
+        raise DataError(f"{path}: embeddings have 0 columns (shape {rows.shape}); each row needs D ≥ 1 features")
     step = max(1, 2**26 // max(1, rows[:1].nbytes))  # checked in slices: the file is never read whole
     for lo in range(0, len(rows), step):
         finite = np.isfinite(rows[lo:lo + step]).all(1)
@@ -284,10 +314,18 @@ def read_embeddings(path: str) -> np.ndarray:
 def check_embeddings(path: str, dataset: Dataset) -> None:
     """The rows must follow the dataset's index: one per listed sample (row i is the sample of index i)."""
     rows = read_embeddings(path)
+    _check_index(path, dataset)
     expected = len(dataset) + len(dataset.skipped)
     if len(rows) != expected or int(dataset.index.max()) >= len(rows):
         raise DataError(f"{path}: {len(rows)} embedding rows, the data {dataset.source or ''} has {expected} "
                         "samples; row i must be the sample of index i (the dataset's order)")
+
+
+def _check_index(path: str, dataset: Dataset) -> None:
+    """Row i is the sample of index i: a negative index would silently take a row from the end."""
+    if len(dataset) and int(dataset.index.min()) < 0:
+        raise DataError(f"{dataset.source or 'the data'}: index {int(dataset.index.min())} is negative; with "
+                        f"--embeddings {path} row i is the sample of index i, so indices must be 0..N-1")
 
 
 @dataclass
@@ -307,7 +345,9 @@ class FrozenBackbone:
             channels = self.train_set.channels
             mean = getattr(module, "mean", None) or (IMAGENET_MEAN if channels == 3 else (np.mean(IMAGENET_MEAN),))
             std = getattr(module, "std", None) or (IMAGENET_STD if channels == 3 else (np.mean(IMAGENET_STD),))
-            return module, ImageTask(tuple(map(float, mean)), tuple(map(float, std))), file_hash(config.backbone)
+            mean, std = (_per_channel(config.backbone, name, values, channels)
+                         for name, values in (("mean", mean), ("std", std)))
+            return module, ImageTask(mean, std), file_hash(config.backbone)
         if is_timm(config.model):
             body = timm_body(config.model[len(TIMM_PREFIX):], pretrained=config.pretrained, weights=config.weights)
             data = timm_data_config(body)
@@ -328,6 +368,7 @@ class FrozenBackbone:
     def embedding_rows(self, dataset: Dataset) -> LazyImages:
         """The user's embeddings of the dataset's rows: a view of the memory-mapped file, read per batch."""
         rows = read_embeddings(self.config.embeddings)
+        _check_index(self.config.embeddings, dataset)
         if int(dataset.index.max()) >= len(rows):
             raise DataError(f"{self.config.embeddings}: {len(rows)} rows, but {dataset.source or 'the data'} has "
                             f"index {int(dataset.index.max())}; --embeddings covers the training file's rows only")
@@ -344,11 +385,21 @@ class FrozenBackbone:
         total = total or len(dataset)
         parts = []
         for positions, images in batches(dataset.images, batch_size=inference_batch(dataset.image_shape, cap=256)):
-            out = module(task.inputs(images, self.device))
+            batch = task.inputs(images, self.device)
+            try:
+                out = module(batch)
+            except Exception as exc:  # the module's own code failed (wrong channels, its own raise)
+                lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [exc.__class__.__name__]
+                said = lines[-1] if "TorchScript interpreter" in lines[0] else lines[0]  # the module's own words
+                raise DataError(f"{where}: the backbone failed on a batch of shape {tuple(batch.shape)} (N×C×H×W; "
+                                f"C is the data's channels): {said[:300]}") from None
             if not isinstance(out, torch.Tensor) or out.ndim != 2 or len(out) != len(positions):
                 shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise DataError(f"{where}: the backbone returned {shape} for a batch of "
                                 f"{len(positions)} images; it must return N×D features")
+            if out.shape[1] == 0:
+                raise DataError(f"{where}: the backbone returned {tuple(out.shape)}, 0 features per image; it must "
+                                "return N×D features with D ≥ 1")
             part = out.float().cpu().numpy()
             if not np.isfinite(part).all():
                 raise DataError(f"{where}: the backbone's features contain NaN or infinite values")
@@ -364,6 +415,20 @@ def _as_stored(rows: np.ndarray, *, where: str) -> np.ndarray:
         raise DataError(f"{where}: the backbone's features reach {float(np.abs(rows).max()):.3g}, beyond the "
                         f"{limit:g} that the feature stage stores ({FEATURE_DTYPE}); scale the backbone's output")
     return rows.astype(FEATURE_DTYPE)
+
+
+def _per_channel(path: str, name: str, values, channels: int) -> tuple[float, ...]:
+    """A TorchScript module's ``mean`` / ``std``: one finite number per channel of the data (std > 0);
+    five values on grayscale would silently make a five-channel input."""
+    try:
+        numbers = tuple(float(v) for v in (values if hasattr(values, "__iter__") else [values]))
+    except (TypeError, ValueError):
+        numbers = ()
+    if len(numbers) != channels or not all(math.isfinite(v) for v in numbers) or (
+            name == "std" and not all(v > 0 for v in numbers)):
+        raise DataError(f"{path}: the module's {name} attribute is {values!r}; the data has {channels} channel(s), "
+                        f"so it must hold {channels} finite number(s){' above 0' if name == 'std' else ''}")
+    return numbers
 
 
 class _FeaturesOf(nn.Module):

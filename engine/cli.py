@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from dataclasses import replace
@@ -23,17 +24,20 @@ from engine.errors import InfluenceLensError
 from engine.guidance import review_estimate, scoring_advice
 from engine.launch import run as run_streamlit
 from engine.launch import streamlit_command
+from engine.memory import check_loading, check_training
 from engine.metrics import detection_metrics
 from engine.models import MODEL_NAMES
 from engine.pipeline import (
+    carve_validation_fraction,
     read_decisions,
     result_table,
     retrain_comparison,
     score_methods,
+    with_class_names,
 )
 from engine.progress import MAX_ESTIMATED_HOURS, close_progress_bars, no_progress, time_limited, tqdm_progress
 from engine.runs import RunData, RunSettings, load_run_data, score_into
-from engine.safe_files import check_folder, check_output, write_atomically
+from engine.safe_files import check_folder, check_output, remember_written, write_atomically
 from engine.scorers import available_methods, scorer_class
 from engine.scorers.flat_validation import CURVATURES
 from engine.sources import bound_heap_growth
@@ -61,8 +65,9 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-unreadable", action="store_true",
                         help="leave out unreadable images (and report them) instead of stopping")
     parser.add_argument("--force", action="store_true",
-                        help="replace an existing --out file that influence-lens did not write, and start a training "
-                             f"estimated at more than {MAX_ESTIMATED_HOURS:g} hours")
+                        help="replace an existing --out file that influence-lens did not write, start a training "
+                             f"estimated at more than {MAX_ESTIMATED_HOURS:g} hours, and try a run estimated to need "
+                             "more memory than the machine has")
     _add_start_options(parser)
 
 
@@ -143,8 +148,15 @@ def _run_settings(args: argparse.Namespace) -> RunSettings:
 
 
 def _load(settings: RunSettings, args: argparse.Namespace) -> RunData:
-    """:func:`engine.runs.load_run_data`, saying on stderr what loading left out or changed."""
+    """:func:`engine.runs.load_run_data`, saying on stderr what loading left out or changed; the memory the
+    images and the training will take checked before each asks for it (``--force`` tries anyway)."""
+    if settings.image_size is not None:
+        for spec in (settings.data, settings.validation, settings.test):
+            if spec is not None:
+                check_loading(spec, settings.image_size, force=args.force)
     data = load_run_data(settings, skip_unreadable=args.skip_unreadable)
+    check_training(data.train, settings.train_config(), [args.method] if hasattr(args, "method") else [],
+                   force=args.force)
     _report_loading(args.train, data.full_train)
     for spec, dataset in ((settings.validation, data.validation), (settings.test, data.test)):
         if spec is not None and dataset is not None:
@@ -169,9 +181,24 @@ def _output_path(args: argparse.Namespace) -> Path:
     """Where the scores go, checked before any work so a long run cannot fail (or hang) at the end."""
     if args.val is not None and args.val_from_train is not None:
         raise InfluenceLensError("--val and --val-from-train both give a validation set; use one of them")
+    inputs = _inputs(args)
     if args.workspace is not None:
-        check_folder(args.workspace, [args.train, args.val])
-    return check_output(args.out or f"{args.method}_scores.csv", [args.train, args.val], force=args.force)
+        check_folder(args.workspace, inputs)
+    return check_output(args.out or f"{args.method}_scores.csv", inputs, force=args.force)
+
+
+INPUT_OPTIONS = {"train": "TRAIN", "val": "--val", "test": "--test", "decisions": "--decisions",
+                 "weights": "--weights", "backbone": "--backbone", "embeddings": "--embeddings"}
+
+
+def _inputs(args: argparse.Namespace) -> list[str | None]:
+    """Every file or folder named on the command line that the run reads: none of them is ever written."""
+    for name, option in INPUT_OPTIONS.items():
+        if getattr(args, name, None) is not None and not str(getattr(args, name)).strip():
+            wanted = ("an .npz, an image folder or a CSV manifest" + (", or 'sample'" if name == "train" else "")
+                      if name in ("train", "val", "test") else "the file")
+            raise InfluenceLensError(f"{option} is empty: give a path ({wanted})")
+    return [getattr(args, name, None) for name in INPUT_OPTIONS]
 
 
 def _progress(args: argparse.Namespace):
@@ -198,6 +225,9 @@ def _method_settings(args: argparse.Namespace) -> dict:
 
 
 def _score(args: argparse.Namespace) -> dict | None:
+    scorer_class(args.method)  # "unknown method" and the list, before the method names any file
+    if args.val_from_train is not None:
+        carve_validation_fraction(args.val_from_train)
     out = _output_path(args)
     settings = _run_settings(args)
     if args.workspace is not None and args.distributed:
@@ -271,10 +301,12 @@ def _with_advice(summary: dict, advice: list) -> dict:
 
 def _write_scores(table, out: Path, train_set: Dataset) -> None:
     """The table, with each row's file path beside its index when the data came from files."""
+    table = with_class_names(table, train_set.class_names)  # folder classes 0, 1, 10, 2: the names beside
     if train_set.paths is not None:
         path_of = dict(zip(train_set.index.tolist(), train_set.paths, strict=True))
         table.insert(1, "path", [path_of[i] for i in table["index"].tolist()])
     write_atomically(out, lambda handle: table.to_csv(handle, index=False))
+    remember_written(out)  # a later run may replace it while it is unchanged (annotated: not without --force)
 
 
 def _summary(args: argparse.Namespace, config: TrainConfig, out: Path, start: float, result, *, n: int, device: str,
@@ -293,6 +325,7 @@ def _summary(args: argparse.Namespace, config: TrainConfig, out: Path, start: fl
 
 
 def _retrain(args: argparse.Namespace) -> dict:
+    _inputs(args)
     settings = _run_settings(args)
     data = _load(settings, args)
     decisions = read_decisions(args.decisions, data.full_train)
@@ -308,9 +341,21 @@ def _dashboard(args: argparse.Namespace, streamlit_options: list[str]) -> int:
     return run_streamlit(command)
 
 
+def _resume_hint(args: argparse.Namespace) -> str:
+    """What Ctrl-C leaves: with a workspace, the stages saved so far (the same command resumes)."""
+    command = " ".join(shlex.quote(a) for a in ["influence-lens", *(args.argv or [])])
+    if getattr(args, "workspace", None) is not None:
+        return f"resume with the same command (the stages saved in {args.workspace} are reused): {command}"
+    if args.command == "retrain":
+        return f"nothing was written; run it again: {command}"
+    return (f"nothing was written; resume with --workspace DIR to keep each stage as it finishes: "
+            f"{command} --workspace DIR")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     # `dashboard` passes streamlit's own --server.* / --theme.* options (and their values) through
     passed = args.command == "dashboard" and all(e.startswith(("--server.", "--theme.")) or not e.startswith("-")
                                                  for e in extra)
@@ -324,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
             return _dashboard(args, extra)
         bound_heap_growth()
         summary = _score(args) if args.command == "score" else _retrain(args)
+    except KeyboardInterrupt:
+        close_progress_bars()
+        print(f"influence-lens: interrupted; {_resume_hint(args)}", file=sys.stderr)
+        return 130  # the shell's 128 + SIGINT
     except InfluenceLensError as exc:
         close_progress_bars()
         print(f"influence-lens: error: {exc}", file=sys.stderr)

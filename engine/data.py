@@ -177,6 +177,8 @@ def load_npz(path: str | Path) -> Dataset:
     labels = np.asarray(arrays["labels"])
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{where}: labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+    if labels.dtype.kind == "u" and labels.size and int(labels.max()) >= MAX_CLASSES:  # before int64 wraps it
+        _integer_class_names(int(labels.max()), where)
     if len(images) != len(labels):
         raise DataError(f"{where}: {len(images)} images but {len(labels)} labels")
     if "class_names" in arrays:
@@ -268,6 +270,8 @@ def read_image(path: Path, draft: int | None = None) -> np.ndarray:
             upright = ImageOps.exif_transpose(img)  # a phone photo's EXIF orientation, as viewers show it
             if upright.mode.startswith("I;16"):  # 16-bit grayscale PNG: rescale, as convert("L") would clip at 255
                 return np.round(np.asarray(upright, dtype=np.float64) / 257.0).astype(np.uint8)
+            if upright.mode in ("F", "I"):  # 32-bit float / integer (e.g. a TIFF): convert("L") clips to black
+                return _as_uint8_images(np.asarray(upright), f"{path} ({img.format or 'image'} of mode {upright.mode})")
             mode = "L" if grayscale_mode(upright.mode) else "RGB"
             return np.asarray(upright.convert(mode), dtype=np.uint8)
     except DataError:
@@ -569,6 +573,7 @@ def manifest_files(csv_path: Path) -> tuple[list[Path], np.ndarray, tuple[str, .
     missing = [c for c in ("path", "label") if c not in header]
     if missing:
         raise DataError(f"{where}: missing column(s) {', '.join(missing)} (header: {','.join(header) or 'empty'})")
+    check_csv_text(text, where, header)
     if not rows:
         raise DataError(f"{where}: the manifest has zero rows")
     root = csv_path.parent.resolve()
@@ -610,6 +615,22 @@ def manifest_files(csv_path: Path) -> tuple[list[Path], np.ndarray, tuple[str, .
         position = {name: c for c, name in enumerate(class_names)}
         labels = np.asarray([position[s] for s in raw_labels], dtype=np.int64)
     return files, labels, class_names
+
+
+def check_csv_text(text: str, where: str, header: list[str]) -> None:
+    """What Python's csv reader accepts silently: a quote never closed (the rest of the file becomes one
+    cell) and a column named twice (the last one would win)."""
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise DataError(f"{where}: column {repeated[0]!r} appears more than once in the header; keep one")
+    reader, parsed = csv.reader(io.StringIO(text), strict=True), 0
+    try:
+        for _ in reader:
+            parsed = reader.line_num
+    except csv.Error as exc:
+        if "unexpected end of data" in str(exc):
+            raise DataError(f"{where}, line {parsed + 1}: a quote (\") opened there is never closed") from None
+        raise DataError(f"{where}, line {reader.line_num}: not a readable CSV ({exc})") from None
 
 
 def _integer_class_names(top: int, where: str) -> tuple[str, ...]:

@@ -53,6 +53,7 @@ def streamlit_command(*, data: str, port: int, workspace: str | None, data_root:
     options = {"server.port": str(port), "server.address": "127.0.0.1", "browser.gatherUsageStats": "false",
                "client.toolbarMode": TOOLBAR_MODE, **streamlit_options(extra)}
     address = options["server.address"]
+    _check_port(options["server.port"])
     notes = []
     app_args = ["--data", data]
     if workspace is not None:
@@ -76,6 +77,16 @@ def streamlit_command(*, data: str, port: int, workspace: str | None, data_root:
     for name, value in options.items():
         command += [f"--{name}", value]
     return [*command, "--", *app_args], notes
+
+
+def _check_port(port: str) -> None:
+    """A TCP port, 1..65535 (the server would fail later with an OverflowError traceback)."""
+    try:
+        number = int(port)
+    except ValueError:
+        number = None
+    if number is None or not 1 <= number <= 65535:
+        raise InfluenceLensError(f"--port must be a TCP port from 1 to 65535, got {port}")
 
 
 def _die_with_parent() -> None:

@@ -6,7 +6,10 @@ results into the table the CLI writes, apply review decisions, and retrain to me
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -18,7 +21,7 @@ import pandas as pd
 import torch
 
 from engine.backbones import HEAD_ONLY_NOTE, frozen_inputs, head_only
-from engine.data import Dataset, inject_noise, stratified_split
+from engine.data import Dataset, check_csv_text, inject_noise, stratified_split
 from engine.distributed import LOCAL, Distributed
 from engine.errors import DataError, InfluenceLensError
 from engine.metrics import ranks
@@ -49,13 +52,18 @@ def with_injected_noise(dataset: Dataset, *, rate: float, kind: str = "symmetric
     return NoisyDataset(dataset.with_labels(noisy), flipped, dataset.labels.copy())
 
 
+def carve_validation_fraction(fraction: float) -> None:
+    """A carved validation part is a fraction in (0, 0.5) (0 or NaN would silently carve nothing)."""
+    if not 0.0 < fraction < 0.5:
+        raise DataError(f"--val-from-train must be a fraction in (0, 0.5), got {fraction}")
+
+
 def carve_validation(train_set: Dataset, fraction: float, *, seed: int = 0) -> tuple[Dataset, Dataset]:
     """Split a seeded, stratified validation part off the training data: ``(rest, validation)``.
 
     The carved part carries the training set's (possibly noisy) labels, so it is *untrusted*.
     """
-    if not 0.0 < fraction < 0.5:
-        raise DataError(f"--val-from-train must be a fraction in (0, 0.5), got {fraction}")
+    carve_validation_fraction(fraction)
     rest, validation = stratified_split(train_set, (1.0 - fraction, fraction), seed=seed)
     return rest, validation
 
@@ -85,6 +93,34 @@ class ScoringRun:
     def table(self, method: str, flipped: np.ndarray | None = None) -> pd.DataFrame:
         """The per-sample table the CLI writes (``RESULT_COLUMNS``, plus ``is_flipped``)."""
         return result_table(self.context.train, self.results[method], self.context.predictions.predicted, flipped)
+
+
+def ambiguous_class_names(class_names: tuple[str, ...]) -> bool:
+    """Whether a label number could be read as another class's name: folder classes ``0, 1, 10, 2`` make
+    label 2 the class named "10", while a class is named "2"."""
+    return any(name.isdigit() and name.isascii() and int(name) != position
+               for position, name in enumerate(class_names))
+
+
+def with_class_names(table: pd.DataFrame, class_names: tuple[str, ...]) -> pd.DataFrame:
+    """A score table with ``given_class``, ``predicted_class`` and ``suggested_class`` (the names) after
+    the label columns, when the names alone would be ambiguous (:func:`ambiguous_class_names`)."""
+    if not ambiguous_class_names(class_names):
+        return table
+    named = table.copy()
+    for kind in ("suggested", "predicted", "given"):
+        column = f"{kind}_label"
+        if column in named.columns:
+            named.insert(named.columns.get_loc(column) + 1, f"{kind}_class",
+                         [class_names[int(v)] for v in named[column]])
+    return named
+
+
+def decision_label(class_names: tuple[str, ...], label: int) -> str:
+    """``new_label`` as :func:`read_decisions` reads it back: the class name, or ``name:NAME`` where the bare
+    name would also be another class's label number."""
+    name = class_names[int(label)]
+    return f"name:{name}" if ambiguous_class_names(class_names) and name.isdigit() else name
 
 
 def result_table(train_set: Dataset, result: ScoreResult, predicted: np.ndarray,
@@ -231,6 +267,7 @@ def _score_distributed(scorer, context: ScoringContext, distributed: Distributed
 def read_decisions(path: str, dataset: Dataset) -> pd.DataFrame:
     """Read and validate a decisions CSV (``index,action,new_label``) against ``dataset``."""
     _check_decisions_file(Path(path), len(dataset))
+    _check_decisions_text(path)
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
@@ -266,26 +303,42 @@ def _check_decisions_file(path: Path, rows: int) -> None:
                         f"{rows:,} training samples (one row each, {DECISION_ROW_BYTES} bytes at most)")
 
 
+def _check_decisions_text(path: str) -> None:
+    """An unterminated quote or a column named twice, named before pandas reads around them."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError):
+        return  # pandas' own reading says what is wrong
+    header = next(csv.reader(io.StringIO(text)), []) if text.strip() else []
+    check_csv_text(text, path, [h.strip() for h in header])
+
+
 def _decision_index(text: str, row: int, path: str) -> int:
     text = text.strip()
     if not text:
         raise DataError(f"{path}: decision {row} has a blank index")
-    try:
-        return int(text)
-    except ValueError:
-        raise DataError(f"{path}: decision {row} has index {text!r}, not an integer") from None
+    if not re.fullmatch(r"[+-]?[0-9]+", text):  # int() also reads "1_0" as 10, and other scripts' digits
+        raise DataError(f"{path}: decision {row} has index {text!r}, not an integer")
+    return int(text)
 
 
 def _label_id(value: str, dataset: Dataset, path: str) -> int:
     text = str(value).strip()
-    if text.startswith("'") and text[1:].startswith(FORMULA_STARTS):  # quoted by a spreadsheet-safe export
+    if text.startswith("'") and text[1:].startswith((*FORMULA_STARTS, "'")):  # quoted by a spreadsheet-safe export
         text = text[1:]
+    number = int(text) if re.fullmatch(r"[0-9]+", text) else None
     if text in dataset.class_names:
-        return dataset.class_names.index(text)
-    try:
-        label = int(text)
-    except ValueError:
-        label = -1
+        position = dataset.class_names.index(text)
+        if number is not None and number != position and number < dataset.num_classes:
+            raise DataError(f"{path}: new_label {text!r} is ambiguous: class {text!r} is label {position}, and label "
+                            f"{number} is class {dataset.class_names[number]!r}; write the class as "
+                            f"'name:{text}' or 'label:{position}'")
+        return position
+    if text.startswith("name:") and text[5:] in dataset.class_names:
+        return dataset.class_names.index(text[5:])
+    if text.startswith("label:") and re.fullmatch(r"[0-9]+", text[6:]):
+        number = int(text[6:])
+    label = -1 if number is None else number
     if not 0 <= label < dataset.num_classes:
         raise DataError(f"{path}: new_label {text!r} is not a class name or a label in 0..{dataset.num_classes - 1}")
     return label

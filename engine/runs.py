@@ -69,6 +69,8 @@ class RunSettings:
             raise OptionError("device", self.device, DEVICE_NAMES)
         if self.curvature is not None and self.curvature not in CURVATURES:
             raise OptionError("curvature", self.curvature, CURVATURES)
+        if not (isinstance(self.noise_rate, (int, float)) and 0 <= self.noise_rate < 1):  # NaN fails too
+            raise DataError(f"noise rate must be in [0, 1), got {self.noise_rate}")
         if self.validation and self.val_from_train:
             raise DataError("choose either a trusted validation set or a fraction carved from training, not both")
         if self.image_size is not None and not 2 <= self.image_size <= 4096:
@@ -136,6 +138,18 @@ class RunData:
         return self.flipped is not None
 
 
+def check_populated_classes(dataset: Dataset) -> None:
+    """Training needs samples of two classes at least: class names alone (labels all 0 of three names, or a
+    class whose every file was unreadable and skipped) would train a constant and report nonsense."""
+    counts = np.bincount(dataset.labels, minlength=dataset.num_classes)
+    if np.count_nonzero(counts) < 2 and len(dataset) >= 2:  # a single sample: "at least 2 training samples"
+        only = dataset.class_names[int(np.argmax(counts))]
+        empty = [c for c, n in zip(dataset.class_names, counts, strict=True) if n == 0]
+        raise DataError(f"{dataset.source or 'the data'}: only class {only!r} has samples ({int(counts.max())}); "
+                        f"{', '.join(map(repr, empty[:5]))}{' …' if len(empty) > 5 else ''} "
+                        f"{'has' if len(empty) == 1 else 'have'} none; a classifier needs samples of 2 classes")
+
+
 def load_run_data(settings: RunSettings, *, skip_unreadable: bool = True) -> RunData:
     """Load, inject the demo noise, and carve or load the validation set (as the CLI does)."""
     settings.validate()
@@ -143,6 +157,7 @@ def load_run_data(settings: RunSettings, *, skip_unreadable: bool = True) -> Run
     size = settings.image_size or backbone_size(config)
     lazy = head_only(config)  # each image is read once, for its features: never decoded into memory
     full = load_dataset(settings.data, skip_unreadable=skip_unreadable, image_size=size, lazy=lazy)
+    check_populated_classes(full)
     if settings.embeddings:
         check_embeddings(settings.embeddings, full)
     notes = tuple(start_notes(config, full))  # the loaders' own notes stay on the datasets

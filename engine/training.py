@@ -178,8 +178,11 @@ def _augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Te
 
 def _make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
     if config.schedule == "onecycle":
+        # PyTorch divides by (warm-up steps - 1): a warm-up of exactly one step (0.25 × 4) is a
+        # zero-length phase. A slightly longer warm-up there leaves every other step count as it was.
+        warmup = 0.25 if 0.25 * total_steps != 1 else 0.3
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate,
-                                                   total_steps=total_steps, pct_start=0.25)
+                                                   total_steps=total_steps, pct_start=warmup)
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
 
 

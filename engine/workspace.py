@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from engine.data import Dataset
-from engine.errors import InfluenceLensError
+from engine.errors import DataError, InfluenceLensError
 from engine.pipeline import ACTIONS
 
 SCHEMA_VERSION = 1
@@ -243,6 +243,16 @@ class Workspace:
                                 columns=["config_hash", "settings", "created", "last_used", "methods"])
         return self._retrying(read)
 
+    def _decoding(self, read, config_hash: str):
+        """``read`` through :meth:`_retrying`; a stored array or report that no longer decodes (a damaged
+        blob) is a :class:`DataError` naming the file and the run, not a traceback."""
+        try:
+            return self._retrying(read)
+        except (ValueError, EOFError, OSError) as exc:  # np.load's and json's own errors on damaged bytes
+            raise DataError(f"{self.path}: the stored results of run {config_hash} are damaged "
+                            f"({exc.__class__.__name__}: {str(exc)[:200]}); move the file away to start afresh "
+                            "(the decisions in it are kept there)") from None
+
     def save_result(self, config_hash: str, result) -> None:
         """Store one method's ``ScoreResult`` (scores and suggested labels as ``.npy`` blobs, its per-row
         arrays in the run's arrays as ``method/name``), in one transaction."""
@@ -272,7 +282,7 @@ class Workspace:
             return {m: StoredResult(m, _from_blob(s), _from_blob(g), json.loads(st), json.loads(t), json.loads(i),
                                     per_method.get(m, {}))
                     for m, s, g, st, t, i in rows}
-        return self._retrying(read)
+        return self._decoding(read, config_hash)
 
     def methods(self, config_hash: str) -> list[str]:
         """Names of the methods stored for a run, oldest first (cheap: no arrays read)."""
@@ -295,7 +305,7 @@ class Workspace:
             with self._reading() as con:
                 rows = con.execute("SELECT name, data FROM arrays WHERE config_hash = ?", (config_hash,)).fetchall()
             return {name: _from_blob(data) for name, data in rows}
-        return self._retrying(read)
+        return self._decoding(read, config_hash)
 
     def save_report(self, config_hash: str, name: str, payload: dict[str, Any]) -> None:
         """Store a JSON report of a run (a retrain comparison, a cleaning curve), replacing the last."""
@@ -311,7 +321,7 @@ class Workspace:
                 row = con.execute("SELECT payload FROM reports WHERE config_hash = ? AND name = ?",
                                   (config_hash, name)).fetchone()
             return None if row is None else json.loads(row[0])
-        return self._retrying(read)
+        return self._decoding(read, config_hash)
 
     # -- decisions --------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -27,6 +28,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # Two shared cores: one thread per process keeps parallel helpers from thrashing, and it is also
 # what the subprocesses get, so in-process and CLI results come from the same arithmetic.
 torch.set_num_threads(1)
+# Which files the tool wrote (engine.safe_files.remember_written) is recorded in a state folder: the
+# tests (and the CLI subprocesses they start, which inherit it) keep theirs apart from the user's.
+os.environ.setdefault("INFLUENCE_LENS_STATE_DIR", tempfile.mkdtemp(prefix="influence-lens-state-"))
 
 
 def make_dataset(*, classes: int = 3, per_class: int = 6, shape: tuple[int, ...] = (8, 8),

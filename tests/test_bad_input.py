@@ -20,7 +20,7 @@ import sys
 import unicodedata
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +38,14 @@ from conftest import (
 )
 from PIL import Image
 
+from engine.backbones import backbone_size
 from engine.cli import main
 from engine.data import conform, load_dataset, save_npz
 from engine.device import resolve_device
 from engine.errors import DataError, InfluenceLensError
+from engine.launch import streamlit_command
 from engine.pipeline import carve_validation, read_decisions, retrain_comparison, score_methods, with_injected_noise
-from engine.runs import RunSettings
+from engine.runs import RunSettings, load_run_data
 from engine.safe_files import check_folder, check_output
 from engine.scorers import make_scorer
 from engine.training import MAX_EPOCHS, MAX_SEED, TrainConfig, train
@@ -167,6 +169,70 @@ def folder_linking_out(root: Path) -> Path:
     folder = good_folder(root)
     save_image(np.full((8, 8), 5, dtype=np.uint8), root / "secret.png")
     linked(folder / "class_0" / "elsewhere.png", root / "secret.png")
+    return folder
+
+
+class _Flat(torch.nn.Module):
+    """A TorchScript backbone: flattened pixels as features, with the attributes the tool reads."""
+
+    def __init__(self, mean: list[float] | None = None, image_size: float | None = None, fail: bool = False):
+        super().__init__()
+        if mean is not None:
+            self.mean = mean
+        if image_size is not None:
+            self.image_size = image_size
+        self.fail = fail
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fail:
+            raise RuntimeError("this backbone always fails")
+        return x.flatten(1)
+
+
+def backbone_file(root: Path, module: torch.nn.Module, name: str = "bb.pt") -> Path:
+    """``train.npz`` (grayscale 8×8) and a TorchScript ``module`` saved beside it."""
+    good_npz(root)
+    torch.jit.save(torch.jit.script(module), root / name)
+    return root / name
+
+
+def with_backbone(name: str = "bb.pt") -> Callable[[Path], object]:
+    return lambda root: score_methods(load_dataset(root / "train.npz"), ["loss"],
+                                      config=TrainConfig(epochs=2, device="cpu", backbone=str(root / name)))
+
+
+def size_of_backbone(name: str = "bb.pt") -> Callable[[Path], object]:
+    return lambda root: backbone_size(TrainConfig(backbone=str(root / name)))
+
+
+def embeddings_file(root: Path, rows: np.ndarray | None = None, name: str = "emb.npy", **npz_kwargs) -> Path:
+    """``train.npz`` (18 rows) and embeddings beside it: ``rows`` as an .npy, or an .npz archive."""
+    good_npz(root, **npz_kwargs)
+    if name.endswith(".npz"):
+        np.savez(root / name, features=np.zeros((18, 4), np.float32))
+    else:
+        np.save(root / name, np.random.default_rng(0).normal(size=(18, 4)).astype(np.float32) if rows is None
+                else rows)
+    return root / name
+
+
+def with_embeddings(name: str, train_name: str = "train.npz") -> Callable[[Path], object]:
+    return lambda root: load_run_data(RunSettings(data=str(root / train_name), embeddings=str(root / name),
+                                                  device="cpu"))
+
+
+def numbered_classes_npz(root: Path) -> Path:
+    """``train.npz`` whose classes are named 0, 1, 10, 2 (the sorted folder names of classes 0, 1, 2, 10)."""
+    save_npz(replace(make_dataset(classes=4, per_class=4), class_names=("0", "1", "10", "2")), root / "train.npz")
+    return root / "train.npz"
+
+
+def folder_with_unreadable_classes(root: Path) -> Path:
+    """A three-class folder where every file of class_1 and class_2 is unreadable: one class is left."""
+    folder = good_folder(root)
+    for name in ("class_1", "class_2"):
+        for image in (folder / name).iterdir():
+            image.write_text("not an image")
     return folder
 
 
@@ -427,7 +493,8 @@ CASES = [
          writing("folder", "view/scores.csv")),
     Case("out-a-file-not-written-by-the-tool",
          lambda root: [good_npz(root), (root / "notes.csv").write_text("mine\n")],
-         score_to("train.npz", "notes.csv"), r"notes\.csv: exists and was not written by influence-lens; .*--force",
+         score_to("train.npz", "notes.csv"),
+         r"notes\.csv: exists and was not written by influence-lens \(or was changed since\); .*--force",
          writing("train.npz", "notes.csv")),
     Case("out-is-a-fifo", lambda root: [good_npz(root), fifo(root / "out.csv")], score("train.npz", "--force"),
          r"out\.csv: --out exists and is not a regular file", writing("train.npz", "out.csv", force=True)),
@@ -479,6 +546,98 @@ CASES = [
          r"class_0/elsewhere\.png is a link to a file outside the folder", loading("folder")),
     Case("val-and-val-from-train", good_npz, score("train.npz", "--val", "train.npz", "--val-from-train", "0.2"),
          r"--val and --val-from-train both give a validation set; use one of them", None),
+    # issue 19: options that ran with a silently wrong value, or failed with a traceback or the wrong words
+    Case("method-that-looks-like-a-path", good_npz,  # no --out: the default name is built from the method
+         ["score", "train.npz", "--method", "../nope/x", "--epochs", "2", "--device", "cpu"],
+         r"unknown method '\.\./nope/x'; valid choices: .*loss", lambda root: make_scorer("../nope/x")),
+    Case("empty-train-path", lambda root: None, score(""), r"TRAIN is empty: give a path", None),
+    Case("empty-val-path", good_npz, score("train.npz", "--val", ""), r"--val is empty: give a path", None),
+    Case("dashboard-port-too-large", lambda root: None, ["dashboard", "--port", "70000"],
+         r"--port must be a TCP port from 1 to 65535, got 70000",
+         lambda root: streamlit_command(data="sample", port=70000, workspace=None, data_root=None, extra=[])),
+    Case("dashboard-port-negative", lambda root: None, ["dashboard", "--port", "-1"],
+         r"--port must be a TCP port from 1 to 65535, got -1",
+         lambda root: streamlit_command(data="sample", port=-1, workspace=None, data_root=None, extra=[])),
+    Case("noise-rate-negative", good_npz, score("train.npz", "--noise-rate", "-0.2"),
+         r"noise rate must be in \[0, 1\), got -0\.2", lambda root: RunSettings(noise_rate=-0.2).validate()),
+    Case("noise-rate-nan", good_npz, score("train.npz", "--noise-rate", "nan"),
+         r"noise rate must be in \[0, 1\), got nan",
+         lambda root: RunSettings(noise_rate=float("nan")).validate()),
+    Case("noise-rate-negative-on-retrain", lambda root: [good_npz(root), decisions(root, ["3,drop,"])],
+         retrain("decisions.csv", "--noise-rate", "-0.2"), r"noise rate must be in \[0, 1\), got -0\.2", None),
+    Case("val-from-train-zero", good_npz, score("train.npz", "--val-from-train", "0"),
+         r"--val-from-train must be a fraction in \(0, 0\.5\), got 0\.0", None),
+    # issue 19: your own model files
+    Case("backbone-forward-raises", lambda root: backbone_file(root, _Flat(fail=True)),
+         score("train.npz", "--backbone", "bb.pt"),
+         r"bb\.pt: the backbone failed on a batch of shape \(18, 1, 8, 8\) .*this backbone always fails",
+         with_backbone()),
+    Case("backbone-3-channel-conv-on-grayscale",
+         lambda root: backbone_file(root, torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten())),
+         score("train.npz", "--backbone", "bb.pt"), r"bb\.pt: the backbone failed on a batch of shape \(18, 1, 8, 8\)",
+         with_backbone()),
+    Case("backbone-mean-of-the-wrong-length", lambda root: backbone_file(root, _Flat(mean=[0.5, 0.5, 0.5, 0.5, 0.5])),
+         score("train.npz", "--backbone", "bb.pt"),
+         r"bb\.pt: the module's mean attribute is \[0\.5, .*the data has 1 channel\(s\), so it must hold 1",
+         with_backbone()),
+    Case("backbone-image-size-negative", lambda root: backbone_file(root, _Flat(image_size=-3)),
+         score("train.npz", "--backbone", "bb.pt"), r"bb\.pt: the module's image_size attribute is -3; it must be",
+         size_of_backbone()),
+    Case("backbone-image-size-nan", lambda root: backbone_file(root, _Flat(image_size=float("nan"))),
+         score("train.npz", "--backbone", "bb.pt"), r"bb\.pt: the module's image_size attribute is nan; it must be",
+         size_of_backbone()),
+    Case("backbone-image-size-huge", lambda root: backbone_file(root, _Flat(image_size=100000)),
+         score("train.npz", "--backbone", "bb.pt"), r"image_size attribute is 100000; it must be a side length in "
+         r"pixels from 2 to 4096", size_of_backbone()),
+    Case("backbone-returns-zero-features",
+         lambda root: backbone_file(root, torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 0))),
+         score("train.npz", "--backbone", "bb.pt"), r"bb\.pt: the backbone returned \(18, 0\), 0 features per image",
+         with_backbone()),
+    Case("embeddings-an-npz-archive", lambda root: embeddings_file(root, name="emb.npz"),
+         score("train.npz", "--embeddings", "emb.npz"), r"emb\.npz: an \.npz archive; --embeddings takes one",
+         with_embeddings("emb.npz")),
+    Case("embeddings-with-zero-columns", lambda root: embeddings_file(root, np.zeros((18, 0), np.float32)),
+         score("train.npz", "--embeddings", "emb.npy"), r"emb\.npy: embeddings have 0 columns \(shape \(18, 0\)\)",
+         with_embeddings("emb.npy")),
+    Case("embeddings-with-a-negative-index",
+         lambda root: [embeddings_file(root), raw_npz(root, "neg.npz", images=make_dataset().images,
+                                                      labels=make_dataset().labels, index=np.arange(18) - 1)],
+         score("neg.npz", "--embeddings", "emb.npy"), r"neg\.npz: index -1 is negative; with --embeddings",
+         with_embeddings("emb.npy", "neg.npz")),
+    Case("weights-is-a-folder", lambda root: [good_npz(root), (root / "w").mkdir()],
+         score("train.npz", "--weights", "w"), r"w: --weights is a folder; give the file itself",
+         lambda root: TrainConfig(weights=str(root / "w")).validate()),
+    Case("weights-is-a-fifo", lambda root: [good_npz(root), fifo(root / "w.pt")],
+         score("train.npz", "--weights", "w.pt"), r"w\.pt: --weights is not a regular file \(a FIFO",
+         lambda root: TrainConfig(weights=str(root / "w.pt")).validate()),
+    # issue 19: silently wrong results, now refused
+    Case("npz-one-populated-class", lambda root: raw_npz(root, images=IMAGES, labels=np.zeros(4, np.int64),
+                                                         class_names=np.array(["a", "b", "c"])),
+         score("bad.npz"), r"bad\.npz: only class 'a' has samples \(4\); 'b', 'c' have none",
+         lambda root: load_run_data(RunSettings(data=str(root / "bad.npz")))),
+    Case("every-file-of-two-classes-unreadable-skipping", folder_with_unreadable_classes,
+         score("folder", "--skip-unreadable"), r"folder: only class 'class_0' has samples \(3\)",
+         lambda root: load_run_data(RunSettings(data=str(root / "folder")))),
+    Case("decisions-underscore-index", lambda root: [good_npz(root), decisions(root, ["1_0,drop,"])],
+         retrain("decisions.csv"), r"decisions\.csv: decision 1 has index '1_0', not an integer",
+         reading_decisions("decisions.csv")),
+    Case("decisions-label-both-a-name-and-a-number", lambda root: [numbered_classes_npz(root),
+                                                                    decisions(root, ["3,relabel,2"])],
+         retrain("decisions.csv"), r"new_label '2' is ambiguous: class '2' is label 3, and label 2 is class '10'",
+         reading_decisions("decisions.csv")),
+    Case("decisions-unterminated-quote", lambda root: [good_npz(root), decisions(root, ["3,drop,", '"4,drop,'])],
+         retrain("decisions.csv"), r"decisions\.csv, line 3: a quote \(\"\) opened there is never closed",
+         reading_decisions("decisions.csv")),
+    csv_case("csv-two-label-columns", ["path,label,label", "img0.png,a,b", "img1.png,b,a"],
+             r"m\.csv: column 'label' appears more than once in the header"),
+    csv_case("csv-unterminated-quote", ["path,label", "img0.png,a", '"img1.png,b', "img2.png,a"],
+             r"m\.csv, line 3: a quote \(\"\) opened there is never closed"),
+    npz_case("npz-uint64-label-at-the-top-of-its-type", r"bad\.npz: label 18446744073709551615 is too large",
+             images=IMAGES, labels=np.array([0, 1, 0, 2**64 - 1], np.uint64), class_names=np.array(["a", "b"])),
+    Case("weights-with-nan", lambda root: [good_npz(root), torch.save({"conv.weight": torch.full((2,), np.nan)},
+                                                                      root / "w.pt")],
+         score("train.npz", "--weights", "w.pt", "--model", "small-cnn", "--freeze", "none"),
+         r"w\.pt: tensor 'conv\.weight' contains NaN or infinite values", None),
 ]
 
 
@@ -722,3 +881,189 @@ def test_training_gives_the_same_weights_whatever_the_callers_thread_count():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(weights[0], weights[1])
+
+
+# --- issue 19: the cases the tool now handles rather than failing with a traceback ---------------
+
+@pytest.mark.parametrize("steps", range(1, 13))
+def test_every_small_number_of_optimizer_steps_trains(steps):
+    """The one-cycle warm-up of exactly one step (4 steps in all) was a ZeroDivisionError in PyTorch."""
+    trained = train(make_dataset(), TrainConfig(epochs=steps, batch_size=64, device="cpu"))  # 18 rows: 1 step/epoch
+    assert len(trained.history) == steps
+
+
+def test_four_steps_through_the_cli_and_retrain(tmp_path, monkeypatch, capsys):
+    good_npz(tmp_path)
+    decisions(tmp_path, ["3,drop,"])
+    monkeypatch.chdir(tmp_path)
+    assert main(score("train.npz", "--epochs", "4")) == 0
+    assert main(retrain("decisions.csv", "--epochs", "4")) == 0
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("workspace", [False, True])
+def test_ctrl_c_during_score_says_how_to_resume(workspace, tmp_path, monkeypatch, capsys):
+    import engine.cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    good_npz(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(engine.cli, "score_into" if workspace else "score_methods", interrupted)
+    args = score("train.npz", *(["--workspace", "ws"] if workspace else []))
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and not (tmp_path / "out.csv").exists()
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("influence-lens: interrupted; ")
+    assert ("resume with the same command" if workspace else "resume with --workspace DIR") in last
+    assert "score train.npz --method loss" in last
+
+
+def test_ctrl_c_during_retrain_is_not_a_traceback(tmp_path, monkeypatch, capsys):
+    import engine.cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    good_npz(tmp_path)
+    decisions(tmp_path, ["3,drop,"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(engine.cli, "retrain_comparison", interrupted)
+    assert main(retrain("decisions.csv")) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "interrupted; nothing was written; run it again: influence-lens retrain" in err
+
+
+# --- issue 19: memory asked for before anything checked it --------------------------------------
+
+@pytest.mark.parametrize(("build", "args", "message"), [
+    (good_folder, score("folder", "--image-size", "4096"),
+     r"training on 9 images of 4096×4096 needs about [\d,.]+ GiB of memory, more than the 16\.0 GiB available"),
+    (lambda root: embeddings_file(root, np.zeros((18, 200_000), np.float32)),
+     score("train.npz", "--embeddings", "emb.npy", method="if-last"),
+     r"the head curvature of if-last on 200,000-column embeddings needs about [\d,.]+ GiB of memory"),
+    (lambda root: [good_npz(root, per_class=400)], score("train.npz", "--image-size", "4096"),
+     r"loading 1,200 images of train\.npz at --image-size 4096 needs about 18\.8 GiB of memory, more than the 16\.0"),
+], ids=["image-size-4096-on-8x8-images", "if-last-on-200000-dim-embeddings", "image-size-4096-on-1200-images"])
+def test_memory_is_estimated_and_refused_before_it_is_asked_for(build, args, message, tmp_path, monkeypatch, capsys):
+    """On a machine with 16 GiB available (patched, so the test does not depend on this one)."""
+    import engine.memory
+
+    monkeypatch.setattr(engine.memory, "available_bytes", lambda: 16 * 2**30)
+    build(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert re.search(message, last) and last.endswith("pass --force to try anyway"), last
+    assert "Traceback" not in err and snapshot(tmp_path) == before
+
+
+def test_force_tries_a_run_above_the_memory_estimate(tmp_path, monkeypatch, capsys):
+    import engine.memory
+
+    monkeypatch.setattr(engine.memory, "available_bytes", lambda: 2**20)  # 1 MiB: any training is above it
+    good_npz(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(score("train.npz")) == 2
+    assert "needs about" in capsys.readouterr().err
+    assert main(score("train.npz", "--force")) == 0 and (tmp_path / "out.csv").exists()
+
+
+def test_a_damaged_blob_in_the_workspace_is_named_not_a_traceback(tmp_path, monkeypatch, capsys):
+    good_npz(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(score("train.npz", "--workspace", "ws")) == 0
+    with sqlite3.connect(workspace_file(tmp_path)) as con:
+        con.execute("UPDATE results SET scores = ?", (b"\x93NUMPY damaged",))
+    con.close()
+    capsys.readouterr()
+    assert main(score("train.npz", "--workspace", "ws")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.search(r"\.sqlite: the stored results of run \w+ are damaged \(ValueError: .*move the file away",
+                     err.strip().splitlines()[-1]), err
+
+
+def test_a_float_tiff_named_png_decodes_to_its_values_not_black(tmp_path):
+    from engine.data import read_image
+
+    Image.fromarray(np.full((8, 8), 0.5, np.float32), mode="F").save(tmp_path / "x.png", format="TIFF")
+    assert (read_image(tmp_path / "x.png") == 128).all()
+    Image.fromarray(np.full((8, 8), 1e6, np.float32), mode="F").save(tmp_path / "y.png", format="TIFF")
+    with pytest.raises(DataError, match=r"y\.png \(TIFF of mode F\): float images must lie in \[0, 1\] or "):
+        read_image(tmp_path / "y.png")
+
+
+def test_numbered_folder_classes_are_named_beside_their_labels(tmp_path, monkeypatch):
+    """Folders 0, 1, 2, 10 sort as 0, 1, 10, 2: label 2 is the class "10". The CSV names each label, and
+    the decisions export writes a name that reads back as that class."""
+    import pandas as pd
+
+    from engine.pipeline import decision_label
+
+    write_image_folder(make_dataset(classes=4, per_class=3), tmp_path / "tmp")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for position, name in enumerate(("0", "1", "10", "2")):
+        (tmp_path / "tmp" / f"class_{position}").rename(folder / name)
+    monkeypatch.chdir(tmp_path)
+    assert main(score("folder")) == 0
+    table = pd.read_csv(tmp_path / "out.csv", dtype={"given_class": str})
+    assert list(table.columns[:6]) == ["index", "path", "score", "rank", "given_label", "given_class"]
+    in_ten = table[table["path"].str.startswith("10/")]
+    assert len(in_ten) == 3 and (in_ten["given_label"] == 2).all() and (in_ten["given_class"] == "10").all()
+    train_set = load_dataset(folder)
+    for label in range(4):
+        decisions(tmp_path, [f"0,relabel,{decision_label(train_set.class_names, label)}"])
+        assert read_decisions(str(tmp_path / "decisions.csv"), train_set)["new_label"].tolist() == [label]
+
+
+@pytest.mark.slow
+def test_the_dashboard_checks_memory_before_a_run(tmp_path, monkeypatch):
+    """The set-up page's Run: the same estimate, refused with the figures (no --force there)."""
+    from conftest import REPO_ROOT
+    from streamlit.testing.v1 import AppTest
+
+    import engine.memory
+
+    monkeypatch.setattr(engine.memory, "available_bytes", lambda: 16 * 2**30)
+    good_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["app.py", "--workspace", str(tmp_path / "ws")])
+    at = AppTest.from_file(str(REPO_ROOT / "dashboard" / "app.py"), default_timeout=120).run()
+    at.text_input(key="setup_data").set_value(str(tmp_path / "folder")).run()
+    at.multiselect(key="setup_methods").set_value(["loss"])
+    at.number_input(key="setup_image_size").set_value(4096)
+    at.button(key="run").click().run()
+    errors = [e.value for e in at.error]
+    assert any("needs about" in e and "16&#46;0 GiB available" in e for e in errors), errors
+    assert not any("--force" in e for e in errors)
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_real_process_during_training(tmp_path):
+    """SIGINT while the CLI trains: status 130, "interrupted; resume with ...", no traceback, no output."""
+    import signal
+    import time
+
+    from conftest import REPO_ROOT
+
+    good_npz(tmp_path)
+    process = subprocess.Popen([sys.executable, "-m", "engine.cli", *score("train.npz", "--epochs", "100000",
+                                                                           "--workspace", "ws", "--force")],
+                               cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    seen, deadline = b"", time.monotonic() + 120
+    while b"training" not in seen and time.monotonic() < deadline and process.poll() is None:
+        seen += os.read(process.stderr.fileno(), 4096)
+    assert b"training" in seen, seen
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    err = (seen + err).decode()
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and out == b"" and not (tmp_path / "out.csv").exists()
+    assert "influence-lens: interrupted; resume with the same command (the stages saved in ws are reused)" in err

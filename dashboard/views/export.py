@@ -8,6 +8,7 @@ import streamlit as st
 
 from dashboard import widgets
 from dashboard.text import md
+from engine.pipeline import decision_label
 from engine.safe_files import spreadsheet_safe
 
 st.title("Export")
@@ -18,7 +19,7 @@ stem = workspace.path.stem
 cleaned = workspace.cleaned_labels(run.data.full_train)
 log = workspace.decision_log_export(names)
 decisions = workspace.decisions()[["index", "action", "new_label"]]
-decisions["new_label"] = [names[v] if a == "relabel" else ""
+decisions["new_label"] = [decision_label(names, v) if a == "relabel" else ""
                           for v, a in zip(decisions["new_label"], decisions["action"], strict=True)]
 
 st.markdown(f"Workspace {md(workspace.path)}: **{len(decisions)}** decisions in force, **{len(log)}** rows in the log.")

@@ -44,7 +44,8 @@ def start_loop(run: state.Active, methods: list[str]) -> None:
     models, trained = state.models(), state.models().get(run.key)  # training ignores validation: reuse θ*
 
     def work(progress):
-        _, model = score_into(workspace, settings, data, methods, trained=trained, progress=progress)
+        _, model = score_into(workspace, state.readable_settings(settings), data, methods, trained=trained,
+                              progress=progress)
         models[key] = model
         return model
 

@@ -37,7 +37,7 @@ test = run.data.test
 if test is None:
     st.info("This run has no test set: give one on the set-up page to measure the recovery.")
     st.stop()
-config = run.settings.train_config()
+config = state.readable_settings(run.settings).train_config()  # its files under the data root
 decisions = run.decisions()
 counts = decisions["action"].value_counts()
 

@@ -14,6 +14,7 @@ from engine.data import NOISE_KINDS
 from engine.device import resolve_device
 from engine.errors import InfluenceLensError
 from engine.measured import recommended_methods
+from engine.memory import check_loading, check_training
 from engine.preflight import DataPreview, TimeEstimate, estimate_run_time, preview_data
 from engine.runs import RunSettings, config_hash, score_into
 from engine.scorers import available_methods, scorer_class
@@ -157,7 +158,7 @@ def data_preview(data: str) -> None:
     if not data:
         return
     try:
-        preview = _preview(data)
+        preview = _preview(state.readable(data))  # with a data root: only under it, the same words either way
     except InfluenceLensError as exc:
         st.warning(md(exc), icon=":material/folder_off:")
         return
@@ -184,8 +185,8 @@ def _estimate(n: int, image_shape: tuple[int, ...], num_classes: int, config_jso
 def time_estimate_line(settings: RunSettings, methods: list[str]) -> str | None:
     """The time the run will take here, from a throughput measured on this device (engine.preflight)."""
     try:
-        preview = _preview(settings.data)
-        config = settings.train_config()
+        preview = _preview(state.readable(settings.data))
+        config = state.readable_settings(settings).train_config()
         n = round(preview.images * (1 - (settings.val_from_train or 0)))
         estimate = _estimate(n, preview.image_shape, len(preview.class_names),
                              json.dumps(asdict(config), sort_keys=True), tuple(methods))
@@ -212,14 +213,19 @@ def device_line(settings: RunSettings) -> str:
 
 def start_run(settings: RunSettings, methods: list[str]) -> None:
     """Load the data, open its workspace, and score what is not stored yet (in the background)."""
-    settings.validate()
+    checked = state.readable_settings(settings)  # every path it reads, under the data root when there is one
+    checked.validate()
     if not methods:
         raise InfluenceLensError("choose at least one method")
     needing = [m for m in methods if scorer_class(m).requires_validation]
     if needing and not (settings.validation or settings.val_from_train):
         raise InfluenceLensError(f"{', '.join(needing)} need a validation set: give a trusted one, or carve one "
                                  "out of the training data")
+    for spec in (checked.data, checked.validation, checked.test):  # memory checked before it is asked for
+        if spec is not None:
+            check_loading(spec, checked.image_size, override=None)
     data = state.run_data(json.dumps(settings.to_dict(), sort_keys=True))
+    check_training(data.train, checked.train_config(), methods, override=None)
     if data.full_train.skipped:
         st.warning(f"{len(data.full_train.skipped)} unreadable file(s) left out: "
                    + "; ".join(md(s) for s in data.full_train.skipped[:5]))
@@ -239,7 +245,7 @@ def start_run(settings: RunSettings, methods: list[str]) -> None:
     models = state.models()
 
     def work(progress):
-        _, trained = score_into(workspace, settings, data, methods, trained=models.get(key), progress=progress)
+        _, trained = score_into(workspace, checked, data, methods, trained=models.get(key), progress=progress)
         models[key] = trained
         return trained
 
@@ -262,7 +268,7 @@ base = run.settings if run else RunSettings(data=data_arg, validation="sample:va
                                             noise_kind="pair" if on_sample else "symmetric")
 settings, methods = settings_form(base, run.methods if run else [])
 try:
-    st.markdown(device_line(settings))
+    st.markdown(device_line(state.readable_settings(settings)))  # its file checks only under the data root
 except InfluenceLensError as exc:
     st.warning(md(exc))
 estimate = time_estimate_line(settings, methods)

@@ -33,7 +33,12 @@ def demo_settings() -> DemoSettings:
         kind = c3.selectbox("Noise kind", NOISE_KINDS, index=NOISE_KINDS.index("symmetric"), key="why_kind")
         quick = c4.toggle("Quick rehearsal", value=False, key="why_quick",
                           help="Short budgets and fine-tunes: under a minute on the digits, a weaker story.")
-    settings = DemoSettings(data=data.strip(), noise_rate=float(rate), noise_kind=kind)
+    try:
+        path = state.readable(data.strip())  # with a data root: only under it, the same words either way
+    except InfluenceLensError as exc:
+        st.error(md(exc))
+        st.stop()
+    settings = DemoSettings(data=path, noise_rate=float(rate), noise_kind=kind)
     return settings.quick() if quick else settings
 
 
