@@ -238,6 +238,10 @@ def _mapped_images(path: Path, where: str) -> np.memmap | None:
         version = npy.read_magic(handle)
         (npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0)(handle)
         offset = handle.tell()
+    size = int(np.prod(entry[1], dtype=object))
+    if offset + size > info.header_offset + 30 + int(name_length) + int(extra_length) + info.file_size \
+            or offset + size > path.stat().st_size:
+        return None  # a header promising more than the archive holds: refused by the size check
     return np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=tuple(entry[1]))
 
 

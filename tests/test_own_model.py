@@ -128,7 +128,8 @@ def test_a_torchscript_backbone_gets_a_linear_head_on_its_features(tmp_path):
     assert run.trained.model_name == "linear" and run.context.train.images.shape == (len(loaded.train), 16)
     expected = (F.adaptive_avg_pool2d((torch.as_tensor(loaded.train.images[:2], dtype=torch.float32)[:, None] / 255
                                        - 0.5) / 0.25, 4).flatten(1))  # the module's own mean / std were used
-    np.testing.assert_allclose(run.context.train.images[:2], expected.numpy(), rtol=1e-5, atol=1e-6)
+    # stored as the feature stage's float16: its rounding (a relative 2⁻¹¹), nothing more
+    np.testing.assert_allclose(run.context.train.images[:2], expected.numpy(), rtol=1e-3, atol=1e-4)
     assert "head alone" in run.results["if-last"].info["trained_part"]
 
 
