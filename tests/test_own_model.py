@@ -192,6 +192,41 @@ def test_a_second_workspace_run_reuses_the_cached_features(tmp_path):
     assert last_json_line(second.stdout)["model"] == "linear"
 
 
+def _embedded(tmp_path, n: int, d: int, c: int, seed: int = 0) -> tuple[Dataset, str]:
+    """``n`` rows of ``c`` learnable classes with ``d``-dimensional embeddings saved to an .npy."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % c
+    features = (rng.normal(size=(c, d)) * 1.5)[labels] + rng.normal(size=(n, d))
+    path = tmp_path / f"e{d}.npy"
+    np.save(path, features.astype(np.float32))
+    return Dataset(np.zeros((n, 4, 4), np.uint8), labels.astype(np.int64), tuple(map(str, range(c)))), str(path)
+
+
+def test_the_head_mode_is_the_scorers_and_says_which_curvature(tmp_path):
+    """A 10-class head on 820-d features (C·D = 8,210) crosses MAX_EXACT_HEAD_DIM: if-last is EK-FAC
+    of the head there, and its note must not call it exact; on 5-d features it is the exact GGN."""
+    from engine.curvature import MAX_EXACT_HEAD_DIM
+    from engine.scorers import ScoringContext, make_scorer
+
+    data, path = _embedded(tmp_path, 60, 820, 10)
+    run = score_methods(data, ["if-last", "loss"], config=TrainConfig(embeddings=path, epochs=2))
+    assert run.context.head_only and 10 * 821 > MAX_EXACT_HEAD_DIM
+    info = run.results["if-last"].info
+    assert info["curvature"] == "ekfac-last"
+    note = info["trained_part"]
+    assert note.startswith("the head alone") and "EK-FAC of the head" in note and "8,210" in note
+    assert "λ = 0.1 × its mean eigenvalue" in note and "not the exact" in note and "exact GGN" not in note
+    assert "covers the head" in run.results["loss"].info["trained_part"]
+    small, small_path = _embedded(tmp_path, 30, 5, 3)
+    run = score_methods(small, ["if-last"], config=TrainConfig(embeddings=small_path, epochs=2))
+    assert "exact GGN" in run.results["if-last"].info["trained_part"]
+    # The field itself, not the pipeline: any context that says head_only gets the note, others none.
+    for head_only in (True, False):
+        context = ScoringContext(run.context.train, run.trained, head_only=head_only)
+        info = make_scorer("if-last").run(context).info
+        assert ("trained_part" in info) == head_only
+
+
 MU = 1e-2  # the head's weight decay: the regulariser of the convex head problem
 
 
