@@ -221,10 +221,10 @@ def test_the_head_mode_is_the_scorers_and_says_which_curvature(tmp_path):
     run = score_methods(small, ["if-last"], config=TrainConfig(embeddings=small_path, epochs=2))
     assert "exact GGN" in run.results["if-last"].info["trained_part"]
     # The field itself, not the pipeline: any context that says head_only gets the note, others none.
-    for head_only in (True, False):
-        context = ScoringContext(run.context.train, run.trained, head_only=head_only)
+    for lone_head in (True, False):
+        context = ScoringContext(run.context.train, run.trained, head_only=lone_head)
         info = make_scorer("if-last").run(context).info
-        assert ("trained_part" in info) == head_only
+        assert ("trained_part" in info) == lone_head
 
 
 MU = 1e-2  # the head's weight decay: the regulariser of the convex head problem
