@@ -495,6 +495,28 @@ def check_damping(damping: float) -> None:
         raise OptionError("damping", damping, ["a positive multiple of the mean curvature eigenvalue"])
 
 
+@dataclass(frozen=True)
+class EKFACSettings:
+    """The EK-FAC settings of every scorer that may fit it (``if-ekfac``, ``fvm`` / ``vm`` with
+    ``curvature="ekfac"``): their ``Settings`` extend this one, and :meth:`check_ekfac` refuses bad
+    values when the scorer is made, before any training or fine-tuning."""
+
+    damping: float = DEFAULT_RELATIVE_DAMPING  # λ per layer, a multiple of its mean (corrected) eigenvalue
+    fisher: str = "exact"  # exact GGN (C backward passes per batch) or one label sampled from p (one)
+    candidate_labels: bool = False  # suggestions by argmin over every label (C backward passes) instead of argmax
+    batch_size: int = 256  # rows per forward / backward pass of the fit and the scores
+    seed: int = 0  # sampled Fisher labels
+
+    def check_ekfac(self) -> None:
+        check_damping(self.damping)
+        if self.fisher not in FISHER_MODES:
+            raise OptionError("fisher", self.fisher, FISHER_MODES)
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise OptionError("batch_size", self.batch_size, ["a positive integer"])
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise OptionError("seed", self.seed, ["an integer in 0..2³²−1"])
+
+
 def head_dimension(model: nn.Module) -> int:
     """C·D of the head's weights and bias: the side of its exact GGN."""
     return model.head.weight.numel() + (model.head.bias.numel() if model.head.bias is not None else 0)
@@ -528,7 +550,7 @@ def head_influence(curvature: LastLayerCurvature | HeadEKFAC, target: Prediction
     return candidates[np.arange(len(labels)), labels], candidates.argmin(1), info
 
 
-def fit_ekfac(model: nn.Module, task: ImageTask, fit: Dataset, device: torch.device, settings,
+def fit_ekfac(model: nn.Module, task: ImageTask, fit: Dataset, device: torch.device, settings: EKFACSettings,
               progress: Progress, distributed: Distributed = LOCAL) -> EKFAC:
     """EK-FAC on the fitting rows (this rank's shard of them, summed across ranks); sampled Fisher
     labels keyed by their stable index (free of the order and of the sharding)."""
@@ -538,7 +560,7 @@ def fit_ekfac(model: nn.Module, task: ImageTask, fit: Dataset, device: torch.dev
 
 
 def ekfac_influence(ekfac: EKFAC, task: ImageTask, images: np.ndarray, labels: np.ndarray, device: torch.device,
-                    settings, fallback_suggestions: np.ndarray,
+                    settings: EKFACSettings, fallback_suggestions: np.ndarray,
                     progress: Progress) -> tuple[np.ndarray, np.ndarray, dict]:
     """EK-FAC scores; suggestions by argmin over candidates (C backward passes per batch) when
     ``settings.candidate_labels``, else ``fallback_suggestions`` (the model's argmax)."""
