@@ -73,6 +73,13 @@ RECIPES: dict[str, FinetuneRecipe] = {
     "resnet18": FinetuneRecipe(epochs=15, learning_rate=0.001, gamma=0.002, why=(
         "ResNet-18, and any architecture without its own recipe: a third of the small CNN's digits rate "
         "(not yet measured)")),
+    # The lone linear head on frozen backbone features (engine.backbones, HEAD_MODEL): a convex problem
+    # without BatchNorm, so nothing in it sharpens in eval mode; the validation set gives few steps an
+    # epoch. NOT yet measured: the trainer's own head rate (0.05) would overshoot a minimum it starts
+    # near, the ResNet's 0.001 over 15 epochs barely moves; 0.01 over 30 epochs sits between, and the
+    # backtracking divides it if a run ends above θ*'s loss.
+    "linear": FinetuneRecipe(epochs=30, learning_rate=0.01, gamma=0.001, why=(
+        "the linear head alone on frozen features (convex, no BatchNorm): not yet measured")),
 }
 DEFAULT_RECIPE = "resnet18"  # other architectures (deep, with BatchNorm) start from the ResNet's
 RECIPE_FIELDS = ("epochs", "learning_rate", "gamma")  # what a recipe fills in where the config leaves None
