@@ -1,4 +1,4 @@
-"""Damped Gauss-Newton curvature of the cross-entropy loss, for influence scores (METHODS.md §3–§4).
+"""Damped Gauss-Newton curvature of the cross-entropy loss, for influence scores (docs/methods.md §3–§4).
 
 Two levels, both of the *mean* loss over a fitting set (the training set for ``if-*``, the
 trusted validation set for VM / FVM), both returning quadratic forms s = gᵀ(H + λI)⁻¹g:
@@ -46,7 +46,7 @@ from engine.task import ImageTask
 from engine.training import Predictions
 
 FISHER_MODES = ("exact", "sampled")
-DEFAULT_RELATIVE_DAMPING = 0.1  # METHODS.md §3: 0.1 × the mean eigenvalue
+DEFAULT_RELATIVE_DAMPING = 0.1  # docs/methods.md §3: 0.1 × the mean eigenvalue
 # The exact head GGN holds (C·D)² float64 numbers: above this dimension (8192² × 8 B = 512 MiB) the
 # head's curvature is EK-FAC instead (CIFAR-100 on a 512-wide head: C·D = 51,300, ~21 GB exact).
 MAX_EXACT_HEAD_DIM = 8192

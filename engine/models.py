@@ -1,6 +1,6 @@
 """Classifiers: a CPU-friendly small CNN and a CIFAR-style ResNet-18.
 
-Every model exposes ``features(x)`` (the penultimate activations, the ``a`` of METHODS.md) and a
+Every model exposes ``features(x)`` (the penultimate activations, the ``a`` of docs/methods.md) and a
 final ``head`` (``nn.Linear``), so last-layer scores need nothing model-specific.
 """
 

@@ -170,7 +170,7 @@ def load_run_data(settings: RunSettings, *, skip_unreadable: bool = True) -> Run
 
 
 def reviewed_validation(data: RunData, decisions: pd.DataFrame) -> Dataset:
-    """A trusted validation set grown by the samples a person reviewed (METHODS.md §4: "the samples
+    """A trusted validation set grown by the samples a person reviewed (docs/methods.md §4: "the samples
     a person has reviewed and confirmed or relabeled"): confirmed ones with their given label,
     relabeled ones with the new label, after the run's own validation set when that one is trusted.
     Rows keep their stable index, or are re-indexed 0..M-1 when the two sets' indices overlap."""

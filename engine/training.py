@@ -47,7 +47,7 @@ class TrainConfig:
     batch_size: int = 64
     learning_rate: float = 0.05  # peak of the schedule; SGD+momentum on BN nets is stable here
     momentum: float = 0.9
-    weight_decay: float = 5e-4  # METHODS.md: influence estimates need weight decay
+    weight_decay: float = 5e-4  # docs/methods.md §3: influence estimates need weight decay
     schedule: str = "onecycle"
     augment: str = "auto"  # flip+crop for RGB photos, crop only for grayscale (digits are not mirror-symmetric)
     checkpoints: int = 5  # evenly spaced epochs, the last one included

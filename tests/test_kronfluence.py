@@ -1,4 +1,4 @@
-"""Our EK-FAC against Kronfluence's, the reference implementation METHODS.md names, on a small
+"""Our EK-FAC against Kronfluence's, the reference implementation docs/methods.md §3 names, on a small
 convolutional model. kronfluence is in the dev extra (with the torchvision release built for
 torch 2.13, which it requires but never imports), so CI runs it; skipped where it does not import.
 

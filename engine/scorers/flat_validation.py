@@ -1,4 +1,4 @@
-"""Flat-validation influence, VM and FVM (METHODS.md §4), and the plain loss at the validation minimum.
+"""Flat-validation influence, VM and FVM (docs/methods.md §4), and the plain loss at the validation minimum.
 
 θ̃: the trained model fine-tuned on the trusted validation set (:mod:`engine.finetune`): plain SGD
 for VM, SAM or LPF-SGD for FVM, minimizing the mean validation cross-entropy plus the weight decay
@@ -10,7 +10,7 @@ eigenvalue. That is the second-order change of the validation risk if z were up-
 the validation gradient is zero at θ̃, which is why no first-order term appears: the info reports
 the head's validation-gradient norm at θ̃ (and at θ*, for scale) and warns when θ̃ ends with a
 higher validation loss than θ* (it is then no minimum). ``vm-loss`` / ``fvm-loss`` report the loss
-at θ̃ alone, beside them (METHODS.md: the curvature must earn its place against it). Relabel
+at θ̃ alone, beside them (docs/methods.md §4: the curvature must earn its place against it). Relabel
 suggestion: argmin over candidate labels of s(z, c), or θ̃'s argmax for the loss scorers.
 
 One θ̃ per fine-tune recipe and scoring run: ``vm`` and ``vm-loss`` (and ``fvm`` and ``fvm-loss``)

@@ -1,4 +1,4 @@
-"""Influence-function self-influence at the trained model θ* (METHODS.md §3).
+"""Influence-function self-influence at the trained model θ* (docs/methods.md §3).
 
 s(z) = g(z)ᵀ(H + λI)⁻¹g(z), g the gradient of the cross-entropy of z under its given label, H the
 GGN of the mean training loss: of the head (``if-last``, forward passes only: exact, or EK-FAC of

@@ -1,4 +1,4 @@
-"""TracIn self-influence (METHODS.md §2): s(z) = Σ_t η_t ‖∇θ ℓ(z, θ_t)‖² over saved checkpoints.
+"""TracIn self-influence (docs/methods.md §2): s(z) = Σ_t η_t ‖∇θ ℓ(z, θ_t)‖² over saved checkpoints.
 
 Three scorers share this file: the last layer only from forward passes (``tracin-last``), the
 whole network from one batched backward pass per checkpoint (``tracin``, via
@@ -104,7 +104,7 @@ class TracInScorer(Scorer):
     class Settings:
         weight_by_learning_rate: bool = True  # TracIn-CP: Σ η of the steps each checkpoint stands for
         batch_size: int = 256  # rows per forward/backward; memory is about a training step's at this size
-        norm_method: str = "auto"  # per layer the cheaper of ghost / explicit norm (METHODS.md §2)
+        norm_method: str = "auto"  # per layer the cheaper of ghost / explicit norm (docs/methods.md §2)
 
     def check_settings(self) -> None:
         if self.settings.norm_method not in NORM_METHODS:
