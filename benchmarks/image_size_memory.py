@@ -29,7 +29,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `benchmarks` importable
 
-from benchmarks.common import add_results_arguments, results_file  # noqa: E402
+from benchmarks.reports import add_results_arguments, results_file  # noqa: E402
 
 CLASSES = 10
 

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import add_results_arguments, results_file  # noqa: E402
+from benchmarks.reports import add_results_arguments, results_file  # noqa: E402
 from engine.data import load_dataset, load_npz  # noqa: E402
 from engine.metrics import detection_metrics  # noqa: E402
 from engine.pipeline import with_injected_noise  # noqa: E402

@@ -44,8 +44,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `benchmarks` importable
 
-from benchmarks.common import add_results_arguments, data_root, load_cifar10, results_file  # noqa: E402
+from benchmarks.common import data_root, load_cifar10  # noqa: E402
 from benchmarks.per_sample_speed import plain_pass, vmap_norms  # noqa: E402
+from benchmarks.reports import add_results_arguments, results_file  # noqa: E402
 from engine.data import Dataset, load_sample  # noqa: E402
 from engine.device import resolve_device  # noqa: E402
 from engine.per_sample import per_sample_grad_sq_norms  # noqa: E402

@@ -38,7 +38,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `engine` importable
 
-from benchmarks.common import add_results_arguments, results_file  # noqa: E402
+from benchmarks.reports import add_results_arguments, results_file  # noqa: E402
 from engine.data import load_dataset  # noqa: E402
 from engine.pipeline import score_methods  # noqa: E402
 from engine.streaming import ImageFiles, stream_scores  # noqa: E402

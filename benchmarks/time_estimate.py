@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `benchmarks` importable
 
-from benchmarks.common import add_results_arguments, data_root, load_cifar10, load_mnist_test, results_file  # noqa: E402
+from benchmarks.common import data_root, load_cifar10, load_mnist_test  # noqa: E402
+from benchmarks.reports import add_results_arguments, results_file  # noqa: E402
 from engine.data import load_sample  # noqa: E402
 from engine.pipeline import score_methods  # noqa: E402
 from engine.preflight import estimate_run_time  # noqa: E402

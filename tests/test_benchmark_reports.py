@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import REPO_ROOT
 
-from benchmarks.common import add_results_arguments, command_line, results_file
+from benchmarks.reports import add_results_arguments, command_line, results_file
 
 SCRIPTS = ("influence_settings", "speed", "time_estimate", "click_latency", "image_size_memory", "streaming_memory")
 
