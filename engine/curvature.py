@@ -74,16 +74,6 @@ def _damping(mean_eigenvalue: float, relative: float, absolute: float | None) ->
     return float(relative * mean_eigenvalue) or 1e-12
 
 
-def head_gradients(features, probabilities, labels, *, bias: bool = True) -> torch.Tensor:
-    """Per-sample head gradients vec((p − e_y) âᵀ), (N, C·D), row-major like ``head.weight`` with
-    the bias as the last column (the same order as :meth:`LayerCapture.factors`)."""
-    p = torch.as_tensor(probabilities)
-    a = _with_bias(_as_tensor(features, p.dtype, p.device), bias)
-    residual = p.clone()
-    residual[torch.arange(len(p)), torch.as_tensor(labels, device=p.device)] -= 1.0
-    return (residual[:, :, None] * a[:, None, :]).reshape(len(p), -1)
-
-
 def last_layer_ggn(features, probabilities, *, bias: bool = True, dtype: torch.dtype = torch.float64,
                    device: torch.device | str = "cpu", distributed: Distributed = LOCAL) -> torch.Tensor:
     """The exact head GGN of the mean cross-entropy, (C·D, C·D), accumulated as FᵀF/M in row chunks
@@ -145,11 +135,6 @@ class LastLayerCurvature:
         """vᵀ(H + λI)⁻¹v for each row v of ``vectors`` (n, dim): ‖L⁻¹v‖²."""
         v = vectors.to(self.cholesky.dtype).to(self.cholesky.device)
         return torch.linalg.solve_triangular(self.cholesky, v.T, upper=False).square().sum(0)
-
-    def inverse_product(self, vectors: torch.Tensor) -> torch.Tensor:
-        """(H + λI)⁻¹v for each row v of ``vectors`` (n, dim)."""
-        v = vectors.to(self.cholesky.dtype).to(self.cholesky.device)
-        return torch.cholesky_solve(v.T, self.cholesky).T
 
     def candidate_scores(self, features, probabilities) -> np.ndarray:
         """s(z, c) = g(z, c)ᵀ(H + λI)⁻¹g(z, c) for every sample and every label c, (N, C) float64.

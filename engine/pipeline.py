@@ -139,7 +139,7 @@ def score_methods(train_set: Dataset, methods: list[str], *, validation: Dataset
     context = ScoringContext(train_set, trained, validation, validation_trusted, progress, stages, stage_key,
                              distributed, head_only=frozen)
     if distributed.world_size > 1:
-        context._predictions = _sharded_predictions(context, distributed)
+        context.share_predictions(_sharded_predictions(context, distributed))
     run = ScoringRun(context, train_seconds=time.perf_counter() - start)
     for scorer in scorers:
         run.results[scorer.name] = _score_in_stages(scorer, context) if distributed.world_size == 1 else \

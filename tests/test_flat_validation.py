@@ -1,6 +1,6 @@
 """The validation fine-tune, the influence and flat-validation scorers, and their CLI surface."""
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -90,6 +90,15 @@ def test_the_ekfac_settings_are_one_dataclass_refused_before_any_training(monkey
     settings = replace(scorer_class(method).Settings(), **{field: value})
     with pytest.raises(OptionError, match=field):
         score_methods(data, [method], validation=data, settings={method: settings})
+
+
+def test_vm_and_fvm_are_siblings_that_differ_only_in_the_fine_tune():
+    for plain, flat in (("vm", "fvm"), ("vm-loss", "fvm-loss")):
+        assert not issubclass(scorer_class(plain), scorer_class(flat))
+        assert scorer_class(plain).__mro__[1] is scorer_class(flat).__mro__[1]
+        assert asdict(replace(scorer_class(plain).Settings(), finetune=FinetuneConfig())) == \
+            asdict(scorer_class(flat).Settings())
+        assert scorer_class(plain).Settings().finetune.optimizer == "sgd"
 
 
 def _settings(method, **changes):

@@ -78,7 +78,19 @@ def test_tracin_last_equals_brute_force_head_gradients(tiny):
     expected = _brute_force_tracin(dataset, trained, lambda m: [m.head.weight, m.head.bias])
     np.testing.assert_allclose(result.scores, expected, rtol=1e-4)
     assert [c["epoch"] for c in result.info["checkpoints"]] == [1, 2, 3]
+    for said, checkpoint in zip(result.info["checkpoints"], trained.checkpoints, strict=True):  # a mean, named so
+        assert said["mean_learning_rate"] * said["steps"] == pytest.approx(checkpoint.step_weight)
     np.testing.assert_array_equal(result.suggested_labels, ScoringContext(dataset, trained).predictions.predicted)
+
+
+def test_shared_predictions_replace_the_contexts_own_and_must_fit_its_rows(tiny):
+    dataset, trained = tiny
+    context, own = ScoringContext(dataset, trained), ScoringContext(dataset, trained).predictions
+    shared = type(own)(own.logits * 2, own.features)
+    context.share_predictions(shared)
+    assert context.predictions is shared
+    with pytest.raises(ValueError, match="predictions for"):
+        context.share_predictions(type(own)(own.logits[:3], own.features[:3]))
 
 
 def test_tracin_equals_brute_force_full_model_gradients(tiny):

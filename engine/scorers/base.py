@@ -51,6 +51,13 @@ class ScoringContext:
             self._predictions = predict(self.trained.model, self.trained.task, self.train.images, self.trained.device)
         return self._predictions
 
+    def share_predictions(self, predictions: Predictions) -> None:
+        """Use ``predictions`` as θ*'s on the training rows (e.g. gathered from the ranks' shards)
+        instead of computing them here."""
+        if len(predictions.logits) != len(self.train):
+            raise ValueError(f"{len(predictions.logits)} predictions for {len(self.train)} training rows")
+        self._predictions = predictions
+
     def cached(self, stage: str, what: Any, compute: Callable[[], T], codec: Codec[T], *, label: str = "") -> T:
         """``compute()`` once per run and ``what`` (shared by every scorer that asks); in a resumable
         run, the value a previous run saved (``label`` names it in the run's log of stages)."""

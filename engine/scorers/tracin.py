@@ -68,7 +68,8 @@ def _sum_over_checkpoints(trained: TrainedModel, weight_by_learning_rate: bool, 
 
 
 def _checkpoint_info(checkpoints: list[Checkpoint]) -> list[dict[str, float]]:
-    return [{"epoch": c.epoch, "learning_rate": c.learning_rate, "steps": c.steps} for c in checkpoints]
+    # The mean rate of the steps the checkpoint stands for (its weight is that × steps).
+    return [{"epoch": c.epoch, "mean_learning_rate": c.learning_rate, "steps": c.steps} for c in checkpoints]
 
 
 @register
