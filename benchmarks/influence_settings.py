@@ -75,7 +75,7 @@ def main() -> None:
         else:
             base, validation = load_dataset("sample"), load_dataset("sample:val")
         noisy = with_injected_noise(base, rate=args.noise_rate, kind=args.noise_kind, seed=args.seed)
-        trained = train(noisy.dataset, replace(TrainConfig(), seed=args.seed, device="cpu"))
+        trained = train(noisy.dataset, replace(TrainConfig(), seed=args.seed, device="cpu", threads=1))
         flipped = noisy.flipped
         print(f"{args.data}, {args.noise_kind} {args.noise_rate:.0%} noise, "
               f"{int(flipped.sum())} of {len(flipped)} flipped\n")

@@ -72,13 +72,13 @@ class Mode:
 
 MODES = {
     # 3 epochs / 3 checkpoints: enough for real checkpoints; the figures are rates, not accuracies.
-    "quick": Mode(TrainConfig(model="small-cnn", epochs=3, checkpoints=3, device="cpu"), 1024, 128, 128, 128,
+    "quick": Mode(TrainConfig(model="small-cnn", epochs=3, checkpoints=3, device="cpu", threads=1), 1024, 128, 128, 128,
                   captum_rows=256, per_example_rows=16, threads=1, repeats=2),
     # The shared data README's GPU setting: ResNet-18, 12 epochs on the 50k CIFAR-10 training images.
     "full": Mode(PRESETS["full-gpu"], 50_000, 1000, 512, 128, captum_rows=10_000, per_example_rows=256, threads=None,
                  repeats=2),
     # benchmarks/gpu_check.sh --tiny: the same steps on a few hundred images, so the script cannot rot.
-    "tiny": Mode(TrainConfig(model="small-cnn", epochs=2, checkpoints=2, device="cpu"), 256, 64, 64, 32,
+    "tiny": Mode(TrainConfig(model="small-cnn", epochs=2, checkpoints=2, device="cpu", threads=1), 256, 64, 64, 32,
                  captum_rows=64, per_example_rows=8, threads=1, repeats=1),
 }
 
