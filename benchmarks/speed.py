@@ -279,11 +279,10 @@ def compare(ours: np.ndarray, reference: np.ndarray) -> dict:
 
 def pipeline_on_sample(device: torch.device) -> dict:
     """train → fine-tune → curvature → score with ``fvm`` on the sample digits, the CLI's default recipe."""
-    start = time.perf_counter()
-    run = score_methods(load_sample("train"), ["fvm"], validation=load_sample("val"),
-                        config=TrainConfig(device=device.type))
+    start, config = time.perf_counter(), TrainConfig(device=device.type)
+    run = score_methods(load_sample("train"), ["fvm"], validation=load_sample("val"), config=config)
     return _stages(run.train_seconds, run.results["fvm"].timings, time.perf_counter() - start,
-                   data="sample digits (1078 train, 359 val)")
+                   data=f"sample digits (1078 train, 359 val), {config.threads} training thread(s)")
 
 
 def _stages(train_seconds: float, timings: dict, total: float, *, data: str) -> dict:
