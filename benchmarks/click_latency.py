@@ -43,6 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.reports import add_results_arguments, results_file  # noqa: E402
 from engine.runs import RunSettings, config_hash, load_run_data  # noqa: E402
 from engine.scorers import ScoreResult  # noqa: E402
 from engine.workspace import Workspace  # noqa: E402
@@ -177,22 +178,27 @@ def measure(rows: int, decisions: int) -> dict:
             "full_rerun_ms_median": ms(full, 0.5), "full_rerun_ms_p90": ms(full, 0.9)}
 
 
+TITLE = "Click latency of one review decision on the real server"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 50000])
     parser.add_argument("--decisions", type=int, default=10)
+    add_results_arguments(parser)
     args = parser.parse_args()
-    results = []
-    for rows in args.sizes:
-        results.append(measure(rows, args.decisions))
-        print(json.dumps(results[-1]), flush=True)
-    print("| rows | first load s | written ms (median / p90) | shown ms (median / p90) "
-          "| server ms (median / p90) | full rerun ms (median / p90) |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        print(f"| {r['rows']:,} | {r['first_load_s']} | {r['written_ms_median']} / {r['written_ms_p90']} | "
-              f"{r['shown_ms_median']} / {r['shown_ms_p90']} | {r['server_ms_median']} / {r['server_ms_p90']} | "
-              f"{r['full_rerun_ms_median']} / {r['full_rerun_ms_p90']} |")
+    with results_file(args, TITLE):
+        results = []
+        for rows in args.sizes:
+            results.append(measure(rows, args.decisions))
+            print(json.dumps(results[-1]), flush=True)
+        print("| rows | first load s | written ms (median / p90) | shown ms (median / p90) "
+              "| server ms (median / p90) | full rerun ms (median / p90) |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for r in results:
+            print(f"| {r['rows']:,} | {r['first_load_s']} | {r['written_ms_median']} / {r['written_ms_p90']} | "
+                  f"{r['shown_ms_median']} / {r['shown_ms_p90']} | {r['server_ms_median']} / {r['server_ms_p90']} | "
+                  f"{r['full_rerun_ms_median']} / {r['full_rerun_ms_p90']} |")
 
 
 if __name__ == "__main__":

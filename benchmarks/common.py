@@ -114,3 +114,4 @@ def known_errors(dataset: Dataset, table: pd.DataFrame) -> KnownErrors:
         if int(idx) in position:
             true_labels[position[int(idx)]] = int(guessed)
     return KnownErrors(is_error, true_labels)
+

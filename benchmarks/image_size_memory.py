@@ -27,6 +27,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `benchmarks` importable
+
+from benchmarks.reports import add_results_arguments, results_file  # noqa: E402
+
 CLASSES = 10
 
 
@@ -63,6 +67,9 @@ def measure(folder: Path, size: int) -> dict:
             "kept_mb": round(dataset.images.nbytes / 2**20, 1)}
 
 
+TITLE = "Peak memory of loading large JPEG photos with --image-size"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[100, 500])
@@ -70,27 +77,29 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=4000)
     parser.add_argument("--height", type=int, default=3000)
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: the child process
+    add_results_arguments(parser)
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(Path(args.measure), args.size)))
         return
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for count in args.counts:
-            folder = Path(tmp) / f"n{count}"
-            make_photos(folder, count, args.width, args.height)
-            child = subprocess.run([sys.executable, __file__, "--measure", str(folder), "--size", str(args.size)],
-                                   capture_output=True, text=True, check=True)
-            row = {"photos": count, "photo": f"{args.width}×{args.height}", "image_size": args.size,
-                   **json.loads(child.stdout.strip().splitlines()[-1]),
-                   "full_size_gb": round(count * args.width * args.height * 3 / 2**30, 1)}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    print("| photos | photo | --image-size | seconds | peak MB before loading | peak MB | kept MB | full-size GB |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['photos']} | {r['photo']} | {r['image_size']} | {r['seconds']} | {r['before_mb']} | "
-              f"{r['peak_mb']} | {r['kept_mb']} | {r['full_size_gb']} |")
+    with results_file(args, TITLE):
+        rows = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for count in args.counts:
+                folder = Path(tmp) / f"n{count}"
+                make_photos(folder, count, args.width, args.height)
+                child = subprocess.run([sys.executable, __file__, "--measure", str(folder), "--size", str(args.size)],
+                                       capture_output=True, text=True, check=True)
+                row = {"photos": count, "photo": f"{args.width}×{args.height}", "image_size": args.size,
+                       **json.loads(child.stdout.strip().splitlines()[-1]),
+                       "full_size_gb": round(count * args.width * args.height * 3 / 2**30, 1)}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+        print("| photos | photo | --image-size | seconds | peak MB before loading | peak MB | kept MB | full-size GB |")
+        print("|---:|---|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['photos']} | {r['photo']} | {r['image_size']} | {r['seconds']} | {r['before_mb']} | "
+                  f"{r['peak_mb']} | {r['kept_mb']} | {r['full_size_gb']} |")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.reports import add_results_arguments, results_file  # noqa: E402
 from engine.data import load_dataset, load_npz  # noqa: E402
 from engine.metrics import detection_metrics  # noqa: E402
 from engine.pipeline import with_injected_noise  # noqa: E402
@@ -52,6 +53,9 @@ def variant_settings(spec: str):
     return method, settings
 
 
+TITLE = "Influence and flat-validation scorers under their settings"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("variants", nargs="+")
@@ -60,30 +64,32 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", choices=("digits", "cifar"), default="digits")
     parser.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    add_results_arguments(parser, append=True)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    variants = [(spec, *variant_settings(spec)) for spec in args.variants]  # bad specs fail before training
-    if args.data == "cifar":
-        cifar = load_npz(Path(args.data_root) / "cifar10_test_jpegq75.npz")
-        base, validation = cifar.subset(np.arange(4000)), cifar.subset(np.arange(4000, 5000))
-    else:
-        base, validation = load_dataset("sample"), load_dataset("sample:val")
-    noisy = with_injected_noise(base, rate=args.noise_rate, kind=args.noise_kind, seed=args.seed)
-    trained = train(noisy.dataset, replace(TrainConfig(), seed=args.seed, device="cpu"))
-    flipped = noisy.flipped
-    print(f"{args.data}, {args.noise_kind} {args.noise_rate:.0%} noise, "
-          f"{int(flipped.sum())} of {len(flipped)} flipped\n")
-    print("| variant | AUROC | AP | P@k | relabel top-1 | seconds | θ̃ val. acc. |\n|---|---|---|---|---|---|---|")
-    for spec, method, settings in variants:
-        context = ScoringContext(noisy.dataset, trained, validation, validation_trusted=True)
-        start = time.perf_counter()
-        result = make_scorer(method, settings).run(context)
-        seconds = time.perf_counter() - start
-        metrics = detection_metrics(result.scores, flipped)
-        relabel = (result.suggested_labels[flipped] == noisy.clean_labels[flipped]).mean()
-        accuracy = result.info.get("validation_accuracy")
-        print(f"| {spec} | {metrics['auroc']:.4f} | {metrics['ap']:.4f} | {metrics['precision_at_k']:.3f} | "
-              f"{relabel:.3f} | {seconds:.1f} | {'' if accuracy is None else f'{accuracy:.3f}'} |", flush=True)
+    with results_file(args, TITLE):
+        torch.set_num_threads(1)
+        variants = [(spec, *variant_settings(spec)) for spec in args.variants]  # bad specs fail before training
+        if args.data == "cifar":
+            cifar = load_npz(Path(args.data_root) / "cifar10_test_jpegq75.npz")
+            base, validation = cifar.subset(np.arange(4000)), cifar.subset(np.arange(4000, 5000))
+        else:
+            base, validation = load_dataset("sample"), load_dataset("sample:val")
+        noisy = with_injected_noise(base, rate=args.noise_rate, kind=args.noise_kind, seed=args.seed)
+        trained = train(noisy.dataset, replace(TrainConfig(), seed=args.seed, device="cpu", threads=1))
+        flipped = noisy.flipped
+        print(f"{args.data}, {args.noise_kind} {args.noise_rate:.0%} noise, "
+              f"{int(flipped.sum())} of {len(flipped)} flipped\n")
+        print("| variant | AUROC | AP | P@k | relabel top-1 | seconds | θ̃ val. acc. |\n|---|---|---|---|---|---|---|")
+        for spec, method, settings in variants:
+            context = ScoringContext(noisy.dataset, trained, validation, validation_trusted=True)
+            start = time.perf_counter()
+            result = make_scorer(method, settings).run(context)
+            seconds = time.perf_counter() - start
+            metrics = detection_metrics(result.scores, flipped)
+            relabel = (result.suggested_labels[flipped] == noisy.clean_labels[flipped]).mean()
+            accuracy = result.info.get("validation_accuracy")
+            print(f"| {spec} | {metrics['auroc']:.4f} | {metrics['ap']:.4f} | {metrics['precision_at_k']:.3f} | "
+                  f"{relabel:.3f} | {seconds:.1f} | {'' if accuracy is None else f'{accuracy:.3f}'} |", flush=True)
 
 
 if __name__ == "__main__":

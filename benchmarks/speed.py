@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from benchmarks.common import data_root, load_cifar10  # noqa: E402
 from benchmarks.per_sample_speed import plain_pass, vmap_norms  # noqa: E402
+from benchmarks.reports import add_results_arguments, results_file  # noqa: E402
 from engine.data import Dataset, load_sample  # noqa: E402
 from engine.device import resolve_device  # noqa: E402
 from engine.per_sample import per_sample_grad_sq_norms  # noqa: E402
@@ -71,13 +72,13 @@ class Mode:
 
 MODES = {
     # 3 epochs / 3 checkpoints: enough for real checkpoints; the figures are rates, not accuracies.
-    "quick": Mode(TrainConfig(model="small-cnn", epochs=3, checkpoints=3, device="cpu"), 1024, 128, 128, 128,
+    "quick": Mode(TrainConfig(model="small-cnn", epochs=3, checkpoints=3, device="cpu", threads=1), 1024, 128, 128, 128,
                   captum_rows=256, per_example_rows=16, threads=1, repeats=2),
     # The shared data README's GPU setting: ResNet-18, 12 epochs on the 50k CIFAR-10 training images.
     "full": Mode(PRESETS["full-gpu"], 50_000, 1000, 512, 128, captum_rows=10_000, per_example_rows=256, threads=None,
                  repeats=2),
     # benchmarks/gpu_check.sh --tiny: the same steps on a few hundred images, so the script cannot rot.
-    "tiny": Mode(TrainConfig(model="small-cnn", epochs=2, checkpoints=2, device="cpu"), 256, 64, 64, 32,
+    "tiny": Mode(TrainConfig(model="small-cnn", epochs=2, checkpoints=2, device="cpu", threads=1), 256, 64, 64, 32,
                  captum_rows=64, per_example_rows=8, threads=1, repeats=1),
 }
 
@@ -278,11 +279,10 @@ def compare(ours: np.ndarray, reference: np.ndarray) -> dict:
 
 def pipeline_on_sample(device: torch.device) -> dict:
     """train → fine-tune → curvature → score with ``fvm`` on the sample digits, the CLI's default recipe."""
-    start = time.perf_counter()
-    run = score_methods(load_sample("train"), ["fvm"], validation=load_sample("val"),
-                        config=TrainConfig(device=device.type))
+    start, config = time.perf_counter(), TrainConfig(device=device.type)
+    run = score_methods(load_sample("train"), ["fvm"], validation=load_sample("val"), config=config)
     return _stages(run.train_seconds, run.results["fvm"].timings, time.perf_counter() - start,
-                   data="sample digits (1078 train, 359 val)")
+                   data=f"sample digits (1078 train, 359 val), {config.threads} training thread(s)")
 
 
 def _stages(train_seconds: float, timings: dict, total: float, *, data: str) -> dict:
@@ -303,6 +303,9 @@ def table(results: list[Measurement], plain: Measurement) -> str:
     return "\n".join(lines)
 
 
+TITLE = "Throughput of the scorers against a plain pass"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CPU, SmallCNN, 1,024 images (else: GPU, ResNet-18, 50k)")
@@ -313,44 +316,47 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="override the mode's device (cpu / cuda)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (quick mode: 1)")
     parser.add_argument("--skip-pipeline", action="store_true", help="leave out the sample-digits pipeline timing")
+    add_results_arguments(parser)
     args = parser.parse_args()
-    mode = MODES["tiny" if args.tiny else "quick" if args.quick else "full"]
-    mode = replace(mode, repeats=args.repeats or mode.repeats)
-    threads = args.threads or mode.threads
-    if threads:
-        torch.set_num_threads(threads)
-    device = resolve_device(args.device or mode.config.device)
-    started, cpu_started = time.perf_counter(), time.process_time()
-    train_set, validation, folder = load_data(mode, args.data_root)
-    print(json.dumps({"run": "python benchmarks/speed.py " + " ".join(sys.argv[1:]), "device": str(device),
-                      "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                      "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                      "load_average": [round(v, 2) for v in os.getloadavg()], "torch": torch.__version__,
-                      "data": f"CIFAR-10 train {len(train_set)} rows, validation {len(validation)} test rows "
-                              f"({folder})"}), flush=True)
-    results = throughput(mode, train_set, validation, device, cleanlab=not args.skip_cleanlab)
-    plain = next(m for m in results if m.name == "plain forward+backward")
-    pipelines = []
-    fvm_whole = next(m for m in results if m.name == "fvm (ours, last): prepare + score")
-    training = results[0]
-    pipelines.append(_stages(training.seconds, fvm_whole.notes["timings"], training.seconds + fvm_whole.seconds,
-                             data=f"CIFAR-10 {len(train_set)} rows, {mode.config.model}, {mode.config.epochs} epochs"))
-    if not args.skip_pipeline:
-        pipelines.append(pipeline_on_sample(device))
-    for line in pipelines:
-        print(json.dumps(line), flush=True)
-    # Wall time depends on what else runs; the process's CPU time is what an idle machine would need.
-    print(json.dumps({"load_average_after": [round(v, 2) for v in os.getloadavg()],
-                      "wall_seconds": round(time.perf_counter() - started, 1),
-                      "cpu_seconds": round(time.process_time() - cpu_started, 1)}))
-    print()
-    print(table(results, plain))
-    print()
-    print("| pipeline (fvm) | train s | fine-tune s | curvature s | score s | after training s | total s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for p in pipelines:
-        print(f"| {p['data']} | {p['train_s']} | {p['finetune_s']} | {p['curvature_s']} | {p['score_s']} | "
-              f"{p['after_training_s']} | {p['total_s']} |")
+    with results_file(args, TITLE):
+        mode = MODES["tiny" if args.tiny else "quick" if args.quick else "full"]
+        mode = replace(mode, repeats=args.repeats or mode.repeats)
+        threads = args.threads or mode.threads
+        if threads:
+            torch.set_num_threads(threads)
+        device = resolve_device(args.device or mode.config.device)
+        started, cpu_started = time.perf_counter(), time.process_time()
+        train_set, validation, folder = load_data(mode, args.data_root)
+        print(json.dumps({"run": "python benchmarks/speed.py " + " ".join(sys.argv[1:]), "device": str(device),
+                          "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                          "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                          "load_average": [round(v, 2) for v in os.getloadavg()], "torch": torch.__version__,
+                          "data": f"CIFAR-10 train {len(train_set)} rows, validation {len(validation)} test rows "
+                                  f"({folder})"}), flush=True)
+        results = throughput(mode, train_set, validation, device, cleanlab=not args.skip_cleanlab)
+        plain = next(m for m in results if m.name == "plain forward+backward")
+        pipelines = []
+        fvm_whole = next(m for m in results if m.name == "fvm (ours, last): prepare + score")
+        training = results[0]
+        pipelines.append(_stages(training.seconds, fvm_whole.notes["timings"], training.seconds + fvm_whole.seconds,
+                                 data=f"CIFAR-10 {len(train_set)} rows, {mode.config.model}, "
+                                      f"{mode.config.epochs} epochs"))
+        if not args.skip_pipeline:
+            pipelines.append(pipeline_on_sample(device))
+        for line in pipelines:
+            print(json.dumps(line), flush=True)
+        # Wall time depends on what else runs; the process's CPU time is what an idle machine would need.
+        print(json.dumps({"load_average_after": [round(v, 2) for v in os.getloadavg()],
+                          "wall_seconds": round(time.perf_counter() - started, 1),
+                          "cpu_seconds": round(time.process_time() - cpu_started, 1)}))
+        print()
+        print(table(results, plain))
+        print()
+        print("| pipeline (fvm) | train s | fine-tune s | curvature s | score s | after training s | total s |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for p in pipelines:
+            print(f"| {p['data']} | {p['train_s']} | {p['finetune_s']} | {p['curvature_s']} | {p['score_s']} | "
+                  f"{p['after_training_s']} | {p['total_s']} |")
 
 
 if __name__ == "__main__":

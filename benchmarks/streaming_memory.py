@@ -38,6 +38,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `engine` importable
 
+from benchmarks.reports import add_results_arguments, results_file  # noqa: E402
 from engine.data import load_dataset  # noqa: E402
 from engine.pipeline import score_methods  # noqa: E402
 from engine.streaming import ImageFiles, stream_scores  # noqa: E402
@@ -140,6 +141,9 @@ def child(args: argparse.Namespace) -> None:
                       "total_pss_mb": round(sampler.stop(), 1)}), flush=True)
 
 
+TITLE = "Peak host memory of streamed scoring"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, 200_000])
@@ -150,33 +154,35 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--manifest", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
+    add_results_arguments(parser)
     args = parser.parse_args()
     if args.child:
         child(args)
         return
-    with tempfile.TemporaryDirectory() as scratch:
-        pool = Path(args.pool or scratch)
-        start = time.perf_counter()
-        make_pool(pool, max(args.sizes), sorted(args.sizes))
-        print(json.dumps({"files": max(args.sizes), "shape": SHAPE, "pool": str(pool),
-                          "generate_seconds": round(time.perf_counter() - start, 1)}), flush=True)
-        torch.set_num_threads(1)
-        model = Path(scratch) / "model.pt"
-        torch.save(train(ImageFiles.open(pool / f"manifest_{min(args.sizes)}.csv").load(np.arange(TRAIN_ROWS)),
-                         TRAIN), model)
-        runs = []
-        for size in sorted(args.sizes):
-            for eager in ([False, True] if size <= args.eager_up_to else [False]):
-                command = [sys.executable, __file__, "--child", "--manifest", str(pool / f"manifest_{size}.csv"),
-                           "--model", str(model), "--method", args.method] + (["--eager"] if eager else [])
-                line = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
-                print(line, flush=True)
-                runs.append(json.loads(line.splitlines()[-1]))
-    print("\n| rows | path | method | seconds | rows/s | listing MB | main MB | worker MB | total PSS MB |")
-    print("|---:|---|---|---:|---:|---:|---:|---:|---:|")
-    for r in runs:
-        print(f"| {r['rows']:,} | {r['path']} | {r['method']} | {r['seconds']} | {r['rows_per_s']:,.0f} | "
-              f"{r['listing_mb']} | {r['main_mb']} | {r['worker_mb']} | {r['total_pss_mb']} |")
+    with results_file(args, TITLE):
+        with tempfile.TemporaryDirectory() as scratch:
+            pool = Path(args.pool or scratch)
+            start = time.perf_counter()
+            make_pool(pool, max(args.sizes), sorted(args.sizes))
+            print(json.dumps({"files": max(args.sizes), "shape": SHAPE, "pool": str(pool),
+                              "generate_seconds": round(time.perf_counter() - start, 1)}), flush=True)
+            torch.set_num_threads(1)
+            model = Path(scratch) / "model.pt"
+            torch.save(train(ImageFiles.open(pool / f"manifest_{min(args.sizes)}.csv").load(np.arange(TRAIN_ROWS)),
+                             TRAIN), model)
+            runs = []
+            for size in sorted(args.sizes):
+                for eager in ([False, True] if size <= args.eager_up_to else [False]):
+                    command = [sys.executable, __file__, "--child", "--manifest", str(pool / f"manifest_{size}.csv"),
+                               "--model", str(model), "--method", args.method] + (["--eager"] if eager else [])
+                    line = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+                    print(line, flush=True)
+                    runs.append(json.loads(line.splitlines()[-1]))
+        print("\n| rows | path | method | seconds | rows/s | listing MB | main MB | worker MB | total PSS MB |")
+        print("|---:|---|---|---:|---:|---:|---:|---:|---:|")
+        for r in runs:
+            print(f"| {r['rows']:,} | {r['path']} | {r['method']} | {r['seconds']} | {r['rows_per_s']:,.0f} | "
+                  f"{r['listing_mb']} | {r['main_mb']} | {r['worker_mb']} | {r['total_pss_mb']} |")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `benchmarks` importable
 
 from benchmarks.common import data_root, load_cifar10, load_mnist_test  # noqa: E402
+from benchmarks.reports import add_results_arguments, results_file  # noqa: E402
 from engine.data import load_sample  # noqa: E402
 from engine.pipeline import score_methods  # noqa: E402
 from engine.preflight import estimate_run_time  # noqa: E402
@@ -45,28 +46,34 @@ def measure(name: str, dataset, config, methods: list[str]) -> dict:
             "ratio": round(predicted / measured, 3)}
 
 
+TITLE = "The set-up page's time estimate against real runs"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=None)
+    add_results_arguments(parser)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    root = data_root(args.data_root)
-    fast = PRESETS["fast-cpu"]
-    digits = load_sample("train")
-    mnist = load_mnist_test(root)
-    cifar = load_cifar10(root, "test")
-    cases = [("digits 8×8", digits, fast, []),
-             ("digits 8×8, loss + cleanlab", digits, replace(fast, epochs=5), ["loss", "cleanlab"]),
-             ("MNIST test 28×28 (3,000 rows)", mnist.subset(mnist.index < 3000), replace(fast, epochs=2), []),
-             ("CIFAR-10 test 32×32 RGB (2,000 rows)", cifar.subset(cifar.index < 2000), replace(fast, epochs=3), [])]
-    rows = []
-    for case in cases:
-        rows.append(measure(*case))
-        print(json.dumps(rows[-1]), flush=True)
-    print("\n| case | methods | epochs | estimate s | measured s | ratio |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['case']} | {', '.join(r['methods'])} | {r['epochs']} | {r['estimate_seconds']} | "
-              f"{r['measured_seconds']} | {r['ratio']} |")
+    with results_file(args, TITLE):
+        torch.set_num_threads(1)
+        root = data_root(args.data_root)
+        fast = PRESETS["fast-cpu"]
+        digits = load_sample("train")
+        mnist = load_mnist_test(root)
+        cifar = load_cifar10(root, "test")
+        cases = [("digits 8×8", digits, fast, []),
+                 ("digits 8×8, loss + cleanlab", digits, replace(fast, epochs=5), ["loss", "cleanlab"]),
+                 ("MNIST test 28×28 (3,000 rows)", mnist.subset(mnist.index < 3000), replace(fast, epochs=2), []),
+                 ("CIFAR-10 test 32×32 RGB (2,000 rows)", cifar.subset(cifar.index < 2000), replace(fast, epochs=3),
+                  [])]
+        rows = []
+        for case in cases:
+            rows.append(measure(*case))
+            print(json.dumps(rows[-1]), flush=True)
+        print("\n| case | methods | epochs | estimate s | measured s | ratio |\n|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['case']} | {', '.join(r['methods'])} | {r['epochs']} | {r['estimate_seconds']} | "
+                  f"{r['measured_seconds']} | {r['ratio']} |")
 
 
 if __name__ == "__main__":

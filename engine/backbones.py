@@ -5,9 +5,10 @@ network with :func:`start_model`). ``freeze="backbone"`` (the default whenever a
 the only road for a TorchScript backbone or embeddings) runs the backbone once per dataset, keeps
 its N×D features as a stage of a resumable run (:mod:`engine.stages`), and trains the head alone
 (:class:`engine.models.LinearHead`) on them. The training loss is then convex in the head's
-parameters, so the last-layer influence methods are exact; every other method runs on the head too
-(whole-network methods such as if-ekfac and TracIn see the head, the only trainable part; cleanlab's
-folds retrain the head).
+parameters and its GGN is its Hessian: the scorers are told (``ScoringContext.head_only``) and each
+result's ``trained_part`` says what that means for its method (exact only with the ``last`` head
+curvature; EK-FAC approximates it). Every other method runs on the head too (cleanlab's folds
+retrain the head).
 """
 
 from __future__ import annotations
@@ -50,8 +51,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 FEATURE_DTYPE = np.dtype(np.float16)
 FEATURE_CHUNK_ROWS = 4096
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 2, 4096  # --image-size's range (engine.runs.RunSettings)
-HEAD_ONLY_NOTE = ("the head alone, on frozen backbone features: last-layer methods are exact (a convex problem); "
-                  "whole-network methods (if-ekfac, TracIn) cover the head, the only trainable part")
 
 
 def is_timm(model: str | None) -> bool:

@@ -58,7 +58,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICE_NAMES)}")
     parser.add_argument("--threads", type=int, default=defaults.threads,
                         help="CPU threads while training, part of the recipe: the same number gives the same "
-                             "weights (default %(default)s, as the dashboard)")
+                             "weights, 1 the same on every machine (default: this machine's cores, at most 8: "
+                             "%(default)s, as the dashboard)")
     parser.add_argument("--model", default="auto", help=f"one of {', '.join(MODEL_NAMES)}, or timm:NAME")
     parser.add_argument("--noise-rate", type=float, default=None, help="inject this fraction of label noise first")
     parser.add_argument("--noise-kind", default="symmetric", help=f"one of {', '.join(NOISE_KINDS)}")
@@ -313,7 +314,7 @@ def _summary(args: argparse.Namespace, config: TrainConfig, out: Path, start: fl
              model: str, validation, trusted: bool, flipped: np.ndarray | None, train_seconds: float) -> dict:
     """The JSON line ``score`` prints last."""
     summary = {"method": args.method, "n": n, "seconds": round(time.perf_counter() - start, 3), "device": device,
-               "model": model, "epochs": config.epochs, "out": str(out)}
+               "model": model, "epochs": config.epochs, "threads": config.threads, "out": str(out)}
     if validation is not None:
         summary["validation"] = {"n": len(validation), "trusted": trusted}
     if flipped is not None:

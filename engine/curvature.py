@@ -1,4 +1,4 @@
-"""Damped Gauss-Newton curvature of the cross-entropy loss, for influence scores (METHODS.md §3–§4).
+"""Damped Gauss-Newton curvature of the cross-entropy loss, for influence scores (docs/methods.md §3–§4).
 
 Two levels, both of the *mean* loss over a fitting set (the training set for ``if-*``, the
 trusted validation set for VM / FVM), both returning quadratic forms s = gᵀ(H + λI)⁻¹g:
@@ -47,7 +47,7 @@ from engine.task import ImageTask
 from engine.training import Predictions
 
 FISHER_MODES = ("exact", "sampled")
-DEFAULT_RELATIVE_DAMPING = 0.1  # METHODS.md §3: 0.1 × the mean eigenvalue
+DEFAULT_RELATIVE_DAMPING = 0.1  # docs/methods.md §3: 0.1 × the mean eigenvalue
 # The exact head GGN holds (C·D)² float64 numbers: above this dimension (8192² × 8 B = 512 MiB) the
 # head's curvature is EK-FAC instead (CIFAR-100 on a 512-wide head: C·D = 51,300, ~21 GB exact).
 MAX_EXACT_HEAD_DIM = 8192
@@ -73,16 +73,6 @@ def _damping(mean_eigenvalue: float, relative: float, absolute: float | None) ->
     if absolute is not None:
         return float(absolute)
     return float(relative * mean_eigenvalue) or 1e-12
-
-
-def head_gradients(features, probabilities, labels, *, bias: bool = True) -> torch.Tensor:
-    """Per-sample head gradients vec((p − e_y) âᵀ), (N, C·D), row-major like ``head.weight`` with
-    the bias as the last column (the same order as :meth:`LayerCapture.factors`)."""
-    p = torch.as_tensor(probabilities)
-    a = _with_bias(_as_tensor(features, p.dtype, p.device), bias)
-    residual = p.clone()
-    residual[torch.arange(len(p)), torch.as_tensor(labels, device=p.device)] -= 1.0
-    return (residual[:, :, None] * a[:, None, :]).reshape(len(p), -1)
 
 
 def last_layer_ggn(features, probabilities, *, bias: bool = True, dtype: torch.dtype = torch.float64,
@@ -146,11 +136,6 @@ class LastLayerCurvature:
         """vᵀ(H + λI)⁻¹v for each row v of ``vectors`` (n, dim): ‖L⁻¹v‖²."""
         v = vectors.to(self.cholesky.dtype).to(self.cholesky.device)
         return torch.linalg.solve_triangular(self.cholesky, v.T, upper=False).square().sum(0)
-
-    def inverse_product(self, vectors: torch.Tensor) -> torch.Tensor:
-        """(H + λI)⁻¹v for each row v of ``vectors`` (n, dim)."""
-        v = vectors.to(self.cholesky.dtype).to(self.cholesky.device)
-        return torch.cholesky_solve(v.T, self.cholesky).T
 
     def candidate_scores(self, features, probabilities) -> np.ndarray:
         """s(z, c) = g(z, c)ᵀ(H + λI)⁻¹g(z, c) for every sample and every label c, (N, C) float64.
@@ -496,6 +481,28 @@ def check_damping(damping: float) -> None:
         raise OptionError("damping", damping, ["a positive multiple of the mean curvature eigenvalue"])
 
 
+@dataclass(frozen=True)
+class EKFACSettings:
+    """The EK-FAC settings of every scorer that may fit it (``if-ekfac``, ``fvm`` / ``vm`` with
+    ``curvature="ekfac"``): their ``Settings`` extend this one, and :meth:`check_ekfac` refuses bad
+    values when the scorer is made, before any training or fine-tuning."""
+
+    damping: float = DEFAULT_RELATIVE_DAMPING  # λ per layer, a multiple of its mean (corrected) eigenvalue
+    fisher: str = "exact"  # exact GGN (C backward passes per batch) or one label sampled from p (one)
+    candidate_labels: bool = False  # suggestions by argmin over every label (C backward passes) instead of argmax
+    batch_size: int = 256  # rows per forward / backward pass of the fit and the scores
+    seed: int = 0  # sampled Fisher labels
+
+    def check_ekfac(self) -> None:
+        check_damping(self.damping)
+        if self.fisher not in FISHER_MODES:
+            raise OptionError("fisher", self.fisher, FISHER_MODES)
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise OptionError("batch_size", self.batch_size, ["a positive integer"])
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise OptionError("seed", self.seed, ["an integer in 0..2³²−1"])
+
+
 def head_dimension(model: nn.Module) -> int:
     """C·D of the head's weights and bias: the side of its exact GGN."""
     return model.head.weight.numel() + (model.head.bias.numel() if model.head.bias is not None else 0)
@@ -529,7 +536,7 @@ def head_influence(curvature: LastLayerCurvature | HeadEKFAC, target: Prediction
     return candidates[np.arange(len(labels)), labels], candidates.argmin(1), info
 
 
-def fit_ekfac(model: nn.Module, task: ImageTask, fit: Dataset, device: torch.device, settings,
+def fit_ekfac(model: nn.Module, task: ImageTask, fit: Dataset, device: torch.device, settings: EKFACSettings,
               progress: Progress, distributed: Distributed = LOCAL) -> EKFAC:
     """EK-FAC on the fitting rows (this rank's shard of them, summed across ranks); sampled Fisher
     labels keyed by their stable index (free of the order and of the sharding)."""
@@ -539,7 +546,7 @@ def fit_ekfac(model: nn.Module, task: ImageTask, fit: Dataset, device: torch.dev
 
 
 def ekfac_influence(ekfac: EKFAC, task: ImageTask, images: np.ndarray, labels: np.ndarray, device: torch.device,
-                    settings, fallback_suggestions: np.ndarray,
+                    settings: EKFACSettings, fallback_suggestions: np.ndarray,
                     progress: Progress) -> tuple[np.ndarray, np.ndarray, dict]:
     """EK-FAC scores; suggestions by argmin over candidates (C backward passes per batch) when
     ``settings.candidate_labels``, else ``fallback_suggestions`` (the model's argmax)."""

@@ -1,4 +1,4 @@
-"""Fine-tune a copy of the trained model to a minimum θ̃ of the trusted validation risk (METHODS.md §4).
+"""Fine-tune a copy of the trained model to a minimum θ̃ of the trusted validation risk (docs/methods.md §4).
 
 VM uses plain SGD; FVM a flat minimum, with SAM (sharpness-aware: the gradient is taken at the
 worst point within ρ) or LPF-SGD (Bisla et al. 2022, M = 1: the gradient is taken at a Gaussian
@@ -66,13 +66,20 @@ RECIPES: dict[str, FinetuneRecipe] = {
     "small-cnn-rgb32": FinetuneRecipe(epochs=30, learning_rate=0.01, gamma=0.001, why=(
         "small CNN on colour images of 32 px or more: lr 0.01 ranked better than 0.003 on CIFAR-10 "
         "(benchmarks/results/flagship-variants.md)")),
-    # γ = 0.002: LPF-SGD's value for CIFAR-scale ResNets (METHODS.md §4). lr and epochs are NOT yet
+    # γ = 0.002: LPF-SGD's value for CIFAR-scale ResNets (docs/methods.md §4). lr and epochs are NOT yet
     # measured here: a third of the small CNN's rate (eval-mode BatchNorm in 20 layers is sharper;
     # the backtracking divides it further if a run ends above θ*'s loss) and half the epochs (5k
     # validation images give ~80 steps an epoch, not ~5). benchmarks/gpu_check.sh reports the plateau.
     "resnet18": FinetuneRecipe(epochs=15, learning_rate=0.001, gamma=0.002, why=(
         "ResNet-18, and any architecture without its own recipe: a third of the small CNN's digits rate "
         "(not yet measured)")),
+    # The lone linear head on frozen backbone features (engine.backbones, HEAD_MODEL): a convex problem
+    # without BatchNorm, so nothing in it sharpens in eval mode; the validation set gives few steps an
+    # epoch. NOT yet measured: the trainer's own head rate (0.05) would overshoot a minimum it starts
+    # near, the ResNet's 0.001 over 15 epochs barely moves; 0.01 over 30 epochs sits between, and the
+    # backtracking divides it if a run ends above θ*'s loss.
+    "linear": FinetuneRecipe(epochs=30, learning_rate=0.01, gamma=0.001, why=(
+        "the linear head alone on frozen features (convex, no BatchNorm): not yet measured")),
 }
 DEFAULT_RECIPE = "resnet18"  # other architectures (deep, with BatchNorm) start from the ResNet's
 RECIPE_FIELDS = ("epochs", "learning_rate", "gamma")  # what a recipe fills in where the config leaves None
@@ -95,7 +102,7 @@ class FinetuneConfig:
     epochs: int | None = None  # the cosine schedule ends at rate 0, where the loss has plateaued (``plateau``)
     learning_rate: float | None = None
     momentum: float = 0.9
-    weight_decay: float = 5e-4  # as in training (METHODS.md §4)
+    weight_decay: float = 5e-4  # as in training (docs/methods.md §4)
     batch_size: int = 64
     warmup_epochs: int = 2  # linear warm-up before the cosine: momentum transients at full rate overshoot
     rho: float = 0.05  # SAM neighbourhood radius (the SAM paper's default for SGD)

@@ -287,7 +287,7 @@ def validation_warnings(train: Dataset, validation: Dataset | None, *, trusted: 
     """Warnings about the trusted validation set: overlap with training, size, missing classes, carve-out.
 
     ``reviewed_in_validation``: training indices a person reviewed and added to the validation set on
-    purpose (closing the loop, METHODS.md §4); their copies are not counted as an overlap."""
+    purpose (closing the loop, docs/methods.md §4); their copies are not counted as an overlap."""
     if validation is None:
         return []
     found: list[Advice] = []

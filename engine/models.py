@@ -1,6 +1,6 @@
 """Classifiers: a CPU-friendly small CNN and a CIFAR-style ResNet-18.
 
-Every model exposes ``features(x)`` (the penultimate activations, the ``a`` of METHODS.md) and a
+Every model exposes ``features(x)`` (the penultimate activations, the ``a`` of docs/methods.md) and a
 final ``head`` (``nn.Linear``), so last-layer scores need nothing model-specific.
 """
 
@@ -44,16 +44,18 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
+        self.relu1 = nn.ReLU()  # modules, not torch.relu: the activations a dropout ensemble drops
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+        self.relu2 = nn.ReLU()  # the block's output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return torch.relu(out + self.shortcut(x))
+        return self.relu2(out + self.shortcut(x))
 
 
 class ResNet18(nn.Module):

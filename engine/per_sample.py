@@ -1,4 +1,4 @@
-"""Per-sample gradient quantities from ONE batched backward pass (METHODS.md §2), never N × P.
+"""Per-sample gradient quantities from ONE batched backward pass (docs/methods.md §2), never N × P.
 
 Hooks store each supported layer's input (forward) and the gradient of its output (backward).
 With the loss taken as the *sum* of per-sample losses, row ``i`` of an output gradient is sample

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from engine.backbones import HEAD_ONLY_NOTE, frozen_inputs, head_only
+from engine.backbones import frozen_inputs, head_only
 from engine.data import Dataset, check_csv_text, inject_noise, stratified_split
 from engine.distributed import LOCAL, Distributed
 from engine.errors import DataError, InfluenceLensError
@@ -173,15 +173,13 @@ def score_methods(train_set: Dataset, methods: list[str], *, validation: Dataset
         trained = train(train_set, config, progress=progress, distributed=distributed)
     stage_key = digest(training_key(train_set, trained.config), fingerprint(validation)) if stages else ""
     context = ScoringContext(train_set, trained, validation, validation_trusted, progress, stages, stage_key,
-                             distributed)
+                             distributed, head_only=frozen)
     if distributed.world_size > 1:
-        context._predictions = _sharded_predictions(context, distributed)
+        context.share_predictions(_sharded_predictions(context, distributed))
     run = ScoringRun(context, train_seconds=time.perf_counter() - start)
     for scorer in scorers:
         run.results[scorer.name] = _score_in_stages(scorer, context) if distributed.world_size == 1 else \
             _score_distributed(scorer, context, distributed)
-        if frozen:
-            run.results[scorer.name].info["trained_part"] = HEAD_ONLY_NOTE
     return run
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from engine.progress import Progress, no_progress
 from engine.scorers import scorer_class
 from engine.scorers.flat_validation import CURVATURES
 from engine.stages import StageStore, fingerprint
-from engine.training import PRESETS, TrainConfig, TrainedModel, predict
+from engine.training import PRESETS, TrainConfig, TrainedModel, default_threads, predict
 from engine.workspace import Workspace
 
 
@@ -58,7 +58,8 @@ class RunSettings:
     freeze: str | None = None
     pretrained: bool = False
     image_size: int | None = None  # resize at load: shorter side to this, centre crop (engine.data)
-    threads: int = 1  # CPU threads while training: part of the recipe (TrainConfig.threads)
+    # CPU threads while training: part of the recipe (TrainConfig.threads); the machine's cores by default
+    threads: int = field(default_factory=default_threads)
 
     def validate(self) -> RunSettings:
         if self.preset not in PRESETS:
@@ -112,7 +113,9 @@ class RunSettings:
 
     @classmethod
     def from_dict(cls, values: dict) -> RunSettings:
-        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
+        """Settings stored before a field existed get the value they ran with (``_START_DEFAULTS``: one
+        training thread), not today's default, so they keep their hash."""
+        return cls(**{**_START_DEFAULTS, **{k: v for k, v in values.items() if k in cls.__dataclass_fields__}})
 
 
 def _is_sample(spec: str) -> bool:
@@ -187,7 +190,7 @@ def load_run_data(settings: RunSettings, *, skip_unreadable: bool = True) -> Run
 
 
 def reviewed_validation(data: RunData, decisions: pd.DataFrame) -> Dataset:
-    """A trusted validation set grown by the samples a person reviewed (METHODS.md §4: "the samples
+    """A trusted validation set grown by the samples a person reviewed (docs/methods.md §4: "the samples
     a person has reviewed and confirmed or relabeled"): confirmed ones with their given label,
     relabeled ones with the new label, after the run's own validation set when that one is trusted.
     Rows keep their stable index, or are re-indexed 0..M-1 when the two sets' indices overlap."""
@@ -220,8 +223,8 @@ def config_hash(settings: RunSettings, data: RunData) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-# Settings added with "bring your model" and the training threads: left out of the hash while unset, so runs stored before
-# they existed keep their hash (and their results).
+# Settings added with "bring your model" and the training threads: left out of the hash at these values (the ones
+# runs stored before they existed ran with: one thread), so those runs keep their hash (and their results).
 _START_DEFAULTS = {"weights": None, "backbone": None, "embeddings": None, "freeze": None, "pretrained": False,
                    "image_size": None, "threads": 1}
 

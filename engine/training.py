@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -36,6 +37,19 @@ DIVERGENCE_RESTARTS = 2  # a diverging training starts again at a tenth of the l
 # up: a healthy run starts near log(C) and falls.
 DIVERGED_LOSS_FACTOR = 100.0
 MAX_EPOCHS = 100_000  # beyond any sane recipe; a run too long for its data is stopped by its time estimate
+MAX_DEFAULT_THREADS = 8  # the default's bound: a CPU training of this size gains little beyond, and cores stay free
+
+
+def default_threads() -> int:
+    """The training threads a recipe gets unless it says: the cores this process may use, at most
+    ``MAX_DEFAULT_THREADS`` (the CLI and the dashboard both take it, so they agree on one machine)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_DEFAULT_THREADS))
+
+
 MAX_SEED = 2**32 - 1  # numpy's and torch's generators both take seeds in 0..2^32-1 without surprises
 MAX_THREADS = 1024
 
@@ -49,7 +63,7 @@ class TrainConfig:
     batch_size: int = 64
     learning_rate: float = 0.05  # peak of the schedule; SGD+momentum on BN nets is stable here
     momentum: float = 0.9
-    weight_decay: float = 5e-4  # METHODS.md: influence estimates need weight decay
+    weight_decay: float = 5e-4  # docs/methods.md §3: influence estimates need weight decay
     schedule: str = "onecycle"
     augment: str = "auto"  # flip+crop for RGB photos, crop only for grayscale (digits are not mirror-symmetric)
     checkpoints: int = 5  # evenly spaced epochs, the last one included
@@ -67,9 +81,9 @@ class TrainConfig:
     # "none": fine-tune every layer from the given weights.
     freeze: str | None = None
     # CPU threads while training. Part of the recipe because float sums split over more threads round
-    # differently, so the weights (and accuracies) would depend on the machine's thread count. One: the
-    # small CNN gains little from more, and a busy 2-core machine trains 10-30x slower with two.
-    threads: int = 1
+    # differently: the same count gives the same weights, another count slightly different ones. Default:
+    # the machine's cores (default_threads); 1 gives the same weights on every machine.
+    threads: int = field(default_factory=default_threads)
 
     def validate(self) -> TrainConfig:
         if self.model not in (*MODEL_NAMES, HEAD_MODEL) and not self.model.startswith("timm:"):

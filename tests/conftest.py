@@ -120,3 +120,15 @@ def run_cli_fixture():
 @pytest.fixture(name="snapshot")
 def snapshot_fixture():
     return snapshot
+
+
+def head_gradients(features, probabilities, labels, *, bias: bool = True) -> torch.Tensor:
+    """Per-sample head gradients vec((p − e_y) âᵀ), (N, C·D), row-major like ``head.weight`` with
+    the bias as the last column (the same order as :meth:`LayerCapture.factors`): the brute-force
+    side of the head-curvature tests."""
+    p = torch.as_tensor(probabilities)
+    a = torch.as_tensor(features, dtype=p.dtype)
+    a = torch.cat([a, a.new_ones(len(a), 1)], 1) if bias else a
+    residual = p.clone()
+    residual[torch.arange(len(p)), torch.as_tensor(labels, device=p.device)] -= 1.0
+    return (residual[:, :, None] * a[:, None, :]).reshape(len(p), -1)

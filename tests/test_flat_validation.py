@@ -1,12 +1,14 @@
 """The validation fine-tune, the influence and flat-validation scorers, and their CLI surface."""
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
 import torch
 from conftest import last_json_line, make_dataset
 
+from engine import pipeline
+from engine.curvature import EKFACSettings
 from engine.data import load_dataset, save_npz
 from engine.errors import DataError, OptionError
 from engine.finetune import FinetuneConfig, finetune
@@ -73,6 +75,30 @@ def test_bad_settings_name_the_valid_choices(tiny):
         make_scorer("vm", settings).run(context)
     with pytest.raises(OptionError, match="exact, sampled"):
         make_scorer("if-ekfac", replace(scorer_class("if-ekfac").Settings(), fisher="mc")).run(context)
+
+
+@pytest.mark.parametrize("method", ["if-ekfac", "fvm", "vm"])
+@pytest.mark.parametrize(("field", "value"), [("batch_size", 0), ("fisher", "full"), ("damping", 0.0), ("seed", -1)])
+def test_the_ekfac_settings_are_one_dataclass_refused_before_any_training(monkeypatch, method, field, value):
+    assert issubclass(scorer_class(method).Settings, EKFACSettings)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before the settings were checked")
+
+    monkeypatch.setattr(pipeline, "train", no_training)
+    data = make_dataset(classes=2, per_class=4)
+    settings = replace(scorer_class(method).Settings(), **{field: value})
+    with pytest.raises(OptionError, match=field):
+        score_methods(data, [method], validation=data, settings={method: settings})
+
+
+def test_vm_and_fvm_are_siblings_that_differ_only_in_the_fine_tune():
+    for plain, flat in (("vm", "fvm"), ("vm-loss", "fvm-loss")):
+        assert not issubclass(scorer_class(plain), scorer_class(flat))
+        assert scorer_class(plain).__mro__[1] is scorer_class(flat).__mro__[1]
+        assert asdict(replace(scorer_class(plain).Settings(), finetune=FinetuneConfig())) == \
+            asdict(scorer_class(flat).Settings())
+        assert scorer_class(plain).Settings().finetune.optimizer == "sgd"
 
 
 def _settings(method, **changes):

@@ -1,8 +1,6 @@
-"""Our EK-FAC against Kronfluence's, the reference implementation METHODS.md names, on a small
-convolutional model. Skipped where kronfluence does not import: it is not a dependency (its wheel
-requires torchvision, which does not import beside the CPU torch here). To run it, install it
-without its dependencies: ``pip install --no-deps kronfluence einops einconv opt-einsum
-safetensors accelerate pyyaml psutil huggingface_hub``.
+"""Our EK-FAC against Kronfluence's, the reference implementation docs/methods.md §3 names, on a small
+convolutional model. kronfluence is in the dev extra (with the torchvision release built for
+torch 2.13, which it requires but never imports), so CI runs it; skipped where it does not import.
 
 Kronfluence fits EK-FAC on the per-row gradients of a task loss. Its fitting set here holds every
 image C times, row (x, k) with loss √p_k(x)·ℓ(x, k) (p_k detached): the output gradient of that row

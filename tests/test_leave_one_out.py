@@ -10,9 +10,10 @@ convergence gives the truth.
 import numpy as np
 import torch
 import torch.nn.functional as F
+from conftest import head_gradients
 from scipy.stats import pearsonr
 
-from engine.curvature import LastLayerCurvature, head_gradients
+from engine.curvature import LastLayerCurvature
 
 MU = 1e-2
 N, D, C = 120, 5, 3
@@ -62,7 +63,7 @@ def test_influence_predicts_leave_one_out_change_in_validation_loss():
     grads = head_gradients(x, probs, y)
     theta_var = theta.clone().requires_grad_(True)
     val_grad = torch.autograd.grad(val_loss(theta_var), theta_var)[0]   # same [W | b] row-major order
-    predicted = curvature.inverse_product(grads) @ val_grad / N
+    predicted = torch.cholesky_solve(grads.T, curvature.cholesky).T @ val_grad / N  # (H + λI)⁻¹g
 
     removed = np.random.default_rng(3).choice(N, 30, replace=False)
     actual = []

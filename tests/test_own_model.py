@@ -193,26 +193,76 @@ def test_a_second_workspace_run_reuses_the_cached_features(tmp_path):
     assert last_json_line(second.stdout)["model"] == "linear"
 
 
-MU = 1e-2  # the head's weight decay: the regulariser of the convex head problem
+def _embedded(tmp_path, n: int, d: int, c: int, seed: int = 0) -> tuple[Dataset, str]:
+    """``n`` rows of ``c`` learnable classes with ``d``-dimensional embeddings saved to an .npy."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % c
+    features = (rng.normal(size=(c, d)) * 1.5)[labels] + rng.normal(size=(n, d))
+    path = tmp_path / f"e{d}.npy"
+    np.save(path, features.astype(np.float32))
+    return Dataset(np.zeros((n, 4, 4), np.uint8), labels.astype(np.int64), tuple(map(str, range(c)))), str(path)
 
 
-def test_frozen_head_self_influence_matches_leave_one_out_retraining(tmp_path):
+def test_the_head_mode_is_the_scorers_and_says_which_curvature(tmp_path):
+    """A 10-class head on 820-d features (C·D = 8,210) crosses MAX_EXACT_HEAD_DIM: if-last is EK-FAC
+    of the head there, and its note must not call it exact; on 5-d features it is the exact GGN."""
+    from engine.curvature import MAX_EXACT_HEAD_DIM
+    from engine.scorers import ScoringContext, make_scorer
+
+    data, path = _embedded(tmp_path, 60, 820, 10)
+    run = score_methods(data, ["if-last", "loss"], config=TrainConfig(embeddings=path, epochs=2))
+    assert run.context.head_only and 10 * 821 > MAX_EXACT_HEAD_DIM
+    info = run.results["if-last"].info
+    assert info["curvature"] == "ekfac-last"
+    note = info["trained_part"]
+    assert note.startswith("the head alone") and "EK-FAC of the head" in note and "8,210" in note
+    assert "λ = 0.1 × its mean eigenvalue" in note and "not the exact" in note and "exact GGN" not in note
+    assert "covers the head" in run.results["loss"].info["trained_part"]
+    small, small_path = _embedded(tmp_path, 30, 5, 3)
+    run = score_methods(small, ["if-last"], config=TrainConfig(embeddings=small_path, epochs=2))
+    assert "exact GGN" in run.results["if-last"].info["trained_part"]
+    # The field itself, not the pipeline: any context that says head_only gets the note, others none.
+    for lone_head in (True, False):
+        context = ScoringContext(run.context.train, run.trained, head_only=lone_head)
+        info = make_scorer("if-last").run(context).info
+        assert ("trained_part" in info) == lone_head
+
+
+# The head's recipes: the default one (15 epochs of mini-batch SGD, weight decay 5e-4, which stops short
+# of the optimum of the convex head problem), and one run to that optimum (full batch, 200 epochs).
+# Floors below what was measured (Pearson, top-5% overlap of 6, relabel argmin agreement of 30):
+# default 0.760, 5, 28; converged 0.996, 6, 29.
+HEAD_RECIPES = {
+    "default": (TrainConfig(), 0.70, 4, 26),
+    "converged": (TrainConfig(epochs=200, batch_size=120, learning_rate=0.5, weight_decay=1e-2, schedule="cosine"),
+                  0.95, 5, 27),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", HEAD_RECIPES)
+def test_frozen_head_self_influence_matches_leave_one_out_retraining(tmp_path, recipe):
     """if-last on the head-only path against retraining the head without each sample (to the optimum of
-    the same regularised loss, L-BFGS): the change in the sample's own loss (Koh & Liang 2017)."""
+    the same regularised loss, L-BFGS, from θ*): the change in the sample's own loss (Koh & Liang 2017),
+    for every sample; and the relabel suggestion (argmin over candidate labels c of s(z, c)) against the
+    label c under which removing z, relabelled c, changes its own loss least."""
+    from engine.scorers import make_scorer
+
+    base, min_pearson, min_top, min_argmin = HEAD_RECIPES[recipe]
     n, d, c = 120, 5, 3
     rng = np.random.default_rng(1)
     labels = rng.integers(0, c, n)
     features = (np.random.default_rng(0).normal(size=(c, d)) * 1.5)[labels] + rng.normal(size=(n, d))
     np.save(tmp_path / "e.npy", features.astype(np.float32))
     data = Dataset(np.zeros((n, 4, 4), np.uint8), labels.astype(np.int64), ("a", "b", "c"))
-    config = TrainConfig(embeddings=str(tmp_path / "e.npy"), epochs=200, batch_size=n, learning_rate=0.5,
-                         weight_decay=MU, schedule="cosine")
+    config = replace(base, embeddings=str(tmp_path / "e.npy"))
+    mu = config.weight_decay  # the regulariser of the convex head problem: the trainer's weight decay
     run = score_methods(data, ["if-last"], config=config)
     scores = run.results["if-last"].scores
     x = run.trained.task.inputs(run.context.train.images).double()
     y = torch.as_tensor(labels)
 
-    def fit(weights, start):
+    def fit(weights, start, targets=y):
         theta = start.clone().requires_grad_(True)
         optimizer = torch.optim.LBFGS([theta], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
                                       history_size=50, line_search_fn="strong_wolfe")
@@ -220,8 +270,8 @@ def test_frozen_head_self_influence_matches_leave_one_out_retraining(tmp_path):
         def objective():
             optimizer.zero_grad()
             w = theta.reshape(c, d + 1)
-            loss = (weights * F.cross_entropy(x @ w[:, :d].T + w[:, d], y, reduction="none")).sum() / n \
-                + 0.5 * MU * theta.square().sum()
+            loss = (weights * F.cross_entropy(x @ w[:, :d].T + w[:, d], targets, reduction="none")).sum() / n \
+                + 0.5 * mu * theta.square().sum()
             loss.backward()
             return loss
 
@@ -229,21 +279,41 @@ def test_frozen_head_self_influence_matches_leave_one_out_retraining(tmp_path):
             optimizer.step(objective)
         return theta.detach()
 
-    def own_loss(theta, j):
+    def own_loss(theta, j, label):
         w = theta.reshape(c, d + 1)
-        return float(F.cross_entropy((x[j] @ w[:, :d].T + w[:, d])[None], y[j:j + 1]))
+        return float(F.cross_entropy((x[j] @ w[:, :d].T + w[:, d])[None], torch.tensor([label])))
+
+    def without(j):
+        weights = torch.ones(n, dtype=torch.float64)
+        weights[j] = 0.0
+        return weights
 
     head = run.trained.model.head
     start = torch.cat([head.weight.detach(), head.bias.detach()[:, None]], 1).double().flatten()
     theta = fit(torch.ones(n, dtype=torch.float64), start)
-    assert torch.allclose(theta, start, atol=0.05)  # the trainer reached the optimum of the convex problem
-    removed = np.random.default_rng(3).choice(n, 30, replace=False)
-    actual = []
-    for j in removed:
-        weights = torch.ones(n, dtype=torch.float64)
-        weights[j] = 0.0
-        actual.append(own_loss(fit(weights, theta), j) - own_loss(theta, j))
-    assert pearsonr(scores[removed], actual)[0] >= 0.95
+    if recipe == "converged":
+        assert torch.allclose(theta, start, atol=0.05)  # the trainer reached the optimum of the convex problem
+    actual = np.array([own_loss(fit(without(j), theta), j, labels[j]) - own_loss(theta, j, labels[j])
+                       for j in range(n)])
+    assert pearsonr(scores, actual)[0] >= min_pearson
+    top = int(np.ceil(0.05 * n))
+    assert len(set(np.argsort(-scores)[:top]) & set(np.argsort(-actual)[:top])) >= min_top
+    assert np.argmax(scores) in np.argsort(-actual)[:top]
+
+    scorer = make_scorer("if-last")
+    scorer.prepare(run.context)
+    predictions = run.context.predictions
+    candidates = scorer.curvature.candidate_scores(predictions.features, predictions.probabilities)
+    agree = 0
+    for j in np.random.default_rng(3).choice(n, 30, replace=False):
+        changes = []
+        for label in range(c):
+            targets = y.clone()
+            targets[j] = label
+            with_label = fit(torch.ones(n, dtype=torch.float64), theta, targets)
+            changes.append(own_loss(fit(without(j), with_label, targets), j, label) - own_loss(with_label, j, label))
+        agree += int(np.argmin(changes) == np.argmin(candidates[j]))
+    assert agree >= min_argmin
 
 
 def test_image_size_resizes_at_load_and_the_scores_carry_each_file(tmp_path):
@@ -356,7 +426,7 @@ def test_runs_without_a_start_keep_the_hash_they_had_before_these_settings(tmp_p
 
     data = make_dataset()
     save_npz(data, tmp_path / "d.npz")
-    settings = RunSettings(data=str(tmp_path / "d.npz"), epochs=2)
+    settings = RunSettings(data=str(tmp_path / "d.npz"), epochs=2, threads=1)  # as runs stored before ran
     loaded = load_run_data(settings)
     new = {"weights", "backbone", "embeddings", "freeze", "pretrained", "image_size", "threads"}
     values = {k: v for k, v in settings.to_dict().items() if k not in new and k != "test"}

@@ -3,12 +3,14 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import make_dataset
 from test_per_sample import brute_force_sq_norms
 
-from engine.data import load_dataset
+from engine.data import Dataset, load_dataset
 from engine.errors import OptionError
 from engine.metrics import detection_metrics
+from engine.models import BasicBlock
 from engine.per_sample import per_sample_grad_sq_norms
 from engine.pipeline import score_methods, with_injected_noise
 from engine.scorers import ScoringContext, make_scorer, scorer_class
@@ -76,7 +78,19 @@ def test_tracin_last_equals_brute_force_head_gradients(tiny):
     expected = _brute_force_tracin(dataset, trained, lambda m: [m.head.weight, m.head.bias])
     np.testing.assert_allclose(result.scores, expected, rtol=1e-4)
     assert [c["epoch"] for c in result.info["checkpoints"]] == [1, 2, 3]
+    for said, checkpoint in zip(result.info["checkpoints"], trained.checkpoints, strict=True):  # a mean, named so
+        assert said["mean_learning_rate"] * said["steps"] == pytest.approx(checkpoint.step_weight)
     np.testing.assert_array_equal(result.suggested_labels, ScoringContext(dataset, trained).predictions.predicted)
+
+
+def test_shared_predictions_replace_the_contexts_own_and_must_fit_its_rows(tiny):
+    dataset, trained = tiny
+    context, own = ScoringContext(dataset, trained), ScoringContext(dataset, trained).predictions
+    shared = type(own)(own.logits * 2, own.features)
+    context.share_predictions(shared)
+    assert context.predictions is shared
+    with pytest.raises(ValueError, match="predictions for"):
+        context.share_predictions(type(own)(own.logits[:3], own.features[:3]))
 
 
 def test_tracin_equals_brute_force_full_model_gradients(tiny):
@@ -139,6 +153,78 @@ def test_activation_dropout_member_masks_hidden_inputs_alike_for_every_sample_an
     assert 0.18 < 1 - kept[0].float().mean() < 0.32
     torch.testing.assert_close(seen[0][kept], (hidden / 0.75)[kept])
     torch.testing.assert_close(activation_dropout_member(model, 0.0, torch.Generator())(x), model(x))
+
+
+class _Residual(torch.nn.Module):
+    """A stem, a block with an identity shortcut, a block with a convolution shortcut, pooling, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU())
+        self.block1, self.block2 = BasicBlock(4, 4, 1), BasicBlock(4, 6, 2)
+        self.head = torch.nn.Linear(6, 3)
+
+    def features(self, x):
+        return self.block2(self.block1(self.stem(x))).mean((2, 3))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def test_activation_dropout_on_a_residual_net_drops_each_activation_once():
+    """Dropout of the activations: the stem's ReLU output, each block's inner ReLU output and each block's
+    output, one mask each, drawn in that order. So a block's identity shortcut and its first convolution
+    read the same dropped tensor (dropping each layer's input would leave the shortcut undropped and give
+    conv1 and a shortcut convolution masks of their own). The expected logits are computed by hand."""
+    torch.manual_seed(0)
+    model = _Residual().eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):  # non-trivial running statistics
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    rate, x = 0.3, torch.randn(5, 1, 8, 8)
+    member = activation_dropout_member(model, rate, torch.Generator().manual_seed(7))
+    got = member(x)
+    generator = torch.Generator().manual_seed(7)
+
+    def dropped(t):
+        return t * ((torch.rand(t.shape[1:], generator=generator) >= rate).float() / (1 - rate))
+
+    def block(b, h):
+        inner = dropped(F.relu(F.batch_norm(F.conv2d(h, b.conv1.weight, stride=b.conv1.stride, padding=1),
+                                            b.bn1.running_mean, b.bn1.running_var, b.bn1.weight, b.bn1.bias)))
+        out = F.batch_norm(F.conv2d(inner, b.conv2.weight, padding=1), b.bn2.running_mean, b.bn2.running_var,
+                           b.bn2.weight, b.bn2.bias)
+        if len(b.shortcut):
+            conv, bn = b.shortcut
+            h = F.batch_norm(F.conv2d(h, conv.weight, stride=conv.stride), bn.running_mean, bn.running_var,
+                             bn.weight, bn.bias)
+        return dropped(F.relu(out + h))
+
+    with torch.no_grad():
+        h = dropped(F.relu(F.conv2d(x, model.stem[0].weight, model.stem[0].bias, padding=1)))
+        expected = F.linear(block(model.block2, block(model.block1, h)).mean((2, 3)), model.head.weight,
+                            model.head.bias)
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, model(x))
+
+
+def test_ensemble_members_differ_on_a_lone_head(tmp_path):
+    """On frozen features the head is the only layer: its input features take the dropout, so the
+    members are not copies of the final model (the score is not members × the plain norm)."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 3
+    np.save(tmp_path / "e.npy", (rng.normal(size=(3, 16))[labels] + rng.normal(size=(40, 16))).astype(np.float32))
+    data = Dataset(np.zeros((40, 4, 4), np.uint8), labels.astype(np.int64), ("a", "b", "c"))
+    config = TrainConfig(embeddings=str(tmp_path / "e.npy"), epochs=2, checkpoints=2)
+    settings = {"tracin-ensemble": scorer_class("tracin-ensemble").Settings(members=1)}
+    one = score_methods(data, ["tracin-ensemble"], config=config, settings=settings).results["tracin-ensemble"]
+    for last_layer_only in (False, True):
+        settings = {"tracin-ensemble": scorer_class("tracin-ensemble").Settings(
+            members=3, max_dropout=0.3, last_layer_only=last_layer_only)}
+        three = score_methods(data, ["tracin-ensemble"], config=config, settings=settings).results["tracin-ensemble"]
+        assert three.info["dropped"] == "the head's input features"
+        assert np.abs(three.scores - 3 * one.scores).max() > 1e-3 * np.abs(one.scores).max()
 
 
 def test_dropout_member_zeroes_weights_at_the_rate_and_leaves_the_model_alone():

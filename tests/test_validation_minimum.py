@@ -13,10 +13,11 @@ from conftest import make_dataset
 
 import engine.finetune as finetune_module
 import engine.pipeline as pipeline
+from engine.data import Dataset
 from engine.errors import OptionError
-from engine.finetune import RECIPES, FinetuneConfig, _descend, choose_recipe, finetune
+from engine.finetune import DEFAULT_RECIPE, RECIPES, FinetuneConfig, _descend, choose_recipe, finetune
 from engine.guidance import scoring_advice
-from engine.models import choose_model
+from engine.models import HEAD_MODEL, MODEL_NAMES, choose_model
 from engine.pipeline import score_methods, with_injected_noise
 from engine.scorers import ScoringContext, make_scorer, scorer_class
 from engine.training import TrainConfig, predict, train
@@ -165,10 +166,34 @@ def test_lpf_perturbs_every_parameter_by_its_norm_one_dimensional_ones_too():
     ("small-cnn", (64, 48, 3), "small-cnn-rgb32"),
     ("resnet18", (32, 32, 3), "resnet18"),
     ("timm:resnet50", (224, 224, 3), "resnet18"),  # no recipe of its own
-    ("head", (512,), "resnet18"),  # feature rows
+    (HEAD_MODEL, (512,), "linear"),  # feature rows: the head alone has a recipe of its own
 ])
 def test_the_recipe_follows_the_architecture_and_the_input(model, shape, recipe):
     assert choose_recipe(model, shape) == recipe
+
+
+def test_every_network_the_trainer_builds_has_a_recipe_of_its_own_and_unknown_ones_fall_back():
+    for name, shape in (("small-cnn", (8, 8)), ("resnet18", (32, 32, 3)), (HEAD_MODEL, (16,))):
+        assert name in MODEL_NAMES + (HEAD_MODEL,)
+        assert choose_recipe(name, shape) == name and name in RECIPES
+    assert set(MODEL_NAMES) - {"auto"} | {HEAD_MODEL} <= {r.removesuffix("-rgb32") for r in RECIPES}
+    assert choose_recipe("no-such-network", (512,)) == DEFAULT_RECIPE  # said in its why
+    assert "any architecture without its own recipe" in RECIPES[DEFAULT_RECIPE].why
+
+
+def test_a_head_on_frozen_features_fine_tunes_with_the_head_recipe(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 2
+    np.save(tmp_path / "e.npy", (rng.normal(size=(2, 6))[labels] + rng.normal(size=(40, 6))).astype(np.float32))
+    data = Dataset(np.zeros((40, 4, 4), np.uint8), labels.astype(np.int64), ("a", "b"))
+    train_set, validation = data.subset(np.arange(30)), data.subset(np.arange(30, 40))
+    settings = {"vm-loss": replace(scorer_class("vm-loss").Settings(), finetune=FinetuneConfig(optimizer="sgd",
+                                                                                               epochs=2))}
+    run = score_methods(train_set, ["vm-loss"], validation=validation, settings=settings,
+                        config=TrainConfig(embeddings=str(tmp_path / "e.npy"), epochs=2))
+    info = run.results["vm-loss"].info
+    assert run.trained.model_name == HEAD_MODEL and info["finetune_recipe"] == "linear"
+    assert "not yet measured" in info["finetune_recipe_why"]
 
 
 def test_the_recipe_switches_where_a_gpu_run_switches_to_resnet18():

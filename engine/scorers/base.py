@@ -12,6 +12,7 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
+from engine.curvature import MAX_EXACT_HEAD_DIM
 from engine.data import Dataset
 from engine.distributed import LOCAL, Distributed
 from engine.errors import DataError
@@ -34,6 +35,10 @@ class ScoringContext:
     stages: StageStore | None = None  # where a resumable run keeps its stages (engine.stages)
     stage_key: str = ""  # hash of the trained model's data and recipe and of the validation set
     distributed: Distributed = LOCAL  # the ranks a prepare's sums over rows are all-reduced across
+    # True when ``trained`` is a lone linear head on frozen backbone features (engine.backbones): the
+    # rows of ``train.images`` are then feature vectors, and every result says what that means for
+    # its method (``trained_part`` in the info, :func:`head_mode_note`).
+    head_only: bool = False
     _predictions: Predictions | None = field(default=None, repr=False)
     # Stage values already computed in this run, by stage key: scorers that need the same stage (vm and
     # vm-loss need one θ̃) share it in memory, with or without a stage store on disk.
@@ -45,6 +50,13 @@ class ScoringContext:
         if self._predictions is None:
             self._predictions = predict(self.trained.model, self.trained.task, self.train.images, self.trained.device)
         return self._predictions
+
+    def share_predictions(self, predictions: Predictions) -> None:
+        """Use ``predictions`` as θ*'s on the training rows (e.g. gathered from the ranks' shards)
+        instead of computing them here."""
+        if len(predictions.logits) != len(self.train):
+            raise ValueError(f"{len(predictions.logits)} predictions for {len(self.train)} training rows")
+        self._predictions = predictions
 
     def cached(self, stage: str, what: Any, compute: Callable[[], T], codec: Codec[T], *, label: str = "") -> T:
         """``compute()`` once per run and ``what`` (shared by every scorer that asks); in a resumable
@@ -147,8 +159,11 @@ class Scorer:
         start = time.perf_counter()
         scored = self._score(context)
         self.timings["score_seconds"] = time.perf_counter() - start
+        info = scored.info
+        if context.head_only:
+            info = {"trained_part": head_mode_note(self.name, info, self.settings), **info}
         return ScoreResult(self.name, scored.scores, scored.suggested_labels, asdict(self.settings),
-                           dict(self.timings), scored.info, scored.arrays)
+                           dict(self.timings), info, scored.arrays)
 
     def run(self, context: ScoringContext) -> ScoreResult:
         self.prepare(context)
@@ -159,3 +174,29 @@ class Scorer:
 
     def _score(self, context: ScoringContext) -> Scored:
         raise NotImplementedError
+
+
+HEAD_ONLY = "the head alone, on frozen backbone features"
+
+
+def head_mode_note(method: str, info: dict[str, Any], settings: Any) -> str:
+    """What scoring a lone head means for a method: which curvature, and whether it is exact.
+
+    The head's loss is convex and its GGN is its Hessian, so the ``last`` curvature is the exact
+    Hessian (damped); ``ekfac-last`` (taken when (C·D)² is too large, or asked for) and ``ekfac``
+    approximate it. Methods without a curvature see the head, the only trainable part.
+    """
+    kind = info.get("curvature")
+    relative = getattr(settings, "damping", None)
+    damped = f"damped by λ = {relative:g} × its mean eigenvalue" if relative is not None else "damped"
+    if kind == "last":
+        return f"{HEAD_ONLY}: {method} uses the head's exact GGN (its Hessian: the head's loss is convex), {damped}"
+    if kind == "ekfac-last":
+        dim = info.get("curvature_dim")
+        size = f" (C·D = {dim:,}; the exact matrix is used up to {MAX_EXACT_HEAD_DIM:,})" if dim else ""
+        return (f"{HEAD_ONLY}: {method} uses EK-FAC of the head's GGN{size}, {damped}: an approximation of "
+                "the head's Hessian, not the exact form")
+    if kind == "ekfac":
+        return (f"{HEAD_ONLY}: {method} uses EK-FAC over the head, its only layer, {damped} (per layer): an "
+                "approximation of the head's Hessian, not the exact form")
+    return f"{HEAD_ONLY}: {method} covers the head, the only trainable part"

@@ -1,4 +1,4 @@
-"""Flat-validation influence, VM and FVM (METHODS.md §4), and the plain loss at the validation minimum.
+"""Flat-validation influence, VM and FVM (docs/methods.md §4), and the plain loss at the validation minimum.
 
 θ̃: the trained model fine-tuned on the trusted validation set (:mod:`engine.finetune`): plain SGD
 for VM, SAM or LPF-SGD for FVM, minimizing the mean validation cross-entropy plus the weight decay
@@ -10,7 +10,7 @@ eigenvalue. That is the second-order change of the validation risk if z were up-
 the validation gradient is zero at θ̃, which is why no first-order term appears: the info reports
 the head's validation-gradient norm at θ̃ (and at θ*, for scale) and warns when θ̃ ends with a
 higher validation loss than θ* (it is then no minimum). ``vm-loss`` / ``fvm-loss`` report the loss
-at θ̃ alone, beside them (METHODS.md: the curvature must earn its place against it). Relabel
+at θ̃ alone, beside them (docs/methods.md §4: the curvature must earn its place against it). Relabel
 suggestion: argmin over candidate labels of s(z, c), or θ̃'s argmax for the loss scorers.
 
 One θ̃ per fine-tune recipe and scoring run: ``vm`` and ``vm-loss`` (and ``fvm`` and ``fvm-loss``)
@@ -29,10 +29,8 @@ from typing import Any
 import numpy as np
 
 from engine.curvature import (
-    DEFAULT_RELATIVE_DAMPING,
-    FISHER_MODES,
     HEAD_CURVATURES,
-    check_damping,
+    EKFACSettings,
     curvature_from_state,
     ekfac_influence,
     fit_ekfac,
@@ -88,10 +86,8 @@ class _ValidationMinimumScorer(Scorer):
                 **self.finetuned.summary(), **({"finetune_warning": warning} if warning else {})}
 
 
-@register
-class FVMLossScorer(_ValidationMinimumScorer):
-    name = "fvm-loss"
-    description = "cross-entropy of the given label at the flat validation minimum θ̃ (SAM fine-tune)"
+class _LossAtMinimumScorer(_ValidationMinimumScorer):
+    """The cross-entropy of each row's given label at θ̃ (``vm-loss``, ``fvm-loss``)."""
 
     def _prepare(self, context: ScoringContext) -> None:
         self._finetune(context)
@@ -104,7 +100,13 @@ class FVMLossScorer(_ValidationMinimumScorer):
 
 
 @register
-class VMLossScorer(FVMLossScorer):
+class FVMLossScorer(_LossAtMinimumScorer):
+    name = "fvm-loss"
+    description = "cross-entropy of the given label at the flat validation minimum θ̃ (SAM fine-tune)"
+
+
+@register
+class VMLossScorer(_LossAtMinimumScorer):
     name = "vm-loss"
     description = "cross-entropy of the given label at the validation minimum θ̃ (plain SGD fine-tune)"
 
@@ -113,30 +115,22 @@ class VMLossScorer(FVMLossScorer):
         finetune: FinetuneConfig = FinetuneConfig(optimizer="sgd")
 
 
-@register
-class FVMScorer(_ValidationMinimumScorer):
-    name = "fvm"
-    description = "flat-validation influence: self-influence at a flat validation minimum with validation curvature"
+class _InfluenceAtMinimumScorer(_ValidationMinimumScorer):
+    """Self-influence gᵀ(H̃_val + λI)⁻¹g at θ̃ with the validation curvature (``vm``, ``fvm``)."""
 
     @dataclass(frozen=True)
-    class Settings:
+    class Settings(EKFACSettings):
+        # damping applies to every curvature; fisher, candidate_labels, batch_size and seed to ekfac.
         finetune: FinetuneConfig = FinetuneConfig()  # SAM, ρ = 0.05
         # The head's exact GGN (EK-FAC of the head above engine.curvature.MAX_EXACT_HEAD_DIM, said in
         # the info), ekfac-last (the head's EK-FAC), or ekfac (EK-FAC over the whole network).
         curvature: str = "last"
-        damping: float = DEFAULT_RELATIVE_DAMPING  # λ as a multiple of the mean curvature eigenvalue
-        fisher: str = "exact"  # ekfac: exact GGN (C backward passes per batch) or one sampled label
-        candidate_labels: bool = False  # ekfac: argmin over every label (C backward passes) instead of θ̃'s argmax
-        batch_size: int = 256  # ekfac
-        seed: int = 0  # ekfac, sampled Fisher labels
 
     def check_settings(self) -> None:
         super().check_settings()
         if self.settings.curvature not in CURVATURES:
             raise OptionError("curvature", self.settings.curvature, CURVATURES)
-        check_damping(self.settings.damping)
-        if self.settings.fisher not in FISHER_MODES:
-            raise OptionError("fisher", self.settings.fisher, FISHER_MODES)
+        self.settings.check_ekfac()
 
     def _prepare(self, context: ScoringContext) -> None:
         model = self._finetune(context).model
@@ -171,10 +165,16 @@ class FVMScorer(_ValidationMinimumScorer):
 
 
 @register
-class VMScorer(FVMScorer):
+class FVMScorer(_InfluenceAtMinimumScorer):
+    name = "fvm"
+    description = "flat-validation influence: self-influence at a flat validation minimum with validation curvature"
+
+
+@register
+class VMScorer(_InfluenceAtMinimumScorer):
     name = "vm"
     description = "validation-minimum influence: as fvm, but the fine-tune is plain SGD (no flatness)"
 
     @dataclass(frozen=True)
-    class Settings(FVMScorer.Settings):
+    class Settings(_InfluenceAtMinimumScorer.Settings):
         finetune: FinetuneConfig = FinetuneConfig(optimizer="sgd")

@@ -1,4 +1,4 @@
-"""Influence-function self-influence at the trained model θ* (METHODS.md §3).
+"""Influence-function self-influence at the trained model θ* (docs/methods.md §3).
 
 s(z) = g(z)ᵀ(H + λI)⁻¹g(z), g the gradient of the cross-entropy of z under its given label, H the
 GGN of the mean training loss: of the head (``if-last``, forward passes only: exact, or EK-FAC of
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from engine.curvature import (
     DEFAULT_RELATIVE_DAMPING,
-    FISHER_MODES,
+    EKFACSettings,
     check_damping,
     curvature_from_state,
     ekfac_influence,
@@ -24,7 +24,6 @@ from engine.curvature import (
     head_curvature_kind,
     head_influence,
 )
-from engine.errors import OptionError
 from engine.scorers.base import Scored, Scorer, ScoringContext
 from engine.scorers.registry import register
 from engine.stages import state_codec
@@ -57,15 +56,6 @@ class LastLayerInfluenceScorer(Scorer):
         return Scored(scores, suggested, {**info, **({"curvature_note": self.note} if self.note else {})})
 
 
-def check_ekfac_settings(settings) -> None:
-    """The EK-FAC settings the if-ekfac and fvm scorers share."""
-    check_damping(settings.damping)
-    if settings.fisher not in FISHER_MODES:
-        raise OptionError("fisher", settings.fisher, FISHER_MODES)
-    if settings.batch_size < 1:
-        raise OptionError("batch_size", settings.batch_size, ["a positive integer"])
-
-
 @register
 class EKFACInfluenceScorer(Scorer):
     name = "if-ekfac"
@@ -73,19 +63,15 @@ class EKFACInfluenceScorer(Scorer):
     prepared_row_local = True
 
     @dataclass(frozen=True)
-    class Settings:
-        damping: float = DEFAULT_RELATIVE_DAMPING  # λ per layer, a multiple of its mean corrected eigenvalue
+    class Settings(EKFACSettings):
         # The fit runs over the whole training set: one label sampled from p per sample (one backward
         # pass) instead of the exact GGN's C; as good on the digits (small-CNN Spearman 0.996 both).
         fisher: str = "sampled"
-        # Suggestions by argmin over every label (C backward passes per batch) instead of θ*'s argmax:
-        # measured no better on the digits (relabel top-1 0.880 vs 0.889), so off by default.
-        candidate_labels: bool = False
-        batch_size: int = 256
-        seed: int = 0  # sampled Fisher labels
+        # candidate_labels (argmin over every label instead of θ*'s argmax): measured no better on the
+        # digits (relabel top-1 0.880 vs 0.889), so off by default.
 
     def check_settings(self) -> None:
-        check_ekfac_settings(self.settings)
+        self.settings.check_ekfac()
 
     def _prepare(self, context: ScoringContext) -> None:
         trained = context.trained

@@ -1,4 +1,4 @@
-"""Baseline: the training loss at θ* (METHODS.md §1)."""
+"""Baseline: the training loss at θ* (docs/methods.md §1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Baseline: the logit margin of the best other class over the given label (METHODS.md §1)."""
+"""Baseline: the logit margin of the best other class over the given label (docs/methods.md §1)."""
 
 from __future__ import annotations
 

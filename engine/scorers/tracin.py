@@ -1,9 +1,10 @@
-"""TracIn self-influence (METHODS.md §2): s(z) = Σ_t η_t ‖∇θ ℓ(z, θ_t)‖² over saved checkpoints.
+"""TracIn self-influence (docs/methods.md §2): s(z) = Σ_t η_t ‖∇θ ℓ(z, θ_t)‖² over saved checkpoints.
 
 Three scorers share this file: the last layer only from forward passes (``tracin-last``), the
 whole network from one batched backward pass per checkpoint (``tracin``, via
 :mod:`engine.per_sample`), and a dropout ensemble around the final model (``tracin-ensemble``):
-as in the paper (seed 004), dropout on the activations, or DropConnect on the weights.
+as in the paper (seed 004), dropout on the activations (the outputs of the ReLUs and their kin; on a
+lone head, its input features), or DropConnect on the weights.
 A gradient norm has no per-label form that would rank candidate labels, so the suggested label is
 the final model's argmax.
 """
@@ -67,7 +68,8 @@ def _sum_over_checkpoints(trained: TrainedModel, weight_by_learning_rate: bool, 
 
 
 def _checkpoint_info(checkpoints: list[Checkpoint]) -> list[dict[str, float]]:
-    return [{"epoch": c.epoch, "learning_rate": c.learning_rate, "steps": c.steps} for c in checkpoints]
+    # The mean rate of the steps the checkpoint stands for (its weight is that × steps).
+    return [{"epoch": c.epoch, "mean_learning_rate": c.learning_rate, "steps": c.steps} for c in checkpoints]
 
 
 @register
@@ -103,7 +105,7 @@ class TracInScorer(Scorer):
     class Settings:
         weight_by_learning_rate: bool = True  # TracIn-CP: Σ η of the steps each checkpoint stands for
         batch_size: int = 256  # rows per forward/backward; memory is about a training step's at this size
-        norm_method: str = "auto"  # per layer the cheaper of ghost / explicit norm (METHODS.md §2)
+        norm_method: str = "auto"  # per layer the cheaper of ghost / explicit norm (docs/methods.md §2)
 
     def check_settings(self) -> None:
         if self.settings.norm_method not in NORM_METHODS:
@@ -125,28 +127,44 @@ class TracInScorer(Scorer):
 ENSEMBLE_DROPOUTS = ("activation", "weights")
 
 
-def activation_dropout_member(model: nn.Module, rate: float, generator: torch.Generator) -> nn.Module:
-    """A copy of ``model`` (eval mode) whose Linear/Conv2d layers, all but the first (the image is
-    not an activation), see their input activations through a dropout mask: each entry kept with
-    probability 1 − rate and rescaled by 1/(1 − rate), as dropout does in training.
+# The activation modules whose outputs the paper's ensemble drops (a residual block ends in one: its
+# output, the tensor that both the next block's convolution and its identity shortcut read, is dropped
+# once, with one mask).
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Tanh)
 
-    One mask per member and layer, over the activation's per-sample shape and shared by every
-    sample, drawn from ``generator`` at the member's first forward pass in layer order: a member is
-    one fixed network, so its scores do not depend on the batch size or the order of the rows.
+
+def activation_dropout_member(model: nn.Module, rate: float, generator: torch.Generator, *,
+                              head_input: bool = False) -> nn.Module:
+    """A copy of ``model`` (eval mode) whose activations pass through a dropout mask: the output of
+    every activation module (:data:`ACTIVATIONS`), and with ``head_input`` the head's input too (a
+    lone head on frozen features, whose input features are the backbone's activations). Each entry is
+    kept with probability 1 − rate and rescaled by 1/(1 − rate), as dropout does in training.
+
+    One mask per member and activation (per module and per-sample shape: a module called twice on
+    one shape shares it), shared by every sample, drawn from ``generator`` at the member's first
+    forward pass in the order the activations are computed: a member is one fixed network, so its
+    scores do not depend on the batch size or the order of the rows.
     """
     member = copy.deepcopy(model).eval()
-    masks: dict[nn.Module, torch.Tensor] = {}
+    masks: dict[tuple[nn.Module, tuple[int, ...]], torch.Tensor] = {}
 
-    def drop(layer: nn.Module, inputs: tuple[torch.Tensor, ...]):
-        x = inputs[0]
-        if layer not in masks:
+    def drop(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        key = (module, tuple(x.shape[1:]))
+        if key not in masks:
             keep = torch.rand(x.shape[1:], generator=generator) >= rate
-            masks[layer] = keep.to(x.device, x.dtype) / (1.0 - rate)
-        return (x * masks[layer], *inputs[1:])
+            masks[key] = keep.to(x.device, x.dtype) / (1.0 - rate)
+        return x * masks[key]
 
-    for layer in [m for m in member.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][1:]:
-        layer.register_forward_pre_hook(drop)
+    for module in member.modules():
+        if isinstance(module, ACTIVATIONS):
+            module.register_forward_hook(lambda module, inputs, output: drop(module, output))
+    if head_input:
+        member.head.register_forward_pre_hook(lambda module, inputs: (drop(module, inputs[0]), *inputs[1:]))
     return member
+
+
+def has_activations(model: nn.Module) -> bool:
+    return any(isinstance(m, ACTIVATIONS) for m in model.modules())
 
 
 def _member_head_sq_norms(member: nn.Module, task: ImageTask, images: np.ndarray, labels: np.ndarray,
@@ -196,7 +214,8 @@ class TracInEnsembleScorer(Scorer):
     class Settings:
         members: int = 5  # member 0 is the final model itself; more members, less variance, linear cost
         max_dropout: float = 0.01  # member k ≥ 1 drops at a rate drawn from U(0, max_dropout)
-        # activation: the paper's dropout on every hidden layer's input activations; weights: DropConnect
+        # activation: the paper's dropout on the activations (on a lone head: its input features);
+        # weights: DropConnect
         # (weight entries zeroed, no rescaling), kept to compare against it.
         dropout: str = "activation"
         seed: int = 0  # rates and masks
@@ -218,10 +237,15 @@ class TracInEnsembleScorer(Scorer):
         rates = np.concatenate([[0.0], np.random.default_rng(settings.seed).uniform(0, settings.max_dropout,
                                                                                     settings.members - 1)])
         generator = torch.Generator().manual_seed(settings.seed)
+        # A lone head on frozen features (or a network without activation modules) has no hidden
+        # activation: its input features take the dropout, else every member would be the final model.
+        head_input = context.head_only or not has_activations(trained.model)
         scores = np.zeros(len(train))
         for k, rate in enumerate(rates):
-            make_member = activation_dropout_member if settings.dropout == "activation" else dropout_member
-            member = make_member(trained.model, float(rate), generator)
+            if settings.dropout == "activation":
+                member = activation_dropout_member(trained.model, float(rate), generator, head_input=head_input)
+            else:
+                member = dropout_member(trained.model, float(rate), generator)
             stage = _stage(context.progress, "tracin-ensemble", k, len(rates))
             if settings.last_layer_only:
                 scores += _member_head_sq_norms(member, trained.task, train.images, train.labels, trained.device)
@@ -231,4 +255,7 @@ class TracInEnsembleScorer(Scorer):
                                                    batch_size=settings.batch_size, progress=stage)
         info: dict[str, Any] = {"layers": ["head"] if settings.last_layer_only else _layer_names(trained.model),
                                 "dropout": settings.dropout, "dropout_rates": [round(float(r), 6) for r in rates]}
+        if settings.dropout == "activation":
+            info["dropped"] = "the head's input features" if head_input and not has_activations(trained.model) else \
+                "activation outputs" + (" and the head's input features" if head_input else "")
         return Scored(scores, context.predictions.predicted, info)
