@@ -297,7 +297,9 @@ def test_an_interrupted_run_resumes_from_its_last_stage(tmp_path, tiny_run):
         np.testing.assert_array_equal(resumed.results[method].scores, uninterrupted.results[method].scores)
         np.testing.assert_array_equal(resumed.results[method].suggested_labels,
                                       uninterrupted.results[method].suggested_labels)
-        np.testing.assert_allclose(resumed.results[method].scores, plain.results[method].scores, rtol=1e-9)
+        # shards of 8 rows go through the network as batches of 8, the plain run as one batch of 30:
+        # the same sums in another order (seen here: 4e-9 relative), nothing more
+        np.testing.assert_allclose(resumed.results[method].scores, plain.results[method].scores, rtol=1e-7)
     assert resumed.results["fvm"].info == plain.results["fvm"].info
     store = StageStore(folder, shard_rows=8)
     run(store)
