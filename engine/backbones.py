@@ -28,6 +28,7 @@ from torch import nn
 
 from engine.data import Dataset
 from engine.device import resolve_device
+from engine.distributed import LOCAL, Distributed
 from engine.errors import DataError, InfluenceLensError, OptionError
 from engine.models import HEAD_MODEL, build_model, choose_model
 from engine.progress import Progress, no_progress
@@ -442,8 +443,8 @@ class _FeaturesOf(nn.Module):
 
 
 def frozen_inputs(config: TrainConfig, train_set: Dataset, *others: Dataset | None,
-                  stages: StageStore | None = None,
-                  progress: Progress = no_progress) -> tuple[TrainConfig, Dataset, list[Dataset | None]]:
+                  stages: StageStore | None = None, progress: Progress = no_progress,
+                  distributed: Distributed = LOCAL) -> tuple[TrainConfig, Dataset, list[Dataset | None]]:
     """On the head-only path, the datasets as feature rows (each computed once and kept in ``stages``)
     and the head's recipe; otherwise everything unchanged."""
     if not head_only(config):
@@ -466,7 +467,7 @@ def frozen_inputs(config: TrainConfig, train_set: Dataset, *others: Dataset | No
 
         rows = fetch_rows(stages, "features", digest("features", identity, fingerprint(dataset)), len(dataset), chunk,
                           chunk_rows=FEATURE_CHUNK_ROWS, dtype=FEATURE_DTYPE,
-                          label=f"features:{dataset.source or 'data'}")
+                          label=f"features:{dataset.source or 'data'}", distributed=distributed)
         return replace(dataset, images=array_rows(rows, np.arange(len(rows))))
 
     return head_config(config), as_features(train_set), [as_features(d) for d in others]

@@ -19,7 +19,7 @@ import numpy as np
 from engine.backbones import FREEZE_CHOICES
 from engine.data import NOISE_KINDS, Dataset
 from engine.device import DEVICE_NAMES
-from engine.distributed import LOCAL, from_torchrun
+from engine.distributed import LOCAL, Distributed, from_torchrun
 from engine.errors import InfluenceLensError
 from engine.guidance import review_estimate, scoring_advice
 from engine.launch import run as run_streamlit
@@ -231,15 +231,13 @@ def _score(args: argparse.Namespace) -> dict | None:
         carve_validation_fraction(args.val_from_train)
     out = _output_path(args)
     settings = _run_settings(args)
-    if args.workspace is not None and args.distributed:
-        raise InfluenceLensError("--workspace runs in one process; it cannot be combined with --distributed")
     method_settings = _method_settings(args)  # refuse a --curvature the method does not have, before any work
     config = settings.train_config()
     distributed = from_torchrun(config.device) if args.distributed else LOCAL
     start = time.perf_counter()
     data = _load(settings, args)
     if args.workspace is not None:
-        return _score_in_workspace(args, settings, data, out, start)
+        return _score_in_workspace(args, settings, data, out, start, distributed)
     run = score_methods(data.train, [args.method], validation=data.validation,
                         validation_trusted=data.validation_trusted, config=config, settings=method_settings,
                         progress=_progress(args) if distributed.is_main else no_progress, distributed=distributed)
@@ -258,11 +256,15 @@ def _score(args: argparse.Namespace) -> dict | None:
 
 
 def _score_in_workspace(args: argparse.Namespace, settings: RunSettings, data: RunData, out: Path,
-                        start: float) -> dict:
-    """``score --workspace``: the dashboard's resumable run (:func:`engine.runs.score_into`), one method."""
-    workspace = Workspace.for_data(settings.data_key(), args.workspace)
+                        start: float, distributed: Distributed) -> dict | None:
+    """``score --workspace``: the dashboard's resumable run (:func:`engine.runs.score_into`), one method;
+    under torchrun every rank scores and keeps stages in the folder, rank 0 writes the workspace."""
+    workspace = Workspace.for_data(settings.data_key(), args.workspace) if distributed.is_main else None
     stages = StageStore.in_workspace_folder(args.workspace)
-    key, _ = score_into(workspace, settings, data, [args.method], progress=_progress(args), stages=stages)
+    key, _ = score_into(workspace, settings, data, [args.method], stages=stages, distributed=distributed,
+                        progress=_progress(args) if distributed.is_main else no_progress)
+    if not distributed.is_main:
+        return None  # rank 0 writes the one merged result
     results, arrays = workspace.results(key), workspace.arrays(key)
     result = results[args.method]
     table = result_table(data.train, result, arrays["logits"].argmax(1), data.flipped)

@@ -23,7 +23,7 @@ import torch
 from engine.backbones import frozen_inputs, head_only
 from engine.data import Dataset, check_csv_text, inject_noise, stratified_split
 from engine.distributed import LOCAL, Distributed
-from engine.errors import DataError, InfluenceLensError
+from engine.errors import DataError
 from engine.metrics import ranks
 from engine.progress import Progress, no_progress
 from engine.safe_files import FORMULA_STARTS
@@ -153,9 +153,6 @@ def score_methods(train_set: Dataset, methods: list[str], *, validation: Dataset
     stages and the scores are loaded when a previous run saved them, else saved once computed.
     """
     settings = settings or {}
-    if stages is not None and distributed.world_size > 1:
-        raise InfluenceLensError("a resumable run (a workspace) runs in one process; drop the workspace or "
-                                 "the distributed launch")
     if len(train_set) < distributed.world_size:
         raise DataError(f"{len(train_set)} training rows cannot be shared among {distributed.world_size} ranks")
     for name in methods:
@@ -166,11 +163,10 @@ def score_methods(train_set: Dataset, methods: list[str], *, validation: Dataset
         check_compatible(train_set, validation, "validation")
     start = time.perf_counter()
     frozen = head_only(config)
-    config, train_set, (validation,) = frozen_inputs(config, train_set, validation, stages=stages, progress=progress)
-    if trained is None and stages is not None:
-        trained = train_in_stages(train_set, config, stages, progress=progress)
+    config, train_set, (validation,) = frozen_inputs(config, train_set, validation, stages=stages, progress=progress,
+                                                     distributed=distributed)
     if trained is None:
-        trained = train(train_set, config, progress=progress, distributed=distributed)
+        trained = train_in_stages(train_set, config, stages, progress=progress, distributed=distributed)
     stage_key = digest(training_key(train_set, trained.config), fingerprint(validation)) if stages else ""
     context = ScoringContext(train_set, trained, validation, validation_trusted, progress, stages, stage_key,
                              distributed, head_only=frozen)
@@ -178,42 +174,60 @@ def score_methods(train_set: Dataset, methods: list[str], *, validation: Dataset
         context.share_predictions(_sharded_predictions(context, distributed))
     run = ScoringRun(context, train_seconds=time.perf_counter() - start)
     for scorer in scorers:
-        run.results[scorer.name] = _score_in_stages(scorer, context) if distributed.world_size == 1 else \
-            _score_distributed(scorer, context, distributed)
+        run.results[scorer.name] = _score_in_stages(scorer, context)
     return run
 
 
 def _score_in_stages(scorer, context: ScoringContext) -> ScoreResult:
-    """``scorer.run(context)``; in a resumable run, shard by shard (row blocks for ``row_local``
-    scorers, else one), each loaded if saved, else computed and saved. ``prepare`` runs only when a
-    shard is missing: a finished configuration loads its scores and computes nothing."""
-    if context.stages is None:
-        return scorer.run(context)
-    start, n = time.perf_counter(), len(context.train)
-    step = context.stages.shard_rows if scorer.row_local else n
-    shards = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
-    prepared = False
+    """The one executor of a scorer, in one process or on the ranks of a torchrun launch, resumable
+    with a stage store or not.
+
+    The rows are cut into shards: blocks of ``shard_rows`` for a ``row_local`` scorer in a resumable
+    run; one contiguous part per rank for a ``row_local`` or ``prepared_row_local`` scorer under
+    torchrun; else one. Shard k is this rank's when k mod K is its rank (every shard is every rank's
+    for a scorer that cannot be split: each then scores every row). A shard a previous run saved is
+    loaded; if any rank has one to compute, every rank prepares (a prepare's sums over rows are
+    all-reduced) and computes its own, each saved as it finishes. The shards are gathered in row
+    order on every rank: a finished configuration loads its scores and computes nothing."""
+    start, n, ranks = time.perf_counter(), len(context.train), context.distributed
+    split = (scorer.row_local or scorer.prepared_row_local) and ranks.world_size > 1
+    if scorer.row_local and context.stages is not None:
+        bounds = [*range(0, n, context.stages.shard_rows), n]
+    else:
+        bounds = ranks.bounds(n).tolist() if split else [0, n]
+    shards = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
+    mine = [k for k in range(len(shards)) if not split or k % ranks.world_size == ranks.rank]
+
+    def what(k: int) -> tuple:
+        return scorer.name, scorer.settings, *shards[k]
+
+    missing = sum(not context.has_stage("scores", what(k)) for k in mine)
+    if int(ranks.all_reduce_sum(torch.tensor(missing))) > 0:
+        scorer.prepare(context)
 
     def compute(lo: int, hi: int) -> dict:
-        nonlocal prepared
-        if not prepared:
-            scorer.prepare(context)
-            prepared = True
         part = scorer.score(context if (lo, hi) == (0, n) else context.rows(np.arange(lo, hi)))
+        info = part.info if context.stages is None else json.loads(json.dumps(part.info, default=_json_value))
         return {"scores": torch.from_numpy(part.scores), "suggested": torch.from_numpy(part.suggested_labels),
-                "info": json.loads(json.dumps(part.info, default=_json_value)),
-                "arrays": {name: torch.from_numpy(a) for name, a in part.arrays.items()}}
+                "info": info, "arrays": {name: torch.from_numpy(a) for name, a in part.arrays.items()}}
 
-    parts = [context.cached("scores", (scorer.name, scorer.settings, lo, hi), partial(compute, lo, hi), PLAIN,
-                            label=scorer.name if len(shards) == 1 else f"{scorer.name}[{lo}:{hi}]")
-             for lo, hi in shards]
+    def label(k: int) -> str:
+        return scorer.name if len(shards) == 1 else f"{scorer.name}[{shards[k][0]}:{shards[k][1]}]"
+
+    parts = {k: context.cached("scores", what(k), partial(compute, *shards[k]), PLAIN, label=label(k)) for k in mine}
+    if split:
+        parts = {k: part for rank_parts in ranks.gather_objects(parts) for k, part in rank_parts.items()}
+    parts = [parts[k] for k in range(len(shards))]
     scored = time.perf_counter() - start - scorer.timings.get("prepare_seconds", 0.0)
     timings = {**scorer.timings, "score_seconds": scored}
+    info = _merge_info([p["info"] for p in parts], [hi - lo for lo, hi in shards])
+    if ranks.world_size > 1:
+        info["distributed"] = {"ranks": ranks.world_size, "sharded": split,
+                               **({} if split else {"note": "every rank scored every row"})}
     return ScoreResult(scorer.name, np.concatenate([p["scores"].numpy() for p in parts]),
                        np.concatenate([p["suggested"].numpy() for p in parts]), asdict(scorer.settings), timings,
-                       _merge_info([p["info"] for p in parts], [hi - lo for lo, hi in shards]),
-                       {name: np.concatenate([p["arrays"][name].numpy() for p in parts])
-                        for name in parts[0].get("arrays", {})})
+                       info, {name: np.concatenate([p["arrays"][name].numpy() for p in parts])
+                              for name in parts[0].get("arrays", {})})
 
 
 def _json_value(value: Any) -> Any:
@@ -239,27 +253,6 @@ def _sharded_predictions(context: ScoringContext, distributed: Distributed) -> P
     local = predict(trained.model, trained.task, context.train.subset(np.arange(n)[distributed.shard(n)]).images,
                     trained.device)
     return Predictions(distributed.gather_rows(local.logits, n), distributed.gather_rows(local.features, n))
-
-
-def _score_distributed(scorer, context: ScoringContext, distributed: Distributed) -> ScoreResult:
-    """Every rank prepares (sums over rows, such as curvature, all-reduced inside ``prepare``); a
-    ``row_local`` or ``prepared_row_local`` scorer then scores this rank's shard of rows, the results
-    and infos gathered in row order; any other scorer scores every row on every rank (the same
-    result everywhere)."""
-    sharded = scorer.row_local or scorer.prepared_row_local
-    note = {"ranks": distributed.world_size, "sharded": sharded}
-    if not sharded:
-        result = scorer.run(context)
-        result.info["distributed"] = {**note, "note": "every rank scored every row"}
-        return result
-    n = len(context.train)
-    scorer.prepare(context)
-    local = scorer.score(context.rows(np.arange(n)[distributed.shard(n)]))
-    info = _merge_info(distributed.gather_objects(local.info), np.diff(distributed.bounds(n)).tolist())
-    return replace(local, scores=distributed.gather_rows(local.scores, n),
-                   suggested_labels=distributed.gather_rows(local.suggested_labels, n),
-                   info={**info, "distributed": note},
-                   arrays={name: distributed.gather_rows(a, n) for name, a in local.arrays.items()})
 
 
 def read_decisions(path: str, dataset: Dataset) -> pd.DataFrame:

@@ -23,6 +23,7 @@ import pandas as pd
 from engine.backbones import backbone_size, check_embeddings, file_hash, head_only, start_notes
 from engine.data import NOISE_KINDS, Dataset, conform, load_dataset
 from engine.device import DEVICE_NAMES
+from engine.distributed import LOCAL, Distributed
 from engine.errors import DataError, OptionError
 from engine.pipeline import carve_validation, check_compatible, score_methods, with_injected_noise
 from engine.progress import Progress, no_progress
@@ -233,27 +234,33 @@ def _set_only(values: dict) -> dict:
     return {k: v for k, v in values.items() if k not in _START_DEFAULTS or v != _START_DEFAULTS[k]}
 
 
-def score_into(workspace: Workspace, settings: RunSettings, data: RunData, methods: list[str], *,
+def score_into(workspace: Workspace | None, settings: RunSettings, data: RunData, methods: list[str], *,
                trained: TrainedModel | None = None, progress: Progress = no_progress,
-               stages: StageStore | None = None) -> tuple[str, TrainedModel | None]:
+               stages: StageStore | None = None, distributed: Distributed = LOCAL) -> tuple[str, TrainedModel | None]:
     """Score ``methods`` not yet stored for this configuration; returns ``(config_hash, model)``.
 
     Each method's result is stored as soon as it is computed, and its stages as they finish in
     ``stages`` (by default the ``stages`` folder beside the workspace file). The model is None when
-    every method was already stored and no ``trained`` model was handed in.
+    every method was already stored and no ``trained`` model was handed in. ``distributed``: the
+    ranks of a torchrun launch score together (their stages in one folder they all see); only rank 0
+    holds the ``workspace`` (None elsewhere) and writes it.
     """
     key = config_hash(settings, data)
-    workspace.save_run(key, settings.to_dict())
+    main = distributed.is_main
+    if main:
+        workspace.save_run(key, settings.to_dict())
     stages = stages if stages is not None else StageStore.in_workspace_folder(workspace.path.parent)
-    missing = [m for m in methods if m not in workspace.results(key)]
+    stored = workspace.results(key) if main else {}
+    missing = distributed.gather_objects([m for m in methods if m not in stored])[0]  # rank 0's list
     for method in missing:
         run = score_methods(data.train, [method], validation=data.validation,
                             validation_trusted=data.validation_trusted, config=settings.train_config(),
                             trained=trained, settings=settings.method_settings([method]), progress=progress,
-                            stages=stages)
+                            stages=stages, distributed=distributed)
         trained = run.trained
-        _store_model_outputs(workspace, key, data, run)  # also when a model was handed in: a new key
-        workspace.save_result(key, run.results[method])
+        if main:
+            _store_model_outputs(workspace, key, data, run)  # also when a model was handed in: a new key
+            workspace.save_result(key, run.results[method])
     return key, trained
 
 

@@ -34,6 +34,8 @@ from torch import nn
 from engine.backbones import build_network
 from engine.data import Dataset
 from engine.device import resolve_device
+from engine.distributed import LOCAL, Distributed
+from engine.errors import InfluenceLensError
 from engine.progress import Progress
 from engine.sources import is_lazy
 from engine.task import task_from
@@ -225,13 +227,17 @@ def _decode_trained(state: dict) -> TrainedModel:
 
 
 def train_in_stages(dataset: Dataset, config: TrainConfig, stages: StageStore | None, *,
-                    progress: Progress) -> TrainedModel:
+                    progress: Progress, distributed: Distributed = LOCAL) -> TrainedModel:
     """:func:`engine.training.train`, or the model a previous run saved for this data and recipe."""
+    def fresh() -> TrainedModel:
+        return train(dataset, config, progress=progress, distributed=distributed)
+
     if stages is None:
-        return train(dataset, config, progress=progress)
+        return fresh()
     codec = Codec(lambda trained: _encode_trained(trained, dataset.image_shape), _decode_trained)
-    return stages.fetch("train", training_key(dataset, config), lambda: train(dataset, config, progress=progress),
-                        codec)
+    key = training_key(dataset, config)
+    _agreed(stages.path("train", key).exists(), stages.path("train", key), distributed)
+    return stages.fetch("train", key, fresh, codec)
 
 
 # -- scorer stages: objects that know their own state, arrays ------------------------------------
@@ -249,19 +255,27 @@ ARRAY = Codec(lambda array: {"array": torch.from_numpy(np.ascontiguousarray(arra
 # -- row stages: an N×D array written chunk by chunk into a memory map, resumable at any chunk -------
 
 def fetch_rows(store: StageStore | None, stage: str, key: str, n: int, compute: Callable[[int, int], np.ndarray], *,
-               chunk_rows: int, dtype: np.dtype, label: str | None = None,
-               progress: Progress | None = None) -> np.ndarray:
-    """An ``n``-row array, ``compute(lo, hi)`` giving rows ``lo:hi``: without a store, computed into
-    memory; with one, the memory-mapped ``<stage>-<key>.npy`` a previous run finished, else written
-    chunk by chunk into ``.partial.npy`` beside a record of the chunks done (each saved after its rows
-    are flushed), so a run killed at any chunk resumes at the first missing one, and renamed into
-    place when complete. Returns a read-only memory map (or the array, without a store)."""
+               chunk_rows: int, dtype: np.dtype, label: str | None = None, progress: Progress | None = None,
+               distributed: Distributed = LOCAL) -> np.ndarray:
+    """An ``n``-row array, ``compute(lo, hi)`` giving rows ``lo:hi``.
+
+    Without a store, computed into memory (each rank computes its chunks, all gathered). With one,
+    the memory-mapped ``<stage>-<key>.npy`` a previous run finished; else the rows are written chunk
+    by chunk into ``.partial.npy``, a marker file saved after each chunk's rows are flushed, so a run
+    killed at any chunk resumes at the chunks without a marker; once every chunk is there the file is
+    renamed into place. Chunk k is computed by rank k mod K: under torchrun the ranks write their own
+    chunks into the one file, which then lies in a folder every rank sees (one machine, or a shared
+    filesystem). Returns a read-only memory map (or the array, without a store).
+    """
     label = label or stage
     chunks = [(lo, min(lo + chunk_rows, n)) for lo in range(0, n, chunk_rows)]
+    mine = [k for k in range(len(chunks)) if k % distributed.world_size == distributed.rank]
     if store is None:
-        return np.concatenate([np.asarray(compute(lo, hi), dtype=dtype) for lo, hi in chunks])
+        parts = {k: np.asarray(compute(*chunks[k]), dtype=dtype) for k in mine}
+        gathered = {k: part for ranks in distributed.gather_objects(parts) for k, part in ranks.items()}
+        return np.concatenate([gathered[k] for k in range(len(chunks))])
     final = store.folder / f"{stage}-{key}.npy"
-    if final.exists():
+    if _agreed(final.exists(), final, distributed):
         try:
             rows = np.load(final, mmap_mode="r")
             if len(rows) == n:
@@ -270,39 +284,59 @@ def fetch_rows(store: StageStore | None, stage: str, key: str, n: int, compute: 
         except (OSError, ValueError) as exc:
             log.warning("%s: unreadable stage file, computing it again (%s)", final, exc)
     store.folder.mkdir(parents=True, exist_ok=True)
-    partial, record = final.with_suffix(".partial.npy"), final.with_suffix(".chunks.npy")
-    done, table = _resume_rows(partial, record, n, len(chunks))
-    resumed = int(done.sum())
-    for k, (lo, hi) in enumerate(chunks):
-        if done[k]:
-            continue
-        rows = np.asarray(compute(lo, hi))
-        if table is None:
-            table = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=(n, *rows.shape[1:]))
-        table[lo:hi] = rows
+    partial = final.with_suffix(".partial.npy")
+
+    def marker(k: int) -> Path:
+        return final.with_suffix(f".chunk-{k}-of-{len(chunks)}")
+
+    def write(table: np.memmap, k: int, rows: np.ndarray) -> None:
+        table[chunks[k][0]:chunks[k][1]] = rows
         table.flush()
-        done[k] = True
-        _replace_atomically(record, done)
+        _replace_atomically(marker(k), np.zeros(0))
         if progress is not None:
-            progress(hi, n, f"{label}: {hi:,} of {n:,} rows saved")
+            progress(chunks[k][1], n, f"{label}: rows {chunks[k][0]:,}-{chunks[k][1]:,} of {n:,} saved")
+
+    table = _open_partial(partial, n) if marker(0).exists() else None
+    resumed = sum(marker(k).exists() for k in range(len(chunks))) if table is not None else 0
+    if table is None and distributed.is_main:  # the first chunk fixes the width: rank 0 creates the file
+        rows = np.asarray(compute(*chunks[0]))
+        table = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=(n, *rows.shape[1:]))
+        write(table, 0, rows)
+    distributed.all_reduce_sum(torch.zeros(1))  # every rank waits for the file
+    table = table if table is not None else _open_partial(partial, n)
+    for k in mine:
+        if not marker(k).exists():
+            write(table, k, np.asarray(compute(*chunks[k])))
     del table
-    os.replace(partial, final)
-    record.unlink(missing_ok=True)
-    _fsync_folder(store.folder)
+    distributed.all_reduce_sum(torch.zeros(1))  # every chunk written
+    if distributed.is_main:
+        os.replace(partial, final)
+        for k in range(len(chunks)):
+            marker(k).unlink(missing_ok=True)
+        _fsync_folder(store.folder)
+    distributed.all_reduce_sum(torch.zeros(1))
     store.log.append((f"{label} ({resumed} of {len(chunks)} chunks resumed)" if resumed else label, "computed"))
     return np.load(final, mmap_mode="r")
 
 
-def _resume_rows(partial: Path, record: Path, n: int, chunk_count: int) -> tuple[np.ndarray, np.memmap | None]:
-    """The chunks a killed run saved, and its table opened for writing; nothing when there is none."""
+def _open_partial(partial: Path, n: int) -> np.memmap | None:
+    """A killed run's table, opened for writing; None when there is none (or it is not whole)."""
     try:
-        done = np.load(record)
         table = np.load(partial, mmap_mode="r+")
-        if done.shape == (chunk_count,) and done.dtype == bool and len(table) == n:
-            return done, table
+        return table if len(table) == n else None
     except (OSError, ValueError):
-        pass
-    return np.zeros(chunk_count, dtype=bool), None
+        return None
+
+
+def _agreed(found: bool, path: Path, distributed: Distributed) -> bool:
+    """Whether every rank found a stage file: a run under torchrun keeps its workspace where every rank
+    sees it, else ranks would disagree on what to compute and wait on each other forever."""
+    count = int(distributed.all_reduce_sum(torch.tensor(int(found))))
+    if 0 < count < distributed.world_size:
+        raise InfluenceLensError(f"{path}: {count} of {distributed.world_size} ranks see this stage file; a "
+                                 "distributed run keeps its workspace in a folder every rank sees (one machine, or "
+                                 "a shared filesystem)")
+    return bool(count)
 
 
 def _replace_atomically(path: Path, array: np.ndarray) -> None:

@@ -67,6 +67,11 @@ class ScoringContext:
                 stage, key, compute, codec, label=f"{stage}:{label}" if label else stage)
         return self._computed[key]
 
+    def has_stage(self, stage: str, what: Any) -> bool:
+        """Whether :meth:`cached` would load ``stage`` of ``what`` rather than compute it."""
+        key = digest(self.stage_key, stage, what)
+        return key in self._computed or (self.stages is not None and self.stages.path(stage, key).exists())
+
     def fitting_shard(self, rows: Dataset) -> Dataset:
         """This rank's shard of a fitting set (the set itself single-process): a ``prepare`` sums its
         curvature statistics over it and all-reduces them through ``distributed``."""
