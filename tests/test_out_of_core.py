@@ -259,3 +259,51 @@ def test_kill_minus_nine_during_feature_extraction_resumes_to_the_same_scores(tm
     report = json.loads(resumed.stdout.read().strip().splitlines()[-1])
     assert any("chunks resumed" in label for label in report["workspace"]["stages"]["computed"])
     assert (tmp_path / "killed.csv").read_text() == (tmp_path / "clean.csv").read_text()
+
+
+def _torchrun_score(folder: Path, backbone: Path, workspace: Path, out: Path, delay: float) -> subprocess.Popen:
+    """Two ranks (gloo) score the photos through the backbone in one workspace, each feature chunk
+    ``delay`` seconds slower (so a kill lands between chunks)."""
+    script = workspace.parent / "rank.py"
+    script.write_text(KILL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), MEMORY_BUDGET_VARIABLE: "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script), str(delay), "score", str(folder), "--method", "vm-loss", "--val-from-train",
+                             "0.2", "--backbone", str(backbone), "--epochs", "3", "--threads", "1", "--workspace",
+                             str(workspace), "--out", str(out), "--distributed"], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_after_kill_minus_nine_and_agree_with_one_process(tmp_path):
+    from scipy.stats import spearmanr
+
+    folder = photo_folder(tmp_path / "photos", per_class=30)  # 72 training photos: 5 chunks of 16, 2 ranks
+    backbone = pooling_backbone(tmp_path / "pool.pt")
+    (tmp_path / "clean").mkdir(), (tmp_path / "killed").mkdir()
+    reference = _torchrun_score(folder, backbone, tmp_path / "clean", tmp_path / "clean.csv", 0.0)
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()[-3000:]
+    victim = _torchrun_score(folder, backbone, tmp_path / "killed", tmp_path / "killed.csv", 1.0)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and victim.poll() is None:
+        if list((tmp_path / "killed" / "stages").glob("features-*.chunk-*")):
+            break
+        time.sleep(0.02)
+    assert victim.poll() is None, victim.stderr.read()[-3000:]  # killed while its features are half written
+    os.killpg(victim.pid, signal.SIGKILL)  # the launcher and both ranks
+    victim.wait()
+    assert not (tmp_path / "killed.csv").exists()
+    resumed = _torchrun_score(folder, backbone, tmp_path / "killed", tmp_path / "killed.csv", 0.0)
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
+    report = json.loads(resumed.stdout.read().strip().splitlines()[-1])
+    assert any("chunks resumed" in label for label in report["workspace"]["stages"]["computed"]), report["workspace"]
+    assert (tmp_path / "killed.csv").read_text() == (tmp_path / "clean.csv").read_text()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), MEMORY_BUDGET_VARIABLE: "1", "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "engine.cli", "score", str(folder), "--method", "vm-loss",
+                             "--val-from-train", "0.2", "--backbone", str(backbone), "--epochs", "3", "--threads",
+                             "1", "--out", str(tmp_path / "one.csv")], env=env, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-3000:]
+    import pandas as pd
+
+    ranks, one = (pd.read_csv(tmp_path / name).set_index("index").sort_index() for name in ("clean.csv", "one.csv"))
+    assert spearmanr(ranks["score"], one["score"]).statistic >= 0.99
