@@ -210,7 +210,8 @@ class Active:
 def _error_prior(_run: Active, path: str, key: str, methods: tuple[str, ...]) -> ErrorPrior:
     """Fitted once per run and set of methods (the noise fit takes seconds on large sets); decisions
     only recalibrate it."""
-    return error_prior(_run.results, _run.data.train.labels, _run.predictions.probabilities)
+    return error_prior(_run.results, _run.data.train.labels, _run.predictions.probabilities,
+                       trusted_validation=_run.data.validation is None or _run.data.validation_trusted)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
@@ -349,12 +350,14 @@ def remember_review_setting(run: Active, name: str) -> None:
 # -- decisions ------------------------------------------------------------------------------------
 
 @timing.timed("decide")
-def decide(run: Active, indices, action: str, new_label=None, *, overwrite: bool = True) -> str:
+def decide(run: Active, indices, action: str, new_label=None, *, overwrite: bool = True,
+           sent: tuple[str, int] | None = None, quiet: bool = False) -> str:
     """Write one decision (or one batch: one undo) to the workspace at once; say so.
 
     ``new_label`` is one label or one per sample. A sample already decided this way is left alone (no
     duplicate log rows); with ``overwrite=False`` a sample decided otherwise is skipped too, and counted.
-    Returns what it told the user.
+    ``sent``: the gallery's (tab, number) of this decision, stored with it so a resend is skipped
+    (``Workspace.decide``). ``quiet``: no toast (the gallery's card says it). Returns what it told the user.
     """
     indices = [int(i) for i in np.atleast_1d(indices)]
     labels = np.broadcast_to(np.asarray(-1 if new_label is None else new_label, dtype=np.int64),
@@ -373,19 +376,20 @@ def decide(run: Active, indices, action: str, new_label=None, *, overwrite: bool
         chosen_labels.append(label)
     st.session_state["selected"] = set(st.session_state.get("selected", set())) - set(indices)
     if chosen:
-        run.workspace.decide(chosen, action, chosen_labels if action == "relabel" else None)
+        run.workspace.decide(chosen, action, chosen_labels if action == "relabel" else None, sent=sent)
     what = {"relabel": f"relabeled → {md(run.class_names[chosen_labels[0]])}" if len(set(chosen_labels)) == 1
             else "relabeled", "drop": "dropped", "keep": "confirmed correct"}[action]
     told = (f"{len(chosen)} samples {what}" if len(chosen) > 1 else f"sample {chosen[0]} {what}") if chosen \
         else "nothing changed"
     if skipped:
         told += f"; skipped {skipped} already decided (tick “overwrite decisions” to replace them)"
-    tell(told)
+    if not quiet:
+        tell(told)
     return told
 
 
-def undo(run: Active) -> None:
-    undone = run.workspace.undo()
+def undo(run: Active, *, sent: tuple[str, int] | None = None) -> None:
+    undone = run.workspace.undo(sent=sent)
     tell(f"undid the decision on {len(undone)} sample(s)" if len(undone) else "nothing to undo")
 
 
