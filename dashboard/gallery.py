@@ -30,7 +30,7 @@ from PIL import Image
 from dashboard import charts, keys
 from engine.data import Dataset, original_image
 
-KEY = "review_gallery"
+KEY = "gallery_cards"
 TILE_PX = 112  # a card's image box; smaller images are sent as they are and upscaled by the browser
 RETRY_MS = 1500  # a failed write is resent after this; an unacknowledged batch after RESEND_MS
 RESEND_MS = 4000

@@ -242,8 +242,10 @@ def activate(workspace: Workspace, key: str, settings: RunSettings) -> None:
     st.query_params["run"] = key
     st.query_params["workspace"] = workspace.path.stem
     review_widgets = [name for name in st.session_state if str(name).startswith("review_")]  # the old run's
-    for name in ("gallery_page", "detail_index", "spot_check_indices", *review_widgets):
+    for name in ("gallery_page", "gallery_view", "detail_index", "spot_check_indices", "bulk_note",
+                 *review_widgets):
         st.session_state.pop(name, None)
+    st.session_state["selected"] = set()  # the old run's cards
 
 
 def active() -> Active | None:

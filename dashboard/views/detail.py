@@ -36,7 +36,12 @@ order = train.index[np.argsort(ranks)]  # stable indices, most suspicious first
 if "sample" in st.query_params and "detail_index" not in st.session_state:
     st.session_state["detail_index"] = int(st.query_params["sample"])
 index = int(st.session_state.get("detail_index", order[0]))
-if index not in set(train.index.tolist()):
+if index not in set(train.index.tolist()):  # say why, then show the top of the ranking
+    validation = run.data.validation
+    carved = validation is not None and not run.data.validation_trusted and index in set(validation.index.tolist())
+    st.warning(f"Sample {index} is not scored: it was carved into the validation set. Showing the top of the "
+               "ranking instead." if carved else f"There is no sample {index} in the scored set. Showing the top "
+               "of the ranking instead.", icon=":material/info:")
     index = int(order[0])
 st.query_params["sample"] = str(index)
 position = run.position_of(index)
