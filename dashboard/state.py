@@ -320,7 +320,7 @@ def review_defaults(run: Active) -> dict:
     n = len(run.data.train)
     return {"method": recommended_methods(run.methods, 1)[0],  # the best measured method (engine.measured)
             "cut": min(n, max(10, round(0.1 * n))), "only_flagged": True,
-            "per_page": PAGE_SIZES[0], "panel_depth": True, "panel_overview": True}
+            "per_page": PAGE_SIZES[0], "panel_depth": False, "panel_overview": True}
 
 
 def review_settings(run: Active) -> dict:

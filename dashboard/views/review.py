@@ -90,16 +90,19 @@ for advice in run.advice(method):
 # on arrival. The filters and the overview charts are drawn below it (they set what it shows).
 threshold = st.session_state.get("review_threshold", 0.5)
 estimate = run.review_estimate(method, threshold)
-reliable = estimate.source != TRAINED_MODEL_SOURCE
+carved = run.data.validation is not None and not run.data.validation_trusted
+# With a carved validation set θ̃ learned the same noisy labels (it estimated 0.4 errors where 17 were): the
+# engine then falls back to cleanlab's held-out folds, else to the trained model, whose number is no stop line.
+reliable = not (carved and estimate.source == TRAINED_MODEL_SOURCE)
 if reliable:
+    rough = " (rough: from the trained model, which saw the labels)" if estimate.source == TRAINED_MODEL_SOURCE else ""
     summary = (f"How deep to review: down to **#{estimate.stop_depth:,}** ({estimate.stop_depth / n:.1%}) · "
-               f"found {estimate.found:,} of about {estimate.expected_total:,.0f} estimated errors")
+               f"found {estimate.found:,} of about {estimate.expected_total:,.0f} estimated errors{rough}")
 else:
-    why = ("the validation set was carved from the training data, so its model learned the same noisy labels"
-           if run.data.validation is not None and not run.data.validation_trusted
-           else "no model in this run was kept from fitting the given labels")
-    summary = f"How deep to review: no reliable estimate ({why})"
-depth_panel = st.expander(summary, **remember("panel_depth"))
+    summary = ("How deep to review: no reliable estimate (the validation set was carved from the training data, "
+               "so its model learned the same noisy labels)")
+# the summary is in the label, so a new count makes a new expander: it opens as the last one was
+depth_panel = st.expander(summary, expanded=bool(st.session_state.get("review_panel_depth")), **remember("panel_depth"))
 if depth_panel.open:  # a closed panel costs nothing
     with depth_panel:
         chart, numbers = st.columns([3, 1])
@@ -127,9 +130,9 @@ if depth_panel.open:  # a closed panel costs nothing
         chart.plotly_chart(charts.review_depth_figure(estimate, threshold, cut), key="review_depth_chart",
                            config=QUIET)
         second = "" if estimate.cleanlab_total is None else f" cleanlab counts {estimate.cleanlab_total:,} issues."
-        if not reliable:
-            second += (" Score with fvm-loss, fvm (with a trusted validation set) or cleanlab for an estimate from a "
-                       "model that did not learn the labels.")
+        if estimate.source == TRAINED_MODEL_SOURCE:
+            second += (" Score with cleanlab, or fvm-loss / fvm with a trusted validation set, for an estimate from "
+                       "a model that did not learn the labels.")
         chart.caption(f"Estimated from the probabilities of **{estimate.source}**, recalibrated with your "
                       f"{estimate.reviewed:,} decisions so far (relabel and drop count as errors, keep as correct; "
                       f"decisions in the gallery below update this on the next change of page settings); "
