@@ -115,7 +115,7 @@ _CSS = keys.OVERLAY_CSS + """
 .il-card.il-decided img { opacity: .35; }
 .il-thumb { height: 112px; display: flex; align-items: center; justify-content: center; cursor: pointer; }
 .il-thumb img { width: 112px; height: 112px; object-fit: contain; image-rendering: pixelated; }
-.il-line, .il-acts, .il-state { display: flex; align-items: center; gap: .2rem; white-space: nowrap; overflow: hidden;
+.il-line, .il-acts { display: flex; align-items: center; gap: .2rem; white-space: nowrap; overflow: hidden;
   height: 1.35rem; }
 .il-cap { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; flex: 1; min-width: 0; }
 .il-badge { border-radius: .3rem; padding: 0 .3rem; font-weight: 600; white-space: nowrap; }
@@ -128,10 +128,14 @@ _CSS = keys.OVERLAY_CSS + """
 .il-card button:disabled { opacity: .35; cursor: default; }
 .il-card select { max-width: 3.2rem; }
 .il-sel { width: 1.25rem; padding: 0 !important; }
-.il-state { font-size: 11px; color: rgba(128,128,128,1); }
+.il-card { --il-thumb: 112px; }
+.il-state { position: absolute; top: .35rem; right: .4rem; font-size: 11px; border-radius: .3rem; padding: 0 .25rem;
+  pointer-events: none; }
+.il-state.il-saving { background: rgba(128,128,128,.85); color: #fff; }
 .il-state.il-saving::before { content: "saving…"; }
-.il-state.il-saved::before { content: "✓ saved"; color: #158237; }
-.il-state.il-failed { color: #bd4043; font-weight: 600; }
+.il-state.il-saved { background: rgba(21,130,55,.9); color: #fff; }
+.il-state.il-saved::before { content: "✓ saved"; }
+.il-state.il-failed { left: .4rem; top: 3rem; background: #bd4043; color: #fff; font-weight: 600; white-space: normal; }
 .il-note { position: absolute; left: .35rem; right: .35rem; top: 2.5rem; background: rgba(0,0,0,.75); color: #fff;
   border-radius: .3rem; padding: .2rem .3rem; font-size: 11px; white-space: normal; }
 .il-empty { grid-column: 1 / -1; padding: 1rem; }

@@ -13,7 +13,9 @@ SELECTED_MARK = '<span class="il-selected"></span>'  # the stylesheet outlines a
 # Dense cards: small padding, one-line captions, icon buttons; a decided card is dimmed (its caption holds
 # charts.DECIDED_MARK) and a selected one outlined, so both show without a rerun of anything else.
 CARD_CSS = """
-[data-testid="stMainBlockContainer"] { padding: 1.5rem 1.5rem 4rem; }
+[data-testid="stMainBlockContainer"] { padding: 3.75rem 1.5rem 4rem; }  /* the title just below the page bar */
+h1 { font-size: 1.9rem !important; padding: 0 0 .2rem !important; }
+[data-testid="stAlertContainer"] { padding: .45rem .8rem; }
 [class*="st-key-card_"] { padding: .3rem .35rem !important; }
 [class*="st-key-card_"] [data-testid="stMarkdownContainer"] p { font-size: .8rem; margin: 0; white-space: nowrap;
   overflow: hidden; text-overflow: ellipsis; }

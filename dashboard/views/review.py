@@ -279,32 +279,34 @@ def show_gallery() -> None:
     selected = st.session_state["selected"]
     decided = int((page_rows["status"] != charts.UNREVIEWED).sum())
     flagged = int((page_rows["rank"] <= cut).sum())
-    with st.container(horizontal=True, vertical_alignment="center", key="gallery_bar"):
+    with st.container(horizontal=True, vertical_alignment="center", key="gallery_bar", gap="small"):
         st.markdown(f"**{len(shown):,}** shown · this page: **{decided}** of {len(page_rows)} decided, "
                     f"**{flagged}** flagged · **{len(selected)}** selected")
         st.button("Select page", key="select_page", on_click=select, args=(page_rows["index"].tolist(),))
-        st.button("Clear selection", key="clear_selection", on_click=clear_selection, disabled=not selected)
-        st.button("Accept suggestions", key="bulk_accept", disabled=not selected, type="primary",
-                  on_click=bulk, args=(run, *BULK["accept"]), help="accept each selected card's suggestion (Shift+A)")
-        st.button("Keep", key="bulk_keep", disabled=not selected, on_click=bulk, args=(run, *BULK["keep"]),
-                  help="the given labels of the selected cards are correct (Shift+K)")
-        st.button("Drop", key="bulk_drop", disabled=not selected, on_click=bulk, args=(run, *BULK["drop"]),
-                  help="drop the selected cards (Shift+D)")
-        with st.popover("Relabel to…", disabled=not selected):
-            target = st.selectbox("Label", label_ids, format_func=names.__getitem__, key="bulk_label")
-            st.button("Relabel selected", key="bulk_relabel", on_click=bulk,
-                      args=(run, "relabel", lambda ids: [target] * len(ids)))
+        if selected:  # the bulk actions once there is a selection (Shift + A / K / D act on it too)
+            st.button("Clear selection", key="clear_selection", on_click=clear_selection)
+            st.button("Accept suggestions", key="bulk_accept", type="primary", on_click=bulk,
+                      args=(run, *BULK["accept"]), help="accept each selected card's suggestion (Shift+A)")
+            st.button("Keep", key="bulk_keep", on_click=bulk, args=(run, *BULK["keep"]),
+                      help="the given labels of the selected cards are correct (Shift+K)")
+            st.button("Drop", key="bulk_drop", on_click=bulk, args=(run, *BULK["drop"]),
+                      help="drop the selected cards (Shift+D)")
+            with st.popover("Relabel to…"):
+                target = st.selectbox("Label", label_ids, format_func=names.__getitem__, key="bulk_label")
+                st.button("Relabel selected", key="bulk_relabel", on_click=bulk,
+                          args=(run, "relabel", lambda ids: [target] * len(ids)))
         st.toggle("overwrite decisions", key="bulk_overwrite",
                   help="off: bulk actions skip the cards decided already (and say how many)")
         if "bulk_note" in st.session_state:
             st.caption(st.session_state["bulk_note"])
-        st.button("Previous", key="prev_page", icon=":material/chevron_left:", disabled=page <= 1,
+        st.space("stretch")
+        st.button("", key="prev_page", icon=":material/chevron_left:", disabled=page <= 1,
                   on_click=set_page, args=(page - 1,), help="previous page (P)")
         st.markdown(f"page **{page}** of {pages}")
-        st.button("Next", key="next_page", icon=":material/chevron_right:", disabled=page >= pages,
+        st.button("", key="next_page", icon=":material/chevron_right:", disabled=page >= pages,
                   on_click=set_page, args=(page + 1,), help="next page (N)")
         st.number_input("Go to page", 1, pages, key="gallery_goto", label_visibility="collapsed",
-                        on_change=go_to_page, width=100)
+                        on_change=go_to_page, width=90, help="go to page")
     gallery.show(gallery_run, gallery.card_data(page_rows, run.data.train, gallery_run, selected), names,
                  per_row=PER_ROW, page=page, pages=pages, on_batch=receive)
     st.caption("Keyboard: arrows move · Enter/A accept · digits relabel · K keep · D drop · Space select · "
