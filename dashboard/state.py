@@ -39,6 +39,7 @@ from engine.metrics import ranks
 from engine.pipeline import result_table
 from engine.runs import RunData, RunSettings, load_run_data
 from engine.safe_files import check_folder, check_within_root
+from engine.scorers import scorer_class
 from engine.training import Predictions, TrainedModel
 from engine.workspace import SUFFIX, StoredResult, Workspace, default_folder
 
@@ -232,7 +233,8 @@ def _advice(_run: Active, path: str, key: str, method: str, methods: tuple[str, 
     loop = _run.workspace.report(key, "loop") or {}  # closing the loop put these reviewed rows in validation
     return scoring_advice(data.train, table, validation=data.validation, trusted=data.validation_trusted,
                           info=result.info, history=training.get("history"), training_notes=training.get("notes"),
-                          reviewed_in_validation=loop.get("reviewed", [])) + \
+                          reviewed_in_validation=loop.get("reviewed", []),
+                          uses_validation=any(scorer_class(m).requires_validation for m in _run.results)) + \
         cleaning_test_set_warnings(data.train, data.test)
 
 
@@ -246,6 +248,17 @@ def activate(workspace: Workspace, key: str, settings: RunSettings) -> None:
                  *review_widgets):
         st.session_state.pop(name, None)
     st.session_state["selected"] = set()  # the old run's cards
+
+
+def keep_run_in_url() -> None:
+    """Name the active run in the URL on every page (``st.switch_page`` clears the query parameters, and a
+    reload then opened the latest run on the data instead of the one opened from the runs table)."""
+    if "active" not in st.session_state:
+        return
+    path, key, _ = st.session_state["active"]
+    if st.query_params.get("run") != key or st.query_params.get("workspace") != Path(path).stem:
+        st.query_params["run"] = key
+        st.query_params["workspace"] = Path(path).stem
 
 
 def active() -> Active | None:

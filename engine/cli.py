@@ -219,10 +219,12 @@ def _score(args: argparse.Namespace) -> dict | None:
     summary = _summary(args, config, out, start, run.results[args.method], n=len(data.train),
                        device=str(trained.device), model=trained.model_name, validation=data.validation,
                        trusted=data.validation_trusted, flipped=data.flipped, train_seconds=run.train_seconds)
-    summary["review"] = _review(run.results, args.method, data.train.labels, run.context.predictions.probabilities)
+    summary["review"] = _review(run.results, args.method, data.train.labels, run.context.predictions.probabilities,
+                                trusted_validation=data.validation_trusted)
     return _with_advice(summary, scoring_advice(data.train, table, validation=data.validation,
                                                 trusted=data.validation_trusted, info=run.results[args.method].info,
-                                                history=trained.history, training_notes=trained.notes))
+                                                history=trained.history, training_notes=trained.notes,
+                                                uses_validation=scorer_class(args.method).requires_validation))
 
 
 def _score_in_workspace(args: argparse.Namespace, settings: RunSettings, data: RunData, out: Path,
@@ -249,7 +251,8 @@ def _score_in_workspace(args: argparse.Namespace, settings: RunSettings, data: R
                                 trusted_validation=data.validation_trusted)
     return _with_advice(summary, scoring_advice(data.train, table, validation=data.validation,
                                                 trusted=data.validation_trusted, info=result.info,
-                                                history=training["history"], training_notes=training.get("notes")))
+                                                history=training["history"], training_notes=training.get("notes"),
+                                                uses_validation=scorer_class(args.method).requires_validation))
 
 
 def _review(results: dict, method: str, labels: np.ndarray, trained_probabilities: np.ndarray, *,

@@ -336,8 +336,13 @@ def model_warnings(*, history: list[dict[str, float]], flagged_train_accuracy: f
 
 def scoring_advice(train: Dataset, table, *, validation: Dataset | None, trusted: bool, info: dict,
                    history: list[dict[str, float]] | None = None, training_notes: list[str] | None = None,
-                   flagged_fraction: float = 0.05, reviewed_in_validation: np.ndarray | list[int] = ()) -> list[Advice]:
+                   flagged_fraction: float = 0.05, reviewed_in_validation: np.ndarray | list[int] = (),
+                   uses_validation: bool = True) -> list[Advice]:
     """Every guard that applies to one scored run; ``table`` is the per-sample result table.
+
+    ``uses_validation=False``: the method scored without the validation set (``loss``, ``if-last``…), so
+    the warnings about that set are left out (``if-last --embeddings`` with a carved set warned that
+    "FVM is less reliable").
 
     Memorization is judged on the top ``flagged_fraction`` of the ranking: if θ* still predicts the
     given label of almost all of them, it has fit the suspected noise. ``reviewed_in_validation``: see
@@ -346,7 +351,8 @@ def scoring_advice(train: Dataset, table, *, validation: Dataset | None, trusted
     flagged = table.nsmallest(max(1, int(len(table) * flagged_fraction)), "rank")
     flagged_accuracy = float((flagged["predicted_label"] == flagged["given_label"]).mean())
     finetune = [Advice("finetune-not-a-minimum", info["finetune_warning"])] if info.get("finetune_warning") else []
-    return validation_warnings(train, validation, trusted=trusted,
-                               reviewed_in_validation=reviewed_in_validation) + model_warnings(
+    about_validation = validation_warnings(train, validation, trusted=trusted,
+                                           reviewed_in_validation=reviewed_in_validation) if uses_validation else []
+    return about_validation + model_warnings(
         history=history or [], flagged_train_accuracy=flagged_accuracy,
         validation_accuracy=info.get("validation_accuracy"), training_notes=training_notes) + finetune

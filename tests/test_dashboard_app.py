@@ -352,6 +352,9 @@ def test_compare_page_shows_the_methods_aurocs(session_dir):
 
 def test_detail_page_explains_with_neighbours(session_dir):
     at = new_session("views/detail.py")
+    # finding 13: a suggestion that is not the most likely class said nowhere where it came from
+    assert any(c.value.startswith("Predicted: the trained model θ*'s most likely class") and
+               f"Suggested by **loss**: {scorer_class('loss').suggestion}." in c.value for c in at.caption)
     assert at.dataframe[0].value["method"].tolist() == ["loss"]
     assert any("Validation images most like it" in m.value for m in at.markdown)
     assert len(at.get("image")) == 1 + 3 * 6  # the sample, 6 validation and 2 × 6 training neighbours
@@ -781,7 +784,8 @@ def test_own_folder_gets_defaults_that_fit_it_a_preview_and_a_time(tmp_path, mon
     assert not at.exception
     assert at.radio(key="setup_val_mode").value == "none"
     assert at.text_input(key="setup_test").value == "" and at.toggle(key="setup_demo").value is False
-    assert not any(scorer_class(m).requires_validation for m in at.multiselect(key="setup_methods").value)
+    chosen = at.multiselect(key="setup_methods").value
+    assert chosen and not any(scorer_class(m).requires_validation for m in chosen)  # finding 12: none were left
     preview = next(m.value for m in at.markdown if "images in" in m.value)
     assert preview.startswith("**25** images in **3** classes, trained as 12×12 grayscale") and "**1** of" in preview
     assert at.dataframe[0].value["images"].tolist() == [9, 8, 8]  # the preview comes first
@@ -828,4 +832,7 @@ def test_runs_table_says_what_each_run_is_and_opens_one_by_click(session_dir):
     assert not at.exception
     assert at.session_state["active"][1] == table["run"][0]
     assert [t.value for t in at.title] == ["Review the suspects"]
+    # finding 4: the open run stays in the URL after the page switch, so a reload opens it again
+    assert at.query_params["run"] == [table["run"][0]]
+    assert at.query_params["workspace"] == [table["workspace"][0].removesuffix(".sqlite")]
     assert any(m.value.startswith("Opened the run of") for m in at.success)

@@ -10,6 +10,7 @@ from dashboard import charts, state, widgets
 from dashboard.text import md
 from engine.data import original_image
 from engine.explain import explain
+from engine.scorers import scorer_class
 
 NEIGHBOURS = 6
 
@@ -69,6 +70,8 @@ with image_col:
     source = f" · {md(train.paths[position])}" if train.paths is not None else ""
     st.markdown(f"given **{shown[given]}** · predicted **{shown[int(probabilities.argmax())]}** · "
                 f"suggested **{shown[suggested]}**{source}")
+    st.caption(f"Predicted: the trained model θ*'s most likely class (the probabilities beside). Suggested by "
+               f"**{method}**: {scorer_class(method).suggestion}.")
     if index in decisions.index:
         decision = decisions.loc[index]
         label = f" → {shown[int(decision['new_label'])]}" if decision["action"] == "relabel" else ""

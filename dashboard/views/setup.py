@@ -126,12 +126,14 @@ def data_defaults(data: str) -> dict[str, object]:
 
 def follow_the_data() -> None:
     """Callback of the data input: reset what depended on the previous data (methods that would then
-    lack a validation set are taken out)."""
+    lack a validation set are taken out; if none is left, the best measured ones that need none)."""
     defaults = data_defaults(st.session_state["setup_data"])
     st.session_state.update(defaults)
     if defaults["setup_val_mode"] == "none" and "setup_methods" in st.session_state:
-        st.session_state["setup_methods"] = [m for m in st.session_state["setup_methods"]
-                                             if not scorer_class(m).requires_validation]
+        kept = [m for m in st.session_state["setup_methods"] if not scorer_class(m).requires_validation]
+        # every default (✱) method needed a validation set: the best measured ones that run without one
+        st.session_state["setup_methods"] = kept or recommended_methods(
+            [m for m in available_methods() if not scorer_class(m).requires_validation], DEFAULT_METHOD_COUNT)
 
 
 def use_carved_validation() -> None:

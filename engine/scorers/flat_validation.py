@@ -92,6 +92,7 @@ class _ValidationMinimumScorer(Scorer):
 class FVMLossScorer(_ValidationMinimumScorer):
     name = "fvm-loss"
     description = "cross-entropy of the given label at the flat validation minimum θ̃ (SAM fine-tune)"
+    suggestion = 'the most likely class of the validation-minimum model θ̃'
 
     def _prepare(self, context: ScoringContext) -> None:
         self._finetune(context)
@@ -117,6 +118,8 @@ class VMLossScorer(FVMLossScorer):
 class FVMScorer(_ValidationMinimumScorer):
     name = "fvm"
     description = "flat-validation influence: self-influence at a flat validation minimum with validation curvature"
+    suggestion = ("the label c with the lowest influence score s(z, c) at θ̃: the one under which the sample looks "
+                  "least harmful, which need not be any model's most likely class")
 
     @dataclass(frozen=True)
     class Settings:
