@@ -194,8 +194,10 @@ def kill_hard(process: subprocess.Popen) -> None:
     process.wait(timeout=60)
 
 
-def burst(count: int, rows: int = 1000, every: float = 0.15) -> dict:
-    """``count`` decisions one per ``every`` s; then a reload, then kill -9 of the server: all kept, in order?"""
+def burst(count: int, rows: int = 1000, every: float = 0.15, *, kill_midway: bool = False) -> dict:
+    """``count`` decisions one per ``every`` s; then a reload, then kill -9 of the server: all kept, in order?
+    ``kill_midway``: kill -9 of the server halfway through the typing instead, the second half typed while it
+    is down, then a fresh server: the same tab (no reload) must deliver all of them, in order."""
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -218,6 +220,8 @@ def burst(count: int, rows: int = 1000, every: float = 0.15) -> dict:
                 expected = []
                 started = time.perf_counter()
                 for n in range(count):
+                    if kill_midway and n == count // 2:
+                        kill_hard(process)
                     key_name, action, label = BURST_KEYS[n % len(BURST_KEYS)]
                     page.keyboard.press(key_name)
                     expected.append((cards[n], action, label))
@@ -230,6 +234,18 @@ def burst(count: int, rows: int = 1000, every: float = 0.15) -> dict:
                     return [(int(i), a, None if pd.isna(label) else int(label))
                             for i, a, label in zip(log["index"], log["action"], log["new_label"], strict=True)]
 
+                if kill_midway:
+                    print(f"burst: typed {count} keys in {typed_s:.1f} s, killed halfway; restarting", file=sys.stderr,
+                          flush=True)
+                    process = start_server(folder, data, port)
+                    restarted = time.perf_counter()
+                    wait_for(lambda: len(stored()) >= count, timeout=300, step=0.2)
+                    checks["killed_halfway_all_in_order"] = stored() == expected
+                    checks["delivered_s_after_restart"] = round(time.perf_counter() - restarted, 1)
+                    kept = len(stored())
+                    browser.close()
+                    return {"burst": count, "every_ms": round(1000 * every), "kill_9_after": count // 2,
+                            "typed_s": round(typed_s, 1), "stored": kept, **checks}
                 print(f"burst: typed {count} keys in {typed_s:.1f} s; reloading", file=sys.stderr, flush=True)
                 page.reload()  # at once: what the server had not acknowledged is resent from the tab's queue
                 wait_for(lambda: len(stored()) >= count, timeout=300, step=0.2)
@@ -253,7 +269,7 @@ def burst(count: int, rows: int = 1000, every: float = 0.15) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 50000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 50000], help="rows (none: only the burst)")
     parser.add_argument("--decisions", type=int, default=20)
     parser.add_argument("--burst", type=int, default=100, help="decisions one per 150 ms at 1k rows (0: none)")
     parser.add_argument("--out", type=Path, default=None, help="write the table to this Markdown file")
@@ -271,9 +287,10 @@ def main() -> None:
                      f"{r['written_ms_median']} / {r['written_ms_p90']} | "
                      f"{r['saved_ms_median']} / {r['saved_ms_p90']} |")
     if args.burst:
-        result = burst(args.burst)
-        print(json.dumps(result), flush=True)
-        lines += ["", json.dumps(result)]
+        for kill_midway in (False, True):
+            result = burst(args.burst, kill_midway=kill_midway)
+            print(json.dumps(result), flush=True)
+            lines += ["", json.dumps(result)]
     print("\n".join(lines))
     if args.out is not None:
         load = os.getloadavg()

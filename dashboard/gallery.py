@@ -212,7 +212,9 @@ export default function (component) {
   }
 
   // -- the cards ------------------------------------------------------------------------------
-  function esc(s) { return String(s).replace(/[&<>"]/g, ch => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[ch]); }
+  function esc(s) {
+    return String(s).replace(/[&<>"]/g, ch => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[ch]);
+  }
   function cards() { return (g.data && g.data.cards) || []; }
   function ids() { return cards().map(c => c.i); }
   function cardOf(index) { return cards().find(c => c.i === index); }
@@ -251,12 +253,16 @@ export default function (component) {
   function build(c) {
     const el = document.createElement("div");
     el.className = "il-card st-key-card_" + c.i; el.dataset.i = c.i;
-    const options = g.data.classes.map((n, k) => "<option value='" + k + "'>" + k + " · " + esc(n) + "</option>").join("");
+    const options = g.data.classes.map((n, k) => "<option value='" + k + "'>" + k + " · " + esc(n) + "</option>")
+      .join("");
     el.innerHTML = "<div class='il-thumb'><img alt='sample " + c.i + "'></div>" +
-      "<div class='il-line'><button class='il-sel' data-a='select' title='select (Space)'></button><span class='il-cap'></span></div>" +
-      "<div class='il-acts'><button data-a='accept'>A ✓</button><button data-a='keep' title='keep: the given label is correct (K)'>K</button>" +
+      "<div class='il-line'><button class='il-sel' data-a='select' title='select (Space)'></button>" +
+      "<span class='il-cap'></span></div>" +
+      "<div class='il-acts'><button data-a='accept'>A ✓</button>" +
+      "<button data-a='keep' title='keep: the given label is correct (K)'>K</button>" +
       "<button data-a='drop' title='drop this sample (D)'>D ✗</button>" +
-      "<select data-a='relabel' title='another label (digit keys)'><option value=''>→ …</option>" + options + "</select>" +
+      "<select data-a='relabel' title='another label (digit keys)'><option value=''>→ …</option>" + options +
+      "</select>" +
       "<button data-a='detail' title='look closer'>⌕</button></div>" +
       "<div class='il-state'></div>";
     el.addEventListener("click", e => {
@@ -345,7 +351,9 @@ export default function (component) {
   // -- keys -----------------------------------------------------------------------------------
   function overlay(id, html) {
     let el = document.getElementById(id);
-    if (!el) { el = document.createElement("div"); el.id = id; el.className = "il-overlay"; document.body.appendChild(el); }
+    if (!el) {
+      el = document.createElement("div"); el.id = id; el.className = "il-overlay"; document.body.appendChild(el);
+    }
     el.innerHTML = html;
     return el;
   }
@@ -369,7 +377,11 @@ export default function (component) {
   }
   function onPicker(e) {
     if (e.key === "Escape") closeOverlays();
-    else if (e.key === "Enter") { const found = matches(g.picker); closeOverlays(); if (found.length) decideKey("relabel", found[0]); }
+    else if (e.key === "Enter") {
+      const found = matches(g.picker);
+      closeOverlays();
+      if (found.length) decideKey("relabel", found[0]);
+    }
     else if (e.key === "Backspace") { g.picker = g.picker.slice(0, -1); drawPicker(); }
     else if (e.key.length === 1) { g.picker += e.key; drawPicker(); }
     else return false;
@@ -378,7 +390,8 @@ export default function (component) {
   function typing(t) {
     if (!t || !t.closest) return false;
     // a closed dropdown keeps the focus after a choice: its search box is not being typed in
-    if (t.getAttribute && t.getAttribute("role") === "combobox" && t.getAttribute("aria-expanded") !== "true") return false;
+    if (t.getAttribute && t.getAttribute("role") === "combobox" && t.getAttribute("aria-expanded") !== "true")
+      return false;
     return !!t.closest("textarea, [contenteditable='true'], select, input:not([type='checkbox']):not([type='radio'])");
   }
   function onKey(e) {
@@ -401,10 +414,15 @@ export default function (component) {
       else if (k === " ") { const c = cursor(); if (c !== null) act("select", c); }
       else if (k === "n" || k === "N") page(1);
       else if (k === "p" || k === "P") page(-1);
-      else if (k === "?") { if (document.getElementById("il-help")) closeOverlays(); else overlay("il-help", g.data.help); }
+      else if (k === "?") {
+        if (document.getElementById("il-help")) closeOverlays(); else overlay("il-help", g.data.help);
+      }
       else if (k === "Escape") { handled = !!document.querySelector(".il-overlay"); closeOverlays(); }
       else if (/^[0-9]$/.test(k) && !many) { if (Number(k) < g.data.classes.length) decideKey("relabel", Number(k)); }
-      else if (/^[0-9]$/.test(k) || ((k === "r" || k === "R") && many)) { g.picker = /^[0-9]$/.test(k) ? k : ""; drawPicker(); }
+      else if (/^[0-9]$/.test(k) || ((k === "r" || k === "R") && many)) {
+        g.picker = /^[0-9]$/.test(k) ? k : "";
+        drawPicker();
+      }
       else handled = false;
     }
     if (handled) {

@@ -833,6 +833,6 @@ def test_runs_table_says_what_each_run_is_and_opens_one_by_click(session_dir):
     assert at.session_state["active"][1] == table["run"][0]
     assert [t.value for t in at.title] == ["Review the suspects"]
     # finding 4: the open run stays in the URL after the page switch, so a reload opens it again
-    assert at.query_params["run"] == [table["run"][0]]
-    assert at.query_params["workspace"] == [table["workspace"][0].removesuffix(".sqlite")]
+    assert at.query_params["run"] == table["run"][0]
+    assert at.query_params["workspace"] == table["workspace"][0].removesuffix(".sqlite")
     assert any(m.value.startswith("Opened the run of") for m in at.success)
