@@ -366,6 +366,9 @@ def test_retrain_reports_accuracy_after(session_dir):
     card = next(c for c in cards(at) if c["s"] != c["g"])
     send(at, {"action": "relabel", "index": card["i"], "label": card["s"]})
     at.switch_page("views/recovery.py").run()
+    # finding 11: the cleaning curve (833 s on the sample) says its time before its button is pressed
+    assert any(m.value.startswith("Estimated time on this device: **≈") and "one per point and ranking" in m.value
+               for m in at.markdown)
     at.button(key="retrain").click().run()
     finish_jobs()
     at.run()
@@ -681,7 +684,9 @@ def test_close_the_loop_rescoring_with_reviewed_samples(session_dir):
     accepts = [c for c in cards(at) if c["s"] != c["g"]][:2]
     send(at, *({"action": "relabel", "index": c["i"], "label": c["s"]} for c in accepts))
     at.switch_page("views/loop.py").run()
-    at.multiselect(key="loop_methods").set_value([needing[0]])
+    at.multiselect(key="loop_methods").set_value([needing[0]]).run()
+    assert any(m.value.startswith("Estimated time on this device: **≈") and "re-scoring" in m.value
+               for m in at.markdown)  # finding 11: said before the button
     before = at.session_state["active"][1]
     at.button(key="loop_run").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
