@@ -337,6 +337,11 @@ def test_keyboard_review_flow(tmp_path):
             assert len(workspace.decisions()) == 2  # the digits typed did not relabel anything
             page.get_by_role("link", name="Sample detail").click()
             expect(page.get_by_role("heading", name="Sample detail")).to_be_visible()
+            page.wait_for_function("""() => {
+                const images = [...document.querySelectorAll("[data-testid='stImage'] img")];
+                return images.length > 0 && images.every(i => i.complete && i.naturalWidth > 0); }""")
+            expect(page.get_by_text("Suggested by")).to_be_visible()
+            page.screenshot(path=shots / "detail.png")
             page.get_by_role("link", name="Review the suspects").click()
             expect(page.locator(".st-key-review_cut input")).to_have_value("40")
             page.wait_for_function("window.__ilGallery && window.__ilGallery.data && "
