@@ -135,7 +135,8 @@ _CSS = keys.OVERLAY_CSS + """
 .il-state.il-saving::before { content: "saving…"; }
 .il-state.il-saved { background: rgba(21,130,55,.9); color: #fff; }
 .il-state.il-saved::before { content: "✓ saved"; }
-.il-state.il-failed { left: .4rem; top: 3rem; background: #bd4043; color: #fff; font-weight: 600; white-space: normal; }
+.il-state.il-failed { left: .4rem; top: 2.5rem; background: #bd4043; color: #fff; font-weight: 600;
+  white-space: normal; max-height: 4.2rem; overflow: hidden; }
 .il-note { position: absolute; left: .35rem; right: .35rem; top: 2.5rem; background: rgba(0,0,0,.75); color: #fff;
   border-radius: .3rem; padding: .2rem .3rem; font-size: 11px; white-space: normal; }
 .il-empty { grid-column: 1 / -1; padding: 1rem; }
@@ -298,7 +299,9 @@ export default function (component) {
     accept.title = "accept the suggestion " + names[c.s] + " (A or Enter)";
     const state = el.querySelector(".il-state");
     state.className = "il-state" + (s.state ? " il-" + s.state : "");
-    state.textContent = s.state === "failed" ? "not saved: " + s.error + " (retrying)" : "";
+    const why = s.state === "failed" ? String(s.error).replace(/^\/\S+: /, "") : "";  // without the file's path
+    state.textContent = s.state === "failed" ? "not saved, retrying: " + why : "";
+    state.title = s.state === "failed" ? String(s.error) : "";
   }
   function note(index, text) {
     const el = g.root.querySelector(".il-card[data-i='" + index + "']");

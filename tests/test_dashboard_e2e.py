@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -381,6 +382,26 @@ def test_keyboard_review_flow(tmp_path):
                 page.wait_for_timeout(150)
             wait_until(lambda: len(log_rows(workspace)) >= len(before) + 8)
             assert log_rows(workspace)[len(before):] == [(i, "keep") for i in typed]
+            # finding 10: badges no longer wrap, so every card of the page has the same height
+            heights = page.evaluate("[...document.querySelectorAll('.il-card')].map(c => c.offsetHeight)")
+            assert len(set(heights)) == 1, heights
+
+            # a write that fails (another process holds the workspace's write lock for longer than the server
+            # waits) is shown on its card, and retried until it is stored
+            target = page.evaluate("Number(sessionStorage.getItem('il-cursor'))")
+            lock = sqlite3.connect(workspace_path, timeout=1, isolation_level=None)
+            lock.execute("BEGIN IMMEDIATE")
+            try:
+                page.keyboard.press("d")
+                card = page.locator(f".il-card[data-i='{target}']")
+                expect(card).to_contain_text("dropped")  # at once, in the browser
+                expect(card.locator(".il-failed")).to_contain_text("not saved", timeout=2 * TIMEOUT_MS)
+                page.screenshot(path=shots / "gallery-failed-write.png")
+            finally:
+                lock.execute("ROLLBACK")
+                lock.close()
+            expect(card.locator(".il-saved")).to_be_attached()
+            assert log_rows(workspace)[-1] == (target, "drop")
 
             # the depth estimate opens on demand (a screenshot for the docs)
             page.get_by_text("How deep to review").click()
