@@ -253,7 +253,7 @@ export default function (component) {
   }
   function build(c) {
     const el = document.createElement("div");
-    el.className = "il-card st-key-card_" + c.i; el.dataset.i = c.i;
+    el.className = "il-card"; el.dataset.i = c.i;
     const options = g.data.classes.map((n, k) => "<option value='" + k + "'>" + k + " · " + esc(n) + "</option>")
       .join("");
     el.innerHTML = "<div class='il-thumb'><img alt='sample " + c.i + "'></div>" +

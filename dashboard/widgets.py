@@ -9,20 +9,11 @@ from dashboard import charts, jobs, state
 from dashboard.text import md
 
 TILE_PX = 112
-SELECTED_MARK = '<span class="il-selected"></span>'  # the stylesheet outlines a card holding it
-# Dense cards: small padding, one-line captions, icon buttons; a decided card is dimmed (its caption holds
-# charts.DECIDED_MARK) and a selected one outlined, so both show without a rerun of anything else.
+# The review page: the title just below the page bar, compact warnings (the cards are dashboard/gallery.py's).
 CARD_CSS = """
-[data-testid="stMainBlockContainer"] { padding: 3.75rem 1.5rem 4rem; }  /* the title just below the page bar */
+[data-testid="stMainBlockContainer"] { padding: 3.75rem 1.5rem 4rem; }
 h1 { font-size: 1.9rem !important; padding: 0 0 .2rem !important; }
 [data-testid="stAlertContainer"] { padding: .45rem .8rem; }
-[class*="st-key-card_"] { padding: .3rem .35rem !important; }
-[class*="st-key-card_"] [data-testid="stMarkdownContainer"] p { font-size: .8rem; margin: 0; white-space: nowrap;
-  overflow: hidden; text-overflow: ellipsis; }
-[class*="st-key-card_"] button { min-height: 1.6rem; padding: 0 .2rem; }
-[class*="st-key-card_"]:has(.il-decided) img { opacity: .35; }
-[class*="st-key-card_"]:has(.il-decided) { background: rgba(128, 128, 128, .08); }
-[class*="st-key-card_"]:has(.il-selected) { box-shadow: inset 0 0 0 3px #1f77b4; }
 """
 
 
