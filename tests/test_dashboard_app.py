@@ -723,6 +723,8 @@ def test_why_page_prepares_in_the_background_then_shows_the_four_steps(tmp_path,
     at = new_session("views/why.py")
     at.toggle(key="why_quick").set_value(True).run()
     assert not at.subheader  # nothing prepared yet: only the button
+    # finding 11: the demo (520 s on the sample) says its time before the button is pressed
+    assert any(m.value.startswith("Estimated time on this device: **at least ≈") for m in at.markdown)
     at.button(key="why_prepare").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     finish_jobs()
