@@ -29,26 +29,29 @@ from engine.training import PRESETS
 
 
 @st.cache_data(max_entries=8, show_spinner="Reading the demo data…")
-def _demo_shape(settings: DemoSettings) -> tuple[int, tuple[int, ...], int]:
-    noisy = load_demo_data(settings).noisy
-    return len(noisy), noisy.image_shape, noisy.num_classes
+def _demo_shape(settings: DemoSettings) -> tuple[int, int, tuple[int, ...], int]:
+    data = load_demo_data(settings)
+    return len(data.noisy), len(data.validation), data.noisy.image_shape, data.noisy.num_classes
 
 
 def demo_time_line(settings: DemoSettings) -> str | None:
     """At least how long preparing takes here (520 s for the full demo on the sample, said nowhere before):
-    each budget's training with cleanlab's folds, then one retraining per depth and the clean ceiling at the
-    largest budget; the fine-tunes and the landscape come on top."""
+    each budget's training with cleanlab's folds and θ̃'s SAM fine-tune (two passes a step) on the validation
+    set, one retraining per depth and the clean ceiling at the largest budget, and the landscape's two
+    fine-tunes. The scoring and the landscape's evaluations come on top."""
     try:
-        n, shape, classes = _demo_shape(settings)
+        n, n_val, shape, classes = _demo_shape(settings)
         per_epoch = estimates.run_time(n, shape, classes, replace(PRESETS[settings.preset], epochs=1), DEMO_METHODS)
     except InfluenceLensError:
         return None
     epochs = sum(settings.budgets) + (len(settings.depths) + 1) * max(settings.budgets)
-    seconds = (sum(settings.budgets) * sum(per_epoch.method_seconds.values())
-               + epochs * per_epoch.training_seconds)
+    finetune_images = (2 * len(settings.budgets) + 2) * settings.finetune_epochs * n_val
+    seconds = (sum(settings.budgets) * sum(per_epoch.method_seconds.values()) + epochs * per_epoch.training_seconds
+               + finetune_images / per_epoch.images_per_second)
     return (f"Estimated time on this device: **at least ≈ {estimates.duration(seconds)}** ({epochs} epochs of "
-            f"training on {n:,} images at {per_epoch.images_per_second:,.0f} images/s, and cleanlab's folds at "
-            f"each budget; the fine-tunes and the landscape come on top).")
+            f"training on {n:,} images at {per_epoch.images_per_second:,.0f} images/s, cleanlab's folds at each "
+            f"budget, and the fine-tunes on {n_val:,} validation images; the scoring and the landscape's "
+            f"evaluations come on top).")
 
 
 def demo_settings() -> DemoSettings:
