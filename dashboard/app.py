@@ -36,5 +36,6 @@ st.set_page_config(page_title="influence-lens", page_icon=":material/search:", l
 st.html("<style>img { image-rendering: pixelated; }</style>")
 state.warm_up()
 state.init()
+state.keep_run_in_url()
 page = st.navigation(PAGES, position="top")  # the full width goes to the gallery
 page.run()

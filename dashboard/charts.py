@@ -5,6 +5,7 @@ Kept pure so they are unit-tested without a server; the numbers come from ``engi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -125,9 +126,18 @@ def runs_table(runs: list[dict]) -> pd.DataFrame:
              "noise": (f"{r['settings']['noise_rate']:.0%} {r['settings'].get('noise_kind', '')}"
                        if r["settings"].get("noise_rate") else "none"),
              "epochs": r["settings"].get("epochs"), "preset": r["settings"].get("preset"),
+             "differs": _differs(r["settings"], [o["settings"] for o in runs
+                                                 if o["settings"].get("data") == r["settings"].get("data")]),
              "workspace": r["workspace"], "run": r["run"]} for r in runs]
     return pd.DataFrame(rows, columns=["last used", "created", "data", "methods", "validation", "noise", "epochs",
-                                       "preset", "workspace", "run"])
+                                       "preset", "differs", "workspace", "run"])
+
+
+def _differs(settings: dict, same_data: list[dict]) -> str:
+    """The settings of a run that differ among the runs on its data (two runs on one folder looked the same)."""
+    keys = sorted({k for other in same_data for k in {*other, *settings}
+                   if len({json.dumps(o.get(k), sort_keys=True, default=str) for o in same_data}) > 1})
+    return ", ".join(f"{k} {settings.get(k)}" for k in keys)
 
 
 def class_counts_table(class_names: tuple[str, ...], counts: tuple[int, ...]) -> pd.DataFrame:

@@ -39,6 +39,7 @@ from engine.metrics import ranks
 from engine.pipeline import result_table
 from engine.runs import RunData, RunSettings, load_run_data
 from engine.safe_files import check_folder, under_root
+from engine.scorers import scorer_class
 from engine.training import Predictions, TrainedModel
 from engine.workspace import SUFFIX, StoredResult, Workspace, default_folder
 
@@ -220,7 +221,8 @@ class Active:
 def _error_prior(_run: Active, path: str, key: str, methods: tuple[str, ...]) -> ErrorPrior:
     """Fitted once per run and set of methods (the noise fit takes seconds on large sets); decisions
     only recalibrate it."""
-    return error_prior(_run.results, _run.data.train.labels, _run.predictions.probabilities)
+    return error_prior(_run.results, _run.data.train.labels, _run.predictions.probabilities,
+                       trusted_validation=_run.data.validation is None or _run.data.validation_trusted)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
@@ -241,7 +243,8 @@ def _advice(_run: Active, path: str, key: str, method: str, methods: tuple[str, 
     loop = _run.workspace.report(key, "loop") or {}  # closing the loop put these reviewed rows in validation
     return scoring_advice(data.train, table, validation=data.validation, trusted=data.validation_trusted,
                           info=result.info, history=training.get("history"), training_notes=training.get("notes"),
-                          reviewed_in_validation=loop.get("reviewed", [])) + \
+                          reviewed_in_validation=loop.get("reviewed", []),
+                          uses_validation=any(scorer_class(m).requires_validation for m in _run.results)) + \
         cleaning_test_set_warnings(data.train, data.test)
 
 
@@ -251,8 +254,21 @@ def activate(workspace: Workspace, key: str, settings: RunSettings) -> None:
     st.query_params["run"] = key
     st.query_params["workspace"] = workspace.path.stem
     review_widgets = [name for name in st.session_state if str(name).startswith("review_")]  # the old run's
-    for name in ("gallery_page", "detail_index", "spot_check_indices", *review_widgets):
+    for name in ("gallery_page", "gallery_view", "detail_index", "spot_check_indices", "bulk_note",
+                 *review_widgets):
         st.session_state.pop(name, None)
+    st.session_state["selected"] = set()  # the old run's cards
+
+
+def keep_run_in_url() -> None:
+    """Name the active run in the URL on every page (``st.switch_page`` clears the query parameters, and a
+    reload then opened the latest run on the data instead of the one opened from the runs table)."""
+    if "active" not in st.session_state:
+        return
+    path, key, _ = st.session_state["active"]
+    if st.query_params.get("run") != key or st.query_params.get("workspace") != Path(path).stem:
+        st.query_params["run"] = key
+        st.query_params["workspace"] = Path(path).stem
 
 
 def active() -> Active | None:
@@ -327,7 +343,7 @@ def review_defaults(run: Active) -> dict:
     n = len(run.data.train)
     return {"method": recommended_methods(run.methods, 1)[0],  # the best measured method (engine.measured)
             "cut": min(n, max(10, round(0.1 * n))), "only_flagged": True,
-            "per_page": PAGE_SIZES[0], "panel_depth": True, "panel_overview": True}
+            "per_page": PAGE_SIZES[0], "panel_depth": False, "panel_overview": True}
 
 
 def review_settings(run: Active) -> dict:
@@ -359,12 +375,14 @@ def remember_review_setting(run: Active, name: str) -> None:
 # -- decisions ------------------------------------------------------------------------------------
 
 @timing.timed("decide")
-def decide(run: Active, indices, action: str, new_label=None, *, overwrite: bool = True) -> str:
+def decide(run: Active, indices, action: str, new_label=None, *, overwrite: bool = True,
+           sent: tuple[str, int] | None = None, quiet: bool = False) -> str:
     """Write one decision (or one batch: one undo) to the workspace at once; say so.
 
     ``new_label`` is one label or one per sample. A sample already decided this way is left alone (no
     duplicate log rows); with ``overwrite=False`` a sample decided otherwise is skipped too, and counted.
-    Returns what it told the user.
+    ``sent``: the gallery's (tab, number) of this decision, stored with it so a resend is skipped
+    (``Workspace.decide``). ``quiet``: no toast (the gallery's card says it). Returns what it told the user.
     """
     indices = [int(i) for i in np.atleast_1d(indices)]
     labels = np.broadcast_to(np.asarray(-1 if new_label is None else new_label, dtype=np.int64),
@@ -383,19 +401,20 @@ def decide(run: Active, indices, action: str, new_label=None, *, overwrite: bool
         chosen_labels.append(label)
     st.session_state["selected"] = set(st.session_state.get("selected", set())) - set(indices)
     if chosen:
-        run.workspace.decide(chosen, action, chosen_labels if action == "relabel" else None)
+        run.workspace.decide(chosen, action, chosen_labels if action == "relabel" else None, sent=sent)
     what = {"relabel": f"relabeled → {md(run.class_names[chosen_labels[0]])}" if len(set(chosen_labels)) == 1
             else "relabeled", "drop": "dropped", "keep": "confirmed correct"}[action]
     told = (f"{len(chosen)} samples {what}" if len(chosen) > 1 else f"sample {chosen[0]} {what}") if chosen \
         else "nothing changed"
     if skipped:
         told += f"; skipped {skipped} already decided (tick “overwrite decisions” to replace them)"
-    tell(told)
+    if not quiet:
+        tell(told)
     return told
 
 
-def undo(run: Active) -> None:
-    undone = run.workspace.undo()
+def undo(run: Active, *, sent: tuple[str, int] | None = None) -> None:
+    undone = run.workspace.undo(sent=sent)
     tell(f"undid the decision on {len(undone)} sample(s)" if len(undone) else "nothing to undo")
 
 

@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import streamlit as st
 
 from dashboard import charts, jobs, state
 from dashboard.text import md
-from engine.data import original_image
 
 TILE_PX = 112
-SELECTED_MARK = '<span class="il-selected"></span>'  # the stylesheet outlines a card holding it
-# Dense cards: small padding, one-line captions, icon buttons; a decided card is dimmed (its caption holds
-# charts.DECIDED_MARK) and a selected one outlined, so both show without a rerun of anything else.
+# The review page: the title just below the page bar, compact warnings (the cards are dashboard/gallery.py's).
 CARD_CSS = """
-[data-testid="stMainBlockContainer"] { padding: 1.5rem 1.5rem 4rem; }
-[class*="st-key-card_"] { padding: .3rem .35rem !important; }
-[class*="st-key-card_"] [data-testid="stMarkdownContainer"] p { font-size: .8rem; margin: 0; white-space: nowrap;
-  overflow: hidden; text-overflow: ellipsis; }
-[class*="st-key-card_"] button { min-height: 1.6rem; padding: 0 .2rem; }
-[class*="st-key-card_"]:has(.il-decided) img { opacity: .35; }
-[class*="st-key-card_"]:has(.il-decided) { background: rgba(128, 128, 128, .08); }
-[class*="st-key-card_"]:has(.il-selected) { box-shadow: inset 0 0 0 3px #1f77b4; }
+[data-testid="stMainBlockContainer"] { padding: 3.75rem 1.5rem 4rem; }
+h1 { font-size: 1.9rem !important; padding: 0 0 .2rem !important; }
+[data-testid="stAlertContainer"] { padding: .45rem .8rem; }
 """
 
 
@@ -78,50 +69,6 @@ def open_detail(index: int) -> None:
     """Callback: show this sample on the detail page (the switch happens on the next run)."""
     st.session_state["detail_index"] = int(index)
     st.session_state["goto_detail"] = True
-
-
-def card(run: state.Active, row: pd.Series) -> None:
-    """One compact gallery card: the image, one line (select, rank, given → suggested, or the decision's badge)
-    and one row of small icons (accept, keep, drop, another label, look closer)."""
-    names = run.class_names
-    index, suggested, given = int(row["index"]), int(row["suggested"]), int(row["given"])
-    with st.container(border=True, key=f"card_{index}", gap="xsmall"):
-        st.image(charts.tile(original_image(run.data.train, int(row["position"]), TILE_PX), TILE_PX), width=TILE_PX)
-        selected = index in st.session_state["selected"]
-        with st.container(horizontal=True, gap=None, vertical_alignment="center"):
-            # a button, not a checkbox: a click is an event, so a box the browser still shows unticked
-            # cannot undo "Select page" (the set in the session is the only truth)
-            st.button("", key=f"select_{index}", type="tertiary", on_click=toggle_selected, args=(index,),
-                      icon=":material/check_box:" if selected else ":material/check_box_outline_blank:",
-                      help="select (Space)")
-            st.markdown(charts.card_caption(row, names) + (SELECTED_MARK if selected else ""), unsafe_allow_html=True)
-        with st.container(horizontal=True, gap=None, vertical_alignment="center"):
-            st.button("", key=f"accept_{index}", icon=":material/check:", type="tertiary",
-                      help=f"accept the suggestion {md(names[suggested])} (A or Enter)", disabled=suggested == given,
-                      on_click=state.decide, args=(run, [index], "relabel", suggested))
-            st.button("", key=f"keep_{index}", icon=":material/verified:", type="tertiary",
-                      help="keep: the given label is correct (K)", on_click=state.decide, args=(run, [index], "keep"))
-            st.button("", key=f"drop_{index}", icon=":material/delete:", type="tertiary", help="drop this sample (D)",
-                      on_click=state.decide, args=(run, [index], "drop"))
-            menu = st.popover("", icon=":material/edit:", help="another label (digit keys)", type="tertiary",
-                              key=f"relabel_menu_{index}", on_change="rerun")
-            if menu.open:  # the label list is built only for the open menu
-                with menu:
-                    st.selectbox("New label", range(len(names)), format_func=names.__getitem__, index=suggested,
-                                 key=f"pick_{index}")
-                    st.button("Relabel", key=f"relabel_{index}", on_click=relabel, args=(run, index))
-            st.button("", key=f"detail_{index}", icon=":material/zoom_in:", type="tertiary", help="look closer",
-                      on_click=open_detail, args=(index,))
-
-
-def relabel(run: state.Active, index: int) -> None:
-    """Callback of a card's label menu: relabel, then close the menu."""
-    state.decide(run, [index], "relabel", st.session_state[f"pick_{index}"])
-    st.session_state[f"relabel_menu_{index}"] = False
-
-
-def toggle_selected(index: int) -> None:
-    st.session_state["selected"] = set(st.session_state["selected"]) ^ {index}
 
 
 def tiles(images: np.ndarray, captions: list[str], *, per_row: int = 6, size: int = 96) -> None:

@@ -249,10 +249,12 @@ def _score(args: argparse.Namespace) -> dict | None:
     summary = _summary(args, config, out, start, run.results[args.method], n=len(data.train),
                        device=str(trained.device), model=trained.model_name, validation=data.validation,
                        trusted=data.validation_trusted, flipped=data.flipped, train_seconds=run.train_seconds)
-    summary["review"] = _review(run.results, args.method, data.train.labels, run.context.predictions.probabilities)
+    summary["review"] = _review(run.results, args.method, data.train.labels, run.context.predictions.probabilities,
+                                trusted_validation=data.validation_trusted)
     return _with_advice(summary, scoring_advice(data.train, table, validation=data.validation,
                                                 trusted=data.validation_trusted, info=run.results[args.method].info,
-                                                history=trained.history, training_notes=trained.notes))
+                                                history=trained.history, training_notes=trained.notes,
+                                                uses_validation=scorer_class(args.method).requires_validation))
 
 
 def _score_in_workspace(args: argparse.Namespace, settings: RunSettings, data: RunData, out: Path,
@@ -279,15 +281,18 @@ def _score_in_workspace(args: argparse.Namespace, settings: RunSettings, data: R
                        trusted=data.validation_trusted, flipped=data.flipped, train_seconds=training["seconds"])
     summary["workspace"] = {"file": str(workspace.path), "run": key, "stages": log}
     summary["review"] = _review(results, args.method, data.train.labels,
-                                Predictions(arrays["logits"].astype(np.float64), arrays["features"]).probabilities)
+                                Predictions(arrays["logits"].astype(np.float64), arrays["features"]).probabilities,
+                                trusted_validation=data.validation_trusted)
     return _with_advice(summary, scoring_advice(data.train, table, validation=data.validation,
                                                 trusted=data.validation_trusted, info=result.info,
-                                                history=training["history"], training_notes=training.get("notes")))
+                                                history=training["history"], training_notes=training.get("notes"),
+                                                uses_validation=scorer_class(args.method).requires_validation))
 
 
-def _review(results: dict, method: str, labels: np.ndarray, trained_probabilities: np.ndarray) -> dict:
+def _review(results: dict, method: str, labels: np.ndarray, trained_probabilities: np.ndarray, *,
+            trusted_validation: bool = True) -> dict:
     """How deep to review this ranking (:func:`engine.guidance.review_estimate`), for the JSON summary."""
-    estimate = review_estimate(results, method, labels, trained_probabilities)
+    estimate = review_estimate(results, method, labels, trained_probabilities, trusted_validation=trusted_validation)
     depths = {f"{p}%": max(1, round(len(labels) * p / 100)) for p in REVIEW_DEPTHS_PERCENT}
     return {"stop_depth": estimate.stop_depth, "expected_label_errors": round(estimate.expected_total, 1),
             "expected_noise_rate": round(estimate.expected_noise_rate, 4), "probabilities_from": estimate.source,

@@ -82,6 +82,10 @@ CREATE TABLE decisions (
 );
 CREATE INDEX decisions_by_sample ON decisions(sample_index, id);
 """
+# The last decision number applied per browser tab (the gallery numbers its decisions and resends those
+# not yet acknowledged): written in the decision's own transaction, so a resent decision is never applied
+# twice, even after a server restart. Created when missing: older files gain it, older readers ignore it.
+_SENT_TABLE = "CREATE TABLE IF NOT EXISTS sent (client TEXT PRIMARY KEY, seq INTEGER NOT NULL)"
 
 LOG_COLUMNS = ["id", "batch", "index", "action", "new_label", "decided_at", "undone", "undoes"]
 DECISION_COLUMNS = ["index", "action", "new_label", "decided_at"]
@@ -101,6 +105,16 @@ def _to_blob(array: np.ndarray) -> bytes:
 
 def _from_blob(blob: bytes) -> np.ndarray:
     return np.load(io.BytesIO(blob), allow_pickle=False)
+
+
+def _claim(con: sqlite3.Connection, client: str, seq: int) -> bool:
+    """Inside a write transaction: True (and recorded) when ``seq`` is new for ``client``, False for a resend."""
+    row = con.execute("SELECT seq FROM sent WHERE client = ?", (client,)).fetchone()
+    if row is not None and int(row[0]) >= seq:
+        return False
+    con.execute("INSERT INTO sent (client, seq) VALUES (?, ?) ON CONFLICT(client) DO UPDATE SET seq = excluded.seq",
+                (client, int(seq)))
+    return True
 
 
 def workspace_name(data_key: str) -> str:
@@ -209,10 +223,13 @@ class Workspace:
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     con.execute(statement)
                 con.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+                con.execute(_SENT_TABLE)
             elif version > SCHEMA_VERSION:
                 raise InfluenceLensError(
                     f"{self.path}: workspace written by a newer influence-lens (schema version {version}, "
                     f"this version reads up to {SCHEMA_VERSION}); upgrade influence-lens to open it")
+            else:
+                con.execute(_SENT_TABLE)
 
     def schema_version(self) -> int:
         with self._reading() as con:
@@ -325,11 +342,14 @@ class Workspace:
 
     # -- decisions --------------------------------------------------------------------------------
 
-    def decide(self, indices, action: str, new_label: int | Sequence[int] | None = None) -> int:
+    def decide(self, indices, action: str, new_label: int | Sequence[int] | None = None, *,
+               sent: tuple[str, int] | None = None) -> int | None:
         """Record one decision for each sample index (one transaction, one batch); returns the batch id.
 
         ``action`` is ``relabel`` (``new_label`` required: one label for all, or one per index, so a
         bulk "accept the suggestions" is still one batch and one undo), ``drop`` or ``keep``.
+        ``sent`` = (client, number): a numbered decision from a browser tab; one numbered at or below the
+        client's last applied number is a resend and is skipped (returns None).
         """
         if action not in ACTIONS:
             raise InfluenceLensError(f"unknown action {action!r}; valid: {', '.join(ACTIONS)}")
@@ -351,6 +371,8 @@ class Workspace:
 
         def write():
             with self._transaction() as con:
+                if sent is not None and not _claim(con, *sent):
+                    return None
                 batch = con.execute("SELECT coalesce(max(batch), 0) + 1 FROM decisions").fetchone()[0]
                 now = _now()
                 con.executemany("INSERT INTO decisions (batch, sample_index, action, new_label, decided_at) "
@@ -359,13 +381,24 @@ class Workspace:
                 return int(batch)
         return self._retrying(write)
 
-    def undo(self) -> pd.DataFrame:
+    def last_sent(self, client: str) -> int:
+        """The number of ``client``'s last applied decision (0 before the first)."""
+        def read():
+            with self._reading() as con:
+                row = con.execute("SELECT seq FROM sent WHERE client = ?", (client,)).fetchone()
+                return 0 if row is None else int(row[0])
+        return self._retrying(read)
+
+    def undo(self, *, sent: tuple[str, int] | None = None) -> pd.DataFrame:
         """Undo the most recent batch of decisions still in force; returns the undone rows (empty if none).
 
         The undone rows are flagged and an ``undo`` row per sample is appended: nothing is deleted.
+        ``sent`` as in :meth:`decide`: a resent undo undoes nothing.
         """
         def write():
             with self._transaction() as con:
+                if sent is not None and not _claim(con, *sent):
+                    return []
                 row = con.execute("SELECT max(batch) FROM decisions WHERE action != 'undo' AND undone = 0").fetchone()
                 if row[0] is None:
                     return []

@@ -225,3 +225,17 @@ def test_runs_table_names_methods_validation_source_and_dates():
     assert table["created"].tolist() == ["2026-12-05 10:00", "2026-12-05 09:00"]
     assert table["noise"].tolist() == ["20% pair", "none"] and table["run"].tolist() == ["k1", "k2"]
     assert charts.validation_source({}) == "none"
+    assert table["differs"].tolist() == ["", ""]  # alone on their data: nothing to tell apart
+
+
+def test_two_runs_on_one_folder_say_what_differs():
+    """Issue 17, finding 10: two runs on one folder looked identical in the runs table."""
+    base = {"data": "/photos", "epochs": 15, "preset": "fast-cpu", "seed": 0, "image_size": 32}
+    runs = [{"last_used": "2026-12-06T02:50:11", "created": "2026-12-05T10:00:00", "methods": ["loss"],
+             "settings": {**base, "seed": 1}, "workspace": "w.sqlite", "run": "k1"},
+            {"last_used": "2026-12-05T09:00:00", "created": "2026-12-05T10:00:00", "methods": ["loss"],
+             "settings": {**base, "image_size": 64}, "workspace": "w.sqlite", "run": "k2"},
+            {"last_used": "2026-12-05T08:00:00", "created": "2026-12-05T08:00:00", "methods": ["loss"],
+             "settings": {"data": "sample", "epochs": 15}, "workspace": "s.sqlite", "run": "k3"}]
+    table = charts.runs_table(runs)
+    assert table["differs"].tolist() == ["image_size 32, seed 1", "image_size 64, seed 0", ""]

@@ -17,6 +17,7 @@ from engine.guidance import (
     model_warnings,
     noise_aware_error_probability,
     review_estimate,
+    scoring_advice,
     spot_check_rows,
     validation_warnings,
 )
@@ -173,6 +174,19 @@ def test_validation_guards_fire_only_when_they_should():
     missing = good.subset(good.labels != 2)
     assert "validation-missing-classes" in _codes(validation_warnings(train, missing))
     assert _codes(validation_warnings(train, good, trusted=False)) == {"validation-untrusted"}
+
+
+def test_a_method_scored_without_the_validation_set_gets_no_warning_about_it():
+    """Issue 17, finding 8: ``if-last --embeddings`` (a carved validation set) warned "FVM is less reliable"."""
+    import pandas as pd
+
+    train, carved = _dataset(20), _dataset(10, offset=100)
+    table = pd.DataFrame({"rank": np.arange(1, 61), "given_label": train.labels, "predicted_label": train.labels})
+    with_fvm = scoring_advice(train, table, validation=carved, trusted=False, info={})
+    assert "validation-untrusted" in _codes(with_fvm)
+    without = scoring_advice(train, table, validation=carved, trusted=False, info={}, uses_validation=False)
+    assert not {"validation-untrusted", "validation-small", "validation-overlap"} & _codes(without)
+    assert _codes(without) == _codes(with_fvm) - {"validation-untrusted"}  # the model's own guards stay
 
 
 def test_reviewed_samples_added_to_validation_on_purpose_are_not_an_overlap():

@@ -64,6 +64,20 @@ def test_one_batch_can_carry_a_label_per_sample_and_is_undone_at_once(workspace)
         workspace.decide([1, 2, 3], "relabel", [4, 0])
 
 
+def test_a_numbered_decision_resent_by_a_tab_is_applied_once(workspace, tmp_path):
+    """The gallery resends what the server has not acknowledged: the tab's number is stored with the decision,
+    in the same transaction, so a resend (also after a restart: a new Workspace object) changes nothing."""
+    assert workspace.last_sent("tab") == 0
+    assert workspace.decide([1], "keep", sent=("tab", 5)) is not None
+    assert workspace.decide([1], "keep", sent=("tab", 5)) is None  # resent
+    assert Workspace(workspace.path).decide([2], "drop", sent=("tab", 4)) is None  # older than the last applied
+    assert workspace.decide([2], "drop", sent=("other tab", 1)) is not None  # numbers are per tab
+    assert workspace.undo(sent=("tab", 6))["index"].tolist() == [2]
+    assert workspace.undo(sent=("tab", 6)).empty  # a resent undo undoes nothing more
+    assert workspace.last_sent("tab") == 6
+    assert workspace.decision_log()["action"].tolist() == ["keep", "drop", "undo"]
+
+
 def test_decide_validates_actions(workspace):
     with pytest.raises(InfluenceLensError, match="unknown action"):
         workspace.decide([1], "delete")

@@ -10,6 +10,7 @@ from dashboard import charts, state, widgets
 from dashboard.text import md
 from engine.data import original_image
 from engine.explain import explain
+from engine.scorers import scorer_class
 
 NEIGHBOURS = 6
 
@@ -36,7 +37,12 @@ order = train.index[np.argsort(ranks)]  # stable indices, most suspicious first
 if "sample" in st.query_params and "detail_index" not in st.session_state:
     st.session_state["detail_index"] = int(st.query_params["sample"])
 index = int(st.session_state.get("detail_index", order[0]))
-if index not in set(train.index.tolist()):
+if index not in set(train.index.tolist()):  # say why, then show the top of the ranking
+    validation = run.data.validation
+    carved = validation is not None and not run.data.validation_trusted and index in set(validation.index.tolist())
+    st.warning(f"Sample {index} is not scored: it was carved into the validation set. Showing the top of the "
+               "ranking instead." if carved else f"There is no sample {index} in the scored set. Showing the top "
+               "of the ranking instead.", icon=":material/info:")
     index = int(order[0])
 st.query_params["sample"] = str(index)
 position = run.position_of(index)
@@ -64,6 +70,8 @@ with image_col:
     source = f" · {md(train.paths[position])}" if train.paths is not None else ""
     st.markdown(f"given **{shown[given]}** · predicted **{shown[int(probabilities.argmax())]}** · "
                 f"suggested **{shown[suggested]}**{source}")
+    st.caption(f"Predicted: the trained model θ*'s most likely class (the probabilities beside). Suggested by "
+               f"**{method}**: {scorer_class(method).suggestion}.")
     if index in decisions.index:
         decision = decisions.loc[index]
         label = f" → {shown[int(decision['new_label'])]}" if decision["action"] == "relabel" else ""

@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 import streamlit as st
 
-from dashboard import charts, jobs, state, widgets
+from dashboard import charts, estimates, jobs, state, widgets
 from dashboard.text import md
 from engine.data import save_npz
 from engine.errors import InfluenceLensError
@@ -74,6 +74,13 @@ if not needing:
     st.stop()
 methods = st.multiselect("Re-score with", needing, key="loop_methods",
                          default=recommended_methods(needing, 1))
+if methods:  # said before the button: θ* is reused when the server still holds it; scoring is under one training
+    train = run.data.train
+    cached = state.models().get(run.key) is not None
+    st.markdown(estimates.trainings_line(1 if cached else 2, estimates.run_time(
+        len(train), train.images.shape[1:], len(run.class_names), run.settings.train_config(), methods),
+        what=("re-scoring, at most about one training; the trained model is reused" if cached else
+              "the trained model again (the server no longer holds it), then re-scoring, at most about one")))
 if st.button("Add the reviewed samples to the validation set and re-score", type="primary", key="loop_run",
              disabled=not methods or counts.get("keep", 0) + counts.get("relabel", 0) == 0):
     try:

@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 
 import streamlit as st
 import torch
 
-from dashboard import charts, jobs, state, widgets
+from dashboard import charts, estimates, jobs, state, widgets
 from dashboard.text import md
 from engine.data import NOISE_KINDS
 from engine.device import resolve_device
 from engine.errors import InfluenceLensError
 from engine.measured import recommended_methods
 from engine.memory import check_loading, check_training
-from engine.preflight import DataPreview, TimeEstimate, estimate_run_time, preview_data
+from engine.preflight import DataPreview, preview_data
 from engine.runs import RunSettings, config_hash, score_into
 from engine.scorers import available_methods, scorer_class
-from engine.training import PRESETS, TrainConfig
+from engine.training import PRESETS
 from engine.workspace import Workspace
 
 VALIDATION_MODES = {"none": "none", "trusted": "a trusted set (labels checked)",
@@ -127,12 +126,14 @@ def data_defaults(data: str) -> dict[str, object]:
 
 def follow_the_data() -> None:
     """Callback of the data input: reset what depended on the previous data (methods that would then
-    lack a validation set are taken out)."""
+    lack a validation set are taken out; if none is left, the best measured ones that need none)."""
     defaults = data_defaults(st.session_state["setup_data"])
     st.session_state.update(defaults)
     if defaults["setup_val_mode"] == "none" and "setup_methods" in st.session_state:
-        st.session_state["setup_methods"] = [m for m in st.session_state["setup_methods"]
-                                             if not scorer_class(m).requires_validation]
+        kept = [m for m in st.session_state["setup_methods"] if not scorer_class(m).requires_validation]
+        # every chosen method (the ✱ defaults) needed a validation set: the best measured ones that need none
+        st.session_state["setup_methods"] = kept or recommended_methods(
+            [m for m in available_methods() if not scorer_class(m).requires_validation], DEFAULT_METHOD_COUNT)
 
 
 def use_carved_validation() -> None:
@@ -172,14 +173,9 @@ def data_preview(data: str) -> None:
     with st.container(border=True, key="setup_preview"):
         st.markdown(f"**{preview.images:,}** images in **{len(preview.class_names)}** classes, trained as {size}; "
                     f"sizes: {sizes}{read}{resized}{unreadable}.")
-        st.dataframe(charts.class_counts_table(preview.class_names, preview.counts), hide_index=True, height=180,
-                     key="setup_preview_counts")
-
-
-@st.cache_data(max_entries=32, show_spinner="Measuring this device's training speed…")
-def _estimate(n: int, image_shape: tuple[int, ...], num_classes: int, config_json: str,
-              methods: tuple[str, ...]) -> TimeEstimate:
-    return estimate_run_time(n, image_shape, num_classes, TrainConfig(**json.loads(config_json)), methods)
+        rows = len(preview.class_names)  # as tall as its rows (a fixed height left empty rows under 4 classes)
+        st.dataframe(charts.class_counts_table(preview.class_names, preview.counts), hide_index=True,
+                     height=min(180, 35 * (rows + 1) + 3), key="setup_preview_counts")
 
 
 def time_estimate_line(settings: RunSettings, methods: list[str]) -> str | None:
@@ -188,19 +184,14 @@ def time_estimate_line(settings: RunSettings, methods: list[str]) -> str | None:
         preview = _preview(state.readable(settings.data))
         config = state.readable_settings(settings).train_config()
         n = round(preview.images * (1 - (settings.val_from_train or 0)))
-        estimate = _estimate(n, preview.image_shape, len(preview.class_names),
-                             json.dumps(asdict(config), sort_keys=True), tuple(methods))
+        estimate = estimates.run_time(n, preview.image_shape, len(preview.class_names), config, methods)
     except InfluenceLensError:  # said by the preview or the device line already
         return None
-    extra = "".join(f", {m} adds ≈ {duration(s)}" for m, s in estimate.method_seconds.items())
-    return (f"Estimated time on this device: **≈ {duration(estimate.total_seconds)}** (training {config.epochs} "
-            f"epochs of {n:,} images ≈ {duration(estimate.training_seconds)} at {estimate.images_per_second:,.0f} "
+    took = estimates.duration
+    extra = "".join(f", {m} adds ≈ {took(s)}" for m, s in estimate.method_seconds.items())
+    return (f"Estimated time on this device: **≈ {took(estimate.total_seconds)}** (training {config.epochs} "
+            f"epochs of {n:,} images ≈ {took(estimate.training_seconds)} at {estimate.images_per_second:,.0f} "
             f"images/s measured with {estimate.model}{extra}; scoring adds less than one training).")
-
-
-def duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
-        f"{seconds / 3600:.1f} h"
 
 
 def device_line(settings: RunSettings) -> str:

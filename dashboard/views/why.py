@@ -6,21 +6,52 @@ the workspace folder, so on stage the four steps render at once.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import streamlit as st
 
-from dashboard import charts, jobs, state, widgets
+from dashboard import charts, estimates, jobs, state, widgets
 from dashboard.text import md
 from engine.data import NOISE_KINDS
 from engine.demo import (
+    DEMO_METHODS,
     LANDSCAPE_OPTIMIZERS,
     DemoSettings,
     budget_story,
     cached_demo,
     landscape_story,
+    load_demo_data,
     recovery_headline,
     run_demo,
 )
 from engine.errors import InfluenceLensError
+from engine.training import PRESETS
+
+
+@st.cache_data(max_entries=8, show_spinner="Reading the demo data…")
+def _demo_shape(settings: DemoSettings) -> tuple[int, int, tuple[int, ...], int]:
+    data = load_demo_data(settings)
+    return len(data.noisy), len(data.validation), data.noisy.image_shape, data.noisy.num_classes
+
+
+def demo_time_line(settings: DemoSettings) -> str | None:
+    """At least how long preparing takes here (520 s for the full demo on the sample, said nowhere before):
+    each budget's training with cleanlab's folds and θ̃'s SAM fine-tune (two passes a step) on the validation
+    set, one retraining per depth and the clean ceiling at the largest budget, and the landscape's two
+    fine-tunes. The scoring and the landscape's evaluations come on top."""
+    try:
+        n, n_val, shape, classes = _demo_shape(settings)
+        per_epoch = estimates.run_time(n, shape, classes, replace(PRESETS[settings.preset], epochs=1), DEMO_METHODS)
+    except InfluenceLensError:
+        return None
+    epochs = sum(settings.budgets) + (len(settings.depths) + 1) * max(settings.budgets)
+    finetune_images = (2 * len(settings.budgets) + 2) * settings.finetune_epochs * n_val
+    seconds = (sum(settings.budgets) * sum(per_epoch.method_seconds.values()) + epochs * per_epoch.training_seconds
+               + finetune_images / per_epoch.images_per_second)
+    return (f"Estimated time on this device: **at least ≈ {estimates.duration(seconds)}** ({epochs} epochs of "
+            f"training on {n:,} images at {per_epoch.images_per_second:,.0f} images/s, cleanlab's folds at each "
+            f"budget, and the fine-tunes on {n_val:,} validation images; the scoring and the landscape's "
+            f"evaluations come on top).")
 
 
 def demo_settings() -> DemoSettings:
@@ -64,6 +95,8 @@ if result is None:
                 f"on **{settings.data}** with {settings.noise_rate:.0%} {settings.noise_kind} label noise injected, "
                 "then prepares the four steps below. Prepare it before the meeting: it is stored, and shown at once "
                 "from then on.")
+    if not running and (line := demo_time_line(settings)) is not None:
+        st.markdown(line)  # said before the button
     st.button("Prepare the demo", type="primary", icon=":material/play_arrow:", key="why_prepare", disabled=running,
               on_click=prepare, args=(settings, folder, job_key))
 if running:

@@ -130,6 +130,8 @@ class Scorer:
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    # Where the suggested label comes from, in words (the sample detail says it beside the probabilities).
+    suggestion: ClassVar[str] = "the trained model θ*'s most likely class"
     requires_validation: ClassVar[bool] = False
     # True when a row's score depends only on that row, the model and the validation set (never on
     # other training rows): distributed runs then score one shard of the rows per rank, and

@@ -27,6 +27,7 @@ from engine.training import predict, train
 class ConfidentLearningScorer(Scorer):
     name = "cleanlab"
     description = "cleanlab self-confidence on K-fold cross-validated probabilities"
+    suggestion = "the most likely class of cleanlab's held-out model (K-fold cross-validation)"
 
     @dataclass(frozen=True)
     class Settings:

@@ -89,6 +89,8 @@ class _ValidationMinimumScorer(Scorer):
 class _LossAtMinimumScorer(_ValidationMinimumScorer):
     """The cross-entropy of each row's given label at θ̃ (``vm-loss``, ``fvm-loss``)."""
 
+    suggestion = "the most likely class of the validation-minimum model θ̃"
+
     def _prepare(self, context: ScoringContext) -> None:
         self._finetune(context)
 
@@ -117,6 +119,9 @@ class VMLossScorer(_LossAtMinimumScorer):
 
 class _InfluenceAtMinimumScorer(_ValidationMinimumScorer):
     """Self-influence gᵀ(H̃_val + λI)⁻¹g at θ̃ with the validation curvature (``vm``, ``fvm``)."""
+
+    suggestion = ("the label c with the lowest influence score s(z, c) at θ̃: the one under which the sample looks "
+                  "least harmful, which need not be any model's most likely class")
 
     @dataclass(frozen=True)
     class Settings(EKFACSettings):

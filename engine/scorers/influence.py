@@ -34,6 +34,8 @@ from engine.training import Predictions
 class LastLayerInfluenceScorer(Scorer):
     name = "if-last"
     description = "influence-function self-influence with the last-layer GGN of the training loss"
+    suggestion = ("the label c with the lowest self-influence s(z, c) at θ*: the one under which the sample would move "
+                  "the model least, which need not be the model's most likely class")
     prepared_row_local = True
 
     @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class LastLayerInfluenceScorer(Scorer):
 class EKFACInfluenceScorer(Scorer):
     name = "if-ekfac"
     description = "influence-function self-influence with EK-FAC curvature of the training loss, all layers"
+    suggestion = ("the label c with the lowest self-influence s(z, c) at θ*: the one under which the sample would move "
+                  "the model least, which need not be the model's most likely class")
     prepared_row_local = True
 
     @dataclass(frozen=True)
