@@ -46,6 +46,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.reports import add_results_arguments, results_file  # noqa: E402
 from engine.runs import RunSettings, config_hash, load_run_data  # noqa: E402
 from engine.scorers import ScoreResult  # noqa: E402
 from engine.workspace import Workspace  # noqa: E402
