@@ -25,28 +25,13 @@ from engine.errors import DataError, InfluenceLensError
 from engine.progress import Progress, no_progress
 from engine.safe_files import check_output
 from engine.scorers import ScoringContext, make_scorer, scorer_class
+from engine.sources import Names
 from engine.training import TrainedModel
 
 # One record per training row in the scores file (``np.load(path, mmap_mode="r")`` reads it back).
 RECORD = np.dtype([("index", np.int64), ("score", np.float64), ("given_label", np.int64),
                    ("predicted_label", np.int64), ("suggested_label", np.int64)])
 DEFAULT_CHUNK_ROWS = 2048  # decoded images per chunk: 2048 CIFAR-sized images are 6 MB
-
-
-class _Names:
-    """N strings as one UTF-8 buffer and offsets: two arrays, no per-row Python objects."""
-
-    def __init__(self, names: list[str]):
-        encoded = [name.encode() for name in names]
-        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(e) for e in encoded], out=self.offsets[1:])
-        self.buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, row: int) -> str:
-        return self.buffer[self.offsets[row]:self.offsets[row + 1]].tobytes().decode()
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -58,7 +43,7 @@ class ImageFiles(torch.utils.data.Dataset):
     """
 
     def __init__(self, root: Path, names: list[str], labels: np.ndarray, class_names: tuple[str, ...], source: str):
-        self.root, self.names, self.labels = root, _Names(names), labels
+        self.root, self.names, self.labels = root, Names(names), labels
         self.class_names, self.source = class_names, source
         self.index = np.arange(len(labels), dtype=np.int64)  # the in-memory loaders' index: the listing position
         first = read_image(root / self.names[0])
