@@ -196,12 +196,18 @@ def main() -> None:
     write_table(rows)
 
 
+def _commit() -> str:
+    done = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
+
+
 def write_table(rows: list[dict]) -> None:
     lines = [
         "# Scale: a folder of 224-px photos through a frozen backbone, vm-loss (`benchmarks/scale.py`)",
         "",
         f"Written by `python benchmarks/scale.py --sizes {' '.join(str(r['photos']) for r in rows)}` on "
-        f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, CPU only (a shared "
+        f"{time.strftime('%Y-%m-%d')} at commit {_commit()}, {platform.machine()}, {os.cpu_count()} cores, CPU "
+        "only (a shared "
         "machine: other jobs ran beside it). The photos are CIFAR-10 training images upscaled to 224×224 JPEG; "
         "the backbone is a stand-in TorchScript conv net (random weights, 128-d features). Whole run = "
         "`influence-lens score MANIFEST --method vm-loss --backbone backbone.pt --val-from-train 0.02 "

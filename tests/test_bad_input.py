@@ -1056,7 +1056,9 @@ def test_ctrl_c_in_a_real_process_during_training(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "engine.cli", *score("train.npz", "--epochs", "100000",
                                                                            "--workspace", "ws", "--force")],
                                cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
-                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+                               # as from a terminal: a suite started in the background inherits SIGINT ignored
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen, deadline = b"", time.monotonic() + 120
     while b"training" not in seen and time.monotonic() < deadline and process.poll() is None:
         seen += os.read(process.stderr.fileno(), 4096)

@@ -4,6 +4,7 @@ takes does not follow the size of the decoded data."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -261,6 +262,21 @@ def test_kill_minus_nine_during_feature_extraction_resumes_to_the_same_scores(tm
     assert (tmp_path / "killed.csv").read_text() == (tmp_path / "clean.csv").read_text()
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
 def _torchrun_score(folder: Path, backbone: Path, workspace: Path, out: Path, delay: float) -> subprocess.Popen:
     """Two ranks (gloo) score the photos through the backbone in one workspace, each feature chunk
     ``delay`` seconds slower (so a kill lands between chunks)."""
@@ -290,7 +306,10 @@ def test_two_ranks_resume_after_kill_minus_nine_and_agree_with_one_process(tmp_p
             break
         time.sleep(0.02)
     assert victim.poll() is None, victim.stderr.read()[-3000:]  # killed while its features are half written
-    os.killpg(victim.pid, signal.SIGKILL)  # the launcher and both ranks
+    ranks = _descendants(victim.pid)  # torchrun starts its ranks in sessions of their own
+    for pid in [victim.pid, *ranks]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     victim.wait()
     assert not (tmp_path / "killed.csv").exists()
     resumed = _torchrun_score(folder, backbone, tmp_path / "killed", tmp_path / "killed.csv", 0.0)
