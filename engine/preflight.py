@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.backbones import FrozenBackbone, head_config, head_only, read_embeddings
 from engine.data import Dataset, grayscale_mode, image_folder_files, load_dataset, manifest_files, most_common_size
+from engine.device import resolve_device
 from engine.errors import DataError
 from engine.scorers import scorer_class
 from engine.training import TrainConfig, train
@@ -100,13 +102,16 @@ class TimeEstimate:
 
     device: str
     model: str
-    images_per_second: float  # training throughput measured on random images of the run's shape
+    images_per_second: float  # training throughput measured on random images (or feature rows) of the run's shape
     training_seconds: float  # one training with the recipe on every training image
     method_seconds: dict[str, float]  # the trainings a method adds on top (cleanlab's K folds)
+    # A frozen backbone's one pass over every image (its network time, measured on random images; the
+    # decoding of the files comes on top); the training above is then the head's, on its features.
+    feature_seconds: float = 0.0
 
     @property
     def total_seconds(self) -> float:
-        return self.training_seconds + sum(self.method_seconds.values())
+        return self.feature_seconds + self.training_seconds + sum(self.method_seconds.values())
 
 
 def estimate_run_time(n: int, image_shape: tuple[int, ...], num_classes: int, config: TrainConfig,
@@ -124,6 +129,10 @@ def estimate_run_time(n: int, image_shape: tuple[int, ...], num_classes: int, co
     probe = Dataset(rng.integers(0, 256, (probe_n, *image_shape), dtype=np.uint8),
                     np.arange(probe_n, dtype=np.int64) % num_classes, tuple(map(str, range(num_classes))),
                     source="throughput probe")
+    features = 0.0
+    if head_only(config):  # the backbone runs once per image; the head trains on its features
+        features, rows = _feature_pass(probe, config, n)
+        probe, config = replace(probe, images=rows), head_config(config)
     ticks: list[float] = []
     # cosine: a step costs the same under any schedule, and one-cycle cannot be set over 6 steps
     trained = train(probe, replace(config, epochs=3, checkpoints=1, schedule="cosine"),
@@ -137,4 +146,20 @@ def estimate_run_time(n: int, image_shape: tuple[int, ...], num_classes: int, co
     if "cleanlab" in methods:
         folds = scorer_class("cleanlab").Settings().folds
         extra["cleanlab"] = folds * (folds - 1) / folds * training
-    return TimeEstimate(str(trained.device), trained.model_name, per_second, training, extra)
+    return TimeEstimate(str(trained.device), trained.model_name, per_second, training, extra, features)
+
+
+def _feature_pass(probe: Dataset, config: TrainConfig, n: int) -> tuple[float, np.ndarray]:
+    """Seconds of the frozen backbone over ``n`` images (the faster of two timed passes over the probe,
+    after one to warm up; none for embeddings), and the probe's feature rows."""
+    backbone = FrozenBackbone(config, probe, resolve_device(config.device))
+    if config.embeddings:
+        width = read_embeddings(config.embeddings).shape[1]
+        return 0.0, np.random.default_rng(0).normal(size=(len(probe), width)).astype(np.float32)
+    rows = backbone.features(probe)
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        backbone.features(probe)
+        times.append(time.perf_counter() - start)
+    return n * min(times) / len(probe), rows.astype(np.float32)

@@ -119,6 +119,13 @@ class RunSettings:
         return cls(**{**_START_DEFAULTS, **{k: v for k, v in values.items() if k in cls.__dataclass_fields__}})
 
 
+def input_shape(settings: RunSettings, image_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape a run's network takes for images of ``image_shape``: the ``--image-size`` (or the
+    backbone's own input size) square, the channels kept; ``image_shape`` itself otherwise."""
+    size = settings.image_size or backbone_size(settings.train_config())
+    return image_shape if size is None else (size, size, *image_shape[2:])
+
+
 def _is_sample(spec: str) -> bool:
     return spec == "sample" or spec.startswith("sample:")
 
@@ -158,7 +165,7 @@ def load_run_data(settings: RunSettings, *, skip_unreadable: bool = True) -> Run
     """Load, inject the demo noise, and carve or load the validation set (as the CLI does)."""
     settings.validate()
     config = settings.train_config()
-    size = settings.image_size or backbone_size(config)
+    size = settings.image_size or backbone_size(config)  # as input_shape says
     lazy = head_only(config)  # each image is read once, for its features: never decoded into memory
     full = load_dataset(settings.data, skip_unreadable=skip_unreadable, image_size=size, lazy=lazy)
     check_populated_classes(full)

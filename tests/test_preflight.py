@@ -45,3 +45,23 @@ def test_time_estimate_scales_the_measured_throughput():
     assert estimate.training_seconds == pytest.approx(7 * 1000 / estimate.images_per_second)
     assert estimate.method_seconds == {"cleanlab": pytest.approx(4 * estimate.training_seconds)}  # 5 folds on 4/5
     assert estimate.total_seconds == pytest.approx(5 * estimate.training_seconds)
+
+
+def test_a_frozen_backbone_is_estimated_as_one_pass_of_the_backbone_and_a_head(tmp_path):
+    """The estimate once said ≈ 5 min for a frozen-backbone run that took 28 s: it timed the small CNN
+    training on the images. Now the backbone's pass is timed and the head trains on feature rows."""
+    import torch
+
+    class Pool(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
+
+    torch.jit.save(torch.jit.script(Pool()), str(tmp_path / "pool.pt"))
+    config = TrainConfig(epochs=7, batch_size=16, device="cpu", backbone=str(tmp_path / "pool.pt"))
+    estimate = estimate_run_time(5000, (32, 32, 3), 3, config, ["loss", "cleanlab"])
+    assert estimate.model == "linear" and estimate.feature_seconds > 0
+    assert estimate.training_seconds == pytest.approx(7 * 5000 / estimate.images_per_second)
+    assert estimate.method_seconds == {"cleanlab": pytest.approx(4 * estimate.training_seconds)}  # folds: the head
+    assert estimate.total_seconds == pytest.approx(estimate.feature_seconds + 5 * estimate.training_seconds)
+    scratch = estimate_run_time(5000, (32, 32, 3), 3, TrainConfig(epochs=7, batch_size=16, device="cpu"), [])
+    assert scratch.model == "small-cnn" and scratch.feature_seconds == 0

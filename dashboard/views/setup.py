@@ -14,8 +14,9 @@ from engine.device import resolve_device
 from engine.errors import InfluenceLensError
 from engine.measured import recommended_methods
 from engine.memory import check_loading, check_training
+from engine.models import HEAD_MODEL
 from engine.preflight import DataPreview, preview_data
-from engine.runs import RunSettings, config_hash, score_into
+from engine.runs import RunSettings, config_hash, input_shape, score_into
 from engine.scorers import available_methods, scorer_class
 from engine.training import PRESETS
 from engine.workspace import Workspace
@@ -184,14 +185,18 @@ def time_estimate_line(settings: RunSettings, methods: list[str]) -> str | None:
         preview = _preview(state.readable(settings.data))
         config = state.readable_settings(settings).train_config()
         n = round(preview.images * (1 - (settings.val_from_train or 0)))
-        estimate = estimates.run_time(n, preview.image_shape, len(preview.class_names), config, methods)
+        shape = input_shape(state.readable_settings(settings), preview.image_shape)
+        estimate = estimates.run_time(n, shape, len(preview.class_names), config, methods)
     except InfluenceLensError:  # said by the preview or the device line already
         return None
     took = estimates.duration
     extra = "".join(f", {m} adds ≈ {took(s)}" for m, s in estimate.method_seconds.items())
-    return (f"Estimated time on this device: **≈ {took(estimate.total_seconds)}** (training {config.epochs} "
-            f"epochs of {n:,} images ≈ {took(estimate.training_seconds)} at {estimate.images_per_second:,.0f} "
-            f"images/s measured with {estimate.model}{extra}; scoring adds less than one training).")
+    features = (f"the backbone over {n:,} images ≈ {took(estimate.feature_seconds)} (decoding the files comes on "
+                "top), then " if estimate.feature_seconds else "")
+    return (f"Estimated time on this device: **≈ {took(estimate.total_seconds)}** ({features}training {config.epochs} "
+            f"epochs of {n:,} {'feature rows' if estimate.model == HEAD_MODEL else 'images'} ≈ "
+            f"{took(estimate.training_seconds)} at {estimate.images_per_second:,.0f}/s measured with "
+            f"{estimate.model}{extra}; scoring adds less than one training).")
 
 
 def device_line(settings: RunSettings) -> str:
