@@ -39,6 +39,7 @@ from engine.metrics import ranks
 from engine.pipeline import result_table
 from engine.runs import RunData, RunSettings, load_run_data
 from engine.safe_files import check_folder, under_root
+from engine.sources import bound_heap_growth
 from engine.scorers import scorer_class
 from engine.training import Predictions, TrainedModel
 from engine.workspace import SUFFIX, StoredResult, Workspace, default_folder
@@ -114,7 +115,9 @@ def feature_xy(path: str, key: str, method: str) -> np.ndarray:
 @st.cache_resource
 def warm_up() -> threading.Thread:
     """Build a throw-away optimizer in the background once per server: the first one costs ~3 s of
-    imports (torch._dynamo), which would otherwise land in the user's first run."""
+    imports (torch._dynamo), which would otherwise land in the user's first run. Large freed blocks go
+    back to the system from now on (:func:`engine.sources.bound_heap_growth`), as in the command line."""
+    bound_heap_growth()
     thread = threading.Thread(target=lambda: torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1),
                               name="influence-lens warm-up", daemon=True)
     thread.start()
