@@ -39,8 +39,8 @@ from engine.metrics import ranks
 from engine.pipeline import result_table
 from engine.runs import RunData, RunSettings, load_run_data
 from engine.safe_files import check_folder, under_root
-from engine.sources import bound_heap_growth
 from engine.scorers import scorer_class
+from engine.sources import bound_heap_growth
 from engine.training import Predictions, TrainedModel
 from engine.workspace import SUFFIX, StoredResult, Workspace, default_folder
 
