@@ -193,7 +193,8 @@ def test_a_head_on_frozen_features_fine_tunes_with_the_head_recipe(tmp_path):
                         config=TrainConfig(embeddings=str(tmp_path / "e.npy"), epochs=2))
     info = run.results["vm-loss"].info
     assert run.trained.model_name == HEAD_MODEL and info["finetune_recipe"] == "linear"
-    assert "not yet measured" in info["finetune_recipe_why"]
+    assert "own-model.md" in info["finetune_recipe_why"] and "not tuned" in info["finetune_recipe_why"]
+    assert (info["finetune_epochs"], info["finetune_learning_rate"]) == (2, RECIPES["linear"].learning_rate)
 
 
 def test_the_recipe_switches_where_a_gpu_run_switches_to_resnet18():
