@@ -24,7 +24,7 @@ import torch
 from dashboard import charts, timing
 from dashboard.text import md
 from engine.errors import InfluenceLensError
-from engine.explain import feature_map
+from engine.explain import feature_map, map_rows
 from engine.guidance import (
     Advice,
     ErrorPrior,
@@ -107,9 +107,12 @@ def _ranks(path: str, key: str, method: str, methods: tuple[str, ...]) -> np.nda
 
 
 @st.cache_data(max_entries=16, show_spinner="Computing the feature map…")
-def feature_xy(path: str, key: str, method: str) -> np.ndarray:
-    """The 2-D map of the run's training features (PCA or t-SNE)."""
-    return feature_map(Workspace(path).arrays(key)["features"], method=method)
+def feature_xy(path: str, key: str, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """The rows the map draws (:func:`engine.explain.map_rows`: all, or a seeded sample of a large run) and
+    their 2-D map (PCA or t-SNE) of the run's training features."""
+    features = Workspace(path).arrays(key)["features"]
+    rows = map_rows(len(features))
+    return rows, feature_map(features[rows], method=method)
 
 
 @st.cache_resource

@@ -64,6 +64,17 @@ def explain(position: int, *, features: np.ndarray, labels: np.ndarray, suggeste
                        nearest(query, features, k, among=others & (labels == suggested)))
 
 
+MAP_ROWS = 20_000  # points a feature map draws at most: a browser and PCA stay quick, the shape stays clear
+
+
+def map_rows(n: int, *, limit: int = MAP_ROWS, seed: int = 0) -> np.ndarray:
+    """The rows a feature map of ``n`` rows draws: all of them up to ``limit``, else ``limit`` drawn at
+    random (seeded: the same map on every visit), in row order."""
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
 def feature_map(features: np.ndarray, *, method: str = "pca", seed: int = 0) -> np.ndarray:
     """A 2-D embedding of the model's features (N×2): PCA, or t-SNE (slower, for up to ~10k rows)."""
     from sklearn.decomposition import PCA

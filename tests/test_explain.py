@@ -159,3 +159,13 @@ def test_the_dashboards_engine_modules_do_not_import_streamlit():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_a_large_map_draws_a_seeded_sample_of_its_rows():
+    from engine.explain import map_rows
+
+    np.testing.assert_array_equal(map_rows(500, limit=1000), np.arange(500))
+    rows = map_rows(1_000_000)
+    assert len(rows) == 20_000 and len(np.unique(rows)) == 20_000 and (np.diff(rows) > 0).all()
+    assert rows.max() > 900_000 and rows.min() < 100_000  # drawn over the whole run, not its start
+    np.testing.assert_array_equal(rows, map_rows(1_000_000))  # the same map on every visit

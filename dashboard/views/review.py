@@ -143,8 +143,9 @@ predicted = run.predictions.predicted
 flagged_mask = run.ranks(method) <= cut
 
 
-def map_xy(map_method: str) -> np.ndarray | None:
-    """PCA at once; t-SNE in a background job with its progress (None until it is done)."""
+def map_xy(map_method: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The rows drawn and their map: PCA at once (of a sample beyond engine.explain.MAP_ROWS rows); t-SNE
+    (offered up to TSNE_MAX_ROWS) in a background job with its progress (None until it is done)."""
     if map_method == "pca":
         return state.feature_xy(str(run.workspace.path), run.key, map_method)
     job_key = jobs.key_for(f"map-{map_method}", run.workspace.path, run.key)
@@ -156,7 +157,7 @@ def map_xy(map_method: str) -> np.ndarray | None:
     if job.error:
         st.error(f"The t-SNE map failed: {job.error}")
         return None
-    return job.result
+    return np.arange(len(job.result)), job.result
 
 
 filters_slot = st.container()
@@ -176,12 +177,17 @@ if overview.open:
             map_method = st.radio("Map", MAP_METHODS if n <= TSNE_MAX_ROWS else ("pca",), horizontal=True,
                                   key="map_method", label_visibility="collapsed",
                                   format_func=lambda x: {"pca": "PCA", "tsne": "t-SNE"}[x])
-            xy = map_xy(map_method)
-            if xy is not None:
-                map_event = st.plotly_chart(charts.feature_map_figure(xy, run.data.train.labels, run.data.train.index,
-                                                                      flagged_mask, names),
+            drawn = map_xy(map_method)
+            if drawn is not None:
+                rows, xy = drawn
+                map_event = st.plotly_chart(charts.feature_map_figure(xy, run.data.train.labels[rows],
+                                                                      run.data.train.index[rows], flagged_mask[rows],
+                                                                      names),
                                             on_select="rerun", selection_mode=("lasso", "box"), config=QUIET,
                                             key=f"map_{st.session_state.get('map_key', 0)}")
+                if len(rows) < n:
+                    st.caption(f"The map draws {len(rows):,} of the {n:,} samples, chosen at random; a lasso "
+                               "selects among those.")
 
 cell = None
 if cell_event and cell_event.selection.points:
