@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.backbones import FrozenBackbone, head_config, head_only, read_embeddings
-from engine.data import Dataset, grayscale_mode, image_folder_files, load_dataset, manifest_files, most_common_size
+from engine.data import Dataset, image_folder_files, load_dataset, manifest_files, most_common_size, read_header
 from engine.device import resolve_device
 from engine.errors import DataError
 from engine.scorers import scorer_class
@@ -59,13 +59,13 @@ def preview_data(spec: str) -> DataPreview:
     sizes: Counter[tuple[int, int]] = Counter()
     rgb, unreadable = False, 0
     for i in picked:
-        header = _header(files[i])
-        if header is None:
+        try:
+            height, width, colour = read_header(files[i])  # the loader's own reading: EXIF rotation included
+        except DataError:
             unreadable += 1
             continue
-        (width, height), mode = header
         sizes[(height, width)] += 1
-        rgb = rgb or not grayscale_mode(mode)
+        rgb = rgb or colour
     if not sizes:
         raise DataError(f"{text}: none of the {len(picked)} files checked is a readable image")
     target = most_common_size(sizes)
@@ -79,17 +79,6 @@ def _preview_of(dataset: Dataset) -> DataPreview:
     counts = np.bincount(dataset.labels, minlength=dataset.num_classes)
     return DataPreview(dataset.source, dataset.class_names, tuple(int(c) for c in counts), {f"{w}×{h}": len(dataset)},
                        dataset.image_shape, 0, len(dataset), 0)
-
-
-def _header(path: Path) -> tuple[tuple[int, int], str] | None:
-    """(width, height) and mode from the file header (nothing decoded); None if it is not an image."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            return img.size, img.mode
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        return None
 
 
 def _size_labels(sizes: Counter) -> dict[str, int]:
