@@ -11,7 +11,8 @@ from conftest import REPO_ROOT
 
 from benchmarks.reports import add_results_arguments, command_line, results_file
 
-SCRIPTS = ("influence_settings", "speed", "time_estimate", "click_latency", "image_size_memory", "streaming_memory")
+SCRIPTS = ("influence_settings", "speed", "time_estimate", "click_latency", "image_size_memory", "streaming_memory",
+           "noise_floors")
 
 
 def _args(*argv: str, append: bool = False) -> argparse.Namespace:
