@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from engine.errors import InfluenceLensError
+from engine.sources import memory_budget
 
 CURVATURE_METHODS = ("if-last", "if-ekfac", "vm", "fvm")  # fit a head curvature: (C·D)² or D² numbers
 # Eigendecompositions and their workspaces hold about three copies of a curvature matrix at once.
@@ -163,7 +164,8 @@ def check_training(train_set, config, methods: list[str], *, force: bool = False
     if head_only(config) or len(train_set.image_shape) == 1:
         return
     shape = train_set.image_shape
-    need = images_bytes(len(train_set), shape)
+    # the trainer holds the decoded images only up to the memory budget, else reads them per batch
+    need = min(images_bytes(len(train_set), shape), memory_budget())
     name = config.model
     if name == "auto":
         name = choose_model(shape, resolve_device(config.device))

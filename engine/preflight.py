@@ -17,7 +17,7 @@ import numpy as np
 from engine.backbones import FrozenBackbone, head_config, head_only, read_embeddings
 from engine.data import Dataset, image_folder_files, load_dataset, manifest_files, most_common_size, read_header
 from engine.device import resolve_device
-from engine.errors import DataError
+from engine.errors import DataError, InfluenceLensError
 from engine.scorers import scorer_class
 from engine.training import TrainConfig, train
 
@@ -119,13 +119,19 @@ def estimate_run_time(n: int, image_shape: tuple[int, ...], num_classes: int, co
                     np.arange(probe_n, dtype=np.int64) % num_classes, tuple(map(str, range(num_classes))),
                     source="throughput probe")
     features = 0.0
-    if head_only(config):  # the backbone runs once per image; the head trains on its features
-        features, rows = _feature_pass(probe, config, n)
-        probe, config = replace(probe, images=rows), head_config(config)
     ticks: list[float] = []
-    # cosine: a step costs the same under any schedule, and one-cycle cannot be set over 6 steps
-    trained = train(probe, replace(config, epochs=3, checkpoints=1, schedule="cosine"),
-                    progress=lambda done, total, message: ticks.append(time.perf_counter()))
+    try:
+        if head_only(config):  # the backbone runs once per image; the head trains on its features
+            features, rows = _feature_pass(probe, config, n)
+            probe, config = replace(probe, images=rows), head_config(config)
+        # cosine: a step costs the same under any schedule, and one-cycle cannot be set over 6 steps
+        trained = train(probe, replace(config, epochs=3, checkpoints=1, schedule="cosine"),
+                        progress=lambda done, total, message: ticks.append(time.perf_counter()))
+    except RuntimeError as exc:  # torch's allocator: a batch of this shape does not fit in memory
+        if "allocate" not in str(exc):
+            raise
+        raise InfluenceLensError(f"no time estimate: a batch of {probe_n} images of "
+                                 f"{'×'.join(map(str, image_shape))} does not fit in memory here") from None
     steps = len(ticks) // 3  # per epoch; ticks come after each step
     epoch_ends = [ticks[e * steps - 1] for e in (1, 2, 3)]
     fastest = max(min(epoch_ends[1] - epoch_ends[0], epoch_ends[2] - epoch_ends[1]), 1e-9)

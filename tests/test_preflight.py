@@ -7,7 +7,7 @@ import pytest
 from conftest import make_dataset, save_image, write_image_folder, write_manifest
 
 from engine.data import load_dataset
-from engine.errors import DataError
+from engine.errors import DataError, InfluenceLensError
 from engine.preflight import estimate_run_time, preview_data
 from engine.training import TrainConfig
 
@@ -65,3 +65,16 @@ def test_a_frozen_backbone_is_estimated_as_one_pass_of_the_backbone_and_a_head(t
     assert estimate.total_seconds == pytest.approx(estimate.feature_seconds + 5 * estimate.training_seconds)
     scratch = estimate_run_time(5000, (32, 32, 3), 3, TrainConfig(epochs=7, batch_size=16, device="cpu"), [])
     assert scratch.model == "small-cnn" and scratch.feature_seconds == 0
+
+
+def test_no_estimate_for_images_too_large_to_train_on_here(monkeypatch):
+    """A probe batch the allocator refuses is an InfluenceLensError (the set-up page then shows no
+    estimate and its Run refuses with the memory figures), not a traceback."""
+    import engine.preflight
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 137438953472 bytes")
+
+    monkeypatch.setattr(engine.preflight, "train", refuse)
+    with pytest.raises(InfluenceLensError, match="does not fit in memory"):
+        estimate_run_time(10, (4096, 4096, 3), 3, TrainConfig(device="cpu"))
