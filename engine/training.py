@@ -26,8 +26,8 @@ from engine.distributed import LOCAL, Distributed
 from engine.errors import OptionError, TrainingError
 from engine.models import HEAD_MODEL, MODEL_NAMES, choose_model
 from engine.progress import Progress, no_progress
+from engine.sources import FileSource, inference_batch, is_lazy, memory_budget
 from engine.sources import batches as read_batches
-from engine.sources import inference_batch, is_lazy, memory_budget
 from engine.task import ImageTask, fit_task
 
 SCHEDULES = ("onecycle", "cosine")
@@ -165,9 +165,10 @@ def _canonical_order(dataset: Dataset) -> np.ndarray:
 
 
 def _training_images(images):
-    """What the epochs read batches from: lazy images decoded once into memory when they fit the
-    budget (every epoch reads every row), else read per batch by worker processes."""
-    if is_lazy(images) and images.nbytes <= memory_budget():
+    """What the epochs read batches from: image files decoded once into memory when they fit the
+    budget (every epoch reads every row), else read per batch by worker processes; rows of an array
+    (a memory map of features or embeddings) are cheap to read per batch and stay where they are."""
+    if is_lazy(images) and isinstance(images.source, FileSource) and images.nbytes <= memory_budget():
         return images[:]
     return images
 
