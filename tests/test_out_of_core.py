@@ -192,10 +192,12 @@ def big_photo_folder(root: Path, count: int, side: int) -> Path:
 
 
 def _score_peak(folder: Path, backbone: Path, out: Path) -> int:
-    """The main process's peak RSS (bytes) of a CLI run through the backbone with a 256 MB budget."""
+    """The main process's peak RSS (bytes) of a CLI run through the backbone with a 256 MB budget: its
+    VmHWM, which starts again at exec (``ru_maxrss`` would keep the forked copy of the test process)."""
     env = {**os.environ, MEMORY_BUDGET_VARIABLE: "256M", "PYTHONPATH": str(ROOT)}
-    code = ("import resource, sys\nfrom engine.cli import main\nstatus = main(sys.argv[1:])\n"
-            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\nsys.exit(status)")
+    code = ("import sys\nfrom engine.cli import main\nstatus = main(sys.argv[1:])\n"
+            "peak = next(line for line in open('/proc/self/status') if line.startswith('VmHWM')).split()[1]\n"
+            "print('PEAK', int(peak) * 1024)\nsys.exit(status)")
     done = subprocess.run([sys.executable, "-c", code, "score", str(folder), "--method", "vm-loss",
                            "--val-from-train", "0.2", "--backbone", str(backbone), "--epochs", "3", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=900)
