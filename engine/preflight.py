@@ -19,6 +19,7 @@ from engine.data import Dataset, image_folder_files, load_dataset, manifest_file
 from engine.device import resolve_device
 from engine.errors import DataError, InfluenceLensError
 from engine.scorers import scorer_class
+from engine.sources import memory_budget
 from engine.training import TrainConfig, train
 
 # Headers read at most: on a 50,000-file folder reading every one takes tens of seconds on a slow disk,
@@ -114,6 +115,10 @@ def estimate_run_time(n: int, image_shape: tuple[int, ...], num_classes: int, co
     if n < 1 or num_classes < 2:
         raise DataError(f"a time estimate needs images and 2 classes or more (got {n} images, {num_classes} classes)")
     probe_n = 2 * config.batch_size
+    probe_bytes = probe_n * int(np.prod(image_shape))
+    if probe_bytes > memory_budget():  # the probe itself would not fit: say so, allocate nothing
+        raise InfluenceLensError(f"no time estimate: {probe_n} probe images of {'×'.join(map(str, image_shape))} "
+                                 f"take {probe_bytes / 2**30:.1f} GiB, more than the memory budget")
     rng = np.random.default_rng(0)
     probe = Dataset(rng.integers(0, 256, (probe_n, *image_shape), dtype=np.uint8),
                     np.arange(probe_n, dtype=np.int64) % num_classes, tuple(map(str, range(num_classes))),

@@ -77,4 +77,11 @@ def test_no_estimate_for_images_too_large_to_train_on_here(monkeypatch):
 
     monkeypatch.setattr(engine.preflight, "train", refuse)
     with pytest.raises(InfluenceLensError, match="does not fit in memory"):
+        estimate_run_time(10, (512, 512, 3), 3, TrainConfig(device="cpu"))  # a 96 MB probe, refused by "torch"
+
+
+def test_no_estimate_when_the_probe_itself_would_not_fit(monkeypatch):
+    """128 random images of 4096² RGB are 6 GiB: refused before anything is allocated."""
+    monkeypatch.setenv("INFLUENCE_LENS_MEMORY_BUDGET", "64M")
+    with pytest.raises(InfluenceLensError, match="more than the memory budget"):
         estimate_run_time(10, (4096, 4096, 3), 3, TrainConfig(device="cpu"))
