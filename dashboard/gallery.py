@@ -12,50 +12,35 @@ until it succeeds. The queue is kept in the tab's ``sessionStorage``: a reload o
 resends what was not acknowledged.
 
 The card cursor, the key listener (``keys.SHORTCUTS``) and the type-ahead picker live here too.
-Thumbnails are encoded once per (run, row, size) and cached (``thumbnail``).
+Thumbnails are the run's stored ones (``engine.thumbnails``): a page reads its own.
 """
 
 from __future__ import annotations
 
 import base64
-import io
 import json
 from collections.abc import Callable
 
-import numpy as np
 import pandas as pd
 import streamlit as st
-from PIL import Image
 
-from dashboard import charts, keys
-from engine.data import Dataset, original_image
+from dashboard import keys
+from dashboard.state import Active
+from engine.thumbnails import thumbnails
 
 KEY = "gallery_cards"
-TILE_PX = 112  # a card's image box; smaller images are sent as they are and upscaled by the browser
 RETRY_MS = 1500  # a failed write is resent after this; an unacknowledged batch after RESEND_MS
 RESEND_MS = 4000
 
 
-@st.cache_data(max_entries=200_000, show_spinner=False)
-def thumbnail(_train: Dataset, run: str, position: int, size: int) -> str:
-    """A card's image as a PNG data URL, at most ``size`` px on its long side (nearest-neighbour
-    shrink; a smaller image stays as it is and the browser upscales it without blur). Encoded once
-    per (run, row, size)."""
-    image = original_image(_train, position, size)
-    if max(image.shape[:2]) > size:
-        image = charts.tile(image, size)
-    image = image.squeeze(-1) if image.ndim == 3 and image.shape[2] == 1 else image
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG", optimize=False)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def card_data(rows: pd.DataFrame, train: Dataset, run: str, selected: set[int]) -> list[dict]:
-    """What the browser needs per card: index, rank, given, suggested, decision, selection, image."""
+def card_data(rows: pd.DataFrame, run: Active, selected: set[int]) -> list[dict]:
+    """What the browser needs per card: index, rank, given, suggested, decision, selection, image (the
+    run's stored thumbnails of this page only, :mod:`engine.thumbnails`)."""
+    pngs = thumbnails(run.workspace, run.key, run.data.train, rows["position"].to_numpy())
     return [{"i": int(r.index), "r": int(r.rank), "g": int(r.given), "s": int(r.suggested), "st": str(r.status),
              "nl": int(r.new_label), "sel": int(r.index) in selected,
-             "src": thumbnail(train, run, int(r.position), TILE_PX)}
-            for r in rows.itertuples(index=False)]
+             "src": "data:image/png;base64," + base64.b64encode(png).decode("ascii")}
+            for r, png in zip(rows.itertuples(index=False), pngs, strict=True)]
 
 
 def receive(payload: dict, run: str, last_applied: Callable[[str], int],

@@ -40,7 +40,7 @@ from engine.pipeline import result_table
 from engine.runs import RunData, RunSettings, load_run_data
 from engine.safe_files import check_folder, under_root
 from engine.scorers import scorer_class
-from engine.sources import bound_heap_growth
+from engine.sources import bound_heap_growth, start_workers_from_a_fork_server
 from engine.training import Predictions, TrainedModel
 from engine.workspace import SUFFIX, StoredResult, Workspace, default_folder
 
@@ -119,8 +119,10 @@ def feature_xy(path: str, key: str, method: str) -> tuple[np.ndarray, np.ndarray
 def warm_up() -> threading.Thread:
     """Build a throw-away optimizer in the background once per server: the first one costs ~3 s of
     imports (torch._dynamo), which would otherwise land in the user's first run. Large freed blocks go
-    back to the system from now on (:func:`engine.sources.bound_heap_growth`), as in the command line."""
+    back to the system from now on (:func:`engine.sources.bound_heap_growth`), as in the command line, and
+    image-decoding workers start from a fork server."""
     bound_heap_growth()
+    start_workers_from_a_fork_server()  # this server runs many threads: its decoding workers are not forks of it
     thread = threading.Thread(target=lambda: torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1),
                               name="influence-lens warm-up", daemon=True)
     thread.start()

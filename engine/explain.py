@@ -23,10 +23,23 @@ from engine.training import TrainConfig, evaluate, train
 MAP_METHODS = ("pca", "tsne")
 
 
-def _unit_rows(features: np.ndarray) -> np.ndarray:
-    features = np.asarray(features, dtype=np.float64)
-    norms = np.linalg.norm(features, axis=-1, keepdims=True)
-    return features / np.maximum(norms, 1e-12)
+SIMILARITY_CHUNK_ROWS = 65_536  # pool rows turned to float64 at a time (a million-row pool is read in slices)
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    vector = np.asarray(vector, dtype=np.float64)
+    return vector / max(float(np.linalg.norm(vector)), 1e-12)
+
+
+def cosine_similarities(query: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """Cosine similarity of every row of ``pool`` (an array or a memory map) to ``query``, in float64,
+    reading ``pool`` in slices."""
+    unit = _unit(query)
+    out = np.empty(len(pool))
+    for lo in range(0, len(pool), SIMILARITY_CHUNK_ROWS):
+        rows = np.asarray(pool[lo:lo + SIMILARITY_CHUNK_ROWS], dtype=np.float64)
+        out[lo:lo + len(rows)] = (rows @ unit) / np.maximum(np.linalg.norm(rows, axis=1), 1e-12)
+    return out
 
 
 def nearest(query: np.ndarray, pool: np.ndarray, k: int, *,
@@ -35,8 +48,11 @@ def nearest(query: np.ndarray, pool: np.ndarray, k: int, *,
 
     ``among``: a boolean mask restricting the candidates.
     """
-    similarity = _unit_rows(pool) @ _unit_rows(query)
-    candidates = np.flatnonzero(among) if among is not None else np.arange(len(pool))
+    return _most_similar(cosine_similarities(query, pool), k, among)
+
+
+def _most_similar(similarity: np.ndarray, k: int, among: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    candidates = np.flatnonzero(among) if among is not None else np.arange(len(similarity))
     order = candidates[np.argsort(-similarity[candidates], kind="stable")][:k]
     return order, similarity[order]
 
@@ -59,9 +75,10 @@ def explain(position: int, *, features: np.ndarray, labels: np.ndarray, suggeste
     query = features[position]
     empty = (np.zeros(0, dtype=np.int64), np.zeros(0))
     validation = nearest(query, val_features, k) if val_features is not None and len(val_features) else empty
+    similarity = cosine_similarities(query, features)  # once for both training lists
     return Explanation(validation,
-                       nearest(query, features, k, among=others & (labels == labels[position])),
-                       nearest(query, features, k, among=others & (labels == suggested)))
+                       _most_similar(similarity, k, others & (labels == labels[position])),
+                       _most_similar(similarity, k, others & (labels == suggested)))
 
 
 MAP_ROWS = 20_000  # points a feature map draws at most: a browser and PCA stay quick, the shape stays clear

@@ -30,6 +30,7 @@ from engine.progress import Progress, no_progress
 from engine.scorers import scorer_class
 from engine.scorers.flat_validation import CURVATURES
 from engine.stages import StageStore, fingerprint
+from engine.thumbnails import store_top
 from engine.training import PRESETS, TrainConfig, TrainedModel, default_threads, predict
 from engine.workspace import Workspace
 
@@ -268,6 +269,8 @@ def score_into(workspace: Workspace | None, settings: RunSettings, data: RunData
         if main:
             _store_model_outputs(workspace, key, data, run)  # also when a model was handed in: a new key
             workspace.save_result(key, run.results[method])
+            progress(0, 1, "thumbnails of the top rows")
+            store_top(workspace, key, data.train, run.results[method].scores)
     return key, trained
 
 

@@ -215,6 +215,20 @@ def readable_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
+_worker_start: str | None = None  # how DataLoader workers start: None is the platform's default (fork on Linux)
+
+
+def start_workers_from_a_fork_server() -> None:
+    """Start this process's decoding workers from a fork server (a fresh single-threaded process that
+    imported the engine once) instead of forking this process: for a multi-threaded server (the
+    dashboard), where a fork copies every lock that another thread may hold at that moment."""
+    global _worker_start
+    import multiprocessing
+
+    multiprocessing.set_forkserver_preload(["engine.sources"])
+    _worker_start = "forkserver"
+
+
 class _Batches(torch.utils.data.Dataset):
     """Item ``k`` is batch ``k`` of decoded rows, or the error that decoding it raised (a DataError
     from a worker would reach the main process as a traceback wrapped in another exception)."""
@@ -249,7 +263,7 @@ def batches(images, positions: np.ndarray | None = None, *, batch_size: int,
     workers = readable_workers() if workers is None else workers
     loader = torch.utils.data.DataLoader(_Batches(images, chunks), batch_size=None, shuffle=False,
                                          num_workers=workers, prefetch_factor=2 if workers else None,
-                                         collate_fn=_as_is)
+                                         collate_fn=_as_is, multiprocessing_context=_worker_start if workers else None)
     for chunk, batch in zip(chunks, loader, strict=True):
         if isinstance(batch, DataError):
             raise batch

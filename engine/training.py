@@ -332,8 +332,8 @@ def _train_once(dataset: Dataset, config: TrainConfig, *, task: ImageTask | None
 class Predictions:
     """Model outputs for a dataset, as CPU arrays aligned with its rows."""
 
-    logits: np.ndarray
-    features: np.ndarray
+    logits: np.ndarray  # float64
+    features: np.ndarray  # float32, as the network computes them (N×D: a float64 copy doubles the largest array)
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -352,15 +352,18 @@ def predict(model: nn.Module, task: ImageTask, images: np.ndarray, device: torch
     """Logits and penultimate features in eval mode (BatchNorm uses running statistics), in batches
     whose size follows the memory budget (:func:`engine.sources.inference_batch`)."""
     model.eval()
-    logits, feats = [], []
-    for _, batch in read_batches(images, batch_size=batch_size or inference_batch(images.shape[1:])):
-        x = task.inputs(batch, device)
-        a = model.features(x)
-        logits.append(model.head(a).float().cpu())
-        feats.append(a.float().cpu())
-    if not all(torch.isfinite(z).all() for z in logits):
+    logits = features = None  # filled in place: a list of batches and its concatenation would hold two copies
+    for rows, batch in read_batches(images, batch_size=batch_size or inference_batch(images.shape[1:])):
+        a = model.features(task.inputs(batch, device))
+        z = model.head(a)
+        if features is None:
+            logits = np.empty((len(images), *z.shape[1:]))
+            features = np.empty((len(images), *a.shape[1:]), dtype=np.float32)
+        logits[rows] = z.double().cpu().numpy()
+        features[rows] = a.float().cpu().numpy()
+    if not np.isfinite(logits).all():
         raise TrainingError("the model's outputs are NaN or infinite (training diverged); lower the learning rate")
-    return Predictions(torch.cat(logits).numpy().astype(np.float64), torch.cat(feats).numpy().astype(np.float64))
+    return Predictions(logits, features)
 
 
 def evaluate(trained: TrainedModel, dataset: Dataset) -> float:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import sqlite3
 import time
@@ -30,7 +31,7 @@ from engine.data import Dataset
 from engine.errors import DataError, InfluenceLensError
 from engine.pipeline import ACTIONS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: arrays above FILE_ARRAY_BYTES live in .npy files beside the database (a v1 file is upgraded)
 DEFAULT_FOLDER = "workspaces"
 SUFFIX = ".sqlite"
 _SQLITE_HEADER = b"SQLite format 3\x00"
@@ -38,6 +39,11 @@ _SQLITE_HEADER = b"SQLite format 3\x00"
 # a few attempts with backoff cover a long checkpoint in another process without hanging the app.
 BUSY_TIMEOUT_S = 5.0
 LOCK_RETRIES = 6
+# A per-row array this large (N×D features of a big run) is written to an .npy file in the workspace's
+# ``.arrays`` folder and read back memory-mapped: SQLite caps a blob at 1 GB, and a blob is read whole,
+# so opening a million-row run would hold every feature row in memory. The row in ``arrays`` names the file.
+FILE_ARRAY_BYTES = 16 * 2**20
+_FILE_MARKER = b"influence-lens array file\x00"
 
 _SCHEMA = """
 CREATE TABLE runs (
@@ -86,6 +92,9 @@ CREATE INDEX decisions_by_sample ON decisions(sample_index, id);
 # not yet acknowledged): written in the decision's own transaction, so a resent decision is never applied
 # twice, even after a server restart. Created when missing: older files gain it, older readers ignore it.
 _SENT_TABLE = "CREATE TABLE IF NOT EXISTS sent (client TEXT PRIMARY KEY, seq INTEGER NOT NULL)"
+# Gallery thumbnails (engine.thumbnails) per run, row and size: a page of cards reads its own, nothing more.
+_THUMBNAIL_TABLE = ("CREATE TABLE IF NOT EXISTS thumbnails (config_hash TEXT NOT NULL, sample_index INTEGER NOT NULL, "
+                    "size INTEGER NOT NULL, png BLOB NOT NULL, PRIMARY KEY (config_hash, sample_index, size))")
 
 LOG_COLUMNS = ["id", "batch", "index", "action", "new_label", "decided_at", "undone", "undoes"]
 DECISION_COLUMNS = ["index", "action", "new_label", "decided_at"]
@@ -105,6 +114,10 @@ def _to_blob(array: np.ndarray) -> bytes:
 
 def _from_blob(blob: bytes) -> np.ndarray:
     return np.load(io.BytesIO(blob), allow_pickle=False)
+
+
+def _array_file_name(config_hash: str, name: str) -> str:
+    return f"{config_hash}-{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}-{hashlib.sha1(name.encode()).hexdigest()[:6]}.npy"
 
 
 def _claim(con: sqlite3.Connection, client: str, seq: int) -> bool:
@@ -224,12 +237,16 @@ class Workspace:
                     con.execute(statement)
                 con.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
                 con.execute(_SENT_TABLE)
+                con.execute(_THUMBNAIL_TABLE)
             elif version > SCHEMA_VERSION:
                 raise InfluenceLensError(
                     f"{self.path}: workspace written by a newer influence-lens (schema version {version}, "
                     f"this version reads up to {SCHEMA_VERSION}); upgrade influence-lens to open it")
             else:
                 con.execute(_SENT_TABLE)
+                con.execute(_THUMBNAIL_TABLE)
+                if version < SCHEMA_VERSION:  # v1 → v2 adds file-backed arrays; nothing stored changes
+                    con.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
 
     def schema_version(self) -> int:
         with self._reading() as con:
@@ -273,15 +290,16 @@ class Workspace:
     def save_result(self, config_hash: str, result) -> None:
         """Store one method's ``ScoreResult`` (scores and suggested labels as ``.npy`` blobs, its per-row
         arrays in the run's arrays as ``method/name``), in one transaction."""
+        rows = [(config_hash, f"{result.method}/{name}", self._stored_form(config_hash, f"{result.method}/{name}", a))
+                for name, a in result.arrays.items()]
+
         def write():
             with self._transaction() as con:
                 con.execute("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                             (config_hash, result.method, _to_blob(result.scores), _to_blob(result.suggested_labels),
                              json.dumps(result.settings, default=str), json.dumps(result.timings),
                              json.dumps(result.info, default=str), _now()))
-                con.executemany("INSERT OR REPLACE INTO arrays VALUES (?, ?, ?)",
-                                [(config_hash, f"{result.method}/{name}", _to_blob(a))
-                                 for name, a in result.arrays.items()])
+                con.executemany("INSERT OR REPLACE INTO arrays VALUES (?, ?, ?)", rows)
         self._retrying(write)
 
     def results(self, config_hash: str) -> dict[str, StoredResult]:
@@ -295,7 +313,7 @@ class Workspace:
             per_method: dict[str, dict[str, np.ndarray]] = {}
             for name, data in named:
                 method, _, array = name.partition("/")
-                per_method.setdefault(method, {})[array] = _from_blob(data)
+                per_method.setdefault(method, {})[array] = self._array_from(data)
             return {m: StoredResult(m, _from_blob(s), _from_blob(g), json.loads(st), json.loads(t), json.loads(i),
                                     per_method.get(m, {}))
                     for m, s, g, st, t, i in rows}
@@ -311,18 +329,60 @@ class Workspace:
 
     def save_arrays(self, config_hash: str, arrays: dict[str, np.ndarray]) -> None:
         """Store named arrays of a run (model outputs the dashboard shows without the model)."""
+        rows = [(config_hash, name, self._stored_form(config_hash, name, a)) for name, a in arrays.items()]
+
         def write():
             with self._transaction() as con:
-                con.executemany("INSERT OR REPLACE INTO arrays VALUES (?, ?, ?)",
-                                [(config_hash, name, _to_blob(a)) for name, a in arrays.items()])
+                con.executemany("INSERT OR REPLACE INTO arrays VALUES (?, ?, ?)", rows)
         self._retrying(write)
 
     def arrays(self, config_hash: str) -> dict[str, np.ndarray]:
+        """A run's stored arrays; those kept in files are read-only memory maps (nothing read until used)."""
         def read():
             with self._reading() as con:
                 rows = con.execute("SELECT name, data FROM arrays WHERE config_hash = ?", (config_hash,)).fetchall()
-            return {name: _from_blob(data) for name, data in rows}
+            return {name: self._array_from(data) for name, data in rows}
         return self._decoding(read, config_hash)
+
+    @property
+    def array_folder(self) -> Path:
+        """Where arrays above :data:`FILE_ARRAY_BYTES` are kept: ``<workspace>.arrays`` beside the file."""
+        return self.path.with_suffix(".arrays")
+
+    def _stored_form(self, config_hash: str, name: str, array: np.ndarray) -> bytes:
+        """What the ``arrays`` row holds: the ``.npy`` bytes, or for a large array the name of the ``.npy``
+        file it was written to (whole, synced and renamed into place before the row is committed, so a
+        crash leaves either the old row or a complete file)."""
+        array = np.asarray(array)
+        if array.nbytes < FILE_ARRAY_BYTES:
+            return _to_blob(array)
+        self.array_folder.mkdir(exist_ok=True)
+        file = self.array_folder / _array_file_name(config_hash, name)
+        partial = file.with_name(file.name + ".partial")
+        stored = np.lib.format.open_memmap(partial, mode="w+", dtype=array.dtype, shape=array.shape)
+        for lo in range(0, len(array), 65536):  # in slices: a memory-mapped source is never read whole
+            stored[lo:lo + 65536] = array[lo:lo + 65536]
+        stored.flush()
+        del stored
+        with open(partial, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(partial, file)
+        return _FILE_MARKER + json.dumps({"file": file.name, "dtype": array.dtype.str,
+                                          "shape": list(array.shape)}).encode()
+
+    def _array_from(self, data: bytes) -> np.ndarray:
+        if not data.startswith(_FILE_MARKER):
+            return _from_blob(data)
+        meta = json.loads(data[len(_FILE_MARKER):])
+        file = self.array_folder / Path(meta["file"]).name
+        try:
+            array = np.load(file, mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError:
+            raise DataError(f"{file}: a stored array of this workspace is missing; score the run again "
+                            "(the decisions are kept)") from None
+        if array.dtype.str != meta["dtype"] or list(array.shape) != meta["shape"]:
+            raise ValueError(f"{file} holds {array.dtype} {array.shape}, not {meta['dtype']} {meta['shape']}")
+        return array
 
     def save_report(self, config_hash: str, name: str, payload: dict[str, Any]) -> None:
         """Store a JSON report of a run (a retrain comparison, a cleaning curve), replacing the last."""
@@ -339,6 +399,26 @@ class Workspace:
                                   (config_hash, name)).fetchone()
             return None if row is None else json.loads(row[0])
         return self._decoding(read, config_hash)
+
+    def thumbnails(self, config_hash: str, indices: Sequence[int], size: int) -> dict[int, bytes]:
+        """The stored thumbnails of these sample indices (those not stored are absent)."""
+        def read():
+            with self._reading() as con:
+                found = {}
+                for lo in range(0, len(indices), 500):  # SQLite's limit on bound parameters
+                    part = [int(i) for i in indices[lo:lo + 500]]
+                    found.update(con.execute(
+                        f"SELECT sample_index, png FROM thumbnails WHERE config_hash = ? AND size = ? "
+                        f"AND sample_index IN ({','.join('?' * len(part))})", (config_hash, int(size), *part)))
+                return found
+        return self._retrying(read)
+
+    def save_thumbnails(self, config_hash: str, size: int, pngs: dict[int, bytes]) -> None:
+        def write():
+            with self._transaction() as con:
+                con.executemany("INSERT OR REPLACE INTO thumbnails VALUES (?, ?, ?, ?)",
+                                [(config_hash, int(i), int(size), png) for i, png in pngs.items()])
+        self._retrying(write)
 
     # -- decisions --------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ takes does not follow the size of the decoded data."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import signal
@@ -136,6 +137,26 @@ def test_a_file_that_fails_in_a_worker_is_named_in_one_error(tmp_path, lazy):
     listed = load_dataset(folder)
     with pytest.raises(DataError, match=r"007\.png: unreadable image"):
         for _ in batches(listed.images, batch_size=4, workers=2):
+            pass
+
+
+def test_workers_started_from_a_fork_server_read_the_same_rows(tmp_path, lazy, monkeypatch):
+    """The dashboard's decoding workers do not fork its many-threaded server: the same rows, the same
+    one-line error for a broken file."""
+    from engine import sources
+
+    monkeypatch.setattr(sources, "_worker_start", None)
+    folder = photo_folder(tmp_path / "photos")
+    listed = load_dataset(folder)
+    forked = np.concatenate([b for _, b in batches(listed.images, batch_size=4, workers=2)])
+    sources.start_workers_from_a_fork_server()
+    assert sources._worker_start == "forkserver"
+    served = np.concatenate([b for _, b in batches(listed.images, batch_size=4, workers=2)])
+    np.testing.assert_array_equal(served, forked)
+    broken = folder / "class_2" / "007.png"
+    broken.write_bytes(broken.read_bytes()[:120])
+    with pytest.raises(DataError, match=r"007\.png: unreadable image"):
+        for _ in batches(load_dataset(folder).images, batch_size=4, workers=2):
             pass
 
 
@@ -333,3 +354,33 @@ def test_two_ranks_resume_after_kill_minus_nine_and_agree_with_one_process(tmp_p
 
     ranks, one = (pd.read_csv(tmp_path / name).set_index("index").sort_index() for name in ("clean.csv", "one.csv"))
     assert spearmanr(ranks["score"], one["score"]).statistic >= 0.99
+
+
+def test_the_gallery_reads_stored_thumbnails_of_its_page_only(tmp_path, monkeypatch, lazy):
+    """Scoring stores the thumbnails of the ranking's top rows; a page reads those back without opening a
+    file, and a page further down makes its own from the row's file once and stores them."""
+    from engine import thumbnails
+    from engine.runs import RunSettings, load_run_data, score_into
+    from engine.workspace import Workspace
+
+    monkeypatch.setattr(thumbnails, "STAGE_ROWS", 5)
+    settings = RunSettings(data=str(photo_folder(tmp_path / "photos")), epochs=1)
+    data = load_run_data(settings)
+    workspace = Workspace(tmp_path / "ws.sqlite")
+    key, _ = score_into(workspace, settings, data, ["loss"], stages=StageStore(tmp_path / "stages"))
+    top = np.argsort(-workspace.results(key)["loss"].scores, kind="stable")[:5]
+    stored = workspace.thumbnails(key, data.train.index.tolist(), thumbnails.THUMBNAIL_PX)
+    assert sorted(stored) == sorted(data.train.index[top].tolist())
+
+    opened = []
+    real = thumbnails.original_image
+    monkeypatch.setattr(thumbnails, "original_image", lambda d, p, s: opened.append(p) or real(d, p, s))
+    assert thumbnails.thumbnails(workspace, key, data.train, top) == [stored[i] for i in data.train.index[top]]
+    assert opened == []
+    further = np.setdiff1d(np.arange(len(data.train)), top)[:3]
+    pngs = thumbnails.thumbnails(workspace, key, data.train, further)
+    assert opened == further.tolist()
+    with Image.open(tmp_path / "photos" / data.train.paths[further[0]]) as photo:  # under 112 px: as it is
+        assert Image.open(io.BytesIO(pngs[0])).size == photo.size
+    thumbnails.thumbnails(workspace, key, data.train, further)
+    assert opened == further.tolist()  # stored the first time

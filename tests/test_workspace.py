@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 from conftest import make_dataset
 
-from engine.errors import InfluenceLensError
+from engine import workspace as workspace_module
+from engine.errors import DataError, InfluenceLensError
 from engine.pipeline import apply_decisions
 from engine.scorers import ScoreResult
 from engine.workspace import CLEANED_COLUMNS, SCHEMA_VERSION, Workspace
@@ -151,8 +152,47 @@ def test_newer_schema_is_refused(tmp_path):
     Workspace(path)
     with sqlite3.connect(path) as con:
         con.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION + 1,))
-    with pytest.raises(InfluenceLensError, match="newer influence-lens.*schema version 2"):
+    with pytest.raises(InfluenceLensError, match=f"newer influence-lens.*schema version {SCHEMA_VERSION + 1}"):
         Workspace(path)
+
+
+def test_a_version_1_workspace_opens_and_is_marked_version_2(tmp_path):
+    """v2 only adds file-backed arrays: a v1 file reads as it is, and is marked v2 so that an older
+    influence-lens refuses it in words once it may hold them."""
+    path = tmp_path / "ws.sqlite"
+    workspace = Workspace(path)
+    workspace.save_arrays("abc", {"logits": np.arange(6.0).reshape(3, 2)})
+    with sqlite3.connect(path) as con:
+        con.execute("DELETE FROM schema_version")
+        con.execute("INSERT INTO schema_version VALUES (1)")
+    reopened = Workspace(path)
+    assert reopened.schema_version() == 2
+    np.testing.assert_array_equal(reopened.arrays("abc")["logits"], np.arange(6.0).reshape(3, 2))
+
+
+def test_a_large_array_is_a_memory_mapped_file_beside_the_database(tmp_path, monkeypatch):
+    """Above FILE_ARRAY_BYTES an array goes to ``<workspace>.arrays/`` and comes back memory-mapped (a
+    million 256-d feature rows are 1 GB: SQLite refuses such a blob, and a blob is read whole)."""
+    monkeypatch.setattr(workspace_module, "FILE_ARRAY_BYTES", 1024)
+    workspace = Workspace(tmp_path / "ws.sqlite")
+    features = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
+    small = np.arange(10, dtype=np.float32)
+    workspace.save_arrays("abc", {"features": features, "index": small})
+    workspace.save_result("abc", ScoreResult("fvm-loss", np.zeros(300), np.zeros(300, dtype=np.int64), {}, {},
+                                             arrays={"probabilities": features}))
+    stored = Workspace(workspace.path).arrays("abc")
+    assert isinstance(stored["features"], np.memmap) and not isinstance(stored["index"], np.memmap)
+    np.testing.assert_array_equal(stored["features"], features)
+    np.testing.assert_array_equal(stored["index"], small)
+    np.testing.assert_array_equal(workspace.results("abc")["fvm-loss"].arrays["probabilities"], features)
+    assert sorted(p.suffix for p in workspace.array_folder.iterdir()) == [".npy", ".npy"]  # no partial file left
+    file = next(workspace.array_folder.glob("abc-features*.npy"))
+    file.unlink()
+    with pytest.raises(DataError, match="stored array of this workspace is missing"):
+        workspace.arrays("abc")
+    np.save(file, features[:5])  # replaced by another array: a clear error, not wrong rows
+    with pytest.raises(DataError, match="damaged"):
+        workspace.arrays("abc")
 
 
 def test_a_file_that_is_not_sqlite_is_refused_and_left_alone(tmp_path):

@@ -313,7 +313,7 @@ def show_gallery() -> None:
                   on_click=set_page, args=(page + 1,), help="next page (N)")
         st.number_input("Go to page", 1, pages, key="gallery_goto", label_visibility="collapsed",
                         on_change=go_to_page, width=90, help="go to page")
-    gallery.show(gallery_run, gallery.card_data(page_rows, run.data.train, gallery_run, selected), names,
+    gallery.show(gallery_run, gallery.card_data(page_rows, run, selected), names,
                  per_row=PER_ROW, page=page, pages=pages, on_batch=receive)
     st.caption("Keyboard: arrows move · Enter/A accept · digits relabel · K keep · D drop · Space select · "
                "U undo · N/P page · **?** lists every key. A card says “✓ saved” once its decision is in the "

@@ -34,7 +34,7 @@ def last_layer_sq_norms(model: nn.Module, task: ImageTask, images: np.ndarray, l
     preds = predict(model, task, images, device)
     residual = preds.probabilities
     residual[np.arange(len(labels)), labels] -= 1.0
-    feature_sq = np.square(preds.features).sum(1) + (model.head.bias is not None)
+    feature_sq = np.einsum("nd,nd->n", preds.features, preds.features, dtype=np.float64) + (model.head.bias is not None)
     return np.square(residual).sum(1) * feature_sq
 
 
