@@ -6,6 +6,7 @@ Kept pure so they are unit-tested without a server; the numbers come from ``engi
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import plotly.graph_objects as go
 from PIL import Image
 
 from dashboard.text import md, plot_text
-from engine.metrics import ranks
+from engine.metrics import ranking, ranks
 
 UNREVIEWED = "unreviewed"
 STATUSES = (UNREVIEWED, "relabel", "drop", "keep")
@@ -49,18 +50,35 @@ def tile(image: np.ndarray, size: int) -> np.ndarray:
 
 # -- the gallery ----------------------------------------------------------------------------------
 
-def gallery_table(index: np.ndarray, scores: np.ndarray, given: np.ndarray, predicted: np.ndarray,
-                  suggested: np.ndarray, decisions: pd.DataFrame) -> pd.DataFrame:
+@dataclass(frozen=True)
+class RankedRows:
+    """The gallery's rows most suspicious first, without the decisions: built once per run and method
+    (sorting a million rows takes a second), then every rerun only adds the decisions (:func:`gallery_table`)."""
+
+    table: pd.DataFrame  # GALLERY_COLUMNS but status and new_label
+    row_of_index: pd.Index  # sample index → row of ``table`` (its hash table is built once, on first use)
+
+
+def ranked_rows(index: np.ndarray, scores: np.ndarray, given: np.ndarray, predicted: np.ndarray,
+                suggested: np.ndarray) -> RankedRows:
+    order = ranking(scores)
+    table = pd.DataFrame({"position": order, "index": np.asarray(index)[order],
+                          "rank": np.arange(1, len(order) + 1, dtype=np.int64), "score": np.asarray(scores)[order],
+                          "given": np.asarray(given)[order], "predicted": np.asarray(predicted)[order],
+                          "suggested": np.asarray(suggested)[order]})
+    return RankedRows(table, pd.Index(table["index"]))
+
+
+def gallery_table(ranked: RankedRows, decisions: pd.DataFrame) -> pd.DataFrame:
     """One row per training row, most suspicious first, with its decision status (``GALLERY_COLUMNS``)."""
-    table = pd.DataFrame({"position": np.arange(len(index)), "index": index, "rank": ranks(scores), "score": scores,
-                          "given": given, "predicted": predicted, "suggested": suggested})
-    current = decisions.set_index("index")[["action", "new_label"]] if len(decisions) else None
-    table["status"], table["new_label"] = UNREVIEWED, -1
-    if current is not None:
-        found = table["index"].isin(current.index)
-        table.loc[found, "status"] = current.loc[table.loc[found, "index"], "action"].to_numpy()
-        table.loc[found, "new_label"] = current.loc[table.loc[found, "index"], "new_label"].to_numpy()
-    return table.sort_values("rank").reset_index(drop=True)[GALLERY_COLUMNS]
+    status = np.zeros(len(ranked.table), dtype=np.int8)  # codes of STATUSES: no million strings per rerun
+    new_label = np.full(len(ranked.table), -1, dtype=np.int64)
+    if len(decisions):
+        rows = ranked.row_of_index.get_indexer(decisions["index"])
+        known = rows >= 0  # decisions on rows outside this run (another validation split) are not shown
+        status[rows[known]] = pd.Index(STATUSES).get_indexer(decisions["action"].to_numpy()[known])
+        new_label[rows[known]] = decisions["new_label"].to_numpy()[known]
+    return ranked.table.assign(status=pd.Categorical.from_codes(status, STATUSES), new_label=new_label)
 
 
 def filter_gallery(table: pd.DataFrame, *, top_k: int | None = None, given=None, suggested=None, status=None,

@@ -14,6 +14,7 @@ import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,20 @@ def _ranks(path: str, key: str, method: str, methods: tuple[str, ...]) -> np.nda
     return ranks(_stored(path, key, methods)[0][method].scores)
 
 
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _row_of_index(_run: Active, path: str, key: str) -> pd.Index:
+    """The scored rows' sample indices, hashed once (a lookup per decision, not a pass over a million rows)."""
+    return pd.Index(_run.data.train.index)
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _ranked_rows(_run: Active, path: str, key: str, method: str, methods: tuple[str, ...]) -> charts.RankedRows:
+    """The gallery's rows in ``method``'s order (shared, never mutated: a rerun adds the decisions to a copy)."""
+    result = _run.results[method]
+    return charts.ranked_rows(_run.data.train.index, result.scores, _run.data.train.labels,
+                              _run.predictions.predicted, result.suggested_labels)
+
+
 @st.cache_data(max_entries=16, show_spinner="Computing the feature map…")
 def feature_xy(path: str, key: str, method: str) -> tuple[np.ndarray, np.ndarray]:
     """The rows the map draws (:func:`engine.explain.map_rows`: all, or a seeded sample of a large run) and
@@ -192,9 +207,12 @@ class Active:
     def class_names(self) -> tuple[str, ...]:
         return self.data.train.class_names
 
-    @property
+    @cached_property  # a float64 copy of N×C logits: once per rerun
     def predictions(self) -> Predictions:
         return Predictions(self.arrays["logits"].astype(np.float64), self.arrays["features"])
+
+    def ranked_rows(self, method: str) -> charts.RankedRows:
+        return _ranked_rows(self, str(self.workspace.path), self.key, method, tuple(self.methods))
 
     def ranks(self, method: str) -> np.ndarray:
         return _ranks(str(self.workspace.path), self.key, method, tuple(self.methods))
@@ -202,16 +220,22 @@ class Active:
     def decisions(self) -> pd.DataFrame:
         """Decisions in force on the scored rows (read now: another tab may have written)."""
         current = self.workspace.decisions()
-        return current[current["index"].isin(self.data.train.index)].reset_index(drop=True)
+        return current[self.rows_of(current["index"]) >= 0].reset_index(drop=True)
+
+    def rows_of(self, indices) -> np.ndarray:
+        """Row positions of sample indices in the scored set (-1 for one not in it)."""
+        return _row_of_index(self, str(self.workspace.path), self.key).get_indexer(indices)
 
     def position_of(self, index: int) -> int:
-        return int(np.flatnonzero(self.data.train.index == index)[0])
+        row = int(self.rows_of([index])[0])
+        if row < 0:
+            raise KeyError(f"sample {index} is not in the scored set")
+        return row
 
     def reviewed(self) -> tuple[np.ndarray, np.ndarray]:
         """Row positions decided so far, and whether each was a label error (relabel or drop; keep = correct)."""
         decisions = self.decisions()
-        return (pd.Index(self.data.train.index).get_indexer(decisions["index"]),
-                (decisions["action"] != "keep").to_numpy())
+        return self.rows_of(decisions["index"]), (decisions["action"] != "keep").to_numpy()
 
     def review_estimate(self, method: str, threshold: float) -> ReviewEstimate:
         """How deep to review ``method``'s ranking, recalibrated by the decisions made so far."""

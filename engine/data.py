@@ -119,7 +119,8 @@ def _validate(ds: Dataset) -> None:
     if labels.min() < 0 or labels.max() >= len(ds.class_names):
         bad = labels[(labels < 0) | (labels >= len(ds.class_names))][0]
         raise DataError(f"{where}: label {bad} is out of range for {len(ds.class_names)} classes")
-    if len(np.unique(ds.index)) != len(ds.index):
+    index = np.asarray(ds.index)
+    if not (np.diff(index) > 0).all() and len(np.unique(index)) != len(index):  # increasing: unique, in O(N)
         raise DataError(f"{where}: the sample index has duplicates")
 
 

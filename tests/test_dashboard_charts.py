@@ -30,8 +30,9 @@ def table():
     scores = np.array([0.1, 3.0, 2.0, 0.5, 5.0, 1.0])
     decisions = pd.DataFrame({"index": [11, 14, 99], "action": ["relabel", "drop", "keep"], "new_label": [2, -1, -1],
                               "decided_at": ["t"] * 3})
-    return charts.gallery_table(np.arange(10, 16), scores, np.array([0, 1, 2, 0, 1, 2]), np.array([0, 2, 2, 0, 0, 1]),
-                                np.array([1, 2, 2, 0, 0, 1]), decisions)
+    ranked = charts.ranked_rows(np.arange(10, 16), scores, np.array([0, 1, 2, 0, 1, 2]), np.array([0, 2, 2, 0, 0, 1]),
+                                np.array([1, 2, 2, 0, 0, 1]))
+    return charts.gallery_table(ranked, decisions)
 
 
 def test_gallery_table_is_ranked_with_decision_status(table):

@@ -32,12 +32,12 @@ shown = [md(name) for name in names]  # for Markdown: the data's names as text
 train = run.data.train
 method = state.review_settings(run)["method"]  # the gallery's ranking: its rank, score and suggestion
 ranks = run.ranks(method)
-order = train.index[np.argsort(ranks)]  # stable indices, most suspicious first
+order = run.ranked_rows(method).table["index"].to_numpy()  # stable indices, most suspicious first
 
 if "sample" in st.query_params and "detail_index" not in st.session_state:
     st.session_state["detail_index"] = int(st.query_params["sample"])
 index = int(st.session_state.get("detail_index", order[0]))
-if index not in set(train.index.tolist()):  # say why, then show the top of the ranking
+if run.rows_of([index])[0] < 0:  # not a scored row: say why, then show the top of the ranking
     validation = run.data.validation
     carved = validation is not None and not run.data.validation_trusted and index in set(validation.index.tolist())
     st.warning(f"Sample {index} is not scored: it was carved into the validation set. Showing the top of the "

@@ -139,7 +139,6 @@ if depth_panel.open:  # a closed panel costs nothing
                       f"the estimate of the top {cut:,} is {estimate.precision_at(cut):.0%} precision.{second}")
 
 gallery_slot = st.container()
-predicted = run.predictions.predicted
 flagged_mask = run.ranks(method) <= cut
 
 
@@ -272,8 +271,7 @@ def show_gallery() -> None:
     if st.session_state.pop("goto_detail", False):
         st.switch_page("views/detail.py")
     state.show_told()
-    table = charts.gallery_table(run.data.train.index, result.scores, run.data.train.labels, predicted,
-                                 result.suggested_labels, run.decisions())
+    table = charts.gallery_table(run.ranked_rows(method), run.decisions())
     shown = charts.filter_gallery(table, top_k=cut if only_flagged and checking is None else None,
                                   given=given_filter, suggested=suggested_filter, status=status_filter,
                                   score_range=score_range, indices=lasso, cell=cell)
