@@ -3,7 +3,6 @@ method, and why it was flagged (the validation and training images most like it)
 
 from __future__ import annotations
 
-import numpy as np
 import streamlit as st
 
 from dashboard import charts, state, widgets
