@@ -16,6 +16,12 @@ it), and the "bare" loop, a DataLoader (the same worker count and decoding) and 
 forward pass over the same files and nothing else: the physical limit of this path. Memory: peak
 PSS of the run's process tree (main + DataLoader workers, shared pages counted once), sampled every
 50 ms, and the main process's peak RSS (VmHWM). Writes ``benchmarks/results/scale_cpu.md``.
+
+``--torchrun-size N`` then runs size N again as ``torchrun --standalone --nproc-per-node 2 -m
+engine.cli score ... --distributed``, kills every process of it with SIGKILL once a third of its feature
+chunks are saved, runs it again to the end (it resumes at the missing chunks), and compares its scores
+with the single-process run's: the Spearman correlation over the rows, and how many of the top 5%
+agree. Written to ``benchmarks/results/scale_torchrun_cpu.md``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import io
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import threading
@@ -45,6 +52,7 @@ from streaming_memory import _children, _pss_mb  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data"
 SIDE = 224
 RESULTS = ROOT / "benchmarks" / "results" / "scale_cpu.md"
+TORCHRUN_RESULTS = ROOT / "benchmarks" / "results" / "scale_torchrun_cpu.md"
 
 
 def _relative(i: int, label: int) -> str:
@@ -165,6 +173,8 @@ def main() -> None:
     parser.add_argument("--pool", default=str(ROOT / "benchmarks" / "out" / "scale"))
     parser.add_argument("--bare-sizes", type=int, nargs="*", default=None,
                         help="sizes to run the bare DataLoader + forward loop on (default: all)")
+    parser.add_argument("--torchrun-size", type=int, default=None,
+                        help="then this size under torchrun with 2 ranks, killed and resumed (one of --sizes)")
     args = parser.parse_args()
     pool = Path(args.pool)
     pool.mkdir(parents=True, exist_ok=True)
@@ -194,6 +204,86 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
     write_table(rows)
+    if args.torchrun_size:
+        write_torchrun(torchrun_resumed(pool, args.torchrun_size, backbone, env))
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its ranks in sessions of their own)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def torchrun_resumed(pool: Path, size: int, backbone: Path, env: dict) -> dict:
+    """Size ``size`` under torchrun with 2 ranks, killed (SIGKILL, every process) once a third of the
+    feature chunks are saved, then run again to the end; its scores against the single-process run's."""
+    import pandas as pd
+    from scipy.stats import spearmanr
+
+    workspace = pool / f"workspace_{size}_torchrun"
+    subprocess.run(["rm", "-rf", str(workspace)], check=True)
+    workspace.mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "engine.cli", "score", str(pool / f"manifest_{size}.csv"), "--method", "vm-loss", "--backbone",
+               str(backbone), "--val-from-train", "0.02", "--noise-rate", "0.2", "--workspace", str(workspace),
+               "--out", str(workspace / "scores.csv"), "--distributed", "--force"]
+    start = time.perf_counter()
+    victim = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    chunks = -(-size // 4096)
+    while victim.poll() is None and len(list((workspace / "stages").glob("features-*.chunk-*"))) < chunks // 3:
+        time.sleep(0.2)
+    saved = len(list((workspace / "stages").glob("features-*.chunk-*")))
+    for pid in [victim.pid, *_descendants(victim.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    victim.wait()
+    killed_after = time.perf_counter() - start
+    summary, seconds, pss, _ = measure(command, env)
+    both = pd.read_csv(workspace / "scores.csv").set_index("index")["score"].to_frame("torchrun").join(
+        pd.read_csv(pool / f"workspace_{size}" / "scores.csv").set_index("index")["score"].to_frame("one"))
+    top = max(1, len(both) // 20)
+    agree = len(set(both["torchrun"].nlargest(top).index) & set(both["one"].nlargest(top).index)) / top
+    row = {"photos": size, "ranks": 2, "killed_after_s": round(killed_after, 1), "chunks_saved_when_killed": saved,
+           "chunks": chunks, "resumed_run_s": round(seconds, 1), "resumed_peak_pss_mb": round(pss),
+           "resumed": summary["workspace"]["stages"]["computed"],
+           "spearman_vs_one_process": round(float(spearmanr(both["torchrun"], both["one"]).statistic), 4),
+           "top_5pct_agreement": round(agree, 4), "auroc": summary.get("auroc")}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def write_torchrun(row: dict) -> None:
+    TORCHRUN_RESULTS.write_text("\n".join([
+        "# Scale under torchrun: 2 ranks, killed and resumed, against one process (`benchmarks/scale.py`)",
+        "",
+        f"Written by `python benchmarks/scale.py --sizes {row['photos']} --torchrun-size {row['photos']}` on "
+        f"{time.strftime('%Y-%m-%d')} at commit {_commit()}, {platform.machine()}, {os.cpu_count()} cores, CPU only "
+        "(a shared machine). `torchrun --standalone --nproc-per-node 2 -m engine.cli score MANIFEST --method vm-loss "
+        "--backbone backbone.pt --val-from-train 0.02 --noise-rate 0.2 --workspace W --distributed`, every process "
+        "killed with SIGKILL once a third of the feature chunks were saved, then the same command again to the end.",
+        "",
+        "| photos | ranks | killed after s | feature chunks saved / all | resumed run s | resumed peak PSS MB | "
+        "Spearman vs one process | top-5% agreement | AUROC |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {row['photos']:,} | {row['ranks']} | {row['killed_after_s']} | {row['chunks_saved_when_killed']} / "
+        f"{row['chunks']} | {row['resumed_run_s']} | {row['resumed_peak_pss_mb']:,} | "
+        f"{row['spearman_vs_one_process']} | {row['top_5pct_agreement']} | {row['auroc']} |",
+        "",
+        f"Stages the resumed run computed: {', '.join(row['resumed'])}.",
+        ""]))
+    print(TORCHRUN_RESULTS.read_text())
 
 
 def _commit() -> str:
