@@ -166,12 +166,17 @@ def class_counts_table(class_names: tuple[str, ...], counts: tuple[int, ...]) ->
 
 
 def score_histogram(scores: np.ndarray, cut: float, *, method: str, flagged: int) -> go.Figure:
-    """Scores of every sample, with the cut (the score of the last flagged sample) marked."""
-    fig = go.Figure(go.Histogram(x=scores, nbinsx=60, marker_color="#7f7f7f", name="samples"))
+    """Scores of every sample in 60 bins, with the cut (the score of the last flagged sample) marked. The
+    counts are binned here: a plotly histogram would send every score to the browser (a million of them)."""
+    counts, edges = np.histogram(np.asarray(scores, dtype=np.float64), bins=60)
+    fig = go.Figure(go.Bar(x=(edges[:-1] + edges[1:]) / 2, y=counts, width=np.diff(edges), marker_color="#7f7f7f",
+                           name="samples", customdata=np.stack([edges[:-1], edges[1:]], axis=1),
+                           hovertemplate="%{customdata[0]:.4g} to %{customdata[1]:.4g}: %{y} samples<extra></extra>"))
     fig.add_vline(x=cut, line_color="#d62728", line_dash="dash",
                   annotation_text=f"top {flagged}", annotation_position="top right")
     fig.update_layout(title=f"{method} scores", xaxis_title="score (higher = more suspicious)",
-                      yaxis_title="samples", height=320, margin=dict(l=10, r=10, t=40, b=10), showlegend=False)
+                      yaxis_title="samples", height=320, margin=dict(l=10, r=10, t=40, b=10), showlegend=False,
+                      bargap=0)
     return fig
 
 

@@ -74,9 +74,12 @@ def test_card_caption_names_labels_and_decision(table):
 
 
 def test_score_histogram_marks_the_cut():
-    scores = np.arange(20.0)
-    fig = charts.score_histogram(scores, 15.0, method="loss", flagged=5)
-    np.testing.assert_array_equal(fig.data[0].x, scores)
+    scores = np.random.default_rng(0).normal(size=100_000)
+    fig = charts.score_histogram(scores, 1.5, method="loss", flagged=5)
+    assert len(fig.data[0].x) == 60 and sum(fig.data[0].y) == len(scores)  # binned: 60 bars, not 100k scores
+    left = fig.data[0].x - fig.data[0].width / 2
+    assert np.isclose(left[0], scores.min()) and np.sum(scores < left[30]) == sum(fig.data[0].y[:30])
+    fig = charts.score_histogram(np.arange(20.0), 15.0, method="loss", flagged=5)
     assert fig.layout.shapes[0].x0 == 15.0 and "top 5" in fig.layout.annotations[0].text
 
 

@@ -165,7 +165,7 @@ cell_event = map_event = None
 if overview.open:
     with overview:
         h, m, f = st.columns(3)
-        cut_score = float(np.sort(result.scores)[::-1][cut - 1])
+        cut_score = float(run.ranked_rows(method).table["score"].iloc[cut - 1])
         h.plotly_chart(charts.score_histogram(result.scores, cut_score, method=method, flagged=cut), key="histogram",
                        config=QUIET)
         counts = class_confusion(run.data.train.labels[flagged_mask], result.suggested_labels[flagged_mask],
