@@ -67,6 +67,7 @@ from benchmarks.common import (  # noqa: E402
     load_label_errors,
     load_mnist_test,
 )
+from engine.config import PRESETS, TrainConfig  # noqa: E402
 from engine.data import Dataset, load_dataset, stratified_split  # noqa: E402
 from engine.errors import InfluenceLensError, OptionError  # noqa: E402
 from engine.measured import MEASURED_FILE  # noqa: E402
@@ -74,7 +75,7 @@ from engine.metrics import detection_metrics, top_k  # noqa: E402
 from engine.pipeline import apply_decisions, carve_validation, score_methods, with_injected_noise  # noqa: E402
 from engine.progress import Progress, tqdm_progress  # noqa: E402
 from engine.scorers import ScoreResult, available_methods, scorer_class  # noqa: E402
-from engine.training import PRESETS, TrainConfig, TrainedModel, evaluate, train  # noqa: E402
+from engine.training import TrainedModel, evaluate, train  # noqa: E402
 
 SETTINGS = ("mnist-real", "cifar-real", "mnist-real-trusted", "cifar-real-trusted", "cifar-sym20", "cifar-pair20",
             "digits-sym20", "digits-pair20")

@@ -148,7 +148,7 @@ def check_training(train_set, config, methods: list[str], *, force: bool = False
                    override: str | None = FORCE_HINT) -> None:
     """Before training: the input tensor and one batch's activations (a network trained whole), and the
     head curvature of a curvature method on embeddings (D² numbers at the least)."""
-    from engine.backbones import head_only
+    from engine.config import head_only
     from engine.curvature import MAX_EXACT_HEAD_DIM
     from engine.device import resolve_device
     from engine.models import build_model, choose_model

@@ -31,15 +31,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.backbones import build_network
+from engine.config import TrainConfig
 from engine.data import Dataset
 from engine.device import resolve_device
 from engine.distributed import LOCAL, Distributed
 from engine.errors import InfluenceLensError
 from engine.progress import Progress
 from engine.sources import is_lazy
+from engine.start import build_network
 from engine.task import task_from
-from engine.training import Checkpoint, TrainConfig, TrainedModel, train
+from engine.training import Checkpoint, TrainedModel, train
 
 log = logging.getLogger(__name__)
 

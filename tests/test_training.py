@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from engine.config import TrainConfig
 from engine.data import load_sample
 from engine.errors import TrainingError
-from engine.training import TrainConfig, _make_schedule, evaluate, predict, train
+from engine.training import _make_schedule, evaluate, predict, train
 
 CONFIG = TrainConfig(epochs=3, checkpoints=3, seed=0, device="cpu")
 
