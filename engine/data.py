@@ -15,11 +15,13 @@ import warnings
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
+import sample_data
 from engine.errors import DataError, OptionError
 from engine.sources import ArraySource, FileSource, LazyImages, Names, is_lazy, machine_memory, memory_budget
 
@@ -650,16 +652,19 @@ def _is_int(text: str) -> bool:
     return _INTEGER.fullmatch(text) is not None
 
 
-SAMPLE_SPLITS = ("train", "val", "test")
-
-
 def load_sample(split: str = "train") -> Dataset:
     """The embedded default data (scikit-learn's digits), see ``sample_data/README.md``."""
-    from sample_data import load_digits_split
+    if split not in sample_data.SPLITS:
+        raise OptionError("sample split", split, sample_data.SPLITS)
+    return _sample_splits()[split]
 
-    if split not in SAMPLE_SPLITS:
-        raise OptionError("sample split", split, SAMPLE_SPLITS)
-    return load_digits_split(split)
+
+@lru_cache(maxsize=1)
+def _sample_splits() -> dict[str, Dataset]:
+    """The digits, split once per process and shared by every caller."""
+    full = Dataset(*sample_data.digits(), source=sample_data.SOURCE)
+    parts = stratified_split(full, sample_data.SPLIT_FRACTIONS, seed=sample_data.SPLIT_SEED)
+    return dict(zip(sample_data.SPLITS, parts, strict=True))
 
 
 def load_dataset(spec: str | Path, *, skip_unreadable: bool = False, image_size: int | None = None,
