@@ -210,8 +210,9 @@ def _encode_trained(trained: TrainedModel, image_shape: tuple[int, ...]) -> dict
             "task": {"kind": trained.task.kind, "mean": list(trained.task.mean), "std": list(trained.task.std)},
             "state": _cpu_state(trained.model), "seconds": trained.seconds, "history": trained.history,
             "notes": trained.notes,
-            "checkpoints": [{"epoch": c.epoch, "learning_rate": c.learning_rate, "state": c.state, "steps": c.steps}
-                            for c in trained.checkpoints]}
+            # "learning_rate": the stored key predates the field's name (mean_learning_rate); files keep it
+            "checkpoints": [{"epoch": c.epoch, "learning_rate": c.mean_learning_rate, "state": c.state,
+                             "steps": c.steps} for c in trained.checkpoints]}
 
 
 def _decode_trained(state: dict) -> TrainedModel:

@@ -1,4 +1,4 @@
-"""Train a classifier, keeping checkpoints with the learning rate in force at each (TracIn needs both).
+"""Train a classifier, keeping checkpoints with the mean learning rate of the steps each stands for (TracIn needs both).
 
 Small and airbench-like: the data live as one tensor, batches are index slices of a seeded
 permutation. The permutation is taken over the samples sorted by their stable index, so the
@@ -28,7 +28,7 @@ from engine.progress import Progress, no_progress
 from engine.sources import FileSource, inference_batch, is_lazy, memory_budget
 from engine.sources import batches as read_batches
 from engine.start import start_model
-from engine.task import ImageTask, fit_task
+from engine.task import Task, fit_task
 
 DIVERGENCE_RESTARTS = 2  # a diverging training starts again at a tenth of the learning rate, this often
 # An epoch's mean loss this many times the chance level log(C) (or not finite) means the run has blown
@@ -40,17 +40,17 @@ DIVERGED_LOSS_FACTOR = 100.0
 class Checkpoint:
     """Model weights after ``epoch``, and the ``steps`` optimizer steps taken since the previous
     checkpoint (or the start) with their mean learning rate: TracIn-CP lets this checkpoint stand
-    for all of them, so it weighs ``learning_rate × steps``, the sum of their rates."""
+    for all of them, so it weighs ``mean_learning_rate × steps``, the sum of their rates."""
 
     epoch: int
-    learning_rate: float
+    mean_learning_rate: float
     state: dict[str, torch.Tensor]
     steps: int = 1
 
     @property
     def step_weight(self) -> float:
         """Σ η over the steps since the previous checkpoint (TracIn-CP's weight of this checkpoint)."""
-        return self.learning_rate * self.steps
+        return self.mean_learning_rate * self.steps
 
 
 @dataclass
@@ -58,7 +58,7 @@ class TrainedModel:
     """A trained classifier with its task, recipe, checkpoints and per-epoch history."""
 
     model: nn.Module
-    task: ImageTask
+    task: Task
     config: TrainConfig
     model_name: str
     device: torch.device
@@ -129,7 +129,7 @@ class _Diverged(Exception):
         self.loss, self.epoch = loss, epoch
 
 
-def train(dataset: Dataset, config: TrainConfig = TrainConfig(), *, task: ImageTask | None = None,
+def train(dataset: Dataset, config: TrainConfig = TrainConfig(), *, task: Task | None = None,
           progress: Progress = no_progress, distributed: Distributed = LOCAL) -> TrainedModel:
     """Train on ``dataset`` with ``config``. If the loss diverges, start again at a tenth of the
     learning rate (``DIVERGENCE_RESTARTS`` times, said in the model's ``notes`` and its config);
@@ -168,7 +168,7 @@ def _threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _train_once(dataset: Dataset, config: TrainConfig, *, task: ImageTask | None, progress: Progress,
+def _train_once(dataset: Dataset, config: TrainConfig, *, task: Task | None, progress: Progress,
                 distributed: Distributed) -> TrainedModel:
     """One training run; :class:`_Diverged` as soon as an epoch's mean loss is not finite."""
     if len(dataset) < 2:
@@ -269,7 +269,7 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, task: ImageTask, images: np.ndarray, device: torch.device,
+def predict(model: nn.Module, task: Task, images: np.ndarray, device: torch.device,
             *, batch_size: int | None = None) -> Predictions:
     """Logits and penultimate features in eval mode (BatchNorm uses running statistics), in batches
     whose size follows the memory budget (:func:`engine.sources.inference_batch`)."""
