@@ -219,7 +219,7 @@ def frozen_inputs(config: TrainConfig, train_set: Dataset, *others: Dataset | No
         if dataset is None:
             return None
         if config.embeddings:
-            return replace(dataset, images=backbone.embedding_rows(dataset))
+            return replace(dataset, images=backbone.embedding_rows(dataset), holds_features=True)
 
         def chunk(lo: int, hi: int) -> np.ndarray:
             part = dataset.subset(np.arange(lo, hi))
@@ -229,6 +229,6 @@ def frozen_inputs(config: TrainConfig, train_set: Dataset, *others: Dataset | No
         rows = fetch_rows(stages, "features", digest("features", identity, fingerprint(dataset)), len(dataset), chunk,
                           chunk_rows=FEATURE_CHUNK_ROWS, dtype=FEATURE_DTYPE,
                           label=f"features:{dataset.source or 'data'}", distributed=distributed)
-        return replace(dataset, images=array_rows(rows, np.arange(len(rows))))
+        return replace(dataset, images=array_rows(rows, np.arange(len(rows))), holds_features=True)
 
     return head_config(config), as_features(train_set), [as_features(d) for d in others]

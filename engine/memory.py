@@ -161,7 +161,7 @@ def check_training(train_set, config, methods: list[str], *, force: bool = False
                          f"{columns:,}-column embeddings", force=force,
                          advice="reduce the embeddings' dimension (e.g. PCA) or pick a method without curvature "
                                 "(loss, margin, tracin-last, vm-loss)", override=override)
-    if head_only(config) or len(train_set.image_shape) == 1:
+    if head_only(config) or train_set.holds_features:
         return
     shape = train_set.image_shape
     # the trainer holds the decoded images only up to the memory budget, else reads them per batch

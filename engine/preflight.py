@@ -129,7 +129,7 @@ def estimate_run_time(n: int, image_shape: tuple[int, ...], num_classes: int, co
     try:
         if head_only(config):  # the backbone runs once per image; the head trains on its features
             features, rows = _feature_pass(probe, config, n)
-            probe, config = replace(probe, images=rows), head_config(config)
+            probe, config = replace(probe, images=rows, holds_features=True), head_config(config)
         # cosine: a step costs the same under any schedule, and one-cycle cannot be set over 6 steps
         trained = train(probe, replace(config, epochs=3, checkpoints=1, schedule="cosine"),
                         progress=lambda done, total, message: ticks.append(time.perf_counter()))

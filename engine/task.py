@@ -108,7 +108,7 @@ class FeatureTask(Task):
 
 def fit_task(dataset: Dataset) -> Task:
     """The task for a dataset: image normalisation, or feature standardisation for feature rows."""
-    return FeatureTask.fit(dataset) if dataset.images.ndim == 2 else ImageTask.fit(dataset)
+    return (FeatureTask if dataset.holds_features else ImageTask).fit(dataset)
 
 
 TASKS: dict[str, type[Task]] = {task.kind: task for task in (ImageTask, FeatureTask)}

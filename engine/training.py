@@ -181,7 +181,7 @@ def _train_once(dataset: Dataset, config: TrainConfig, *, task: Task | None, pro
     task = task or fit_task(dataset)
     model_name = choose_model(dataset.image_shape, device) if config.model == "auto" else config.model
     augment = config.augment
-    if dataset.images.ndim == 2:
+    if dataset.holds_features:
         augment = "none"  # feature rows: nothing to crop or flip
     elif augment == "auto":
         augment = "flip-crop" if dataset.channels == 3 else "crop"

@@ -85,9 +85,9 @@ def test_statistics_stream_over_batches_exactly(tmp_path, lazy):
     np.testing.assert_allclose(task.mean, pixels.mean(0), rtol=1e-12)
     np.testing.assert_allclose(task.std, pixels.std(0), rtol=1e-9)
     rows = np.random.default_rng(1).normal(3, 2, (1000, 7)).astype(np.float32)
-    features = load_dataset("sample")  # any labels: the rows are what counts
+    sample = load_dataset("sample")  # any labels: the rows are what counts
     from dataclasses import replace
-    head = FeatureTask.fit(replace(features.subset(np.arange(1000)), images=rows))
+    head = FeatureTask.fit(replace(sample.subset(np.arange(1000)), images=rows, holds_features=True))
     np.testing.assert_allclose(head.mean, rows.astype(np.float64).mean(0), rtol=1e-10)
     np.testing.assert_allclose(head.std, rows.astype(np.float64).std(0), rtol=1e-10)
 
