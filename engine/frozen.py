@@ -1,13 +1,14 @@
 """The frozen-feature stage: a backbone run once per dataset, and a linear head trained on its features.
 
 ``freeze="backbone"`` (the default whenever a start is given, and the only road for a TorchScript
-backbone or embeddings) runs the start network (:mod:`engine.start`) once per dataset, keeps its N×D
-features as a stage of a resumable run (:mod:`engine.stages`), and trains the head alone
-(:class:`engine.models.LinearHead`) on them; ``freeze="none"`` leaves all this aside and the trainer
-fine-tunes every layer. The training loss is then convex in the head's parameters and its GGN is its
-Hessian: the scorers are told (``ScoringContext.head_only``) and each result's ``trained_part`` says
-what that means for its method (exact only with the ``last`` head curvature; EK-FAC approximates it).
-Every other method runs on the head too (cleanlab's folds retrain the head).
+backbone or embeddings) runs the backbone (a start network, :mod:`engine.start`) once per dataset and
+keeps its N×D features as a stage of a resumable run (:mod:`engine.stages`), or reads the user's
+embeddings where they lie, and trains the head alone (:class:`engine.models.LinearHead`) on them. The
+training loss is then convex in the head's parameters and its GGN is its Hessian: the scorers are told
+(``ScoringContext.head_only``) and each result's ``trained_part`` says what that means for its method
+(exact only with the ``last`` head curvature; EK-FAC approximates it). Every other method runs on the
+head too (cleanlab's folds retrain the head). With ``freeze="none"`` none of this runs: the trainer
+fine-tunes every layer of the start network.
 """
 
 from __future__ import annotations
