@@ -1,5 +1,5 @@
-"""Benchmark-only helpers: the shared real data (MNIST, CIFAR-10, human-validated label errors) as
-engine :class:`~engine.data.Dataset` objects.
+"""Benchmark-only helpers shared by the scripts: the shared real data (MNIST, CIFAR-10, human-validated
+label errors) as engine :class:`~engine.data.Dataset` objects, and how a measurement is printed and tabled.
 
 Where the data live: ``--data-root`` / ``data_root(path)``, else ``$INFLUENCE_LENS_DATA``, else
 ``../shared/data`` beside the repository, else ``device_data/`` inside it (the git-ignored folder a
@@ -10,13 +10,16 @@ to its compact form, whose decoded pixels equal the ``.npz``).
 from __future__ import annotations
 
 import io
+import json
 import os
+import platform
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from engine.data import Dataset, load_npz
 from engine.errors import DataError, OptionError
@@ -115,3 +118,43 @@ def known_errors(dataset: Dataset, table: pd.DataFrame) -> KnownErrors:
             true_labels[position[int(idx)]] = int(guessed)
     return KnownErrors(is_error, true_labels)
 
+
+
+# -- what the scripts print and write ---------------------------------------------------------------
+
+def emit(row: dict) -> dict:
+    """Print one measurement as a JSON line (floats to 6 places) and return it unchanged."""
+    print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}, default=str),
+          flush=True)
+    return row
+
+
+def cell(value, digits: int = 3) -> str:
+    """``value`` with ``digits`` decimals for a table cell; empty when there is none (None or NaN)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    return f"{value:.{digits}f}"
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A Markdown table of ``frame`` (pandas' own needs the optional ``tabulate``)."""
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def comma_list(values: list[str] | str | None) -> list[str]:
+    """The items of a repeatable, comma-separated option: ``["a,b", "c"]`` → ``["a", "b", "c"]``."""
+    if values is None:
+        return []
+    items = values if isinstance(values, list) else [values]
+    return [part.strip() for item in items for part in item.split(",") if part.strip()]
+
+
+def machine_description(device: str) -> str:
+    """Where a benchmark ran, for its tables: the GPU, or the CPU with its threads and load."""
+    if torch.cuda.is_available() and device != "cpu":
+        return f"{torch.cuda.get_device_name(0)} (torch {torch.__version__})"
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    return (f"CPU ({os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} thread(s), "
+            f"{platform.machine()}), load average at start {load}")

@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import sys
 import time
@@ -60,13 +58,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from benchmarks.common import (  # noqa: E402
     REPO_ROOT,
+    cell,
     cifar10_train_labels,
+    comma_list,
     data_root,
+    emit,
     known_errors,
     load_cifar10,
     load_label_errors,
     load_mnist_test,
+    machine_description,
+    markdown_table,
 )
+from engine.config import PRESETS, TrainConfig  # noqa: E402
 from engine.data import Dataset, load_dataset, stratified_split  # noqa: E402
 from engine.errors import InfluenceLensError, OptionError  # noqa: E402
 from engine.measured import MEASURED_FILE  # noqa: E402
@@ -74,7 +78,7 @@ from engine.metrics import detection_metrics, top_k  # noqa: E402
 from engine.pipeline import apply_decisions, carve_validation, score_methods, with_injected_noise  # noqa: E402
 from engine.progress import Progress, tqdm_progress  # noqa: E402
 from engine.scorers import ScoreResult, available_methods, scorer_class  # noqa: E402
-from engine.training import PRESETS, TrainConfig, TrainedModel, evaluate, train  # noqa: E402
+from engine.training import TrainedModel, evaluate, train  # noqa: E402
 
 SETTINGS = ("mnist-real", "cifar-real", "mnist-real-trusted", "cifar-real-trusted", "cifar-sym20", "cifar-pair20",
             "digits-sym20", "digits-pair20")
@@ -343,7 +347,7 @@ def run_setting(name: str, size_name: str, methods: list[str], args: argparse.Na
     base = {"setting": name, "size": size_name}
     exp = build_experiment(name, SIZES[size_name], root, seed=args.seed, device=args.device)
     trained, training_row = train_base(exp, progress)
-    rows = [_emit({**base, **training_row})]
+    rows = [emit({**base, **training_row})]
     reference = _model_state(trained)
     results: dict[str, ScoreResult] = {}
     detection_rows = []
@@ -355,38 +359,17 @@ def run_setting(name: str, size_name: str, methods: list[str], args: argparse.Na
             row = {"kind": "detection", "method": method, "n": len(exp.train), "error": f"{type(exc).__name__}: {exc}"}
         if _restore_if_changed(trained, reference):
             row["error"] = (row.get("error", "") + " modified the trained model (restored)").strip()
-        detection_rows.append(_emit({**base, **row}))
+        detection_rows.append(emit({**base, **row}))
     rows += detection_rows
     if args.recovery and exp.test is not None:
         chosen = recovery_methods(detection_rows, args.recovery_methods, args.recovery_top)
         for row in recovery(exp, trained, results, chosen, training_row["test_accuracy"], progress):
-            rows.append(_emit({**base, **row}))
+            rows.append(emit({**base, **row}))
     write_tables(exp, rows, args, size_name)
     return rows
 
 
-def _emit(row: dict) -> dict:
-    print(json.dumps({k: _round(v) for k, v in row.items()}, default=str), flush=True)
-    return row
-
-
-def _round(value):
-    return round(value, 6) if isinstance(value, float) else value
-
-
 # ---- tables ----------------------------------------------------------------------------------
-
-def _f(value, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return ""
-    return f"{value:.{digits}f}"
-
-
-def _markdown(frame: pd.DataFrame) -> str:
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
-
 
 def _detection_table(rows: list[dict], real: bool) -> pd.DataFrame:
     ok = sorted((r for r in rows if r["kind"] == "detection" and not r.get("error")), key=lambda r: -r["auroc"])
@@ -395,14 +378,15 @@ def _detection_table(rows: list[dict], real: bool) -> pd.DataFrame:
         entry = {"method": r["method"]}
         if real:
             entry.update({f"top {k}": f"{r[f'hits_at_{k}']}/{r['n_noisy']}" for k in REAL_TOP_K})
-        entry.update({"AUROC": _f(r["auroc"]), "AP": _f(r["ap"]), "P@k": _f(r["precision_at_k"]),
-                      "R@1%": _f(r["recall_at_1pct"]), "R@2%": _f(r["recall_at_2pct"]),
-                      "R@5%": _f(r["recall_at_5pct"]),
-                      "relabel top-1": f"{_f(r['relabel_top1'], 2)} ({r['relabel_n']})" if r["relabel_n"] else "",
-                      "seconds": _f(r["seconds"], 1), "N": r["n"], "validation": r["validation"]})
+        entry.update({"AUROC": cell(r["auroc"]), "AP": cell(r["ap"]), "P@k": cell(r["precision_at_k"]),
+                      "R@1%": cell(r["recall_at_1pct"]), "R@2%": cell(r["recall_at_2pct"]),
+                      "R@5%": cell(r["recall_at_5pct"]),
+                      "relabel top-1": f"{cell(r['relabel_top1'], 2)} ({r['relabel_n']})" if r["relabel_n"] else "",
+                      "seconds": cell(r["seconds"], 1), "N": r["n"], "validation": r["validation"]})
         table.append(entry)
     training = next(r for r in rows if r["kind"] == "training")
-    table.append({"method": "(training θ*, shared by all)", "seconds": _f(training["seconds"], 1), "N": training["n"]})
+    table.append({"method": "(training θ*, shared by all)", "seconds": cell(training["seconds"], 1),
+                  "N": training["n"]})
     return pd.DataFrame(table).fillna("")
 
 
@@ -412,7 +396,7 @@ def _recovery_table(rows: list[dict]) -> pd.DataFrame:
         changed = "" if "labels_changed" not in r else \
             f"{r['labels_changed']} changed: {r['labels_fixed']} fixed, {r['labels_broken']} broken"
         table.append({"method": r["method"], "action": r["action"], "k": r["k"], "train N": r["n"],
-                      "test accuracy": _f(r["test_accuracy"], 4), "Δ vs noisy": f"{r['delta'] * 100:+.2f} pt",
+                      "test accuracy": cell(r["test_accuracy"], 4), "Δ vs noisy": f"{r['delta'] * 100:+.2f} pt",
                       "true flips in top-k": r.get("flips_in_top_k", ""), "relabels": changed})
     return pd.DataFrame(table)
 
@@ -438,13 +422,13 @@ def write_tables(exp: Experiment, rows: list[dict], args: argparse.Namespace, si
     real = exp.test is None
     k = int(exp.is_noisy.sum())
     md += [f"## Detection ({k} {'known errors' if real else 'flipped labels'} among {len(exp.train):,} rows; "
-           "P@k at k = that number; sorted by AUROC)", "", _markdown(_detection_table(rows, real)), ""]
+           "P@k at k = that number; sorted by AUROC)", "", markdown_table(_detection_table(rows, real)), ""]
     errors = [r for r in rows if r["kind"] == "detection" and r.get("error")]
     if errors:
         md += ["Failed: " + "; ".join(f"`{r['method']}`: {r['error']}" for r in errors), ""]
     if any(r["kind"] == "recovery" for r in rows):
         md += [f"## Recovery (drop or relabel the top {k}, retrain with the same recipe and seed; test accuracy)",
-               "", _markdown(_recovery_table(rows)), ""]
+               "", markdown_table(_recovery_table(rows)), ""]
     md += ["Columns: AUROC and AP against the truth; P@k = precision of the top k; R@x% = recall of the truth in "
            "the top x% of the ranking; relabel top-1 = share of the truly wrong rows (with a known right label) "
            "whose suggested label is the right one (count in brackets); seconds = prepare + score, each method "
@@ -469,10 +453,10 @@ def write_summary(out: Path) -> None:
                                          zip(detection["setting"], detection["size"], strict=True)])
     pivot = detection.pivot_table(index="method", columns="column", values="auroc", aggfunc="first")
     pivot = pivot.loc[pivot.mean(axis=1).sort_values(ascending=False).index]
-    table = pivot.map(_f).reset_index()
+    table = pivot.map(cell).reset_index()
     text = ["# Detection AUROC by setting", "",
             "Generated from the tables in this folder (each `<setting>.md` holds its command, data and model).", "",
-            _markdown(table), ""]
+            markdown_table(table), ""]
     text += _side_studies(out)
     (out / "summary.md").write_text("\n".join(text))
     summary = json.dumps(_summary_json(detection), indent=1) + "\n"
@@ -539,29 +523,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _split(values: list[str] | str | None) -> list[str]:
-    if values is None:
-        return []
-    items = values if isinstance(values, list) else [values]
-    return [part.strip() for item in items for part in item.split(",") if part.strip()]
-
-
 def _settings(values: list[str]) -> list[str]:
-    names = _split(values)
+    names = comma_list(values)
     if "all" in names:
         return list(SETTINGS)
     for name in names:
         if name not in SETTINGS:
             raise OptionError("setting", name, (*SETTINGS, "all"))
     return list(dict.fromkeys(names))
-
-
-def _machine(device: str) -> str:
-    if torch.cuda.is_available() and device != "cpu":
-        return f"{torch.cuda.get_device_name(0)} (torch {torch.__version__})"
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    return (f"CPU ({os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} thread(s), "
-            f"{platform.machine()}), load average at start {load}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -572,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out or str(QUICK_OUT if size_name in ("quick", "tiny") else DEFAULT_OUT)
     args.command = "python benchmarks/detection.py " + " ".join(shlex.quote(a) for a in argv)
     args.started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    args.machine = _machine(args.device)
+    args.machine = machine_description(args.device)
     if args.summary_only:
         write_summary(Path(args.out))
         return 0
@@ -580,10 +549,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.setting:
             raise InfluenceLensError("--setting is required (or --summary-only)")
         settings = _settings(args.setting)
-        methods = _split(args.methods) or available_methods()
-        for method in methods + _split(args.recovery_methods):
+        methods = comma_list(args.methods) or available_methods()
+        for method in methods + comma_list(args.recovery_methods):
             scorer_class(method)  # an unknown name fails now, listing the valid ones
-        args.recovery_methods = _split(args.recovery_methods) or None
+        args.recovery_methods = comma_list(args.recovery_methods) or None
         if size_name == "gpu":
             if not torch.cuda.is_available():
                 raise InfluenceLensError("--size gpu needs a CUDA GPU; use --size cpu (the default) here")

@@ -39,11 +39,10 @@ from scipy.stats import rankdata
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `benchmarks` importable
 
-from benchmarks.common import REPO_ROOT, data_root  # noqa: E402
+from benchmarks.common import REPO_ROOT, data_root, machine_description  # noqa: E402
 from benchmarks.detection import (  # noqa: E402
     SIZES,
     Experiment,
-    _machine,
     build_experiment,
     detect,
     train_base,
@@ -260,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     args.command = "python benchmarks/flagship_variants.py " + " ".join(shlex.quote(a) for a in argv)
     args.started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    args.machine = _machine("cpu")
+    args.machine = machine_description("cpu")
     rows = [row for name in args.setting for row in run(name, args)]
     if not args.no_write:
         write(rows, args)

@@ -29,11 +29,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.reports import add_results_arguments, results_file  # noqa: E402
+from engine.config import TrainConfig  # noqa: E402
 from engine.data import load_dataset, load_npz  # noqa: E402
 from engine.metrics import detection_metrics  # noqa: E402
 from engine.pipeline import with_injected_noise  # noqa: E402
 from engine.scorers import ScoringContext, make_scorer, scorer_class  # noqa: E402
-from engine.training import TrainConfig, train  # noqa: E402
+from engine.training import train  # noqa: E402
 
 
 def variant_settings(spec: str):

@@ -27,10 +27,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `benchmarks` importable
 
 from benchmarks.reports import add_results_arguments, results_file  # noqa: E402
+from engine.config import TrainConfig  # noqa: E402
 from engine.data import load_sample  # noqa: E402
 from engine.metrics import detection_metrics  # noqa: E402
 from engine.pipeline import score_methods, with_injected_noise  # noqa: E402
-from engine.training import TrainConfig  # noqa: E402
 
 METHODS = ("vm-loss", "fvm-loss", "if-last", "if-ekfac", "tracin-ensemble")
 KINDS = ("symmetric", "pair")

@@ -37,8 +37,15 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `benchmarks` importable
 
-from benchmarks.common import REPO_ROOT, data_root, known_errors, load_cifar10, load_label_errors  # noqa: E402
-from benchmarks.detection import _machine, write_summary  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    REPO_ROOT,
+    data_root,
+    known_errors,
+    load_cifar10,
+    load_label_errors,
+    machine_description,
+)
+from benchmarks.detection import write_summary  # noqa: E402
 from engine.data import Dataset  # noqa: E402
 from engine.metrics import detection_metrics, top_k  # noqa: E402
 from engine.pipeline import carve_validation, with_injected_noise  # noqa: E402
@@ -182,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.command = "python benchmarks/own_model.py " + " ".join(shlex.quote(a) for a in argv)
     args.started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    args.machine = _machine("cpu")
+    args.machine = machine_description("cpu")
     if args.from_logs:
         write(_rows_from_logs(args), args)
         return 0

@@ -21,8 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `benchmarks` importable
 
 from benchmarks.common import REPO_ROOT, data_root, load_cifar10  # noqa: E402
+from engine.config import TrainConfig  # noqa: E402
 from engine.progress import tqdm_progress  # noqa: E402
-from engine.training import TrainConfig, evaluate, train  # noqa: E402
+from engine.training import evaluate, train  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "out" / "cifar10_train_small_cnn.pt"  # git-ignored
 

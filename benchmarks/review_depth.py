@@ -33,21 +33,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `benchmarks` importable
 
-from benchmarks.common import data_root  # noqa: E402
-from benchmarks.detection import (  # noqa: E402
-    DEFAULT_OUT,
-    QUICK_OUT,
-    SIZES,
-    Experiment,
-    _emit,
-    _f,
-    _machine,
-    _markdown,
-    _split,
-    build_experiment,
-    detect,
-    train_base,
+from benchmarks.common import (  # noqa: E402
+    cell,
+    comma_list,
+    data_root,
+    emit,
+    machine_description,
+    markdown_table,
 )
+from benchmarks.detection import DEFAULT_OUT, QUICK_OUT, SIZES, Experiment, build_experiment, detect, train_base  # noqa: E402
 from engine.errors import InfluenceLensError, OptionError  # noqa: E402
 from engine.guidance import (  # noqa: E402
     cleanlab_issue_count,
@@ -111,11 +105,11 @@ def run_setting(name: str, size_name: str, args: argparse.Namespace, root) -> li
     base = {"setting": name, "size": size_name}
     exp = build_experiment(name, SIZES[size_name], root, seed=args.seed, device=args.device)
     trained, training_row = train_base(exp, progress)
-    rows = [_emit({**base, **training_row})]
+    rows = [emit({**base, **training_row})]
     results = {}
     for method in METHODS:
         detection_row, results[method] = detect(exp, trained, method, progress)
-        rows.append(_emit({**base, **{k: detection_row[k] for k in ("kind", "method", "auroc", "ap", "seconds")}}))
+        rows.append(emit({**base, **{k: detection_row[k] for k in ("kind", "method", "auroc", "ap", "seconds")}}))
     theta_star = predict(trained.model, trained.task, exp.train.images, trained.device).probabilities
     probabilities = {"fvm-loss": results["fvm-loss"].arrays["probabilities"],
                      "cleanlab": results["cleanlab"].arrays["probabilities"]}
@@ -133,10 +127,10 @@ def run_setting(name: str, size_name: str, args: argparse.Namespace, root) -> li
         scores = results[ranked_by].scores
         if ranked_by in ALL_SOURCES_RANKINGS:
             for source, (prob, offset) in sources.items():
-                rows.append(_emit({**base, "kind": "review-depth", "ranking": ranked_by,
+                rows.append(emit({**base, "kind": "review-depth", "ranking": ranked_by,
                                    **measure(exp, scores, prob, offset), "source": source}))
         row = measure(exp, scores, results=results, ranked_by=ranked_by, trained_probabilities=theta_star)
-        rows.append(_emit({**base, "kind": "review-depth", "ranking": ranked_by, **row,
+        rows.append(emit({**base, "kind": "review-depth", "ranking": ranked_by, **row,
                            "source": f"default: review_estimate ({row['source']})"}))
     return rows
 
@@ -144,7 +138,7 @@ def run_setting(name: str, size_name: str, args: argparse.Namespace, root) -> li
 # ---- tables ----------------------------------------------------------------------------------
 
 def _pair(estimated: float, true: float, digits: int = 2) -> str:
-    return f"{_f(estimated, digits)} / {_f(true, digits)}"
+    return f"{cell(estimated, digits)} / {cell(true, digits)}"
 
 
 def setting_table(rows: list[dict]) -> str:
@@ -155,11 +149,11 @@ def setting_table(rows: list[dict]) -> str:
         entry.update({f"P@{f:.0%}": _pair(r[f"est_p{f:.0%}"], r[f"true_p{f:.0%}"]) for f in DEPTH_FRACTIONS})
         entry["noise rate"] = f"{r['est_rate']:.2%} / {r['true_rate']:.2%}"
         entry["total"] = f"{r['est_total']:.0f} / {r['true_total']}"
-        entry["stop depth (true P above)"] = f"{r['stop_depth']} ({_f(r['true_precision_above_stop'])})"
+        entry["stop depth (true P above)"] = f"{r['stop_depth']} ({cell(r['true_precision_above_stop'])})"
         entry[f"total after reviewing top {REVIEWED_FRACTION:.0%} (found)"] = \
             f"{r['est_total_after_review']:.0f} ({r['found']}/{r['reviewed']})"
         table.append(entry)
-    return _markdown(pd.DataFrame(table))
+    return markdown_table(pd.DataFrame(table))
 
 
 def report(rows: list[dict], args: argparse.Namespace) -> str:
@@ -209,9 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or (QUICK_OUT if args.quick else DEFAULT_OUT))
     args.command = "python benchmarks/review_depth.py " + " ".join(shlex.quote(a) for a in argv)
     args.started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    args.machine = _machine(args.device)
+    args.machine = machine_description(args.device)
     try:
-        names = _split(args.setting)
+        names = comma_list(args.setting)
         names = list(SETTINGS) if "all" in names else list(dict.fromkeys(names))
         for name in names:
             if name not in SETTINGS:

@@ -117,7 +117,7 @@ import numpy as np, torch
 sys.path.insert(0, sys.argv[3])
 from engine.data import load_dataset
 from engine.sources import batches, inference_batch
-from engine.backbones import IMAGENET_MEAN, IMAGENET_STD
+from engine.frozen import IMAGENET_MEAN, IMAGENET_STD
 from engine.task import ImageTask
 dataset = load_dataset(sys.argv[1], lazy=True)
 module = torch.jit.load(sys.argv[2]).eval()

@@ -47,12 +47,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from benchmarks.common import data_root, load_cifar10  # noqa: E402
 from benchmarks.per_sample_speed import plain_pass, vmap_norms  # noqa: E402
 from benchmarks.reports import add_results_arguments, results_file  # noqa: E402
+from engine.config import PRESETS, TrainConfig  # noqa: E402
 from engine.data import Dataset, load_sample  # noqa: E402
 from engine.device import resolve_device  # noqa: E402
 from engine.per_sample import per_sample_grad_sq_norms  # noqa: E402
 from engine.pipeline import score_methods  # noqa: E402
 from engine.scorers import ScoringContext, make_scorer, scorer_class  # noqa: E402
-from engine.training import PRESETS, TrainConfig, TrainedModel, train  # noqa: E402
+from engine.training import TrainedModel, train  # noqa: E402
 
 
 @dataclass(frozen=True)

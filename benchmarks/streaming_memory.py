@@ -39,10 +39,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `engine` importable
 
 from benchmarks.reports import add_results_arguments, results_file  # noqa: E402
+from engine.config import TrainConfig  # noqa: E402
 from engine.data import load_dataset  # noqa: E402
 from engine.pipeline import score_methods  # noqa: E402
 from engine.streaming import ImageFiles, stream_scores  # noqa: E402
-from engine.training import TrainConfig, train  # noqa: E402
+from engine.training import train  # noqa: E402
 
 CLASSES = 10
 SHAPE = (32, 32, 3)  # CIFAR-sized

@@ -22,10 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from benchmarks.common import data_root, load_cifar10, load_mnist_test  # noqa: E402
 from benchmarks.reports import add_results_arguments, results_file  # noqa: E402
+from engine.config import PRESETS  # noqa: E402
 from engine.data import load_sample  # noqa: E402
 from engine.pipeline import score_methods  # noqa: E402
 from engine.preflight import estimate_run_time  # noqa: E402
-from engine.training import PRESETS, train  # noqa: E402
+from engine.training import train  # noqa: E402
 
 
 def measure(name: str, dataset, config, methods: list[str]) -> dict:

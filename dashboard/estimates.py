@@ -9,8 +9,8 @@ from dataclasses import asdict
 
 import streamlit as st
 
+from engine.config import TrainConfig
 from engine.preflight import TimeEstimate, estimate_run_time
-from engine.training import TrainConfig
 
 
 @st.cache_data(max_entries=32, show_spinner="Measuring this device's training speed…")

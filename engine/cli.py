@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.backbones import FREEZE_CHOICES
+from engine.config import FREEZE_CHOICES, TrainConfig
 from engine.data import NOISE_KINDS, Dataset
 from engine.device import DEVICE_NAMES
 from engine.distributed import LOCAL, Distributed, from_torchrun
@@ -42,7 +42,7 @@ from engine.scorers import available_methods, scorer_class
 from engine.scorers.flat_validation import CURVATURES
 from engine.sources import bound_heap_growth
 from engine.stages import StageStore
-from engine.training import Predictions, TrainConfig
+from engine.training import Predictions
 from engine.workspace import Workspace
 
 REVIEW_DEPTHS_PERCENT = (1, 2, 5, 10)  # depths at which `score` reports the estimated precision
@@ -73,7 +73,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_start_options(parser: argparse.ArgumentParser) -> None:
-    """Bring your model (engine.backbones): start from weights, a backbone, timm, or embeddings."""
+    """Bring your model (engine.start, engine.frozen): start from weights, a backbone, timm, or embeddings."""
     group = parser.add_argument_group("bring your model")
     group.add_argument("--weights", default=None, metavar="FILE",
                        help="a state_dict (.pt or .safetensors) for --model small-cnn/resnet18 (or a timm model)")

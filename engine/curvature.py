@@ -43,7 +43,7 @@ from engine.errors import OptionError
 from engine.per_sample import DEFAULT_CHUNK_ELEMENTS, LayerCapture
 from engine.progress import Progress, no_progress
 from engine.sources import batches
-from engine.task import ImageTask
+from engine.task import Task
 from engine.training import Predictions
 
 FISHER_MODES = ("exact", "sampled")
@@ -227,7 +227,7 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _batched_passes(model: nn.Module, layers: list[nn.Module], task: ImageTask, images: np.ndarray,
+def _batched_passes(model: nn.Module, layers: list[nn.Module], task: Task, images: np.ndarray,
                     device: torch.device | str, batch_size: int,
                     output_gradients: Callable[[torch.Tensor, int], list[torch.Tensor]],
                     progress: Progress, message: str) -> Iterator[tuple[int, int, int, LayerCapture]]:
@@ -318,7 +318,7 @@ class EKFAC:
         self.model, self.bases, self.names = model, bases, names
 
     @classmethod
-    def fit(cls, model: nn.Module, task: ImageTask, images: np.ndarray, device: torch.device | str, *,
+    def fit(cls, model: nn.Module, task: Task, images: np.ndarray, device: torch.device | str, *,
             layers: list[nn.Module] | None = None, fisher: str = "exact",
             relative_damping: float = DEFAULT_RELATIVE_DAMPING, damping: float | None = None,
             batch_size: int = 256, seed: int = 0, sample_ids: np.ndarray | None = None,
@@ -393,7 +393,7 @@ class EKFAC:
     def dampings(self) -> dict[str, float]:
         return {name: basis.damping for name, basis in zip(self.names, self.bases.values(), strict=True)}
 
-    def scores(self, task: ImageTask, images: np.ndarray, labels: np.ndarray | None, device: torch.device | str, *,
+    def scores(self, task: Task, images: np.ndarray, labels: np.ndarray | None, device: torch.device | str, *,
                batch_size: int = 256, progress: Progress = no_progress) -> np.ndarray:
         """Σ_layers Σ_ij (Q_Sᵀ G Q_A)_ij² / (Λ_ij + λ) per sample, float64.
 
@@ -536,7 +536,7 @@ def head_influence(curvature: LastLayerCurvature | HeadEKFAC, target: Prediction
     return candidates[np.arange(len(labels)), labels], candidates.argmin(1), info
 
 
-def fit_ekfac(model: nn.Module, task: ImageTask, fit: Dataset, device: torch.device, settings: EKFACSettings,
+def fit_ekfac(model: nn.Module, task: Task, fit: Dataset, device: torch.device, settings: EKFACSettings,
               progress: Progress, distributed: Distributed = LOCAL) -> EKFAC:
     """EK-FAC on the fitting rows (this rank's shard of them, summed across ranks); sampled Fisher
     labels keyed by their stable index (free of the order and of the sharding)."""
@@ -545,7 +545,7 @@ def fit_ekfac(model: nn.Module, task: ImageTask, fit: Dataset, device: torch.dev
                      distributed=distributed)
 
 
-def ekfac_influence(ekfac: EKFAC, task: ImageTask, images: np.ndarray, labels: np.ndarray, device: torch.device,
+def ekfac_influence(ekfac: EKFAC, task: Task, images: np.ndarray, labels: np.ndarray, device: torch.device,
                     settings: EKFACSettings, fallback_suggestions: np.ndarray,
                     progress: Progress) -> tuple[np.ndarray, np.ndarray, dict]:
     """EK-FAC scores; suggestions by argmin over candidates (C backward passes per batch) when

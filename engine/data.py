@@ -15,11 +15,13 @@ import warnings
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
+import sample_data
 from engine.errors import DataError, OptionError
 from engine.sources import ArraySource, FileSource, LazyImages, Names, is_lazy, machine_memory, memory_budget
 
@@ -41,9 +43,13 @@ _INTEGER = re.compile(r"-?[0-9]+")  # what a manifest reads as an integer label 
 class Dataset:
     """Images, labels, class names and a stable index per sample (see module docstring). ``images`` is
     an array, or a :class:`engine.sources.LazyImages` that decodes rows on access when the decoded
-    set would not fit the memory budget. On the head-only path (:mod:`engine.backbones`) ``images``
-    holds a frozen backbone's N×D features instead (float32, or a float16 memory map), and
-    everything downstream (training, scorers) runs on those rows unchanged."""
+    set would not fit the memory budget.
+
+    ``holds_features``: on the head-only path (:mod:`engine.frozen`) ``images`` holds a frozen
+    backbone's N×D feature rows instead (float32, or a float16 memory map), and ``image_shape`` is
+    ``(D,)``. The flag says so where the rows are made and is checked here, so code that treats
+    features differently (the task, augmentation) asks the dataset instead of guessing from a shape;
+    everything else (training, scorers) runs on those rows unchanged."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -53,6 +59,7 @@ class Dataset:
     paths: tuple[str, ...] | None = None
     skipped: tuple[str, ...] = ()  # unreadable files left out at load (``skip_unreadable=True``)
     notes: tuple[str, ...] = ()  # what loading changed, e.g. images resized to one size
+    holds_features: bool = False
 
     def __post_init__(self) -> None:
         if self.index is None:
@@ -92,10 +99,13 @@ def _validate(ds: Dataset) -> None:
     where = ds.source or "dataset"
     images, labels = ds.images, ds.labels
     array_like = isinstance(images, (np.ndarray, LazyImages))
-    features = array_like and images.ndim == 2 and images.dtype in (np.float16, np.float32)
-    if not features and (not array_like or images.dtype != np.uint8):
+    if ds.holds_features:
+        if not array_like or images.ndim != 2 or images.dtype not in (np.float16, np.float32):
+            raise DataError(f"{where}: feature rows must be an N×D float16 or float32 array, got "
+                            f"{getattr(images, 'dtype', type(images))} of shape {getattr(images, 'shape', '?')}")
+    elif not array_like or images.dtype != np.uint8:
         raise DataError(f"{where}: images must be a uint8 array, got {getattr(images, 'dtype', type(images))}")
-    if not features and images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
+    elif images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
         raise DataError(f"{where}: images must be N×H×W or N×H×W×C with C in (1, 3), got shape {images.shape}")
     if not isinstance(labels, np.ndarray) or labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{where}: labels must be a 1-D integer array")
@@ -650,16 +660,19 @@ def _is_int(text: str) -> bool:
     return _INTEGER.fullmatch(text) is not None
 
 
-SAMPLE_SPLITS = ("train", "val", "test")
-
-
 def load_sample(split: str = "train") -> Dataset:
     """The embedded default data (scikit-learn's digits), see ``sample_data/README.md``."""
-    from sample_data import load_digits_split
+    if split not in sample_data.SPLITS:
+        raise OptionError("sample split", split, sample_data.SPLITS)
+    return _sample_splits()[split]
 
-    if split not in SAMPLE_SPLITS:
-        raise OptionError("sample split", split, SAMPLE_SPLITS)
-    return load_digits_split(split)
+
+@lru_cache(maxsize=1)
+def _sample_splits() -> dict[str, Dataset]:
+    """The digits, split once per process and shared by every caller."""
+    full = Dataset(*sample_data.digits(), source=sample_data.SOURCE)
+    parts = stratified_split(full, sample_data.SPLIT_FRACTIONS, seed=sample_data.SPLIT_SEED)
+    return dict(zip(sample_data.SPLITS, parts, strict=True))
 
 
 def load_dataset(spec: str | Path, *, skip_unreadable: bool = False, image_size: int | None = None,

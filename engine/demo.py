@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from engine.config import PRESETS
 from engine.data import Dataset, load_dataset, stratified_split
 from engine.errors import DataError, OptionError
 from engine.explain import fix_top
@@ -39,7 +40,7 @@ from engine.pipeline import check_compatible, retrain_comparison, score_methods,
 from engine.progress import Progress, no_progress
 from engine.scorers import scorer_class
 from engine.task import cross_entropy
-from engine.training import PRESETS, TrainedModel, evaluate, predict, train
+from engine.training import TrainedModel, evaluate, predict, train
 
 DEMO_METHODS = ("loss", "cleanlab", "fvm")
 LANDSCAPE_OPTIMIZERS = {"sgd": "SGD fine-tune (VM)", "sam": "SAM fine-tune (FVM)"}

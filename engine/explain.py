@@ -12,13 +12,14 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from engine.backbones import frozen_inputs
+from engine.config import TrainConfig
 from engine.data import Dataset
+from engine.frozen import frozen_inputs
 from engine.metrics import ranking
 from engine.pipeline import apply_decisions
 from engine.progress import Progress, no_progress
 from engine.task import fit_task
-from engine.training import TrainConfig, evaluate, train
+from engine.training import evaluate, train
 
 MAP_METHODS = ("pca", "tsne")
 

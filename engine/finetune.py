@@ -73,7 +73,7 @@ RECIPES: dict[str, FinetuneRecipe] = {
     "resnet18": FinetuneRecipe(epochs=15, learning_rate=0.001, gamma=0.002, why=(
         "ResNet-18, and any architecture without its own recipe: a third of the small CNN's digits rate "
         "(not yet measured)")),
-    # The lone linear head on frozen backbone features (engine.backbones, HEAD_MODEL): a convex problem
+    # The lone linear head on frozen backbone features (engine.frozen, HEAD_MODEL): a convex problem
     # without BatchNorm, so nothing in it sharpens in eval mode; the validation set gives few steps an
     # epoch. NOT yet measured: the trainer's own head rate (0.05) would overshoot a minimum it starts
     # near, the ResNet's 0.001 over 15 epochs barely moves; 0.01 over 30 epochs sits between, and the

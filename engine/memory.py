@@ -148,7 +148,7 @@ def check_training(train_set, config, methods: list[str], *, force: bool = False
                    override: str | None = FORCE_HINT) -> None:
     """Before training: the input tensor and one batch's activations (a network trained whole), and the
     head curvature of a curvature method on embeddings (D² numbers at the least)."""
-    from engine.backbones import head_only
+    from engine.config import head_only
     from engine.curvature import MAX_EXACT_HEAD_DIM
     from engine.device import resolve_device
     from engine.models import build_model, choose_model
@@ -161,7 +161,7 @@ def check_training(train_set, config, methods: list[str], *, force: bool = False
                          f"{columns:,}-column embeddings", force=force,
                          advice="reduce the embeddings' dimension (e.g. PCA) or pick a method without curvature "
                                 "(loss, margin, tracin-last, vm-loss)", override=override)
-    if head_only(config) or len(train_set.image_shape) == 1:
+    if head_only(config) or train_set.holds_features:
         return
     shape = train_set.image_shape
     # the trainer holds the decoded images only up to the memory budget, else reads them per batch

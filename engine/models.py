@@ -12,7 +12,7 @@ from torch import nn
 from engine.errors import OptionError
 
 MODEL_NAMES = ("auto", "small-cnn", "resnet18")
-HEAD_MODEL = "linear"  # the head alone, trained on a frozen backbone's features (engine.backbones)
+HEAD_MODEL = "linear"  # the head alone, trained on a frozen backbone's features (engine.frozen)
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:

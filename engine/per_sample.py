@@ -32,7 +32,7 @@ from torch import nn
 from engine.errors import InfluenceLensError
 from engine.progress import Progress, no_progress
 from engine.sources import batches
-from engine.task import ImageTask
+from engine.task import Task
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.BatchNorm2d)
 # "ghost" / "explicit" pick the faster variant of that family; a variant name forces it where it
@@ -371,7 +371,7 @@ def trainable_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def per_sample_grad_sq_norms(model: nn.Module, task: ImageTask, images: np.ndarray, labels: np.ndarray,
+def per_sample_grad_sq_norms(model: nn.Module, task: Task, images: np.ndarray, labels: np.ndarray,
                              device: torch.device | str, *, batch_size: int = 256,
                              norm_method: str = "auto", progress: Progress = no_progress) -> np.ndarray:
     """‖∇θ ℓ(z_i, θ)‖² for every row, over all trainable parameters, as float64 (N,).

@@ -20,17 +20,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from engine.backbones import frozen_inputs, head_only
+from engine.config import TrainConfig, head_only
 from engine.data import Dataset, check_csv_text, inject_noise, stratified_split
 from engine.distributed import LOCAL, Distributed
 from engine.errors import DataError
+from engine.frozen import frozen_inputs
 from engine.metrics import ranks
 from engine.progress import Progress, no_progress
 from engine.safe_files import FORMULA_STARTS
 from engine.scorers import ScoreResult, ScoringContext, make_scorer, scorer_class
 from engine.scorers.flat_validation import TRUSTED_VALIDATION_HELP
 from engine.stages import PLAIN, StageStore, digest, fingerprint, train_in_stages, training_key
-from engine.training import Predictions, TrainConfig, TrainedModel, evaluate, predict, train
+from engine.training import Predictions, TrainedModel, evaluate, predict, train
 
 ACTIONS = ("drop", "relabel", "keep")
 DECISION_ROW_BYTES = 1024  # one "index,action,new_label" row, however long its class name

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.backbones import FrozenBackbone, head_config, head_only, read_embeddings
+from engine.config import TrainConfig, head_only
 from engine.data import Dataset, image_folder_files, load_dataset, manifest_files, most_common_size, read_header
 from engine.device import resolve_device
 from engine.errors import DataError, InfluenceLensError
+from engine.frozen import FrozenBackbone, head_config, read_embeddings
 from engine.scorers import scorer_class
 from engine.sources import memory_budget
-from engine.training import TrainConfig, train
+from engine.training import train
 
 # Headers read at most: on a 50,000-file folder reading every one takes tens of seconds on a slow disk,
 # and 2,000 evenly spaced files give the size mix to within a few percent.
@@ -128,7 +129,7 @@ def estimate_run_time(n: int, image_shape: tuple[int, ...], num_classes: int, co
     try:
         if head_only(config):  # the backbone runs once per image; the head trains on its features
             features, rows = _feature_pass(probe, config, n)
-            probe, config = replace(probe, images=rows), head_config(config)
+            probe, config = replace(probe, images=rows, holds_features=True), head_config(config)
         # cosine: a step costs the same under any schedule, and one-cycle cannot be set over 6 steps
         trained = train(probe, replace(config, epochs=3, checkpoints=1, schedule="cosine"),
                         progress=lambda done, total, message: ticks.append(time.perf_counter()))

@@ -20,18 +20,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from engine.backbones import backbone_size, check_embeddings, file_hash, head_only, start_notes
+from engine.config import PRESETS, TrainConfig, default_threads, head_only
 from engine.data import NOISE_KINDS, Dataset, conform, load_dataset
 from engine.device import DEVICE_NAMES
 from engine.distributed import LOCAL, Distributed
 from engine.errors import DataError, OptionError
+from engine.frozen import check_embeddings
 from engine.pipeline import carve_validation, check_compatible, score_methods, with_injected_noise
 from engine.progress import Progress, no_progress
 from engine.scorers import scorer_class
 from engine.scorers.flat_validation import CURVATURES
 from engine.stages import StageStore, fingerprint
+from engine.start import backbone_size, file_hash, start_notes
 from engine.thumbnails import store_top
-from engine.training import PRESETS, TrainConfig, TrainedModel, default_threads, predict
+from engine.training import TrainedModel, predict
 from engine.workspace import Workspace
 
 
@@ -53,7 +55,7 @@ class RunSettings:
     learning_rate: float | None = None
     model: str | None = None
     curvature: str | None = None
-    # Bring your model (engine.backbones): the TrainConfig fields of the same names.
+    # Bring your model (engine.start, engine.frozen): the TrainConfig fields of the same names.
     weights: str | None = None
     backbone: str | None = None
     embeddings: str | None = None

@@ -31,15 +31,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.backbones import build_network
+from engine.config import TrainConfig
 from engine.data import Dataset
 from engine.device import resolve_device
 from engine.distributed import LOCAL, Distributed
 from engine.errors import InfluenceLensError
 from engine.progress import Progress
 from engine.sources import is_lazy
+from engine.start import build_network
 from engine.task import task_from
-from engine.training import Checkpoint, TrainConfig, TrainedModel, train
+from engine.training import Checkpoint, TrainedModel, train
 
 log = logging.getLogger(__name__)
 
@@ -209,8 +210,9 @@ def _encode_trained(trained: TrainedModel, image_shape: tuple[int, ...]) -> dict
             "task": {"kind": trained.task.kind, "mean": list(trained.task.mean), "std": list(trained.task.std)},
             "state": _cpu_state(trained.model), "seconds": trained.seconds, "history": trained.history,
             "notes": trained.notes,
-            "checkpoints": [{"epoch": c.epoch, "learning_rate": c.learning_rate, "state": c.state, "steps": c.steps}
-                            for c in trained.checkpoints]}
+            # "learning_rate": the stored key predates the field's name (mean_learning_rate); files keep it
+            "checkpoints": [{"epoch": c.epoch, "learning_rate": c.mean_learning_rate, "state": c.state,
+                             "steps": c.steps} for c in trained.checkpoints]}
 
 
 def _decode_trained(state: dict) -> TrainedModel:

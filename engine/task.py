@@ -1,11 +1,15 @@
-"""The classification task: uint8 images → normalized tensors, and batch → loss.
+"""The classification task: a dataset's rows → normalized tensors, and batch → loss.
 
-Scorers and the trainer go through this object instead of unpacking batches themselves.
+Scorers and the trainer go through this object instead of unpacking batches themselves. Two kinds
+of rows, two sibling tasks: :class:`ImageTask` for uint8 images, :class:`FeatureTask` for the float
+feature rows of the head-only path (:mod:`engine.frozen`).
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -16,11 +20,33 @@ from engine.sources import batches, inference_batch
 
 
 @dataclass(frozen=True)
-class ImageTask:
-    """Per-channel normalization fitted on the training images, and the cross-entropy loss."""
+class Task(ABC):
+    """What both tasks share: per-channel (or per-dimension) statistics fitted on the training rows,
+    and the cross-entropy loss. ``kind`` names the task in stored stages (:func:`task_from`)."""
 
+    kind: ClassVar[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+
+    @classmethod
+    @abstractmethod
+    def fit(cls, dataset: Dataset) -> Task:
+        """The task's statistics, fitted on ``dataset``'s rows."""
+
+    @abstractmethod
+    def inputs(self, rows: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+        """A batch of the dataset's rows as the network's normalized float input, on ``device``."""
+
+    @staticmethod
+    def loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels, reduction=reduction)
+
+
+@dataclass(frozen=True)
+class ImageTask(Task):
+    """uint8 images normalized per channel by statistics fitted on the training images."""
+
+    kind: ClassVar[str] = "image"
 
     @classmethod
     def fit(cls, dataset: Dataset) -> ImageTask:
@@ -45,14 +71,6 @@ class ImageTask:
         std = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
         return x.float().div_(255.0).sub_(mean).div_(std)  # in place: one float copy of the batch, not four
 
-    @property
-    def kind(self) -> str:
-        return "image"
-
-    @staticmethod
-    def loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        return F.cross_entropy(logits.float(), labels, reduction=reduction)
-
 
 def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Per-row cross-entropy of integer labels under float64 logits (the task's loss, on CPU arrays)."""
@@ -62,9 +80,11 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class FeatureTask(ImageTask):
+class FeatureTask(Task):
     """The head-only path's task: float32 feature rows standardised per dimension (fitted on the
     training rows; a linear map, so the head's problem stays convex)."""
+
+    kind: ClassVar[str] = "features"
 
     @classmethod
     def fit(cls, dataset: Dataset) -> FeatureTask:
@@ -80,19 +100,20 @@ class FeatureTask(ImageTask):
             count += n
         return cls(tuple(mean.tolist()), tuple(np.maximum(np.sqrt(squares / count), 1e-6).tolist()))
 
-    @property
-    def kind(self) -> str:
-        return "features"
-
-    def inputs(self, images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-        x = torch.as_tensor(np.asarray(images), device=device, dtype=torch.float32)
+    def inputs(self, rows: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+        """float N×D feature rows → float32 N×D, standardised, on ``device``."""
+        x = torch.as_tensor(np.asarray(rows), device=device, dtype=torch.float32)
         return (x - torch.tensor(self.mean, device=device)) / torch.tensor(self.std, device=device)
 
 
-def fit_task(dataset: Dataset) -> ImageTask:
+def fit_task(dataset: Dataset) -> Task:
     """The task for a dataset: image normalisation, or feature standardisation for feature rows."""
-    return FeatureTask.fit(dataset) if dataset.images.ndim == 2 else ImageTask.fit(dataset)
+    return (FeatureTask if dataset.holds_features else ImageTask).fit(dataset)
 
 
-def task_from(kind: str, mean: tuple[float, ...], std: tuple[float, ...]) -> ImageTask:
-    return (FeatureTask if kind == "features" else ImageTask)(tuple(mean), tuple(std))
+TASKS: dict[str, type[Task]] = {task.kind: task for task in (ImageTask, FeatureTask)}
+
+
+def task_from(kind: str, mean: tuple[float, ...], std: tuple[float, ...]) -> Task:
+    """The task a stored stage names by its ``kind``, with its statistics."""
+    return TASKS[kind](tuple(mean), tuple(std))

@@ -1,4 +1,4 @@
-"""Train a classifier, keeping checkpoints with the learning rate in force at each (TracIn needs both).
+"""Train a classifier, keeping checkpoints with the mean learning rate of the steps each stands for (TracIn needs both).
 
 Small and airbench-like: the data live as one tensor, batches are index slices of a seeded
 permutation. The permutation is taken over the samples sorted by their stable index, so the
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -19,116 +18,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.backbones import check_start, start_model
+from engine.config import TrainConfig
 from engine.data import Dataset
 from engine.device import resolve_device
 from engine.distributed import LOCAL, Distributed
-from engine.errors import OptionError, TrainingError
-from engine.models import HEAD_MODEL, MODEL_NAMES, choose_model
+from engine.errors import TrainingError
+from engine.models import choose_model
 from engine.progress import Progress, no_progress
 from engine.sources import FileSource, inference_batch, is_lazy, memory_budget
 from engine.sources import batches as read_batches
-from engine.task import ImageTask, fit_task
+from engine.start import start_model
+from engine.task import Task, fit_task
 
-SCHEDULES = ("onecycle", "cosine")
-AUGMENTATIONS = ("auto", "none", "crop", "flip-crop")
 DIVERGENCE_RESTARTS = 2  # a diverging training starts again at a tenth of the learning rate, this often
 # An epoch's mean loss this many times the chance level log(C) (or not finite) means the run has blown
 # up: a healthy run starts near log(C) and falls.
 DIVERGED_LOSS_FACTOR = 100.0
-MAX_EPOCHS = 100_000  # beyond any sane recipe; a run too long for its data is stopped by its time estimate
-MAX_DEFAULT_THREADS = 8  # the default's bound: a CPU training of this size gains little beyond, and cores stay free
-
-
-def default_threads() -> int:
-    """The training threads a recipe gets unless it says: the cores this process may use, at most
-    ``MAX_DEFAULT_THREADS`` (the CLI and the dashboard both take it, so they agree on one machine)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, MAX_DEFAULT_THREADS))
-
-
-MAX_SEED = 2**32 - 1  # numpy's and torch's generators both take seeds in 0..2^32-1 without surprises
-MAX_THREADS = 1024
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The training recipe. Defaults suit the small CNN on small images on a CPU."""
-
-    model: str = "auto"
-    epochs: int = 15  # digits / MNIST-scale nets fit in ~10-15 epochs; more mostly memorizes noise
-    batch_size: int = 64
-    learning_rate: float = 0.05  # peak of the schedule; SGD+momentum on BN nets is stable here
-    momentum: float = 0.9
-    weight_decay: float = 5e-4  # docs/methods.md §3: influence estimates need weight decay
-    schedule: str = "onecycle"
-    augment: str = "auto"  # flip+crop for RGB photos, crop only for grayscale (digits are not mirror-symmetric)
-    checkpoints: int = 5  # evenly spaced epochs, the last one included
-    seed: int = 0
-    device: str = "auto"
-    mixed_precision: bool = True  # bf16 autocast, GPU only
-    # Start from a network you have (engine.backbones): a state_dict for the built-in model
-    # (``weights``), a TorchScript feature extractor (``backbone``), a timm model (``model="timm:NAME"``,
-    # ``pretrained``), or features already computed (``embeddings``, an .npy aligned with the index).
-    weights: str | None = None
-    backbone: str | None = None
-    embeddings: str | None = None
-    pretrained: bool = False
-    # "backbone": compute the features once and train the head alone (the default with a start);
-    # "none": fine-tune every layer from the given weights.
-    freeze: str | None = None
-    # CPU threads while training. Part of the recipe because float sums split over more threads round
-    # differently: the same count gives the same weights, another count slightly different ones. Default:
-    # the machine's cores (default_threads); 1 gives the same weights on every machine.
-    threads: int = field(default_factory=default_threads)
-
-    def validate(self) -> TrainConfig:
-        if self.model not in (*MODEL_NAMES, HEAD_MODEL) and not self.model.startswith("timm:"):
-            raise OptionError("model", self.model, MODEL_NAMES)
-        check_start(self)
-        if self.schedule not in SCHEDULES:
-            raise OptionError("schedule", self.schedule, SCHEDULES)
-        if self.augment not in AUGMENTATIONS:
-            raise OptionError("augment", self.augment, AUGMENTATIONS)
-        for name in ("epochs", "batch_size", "checkpoints", "threads"):
-            if getattr(self, name) < 1:
-                raise TrainingError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.epochs > MAX_EPOCHS:
-            raise TrainingError(f"epochs must be at most {MAX_EPOCHS:,}, got {self.epochs:,}")
-        if self.threads > MAX_THREADS:
-            raise TrainingError(f"threads must be at most {MAX_THREADS}, got {self.threads}")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise TrainingError(f"seed must be an integer in 0..{MAX_SEED}, got {self.seed}")
-        if not 0 < self.learning_rate < float("inf"):
-            raise TrainingError(f"learning_rate must be a positive number, got {self.learning_rate}")
-        return self
-
-
-PRESETS: dict[str, TrainConfig] = {
-    "fast-cpu": TrainConfig(),
-    # CIFAR-scale ResNet-18 on a GPU: ~12 epochs reach ~85-90% on CIFAR-10 (data README).
-    "full-gpu": TrainConfig(model="resnet18", epochs=12, batch_size=256, learning_rate=0.1, device="cuda"),
-}
 
 
 @dataclass(frozen=True)
 class Checkpoint:
     """Model weights after ``epoch``, and the ``steps`` optimizer steps taken since the previous
     checkpoint (or the start) with their mean learning rate: TracIn-CP lets this checkpoint stand
-    for all of them, so it weighs ``learning_rate × steps``, the sum of their rates."""
+    for all of them, so it weighs ``mean_learning_rate × steps``, the sum of their rates."""
 
     epoch: int
-    learning_rate: float
+    mean_learning_rate: float
     state: dict[str, torch.Tensor]
     steps: int = 1
 
     @property
     def step_weight(self) -> float:
         """Σ η over the steps since the previous checkpoint (TracIn-CP's weight of this checkpoint)."""
-        return self.learning_rate * self.steps
+        return self.mean_learning_rate * self.steps
 
 
 @dataclass
@@ -136,7 +58,7 @@ class TrainedModel:
     """A trained classifier with its task, recipe, checkpoints and per-epoch history."""
 
     model: nn.Module
-    task: ImageTask
+    task: Task
     config: TrainConfig
     model_name: str
     device: torch.device
@@ -207,7 +129,7 @@ class _Diverged(Exception):
         self.loss, self.epoch = loss, epoch
 
 
-def train(dataset: Dataset, config: TrainConfig = TrainConfig(), *, task: ImageTask | None = None,
+def train(dataset: Dataset, config: TrainConfig = TrainConfig(), *, task: Task | None = None,
           progress: Progress = no_progress, distributed: Distributed = LOCAL) -> TrainedModel:
     """Train on ``dataset`` with ``config``. If the loss diverges, start again at a tenth of the
     learning rate (``DIVERGENCE_RESTARTS`` times, said in the model's ``notes`` and its config);
@@ -246,7 +168,7 @@ def _threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _train_once(dataset: Dataset, config: TrainConfig, *, task: ImageTask | None, progress: Progress,
+def _train_once(dataset: Dataset, config: TrainConfig, *, task: Task | None, progress: Progress,
                 distributed: Distributed) -> TrainedModel:
     """One training run; :class:`_Diverged` as soon as an epoch's mean loss is not finite."""
     if len(dataset) < 2:
@@ -259,7 +181,7 @@ def _train_once(dataset: Dataset, config: TrainConfig, *, task: ImageTask | None
     task = task or fit_task(dataset)
     model_name = choose_model(dataset.image_shape, device) if config.model == "auto" else config.model
     augment = config.augment
-    if dataset.images.ndim == 2:
+    if dataset.holds_features:
         augment = "none"  # feature rows: nothing to crop or flip
     elif augment == "auto":
         augment = "flip-crop" if dataset.channels == 3 else "crop"
@@ -347,7 +269,7 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, task: ImageTask, images: np.ndarray, device: torch.device,
+def predict(model: nn.Module, task: Task, images: np.ndarray, device: torch.device,
             *, batch_size: int | None = None) -> Predictions:
     """Logits and penultimate features in eval mode (BatchNorm uses running statistics), in batches
     whose size follows the memory budget (:func:`engine.sources.inference_batch`)."""

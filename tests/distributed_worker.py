@@ -11,11 +11,12 @@ import torch
 from conftest import make_dataset
 from torch import nn
 
+from engine.config import TrainConfig
 from engine.distributed import from_torchrun
 from engine.finetune import FinetuneConfig
 from engine.pipeline import score_methods, with_injected_noise
 from engine.scorers import scorer_class
-from engine.training import TrainConfig, train
+from engine.training import train
 
 # 45 rows in batches of 7: parts of 3/4 (two ranks) or 2/2/3 (three), the last batch of 3 rows 1/2 or 1/1/1.
 DATASET = dict(classes=3, per_class=15, seed=4)

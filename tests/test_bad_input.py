@@ -38,8 +38,8 @@ from conftest import (
 )
 from PIL import Image
 
-from engine.backbones import backbone_size
 from engine.cli import main
+from engine.config import MAX_EPOCHS, MAX_SEED, TrainConfig
 from engine.data import conform, load_dataset, save_npz
 from engine.device import resolve_device
 from engine.errors import DataError, InfluenceLensError
@@ -48,7 +48,8 @@ from engine.pipeline import carve_validation, read_decisions, retrain_comparison
 from engine.runs import RunSettings, load_run_data
 from engine.safe_files import check_folder, check_output
 from engine.scorers import make_scorer
-from engine.training import MAX_EPOCHS, MAX_SEED, TrainConfig, train
+from engine.start import backbone_size
+from engine.training import train
 from engine.workspace import SCHEMA_VERSION, SUFFIX, Workspace, workspace_name
 
 FAST = TrainConfig(epochs=2, device="cpu")

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from cleanlab.rank import get_label_quality_scores
 
+from engine.config import TrainConfig
 from engine.data import load_sample
 from engine.metrics import detection_metrics
 from engine.pipeline import score_methods, with_injected_noise
 from engine.scorers import ScoringContext, make_scorer
-from engine.training import TrainConfig, train
+from engine.training import train
 
 CONFIG = TrainConfig(epochs=3, seed=0, device="cpu")
 # AUROC floors for 20% noise on the digits' train split (N = 1078), small CNN, 3 epochs, CPU.

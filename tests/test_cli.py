@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from conftest import last_json_line, run_cli
 
+from engine.config import TrainConfig
 from engine.data import load_dataset, load_sample, save_npz
 from engine.pipeline import read_decisions, retrain_comparison, with_injected_noise
 from engine.scorers import available_methods
-from engine.training import TrainConfig
 
 COLUMNS = ["index", "score", "rank", "given_label", "predicted_label", "suggested_label", "is_flipped"]
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from engine import demo
+from engine.config import TrainConfig
 from engine.data import load_dataset, save_npz
 from engine.demo import DemoSettings, cached_demo, filter_normalized_direction, load_demo_data, loss_along, run_demo
 from engine.errors import DataError, OptionError
 from engine.task import cross_entropy
-from engine.training import TrainConfig, predict, train
+from engine.training import predict, train
 
 TINY = replace(DemoSettings().quick(), budgets=(1, 3), finetune_epochs=4, directions=2, depths=(0.5, 1.0), steps=5,
                top=6)

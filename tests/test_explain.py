@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from conftest import make_dataset
 
+from engine.config import TrainConfig
 from engine.data import save_npz
 from engine.explain import class_confusion, cleaning_curves, detection_curves, explain, feature_map, fix_top, nearest
 from engine.metrics import detection_metrics
 from engine.runs import RunSettings, config_hash, load_run_data, score_into
-from engine.training import TrainConfig
 from engine.workspace import Workspace
 
 

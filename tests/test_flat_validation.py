@@ -8,6 +8,7 @@ import torch
 from conftest import last_json_line, make_dataset
 
 from engine import pipeline
+from engine.config import TrainConfig
 from engine.curvature import EKFACSettings
 from engine.data import load_dataset, save_npz
 from engine.errors import DataError, OptionError
@@ -15,7 +16,7 @@ from engine.finetune import FinetuneConfig, finetune
 from engine.metrics import detection_metrics
 from engine.pipeline import score_methods, with_injected_noise
 from engine.scorers import ScoringContext, make_scorer, scorer_class
-from engine.training import TrainConfig, train
+from engine.training import train
 
 VALIDATION_METHODS = ("vm", "fvm", "vm-loss", "fvm-loss")
 TINY = TrainConfig(epochs=4, batch_size=16, device="cpu")

@@ -10,10 +10,11 @@ import torch
 from conftest import make_dataset
 from scipy.stats import spearmanr
 
+from engine.config import TrainConfig
 from engine.finetune import FinetuneConfig
 from engine.pipeline import with_injected_noise
 from engine.scorers import ScoringContext, make_scorer, scorer_class
-from engine.training import TrainConfig, train
+from engine.training import train
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

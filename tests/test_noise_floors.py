@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from engine.config import TrainConfig
 from engine.data import load_sample
 from engine.metrics import detection_metrics
 from engine.pipeline import score_methods, with_injected_noise
-from engine.training import TrainConfig
 
 METHODS = ["vm-loss", "fvm-loss", "if-last", "if-ekfac", "tracin-ensemble"]
 CONFIG = TrainConfig(epochs=3, seed=0, device="cpu", threads=1)

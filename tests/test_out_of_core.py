@@ -19,13 +19,13 @@ import pytest
 import torch
 from PIL import Image
 
+from engine.config import TrainConfig
 from engine.data import load_dataset
 from engine.errors import DataError
 from engine.pipeline import score_methods
 from engine.sources import MEMORY_BUDGET_VARIABLE, LazyImages, batches, inference_batch, memory_budget
 from engine.stages import StageStore, fetch_rows, fingerprint
 from engine.task import FeatureTask, ImageTask
-from engine.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,9 +85,9 @@ def test_statistics_stream_over_batches_exactly(tmp_path, lazy):
     np.testing.assert_allclose(task.mean, pixels.mean(0), rtol=1e-12)
     np.testing.assert_allclose(task.std, pixels.std(0), rtol=1e-9)
     rows = np.random.default_rng(1).normal(3, 2, (1000, 7)).astype(np.float32)
-    features = load_dataset("sample")  # any labels: the rows are what counts
+    sample = load_dataset("sample")  # any labels: the rows are what counts
     from dataclasses import replace
-    head = FeatureTask.fit(replace(features.subset(np.arange(1000)), images=rows))
+    head = FeatureTask.fit(replace(sample.subset(np.arange(1000)), images=rows, holds_features=True))
     np.testing.assert_allclose(head.mean, rows.astype(np.float64).mean(0), rtol=1e-10)
     np.testing.assert_allclose(head.std, rows.astype(np.float64).std(0), rtol=1e-10)
 
@@ -244,15 +244,15 @@ def test_a_run_takes_less_memory_than_its_decoded_images(tmp_path):
 KILL_SCRIPT = """
 import sys, time
 import torch
-from engine import backbones
+from engine import frozen
 from engine.cli import main
 
-backbones.FEATURE_CHUNK_ROWS = 16
-original = backbones.FrozenBackbone.features
+frozen.FEATURE_CHUNK_ROWS = 16
+original = frozen.FrozenBackbone.features
 def slow(self, dataset, *args, **kwargs):
     time.sleep(float(sys.argv[1]))
     return original(self, dataset, *args, **kwargs)
-backbones.FrozenBackbone.features = slow
+frozen.FrozenBackbone.features = slow
 sys.exit(main(sys.argv[2:]))
 """
 

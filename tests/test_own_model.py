@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from conftest import last_json_line, make_dataset, run_cli, save_image, write_image_folder
 from scipy.stats import pearsonr
 
-from engine.backbones import head_only, start_model, start_notes, timm_body
+from engine.config import TrainConfig, head_only
 from engine.data import Dataset, load_dataset, save_npz
 from engine.errors import DataError, InfluenceLensError
 from engine.models import build_model
 from engine.pipeline import score_methods
 from engine.runs import RunSettings, load_run_data
-from engine.training import TrainConfig
+from engine.start import start_model, start_notes, timm_body
 
 CPU = torch.device("cpu")
 

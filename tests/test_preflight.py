@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from conftest import make_dataset, save_image, write_image_folder, write_manifest
 
+from engine.config import TrainConfig
 from engine.data import load_dataset
 from engine.errors import DataError, InfluenceLensError
 from engine.preflight import estimate_run_time, preview_data
-from engine.training import TrainConfig
 
 
 def test_folder_preview_matches_what_loading_gives(tmp_path):

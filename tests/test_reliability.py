@@ -28,12 +28,12 @@ import pytest
 from conftest import REPO_ROOT, last_json_line, make_dataset, run_cli
 
 import engine.workspace as workspace_module
+from engine.config import TrainConfig
 from engine.data import save_npz
 from engine.errors import InfluenceLensError
 from engine.pipeline import ACTIONS, score_methods
 from engine.scorers import scorer_class
 from engine.stages import PLAIN, StageStore
-from engine.training import TrainConfig
 from engine.workspace import SCHEMA_VERSION, Workspace
 
 FORK = multiprocessing.get_context("fork")

@@ -250,8 +250,9 @@ def test_a_folder_loaded_under_the_data_root_keeps_links_inside(tmp_path):
 
 def test_streamed_scores_never_land_in_the_data(tmp_path):
     """The output guard covers the engine's streaming writer too (an .npy beside the manifest's images)."""
+    from engine.config import TrainConfig
     from engine.streaming import ImageFiles, stream_scores
-    from engine.training import TrainConfig, train
+    from engine.training import train
 
     for c in ("a", "b"):
         for i in range(3):

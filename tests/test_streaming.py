@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from conftest import make_dataset, save_image, write_image_folder, write_manifest
 
+from engine.config import TrainConfig
 from engine.data import load_dataset
 from engine.errors import DataError, InfluenceLensError
 from engine.pipeline import score_methods
 from engine.streaming import RECORD, ImageFiles, stream_scores
-from engine.training import TrainConfig, train
+from engine.training import train
 
 CONFIG = TrainConfig(epochs=2, batch_size=8, checkpoints=2, device="cpu")
 

@@ -9,8 +9,8 @@ import pytest
 from conftest import last_json_line
 
 from engine import cli
+from engine.config import MAX_DEFAULT_THREADS, TrainConfig, default_threads
 from engine.runs import RunSettings, config_hash
-from engine.training import MAX_DEFAULT_THREADS, TrainConfig, default_threads
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from conftest import make_dataset
 from test_per_sample import brute_force_sq_norms
 
+from engine.config import TrainConfig
 from engine.data import Dataset, load_dataset
 from engine.errors import OptionError
 from engine.metrics import detection_metrics
@@ -15,7 +16,7 @@ from engine.per_sample import per_sample_grad_sq_norms
 from engine.pipeline import score_methods, with_injected_noise
 from engine.scorers import ScoringContext, make_scorer, scorer_class
 from engine.scorers.tracin import activation_dropout_member, dropout_member
-from engine.training import TrainConfig, train
+from engine.training import train
 
 TINY = TrainConfig(epochs=3, checkpoints=3, batch_size=6, device="cpu")
 

@@ -13,6 +13,7 @@ from conftest import make_dataset
 
 import engine.finetune as finetune_module
 import engine.pipeline as pipeline
+from engine.config import TrainConfig
 from engine.data import Dataset
 from engine.errors import OptionError
 from engine.finetune import DEFAULT_RECIPE, RECIPES, FinetuneConfig, _descend, choose_recipe, finetune
@@ -20,7 +21,7 @@ from engine.guidance import scoring_advice
 from engine.models import HEAD_MODEL, MODEL_NAMES, choose_model
 from engine.pipeline import score_methods, with_injected_noise
 from engine.scorers import ScoringContext, make_scorer, scorer_class
-from engine.training import TrainConfig, predict, train
+from engine.training import predict, train
 
 TINY = TrainConfig(epochs=4, batch_size=16, device="cpu")
 

@@ -9,6 +9,7 @@ import torch
 
 from dashboard import charts, estimates, jobs, state, widgets
 from dashboard.text import md
+from engine.config import PRESETS
 from engine.data import NOISE_KINDS
 from engine.device import resolve_device
 from engine.errors import InfluenceLensError
@@ -18,7 +19,6 @@ from engine.models import HEAD_MODEL
 from engine.preflight import DataPreview, preview_data
 from engine.runs import RunSettings, config_hash, input_shape, score_into
 from engine.scorers import available_methods, scorer_class
-from engine.training import PRESETS
 from engine.workspace import Workspace
 
 VALIDATION_MODES = {"none": "none", "trusted": "a trusted set (labels checked)",
@@ -87,7 +87,7 @@ def settings_form(base: RunSettings, methods_before: list[str]) -> tuple[RunSett
 
 
 def model_form(base: RunSettings) -> dict:
-    """Bring your model (engine.backbones): the RunSettings fields of the CLI's options of the same names."""
+    """Bring your model (engine.start, engine.frozen): the RunSettings fields of the CLI's options of the same names."""
     with st.expander("Bring your model", expanded=bool(base.weights or base.backbone or base.embeddings)):
         weights = st.text_input("Weights file (.pt / .safetensors state_dict)", base.weights or "",
                                 key="setup_weights", help="for the built-in small-cnn / resnet18 (the preset's model)")

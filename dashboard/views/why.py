@@ -12,6 +12,7 @@ import streamlit as st
 
 from dashboard import charts, estimates, jobs, state, widgets
 from dashboard.text import md
+from engine.config import PRESETS
 from engine.data import NOISE_KINDS
 from engine.demo import (
     DEMO_METHODS,
@@ -25,7 +26,6 @@ from engine.demo import (
     run_demo,
 )
 from engine.errors import InfluenceLensError
-from engine.training import PRESETS
 
 
 @st.cache_data(max_entries=8, show_spinner="Reading the demo data…")

@@ -35,7 +35,7 @@ class ScoringContext:
     stages: StageStore | None = None  # where a resumable run keeps its stages (engine.stages)
     stage_key: str = ""  # hash of the trained model's data and recipe and of the validation set
     distributed: Distributed = LOCAL  # the ranks a prepare's sums over rows are all-reduced across
-    # True when ``trained`` is a lone linear head on frozen backbone features (engine.backbones): the
+    # True when ``trained`` is a lone linear head on frozen backbone features (engine.frozen): the
     # rows of ``train.images`` are then feature vectors, and every result says what that means for
     # its method (``trained_part`` in the info, :func:`head_mode_note`).
     head_only: bool = False

@@ -24,11 +24,11 @@ from engine.per_sample import NORM_METHODS, per_sample_grad_sq_norms, trainable_
 from engine.progress import Progress
 from engine.scorers.base import Scored, Scorer, ScoringContext
 from engine.scorers.registry import register
-from engine.task import ImageTask
+from engine.task import Task
 from engine.training import Checkpoint, TrainedModel, predict
 
 
-def last_layer_sq_norms(model: nn.Module, task: ImageTask, images: np.ndarray, labels: np.ndarray,
+def last_layer_sq_norms(model: nn.Module, task: Task, images: np.ndarray, labels: np.ndarray,
                         device: torch.device) -> np.ndarray:
     """‖∇ head ℓ‖² = ‖p − e_y‖² · (‖a‖² + 1 if the head has a bias): forward passes only."""
     preds = predict(model, task, images, device)
@@ -69,7 +69,7 @@ def _sum_over_checkpoints(trained: TrainedModel, weight_by_learning_rate: bool, 
 
 def _checkpoint_info(checkpoints: list[Checkpoint]) -> list[dict[str, float]]:
     # The mean rate of the steps the checkpoint stands for (its weight is that × steps).
-    return [{"epoch": c.epoch, "mean_learning_rate": c.learning_rate, "steps": c.steps} for c in checkpoints]
+    return [{"epoch": c.epoch, "mean_learning_rate": c.mean_learning_rate, "steps": c.steps} for c in checkpoints]
 
 
 @register
@@ -167,7 +167,7 @@ def has_activations(model: nn.Module) -> bool:
     return any(isinstance(m, ACTIVATIONS) for m in model.modules())
 
 
-def _member_head_sq_norms(member: nn.Module, task: ImageTask, images: np.ndarray, labels: np.ndarray,
+def _member_head_sq_norms(member: nn.Module, task: Task, images: np.ndarray, labels: np.ndarray,
                           device: torch.device) -> np.ndarray:
     """``last_layer_sq_norms`` of a member whose head input may pass through a dropout hook: the head
     gradient is (p − e_y) ⊗ (the head's actual input)."""
