@@ -48,12 +48,11 @@ from benchmarks.detection import (  # noqa: E402
     train_base,
     write_summary,
 )
-from engine.curvature import DEFAULT_RELATIVE_DAMPING  # noqa: E402
+from engine.curvature import DEFAULT_RELATIVE_DAMPING, fit_head_curvature  # noqa: E402
 from engine.finetune import FinetuneConfig, finetune  # noqa: E402
 from engine.metrics import detection_metrics  # noqa: E402
 from engine.progress import no_progress  # noqa: E402
-from engine.scorers.influence import fit_last_layer  # noqa: E402
-from engine.scorers.loss import cross_entropy  # noqa: E402
+from engine.task import cross_entropy  # noqa: E402
 from engine.training import TrainedModel, predict  # noqa: E402
 
 CACHE = REPO_ROOT / "benchmarks" / "out" / "flagship"  # git-ignored
@@ -104,7 +103,7 @@ def theta_tilde_outputs(exp: Experiment, trained: TrainedModel, config: Finetune
         tuned = finetune(trained, exp.validation, config)
         model = tuned.model
         fit = predict(model, trained.task, exp.validation.images, trained.device)
-        curvature = fit_last_layer(model, fit, trained.device, DEFAULT_RELATIVE_DAMPING)
+        curvature = fit_head_curvature(model, fit, trained.device, DEFAULT_RELATIVE_DAMPING)
         target = predict(model, trained.task, exp.train.images, trained.device)
         candidates = curvature.candidate_scores(target.features, target.probabilities)
         np.savez(path, loss=cross_entropy(target.logits, exp.train.labels), probabilities=target.probabilities,

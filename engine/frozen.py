@@ -129,9 +129,15 @@ class FrozenBackbone:
         module, task, source = self._network
         return f"{source}:{task}"
 
+    @cached_property
+    def _embeddings(self) -> np.ndarray:
+        """The user's embeddings file, mapped and checked once for every dataset of the run (a second map
+        of a 1 GB file would count its pages twice)."""
+        return read_embeddings(self.config.embeddings)
+
     def embedding_rows(self, dataset: Dataset) -> LazyImages:
         """The user's embeddings of the dataset's rows: a view of the memory-mapped file, read per batch."""
-        rows = read_embeddings(self.config.embeddings)
+        rows = self._embeddings
         _check_index(self.config.embeddings, dataset)
         if int(dataset.index.max()) >= len(rows):
             raise DataError(f"{self.config.embeddings}: {len(rows)} rows, but {dataset.source or 'the data'} has "

@@ -135,3 +135,16 @@ def test_no_engine_or_dashboard_code_sets_another_objects_private_attribute():
                         not target.attr.startswith("__") and \
                         not (isinstance(target.value, ast.Name) and target.value.id in ("self", "cls")):
                     pytest.fail(f"{path.relative_to(REPO)}:{node.lineno} sets {ast.unparse(target)}")
+
+
+def test_every_benchmark_script_imports():
+    """A script that names an engine function removed since (flagship_variants.py imported fit_last_layer
+    long after it was gone) fails here, not on the day someone reruns it. One process: imports only."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    names = sorted(p.stem for p in (root / "benchmarks").glob("*.py") if p.stem != "__init__")
+    code = "import importlib\nfor name in %r:\n    importlib.import_module('benchmarks.' + name)\n" % names
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
