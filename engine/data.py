@@ -339,11 +339,18 @@ def original_image(dataset: Dataset, position: int, size: int) -> np.ndarray:
 
 def original_file(dataset: Dataset, position: int) -> Path | None:
     """The file a row was loaded from (image folder or manifest data), if it is still there."""
+    folder = files_folder(dataset)
+    path = None if folder is None else folder / dataset.paths[position]
+    return path if path is not None and path.is_file() else None
+
+
+def files_folder(dataset: Dataset) -> Path | None:
+    """The folder a dataset's ``paths`` are relative to (the image folder, or the manifest's); None for
+    data not loaded from files."""
     if dataset.paths is None or not dataset.source:
         return None
     source = Path(dataset.source)
-    path = (source if source.is_dir() else source.parent.resolve()) / dataset.paths[position]
-    return path if path.is_file() else None
+    return source if source.is_dir() else source.parent.resolve()
 
 
 def center_fit(image: np.ndarray, size: int) -> np.ndarray:

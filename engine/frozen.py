@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
@@ -30,7 +31,7 @@ from engine.errors import DataError
 from engine.models import HEAD_MODEL, choose_model
 from engine.progress import Progress, no_progress
 from engine.sources import LazyImages, array_rows, batches, inference_batch
-from engine.stages import StageStore, digest, fetch_rows, fingerprint
+from engine.stages import RowStream, StageStore, digest, fetch_rows, fingerprint
 from engine.start import file_hash, load_torchscript, start_model, timm_body, timm_data_config
 from engine.task import ImageTask
 
@@ -41,7 +42,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The feature stage: float16 rows (half the disk and page cache of float32; a feature's relative rounding
 # of 5e-4 is far below what moves a ranking), written in chunks of this many rows, each one saved before
-# the next starts (a kill loses one chunk at most).
+# the next starts (a kill loses one chunk at most). A multiple of every inference batch (powers of two up to
+# 256), so one pass of batches fills the chunks with the rows each would get from a pass of its own.
 FEATURE_DTYPE = np.dtype(np.float16)
 FEATURE_CHUNK_ROWS = 4096
 
@@ -144,17 +146,19 @@ class FrozenBackbone:
                             f"index {int(dataset.index.max())}; --embeddings covers the training file's rows only")
         return array_rows(rows, dataset.index, np.float32)
 
+    def features(self, dataset: Dataset) -> np.ndarray:
+        """The backbone's float32 features of every row (:meth:`feature_batches` joined)."""
+        return np.concatenate([rows for _, rows in self.feature_batches(dataset)])
+
     @torch.no_grad()
-    def features(self, dataset: Dataset, progress: Progress = no_progress, *, total: int | None = None,
-                 done: int = 0) -> np.ndarray:
-        """The backbone's float32 features of every row, in batches that follow the memory budget, the
-        images decoded ahead by worker processes. ``done`` / ``total``: where these rows sit in a
-        longer run, for the progress bar."""
+    def feature_batches(self, dataset: Dataset, start: int = 0,
+                        progress: Progress = no_progress) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(positions, float32 features)`` of the rows from ``start`` on, in batches that follow the
+        memory budget, the images decoded ahead by worker processes."""
         module, task, _ = self._network
         where = self.config.backbone or self.config.weights or self.config.model
-        total = total or len(dataset)
-        parts = []
-        for positions, images in batches(dataset.images, batch_size=inference_batch(dataset.image_shape, cap=256)):
+        for positions, images in batches(dataset.images, np.arange(start, len(dataset)),
+                                         batch_size=inference_batch(dataset.image_shape, cap=256)):
             batch = task.inputs(images, self.device)
             try:
                 out = module(batch)
@@ -173,9 +177,8 @@ class FrozenBackbone:
             part = out.float().cpu().numpy()
             if not np.isfinite(part).all():
                 raise DataError(f"{where}: the backbone's features contain NaN or infinite values")
-            parts.append(part)
-            progress(done + int(positions[-1]) + 1, total, "features: running the backbone")
-        return np.concatenate(parts)
+            progress(int(positions[-1]) + 1, len(dataset), "features: running the backbone")
+            yield positions, part
 
 
 def _as_stored(rows: np.ndarray, *, where: str) -> np.ndarray:
@@ -228,10 +231,10 @@ def frozen_inputs(config: TrainConfig, train_set: Dataset, *others: Dataset | No
         if config.embeddings:
             return replace(dataset, images=backbone.embedding_rows(dataset), holds_features=True)
 
+        stream = RowStream(lambda lo: backbone.feature_batches(dataset, lo, progress))
+
         def chunk(lo: int, hi: int) -> np.ndarray:
-            part = dataset.subset(np.arange(lo, hi))
-            rows = backbone.features(part, progress, total=len(dataset), done=lo)
-            return _as_stored(rows, where=config.backbone or config.weights or config.model)
+            return _as_stored(stream(lo, hi), where=config.backbone or config.weights or config.model)
 
         rows = fetch_rows(stages, "features", digest("features", identity, fingerprint(dataset)), len(dataset), chunk,
                           chunk_rows=FEATURE_CHUNK_ROWS, dtype=FEATURE_DTYPE,

@@ -17,9 +17,12 @@ the top 1% where the true one is 0.03.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +30,7 @@ from scipy.optimize import brentq, minimize_scalar
 from scipy.special import expit, logit
 from sklearn.isotonic import IsotonicRegression
 
-from engine.data import Dataset, original_file
+from engine.data import Dataset, files_folder
 from engine.metrics import ranking
 from engine.sources import batches, inference_batch, is_lazy
 
@@ -273,21 +276,38 @@ def _shared_images(first: Dataset, second: Dataset) -> int:
     """How many of ``second``'s images also appear in ``first``: compared by file content when both
     were read from files (nothing decoded: a frozen-backbone run reads each photo once, for its
     features), else by pixels, read batch by batch (never every image at once)."""
-    by_file = first.paths is not None and second.paths is not None and \
-        (is_lazy(first.images) or is_lazy(second.images))
-    return len(_image_keys(first, by_file) & _image_keys(second, by_file))
+    if first.paths is None or second.paths is None or not (is_lazy(first.images) or is_lazy(second.images)):
+        return len(_pixel_keys(first) & _pixel_keys(second))
+    first_sizes, second_sizes = _file_sizes(first), _file_sizes(second)
+    sizes = set(first_sizes.values()) & set(second_sizes.values())  # equal contents have equal sizes
+    return len(_content_keys(first_sizes, sizes) & _content_keys(second_sizes, sizes))
 
 
-def _image_keys(dataset: Dataset, by_file: bool) -> set[bytes]:
-    def digest(data: bytes) -> bytes:
-        return hashlib.blake2b(data, digest_size=16).digest()
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
 
-    if by_file:
-        return {digest(path.read_bytes()) for path in map(lambda p: original_file(dataset, p), range(len(dataset)))
-                if path is not None}
+
+def _file_sizes(dataset: Dataset) -> dict[Path, int]:
+    """The size of each of the dataset's files that is still there."""
+    folder = files_folder(dataset)
+    sizes = {}
+    for name in dataset.paths:
+        with contextlib.suppress(OSError):  # gone since loading: not there to compare
+            status = (folder / name).stat()
+            if stat.S_ISREG(status.st_mode):
+                sizes[folder / name] = status.st_size
+    return sizes
+
+
+def _content_keys(sizes: dict[Path, int], wanted: set[int]) -> set[bytes]:
+    """Digests of the files whose size is in ``wanted``: only those can have a copy in the other set."""
+    return {_digest(path.read_bytes()) for path, size in sizes.items() if size in wanted}
+
+
+def _pixel_keys(dataset: Dataset) -> set[bytes]:
     keys = set()
     for _, images in batches(dataset.images, batch_size=inference_batch(dataset.image_shape, cap=4096)):
-        keys.update(digest(image.tobytes()) for image in images)
+        keys.update(_digest(image.tobytes()) for image in images)
     return keys
 
 

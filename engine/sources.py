@@ -141,9 +141,13 @@ class LazyImages:
 
     def image(self, position: int) -> np.ndarray:
         """Row ``position`` (of this view) decoded and brought to ``sample_shape``."""
+        return self._decoded(int(self.rows[position]))
+
+    def _decoded(self, row: int) -> np.ndarray:
+        """Row ``row`` of the source decoded and brought to ``sample_shape``."""
         from engine.data import center_fit, conform_image
 
-        raw = self.source.read(int(self.rows[position]), self.fit)
+        raw = self.source.read(row, self.fit)
         if self.dtype != np.uint8:  # feature rows: nothing to resize
             return raw.astype(self.dtype, copy=False)
         return conform_image(raw if self.fit is None else center_fit(raw, self.fit), self.sample_shape)
@@ -159,13 +163,13 @@ class LazyImages:
         """Decoded rows, as an array would give them: one row for an integer, a stacked batch otherwise."""
         if isinstance(key, (int, np.integer)):
             return self.image(int(key) % len(self))
-        positions = np.arange(len(self))[key]
-        if len(positions) == 0:
+        rows = self.rows[key]  # the batch's rows alone: not an arange of every row (0.1 ms a step at 100k rows)
+        if len(rows) == 0:
             return np.zeros((0, *self.sample_shape), dtype=self.dtype)
         if isinstance(self.source, ArraySource) and self.fit is None and \
                 self.source.array.shape[1:] == self.sample_shape:  # rows as stored: one indexed read
-            return np.asarray(self.source.array[self.rows[positions]], dtype=self.dtype)
-        return np.stack([self.image(int(p)) for p in positions])
+            return np.asarray(self.source.array[rows], dtype=self.dtype)
+        return np.stack([self._decoded(int(row)) for row in rows])
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         array = self[:]

@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -319,6 +319,30 @@ def fetch_rows(store: StageStore | None, stage: str, key: str, n: int, compute: 
     distributed.all_reduce_sum(torch.zeros(1))
     store.log.append((f"{label} ({resumed} of {len(chunks)} chunks resumed)" if resumed else label, "computed"))
     return np.load(final, mmap_mode="r")
+
+
+class RowStream:
+    """A ``compute(lo, hi)`` for :func:`fetch_rows` that takes its rows from one pass of batches
+    (``batches_from(lo)``: ``(positions, rows)`` from row ``lo`` to the end) instead of a new pass per
+    chunk: the pass's DataLoader workers start once and decode ahead across chunk boundaries, while a
+    chunk is written. A chunk that does not follow the last one (a resumed run, another rank's chunk)
+    starts a new pass there. With batches that divide the chunks, every batch holds the rows it held
+    when each chunk had a pass of its own, so the rows are the same bit for bit."""
+
+    def __init__(self, batches_from: Callable[[int], Iterator[tuple[np.ndarray, np.ndarray]]]):
+        self.batches_from = batches_from
+        self.batches: Iterator[tuple[np.ndarray, np.ndarray]] | None = None
+        self.next_row = -1  # the row ``ready`` starts at
+        self.ready: list[np.ndarray] = []  # rows computed and not yet handed out
+
+    def __call__(self, lo: int, hi: int) -> np.ndarray:
+        if lo != self.next_row:
+            self.batches, self.next_row, self.ready = self.batches_from(lo), lo, []
+        while sum(map(len, self.ready)) < hi - lo:
+            self.ready.append(next(self.batches)[1])
+        rows = np.concatenate(self.ready)
+        self.ready, self.next_row = [rows[hi - lo:]], hi
+        return rows[:hi - lo]
 
 
 def _open_partial(partial: Path, n: int) -> np.memmap | None:

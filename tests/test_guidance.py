@@ -1,12 +1,14 @@
 """Review-depth estimate and misuse guards, on constructed cases where the answer is known."""
 
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy.special import expit, logit
 
-from engine.data import Dataset
+from engine.data import Dataset, load_dataset
 from engine.guidance import (
     TRAINED_MODEL_SOURCE,
     cleaning_test_set_warnings,
@@ -187,6 +189,26 @@ def test_a_method_scored_without_the_validation_set_gets_no_warning_about_it():
     without = scoring_advice(train, table, validation=carved, trusted=False, info={}, uses_validation=False)
     assert not {"validation-untrusted", "validation-small", "validation-overlap"} & _codes(without)
     assert _codes(without) == _codes(with_fvm) - {"validation-untrusted"}  # the model's own guards stay
+
+
+def test_an_overlap_of_image_files_is_found_by_their_content(tmp_path):
+    """Copies under other names are counted; files of the same size with other pixels are not (BMPs of one
+    size are all the same size); nothing is decoded."""
+    def save(path, seed):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+
+    for c in range(2):
+        for i in range(4):
+            save(tmp_path / "train" / f"class_{c}" / f"{i}.bmp", 10 * c + i)
+    for c in range(2):
+        save(tmp_path / "val" / f"class_{c}" / "other.bmp", 100 + c)
+        shutil.copy(tmp_path / "train" / f"class_{c}" / f"{c + 1}.bmp", tmp_path / "val" / f"class_{c}" / "copy.bmp")
+    train, validation = load_dataset(tmp_path / "train", lazy=True), load_dataset(tmp_path / "val", lazy=True)
+    assert len({path.stat().st_size for path in tmp_path.rglob("*.bmp")}) == 1
+    warned = validation_warnings(train, validation)
+    assert [a.message.split()[0] for a in warned if a.code == "validation-overlap"] == ["2"]
+    assert "validation-overlap" not in _codes(validation_warnings(train.subset([0, 2, 3, 4, 5, 7]), validation))
 
 
 def test_reviewed_samples_added_to_validation_on_purpose_are_not_an_overlap():

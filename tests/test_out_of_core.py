@@ -19,12 +19,13 @@ import pytest
 import torch
 from PIL import Image
 
+from engine import frozen
 from engine.config import TrainConfig
 from engine.data import load_dataset
 from engine.errors import DataError
 from engine.pipeline import score_methods
 from engine.sources import MEMORY_BUDGET_VARIABLE, LazyImages, batches, inference_batch, memory_budget
-from engine.stages import StageStore, fetch_rows, fingerprint
+from engine.stages import RowStream, StageStore, fetch_rows, fingerprint
 from engine.task import FeatureTask, ImageTask
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,6 +190,36 @@ def test_row_stage_resumes_at_the_first_missing_chunk(tmp_path, killed_at):
                                      dtype=np.float16), out) and asked == []
 
 
+def test_a_row_stream_feeds_chunks_from_one_pass_and_starts_again_after_a_gap():
+    rows = np.arange(23 * 2).reshape(23, 2)
+    passes = []
+
+    def batches_from(lo):
+        passes.append(lo)
+        return ((np.arange(b, min(b + 3, 23)), rows[b:b + 3]) for b in range(lo, 23, 3))  # batches of 3, chunks of 4
+
+    stream = RowStream(batches_from)
+    got = {lo: stream(lo, min(lo + 4, 23)) for lo in (0, 4, 8, 16, 20)}  # chunk 12 saved by a killed run
+    assert passes == [0, 16]
+    for lo, part in got.items():
+        np.testing.assert_array_equal(part, rows[lo:lo + 4])
+
+
+def test_feature_chunks_from_one_pass_equal_a_pass_per_chunk(tmp_path, monkeypatch):
+    folder = photo_folder(tmp_path / "photos", per_class=20)
+    backbone = pooling_backbone(tmp_path / "pool.pt")
+    monkeypatch.setattr(frozen, "FEATURE_CHUNK_ROWS", 16)
+    monkeypatch.setenv(MEMORY_BUDGET_VARIABLE, "450K")  # inference batches of 4 rows
+    photos = load_dataset(folder, lazy=True)
+    assert inference_batch(photos.image_shape, cap=256) == 4
+    config = TrainConfig(backbone=str(backbone), device="cpu")
+    _, features, _ = frozen.frozen_inputs(config, photos, stages=StageStore(tmp_path / "stages"))
+    extractor = frozen.FrozenBackbone(config, photos, torch.device("cpu"))
+    per_chunk = np.concatenate([extractor.features(photos.subset(np.arange(lo, min(lo + 16, len(photos)))))
+                                for lo in range(0, len(photos), 16)])
+    np.testing.assert_array_equal(features.images[:], per_chunk.astype(frozen.FEATURE_DTYPE))
+
+
 def pooling_backbone(path: Path) -> Path:
     """A TorchScript feature extractor: each channel averaged over a 4×4 grid (cheap at any image size)."""
 
@@ -244,15 +275,15 @@ def test_a_run_takes_less_memory_than_its_decoded_images(tmp_path):
 KILL_SCRIPT = """
 import sys, time
 import torch
-from engine import frozen
+from engine import frozen, stages
 from engine.cli import main
 
 frozen.FEATURE_CHUNK_ROWS = 16
-original = frozen.FrozenBackbone.features
-def slow(self, dataset, *args, **kwargs):
+original = stages.RowStream.__call__
+def slow(self, lo, hi):
     time.sleep(float(sys.argv[1]))
-    return original(self, dataset, *args, **kwargs)
-frozen.FrozenBackbone.features = slow
+    return original(self, lo, hi)
+stages.RowStream.__call__ = slow
 sys.exit(main(sys.argv[2:]))
 """
 

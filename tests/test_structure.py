@@ -145,6 +145,6 @@ def test_every_benchmark_script_imports():
 
     root = Path(__file__).resolve().parent.parent
     names = sorted(p.stem for p in (root / "benchmarks").glob("*.py") if p.stem != "__init__")
-    code = "import importlib\nfor name in %r:\n    importlib.import_module('benchmarks.' + name)\n" % names
+    code = f"import importlib\nfor name in {names!r}:\n    importlib.import_module('benchmarks.' + name)\n"
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
