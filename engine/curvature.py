@@ -144,15 +144,15 @@ class LastLayerCurvature:
         suggestion is the argmin over the row; all C candidates from one forward pass.
         """
         dtype, device, c = self.cholesky.dtype, self.cholesky.device, self.num_classes
-        p = _as_tensor(probabilities, dtype, device)
-        a = _with_bias(_as_tensor(features, dtype, device), self.bias)
-        residuals = p[:, None, :] - torch.eye(c, dtype=dtype, device=device)   # (N, candidate, C)
-        out = torch.empty(len(p), c, dtype=dtype, device=device)
+        out = np.empty((len(probabilities), c))
         step = _rows_per_chunk(c * self.dim)
-        for lo in range(0, len(p), step):
-            v = residuals[lo:lo + step, :, :, None] * a[lo:lo + step, None, None, :]
-            out[lo:lo + step] = self.quadratic_form(v.reshape(-1, self.dim)).reshape(-1, c)
-        return out.double().cpu().numpy()
+        for lo in range(0, len(out), step):  # rows converted per chunk: N×D in float64 is 2 GB at 1M × 256
+            p = _as_tensor(probabilities[lo:lo + step], dtype, device)
+            a = _with_bias(_as_tensor(features[lo:lo + step], dtype, device), self.bias)
+            residuals = p[:, None, :] - torch.eye(c, dtype=dtype, device=device)   # (rows, candidate, C)
+            v = residuals[:, :, :, None] * a[:, None, None, :]
+            out[lo:lo + step] = self.quadratic_form(v.reshape(-1, self.dim)).reshape(-1, c).double().cpu().numpy()
+        return out
 
 
 @dataclass(frozen=True)
@@ -199,11 +199,15 @@ class HeadEKFAC:
     def candidate_scores(self, features, probabilities) -> np.ndarray:
         """s(z, c) = Σ_ij (Q_Sᵀ(p − e_c))_i² (Q_Aᵀâ)_j² / (Λ_ij + λ), (N, C) float64."""
         dtype, device = self.q_s.dtype, self.q_s.device
-        p = _as_tensor(probabilities, dtype, device)
-        a = _with_bias(_as_tensor(features, dtype, device), self.bias)
-        per_class = (a @ self.q_a).square() @ (1.0 / (self.eigenvalues + self.damping)).T   # (N, C): Σ_j
-        rotated = (p[:, None, :] - torch.eye(self.num_classes, dtype=dtype, device=device)) @ self.q_s
-        return torch.einsum("nci,ni->nc", rotated.square(), per_class).cpu().numpy()
+        out = np.empty((len(probabilities), self.num_classes))
+        step = _rows_per_chunk(self.num_classes * self.num_classes + self.q_a.shape[1])
+        for lo in range(0, len(out), step):  # rows converted per chunk, as in LastLayerCurvature
+            p = _as_tensor(probabilities[lo:lo + step], dtype, device)
+            a = _with_bias(_as_tensor(features[lo:lo + step], dtype, device), self.bias)
+            per_class = (a @ self.q_a).square() @ (1.0 / (self.eigenvalues + self.damping)).T   # (rows, C): Σ_j
+            rotated = (p[:, None, :] - torch.eye(self.num_classes, dtype=dtype, device=device)) @ self.q_s
+            out[lo:lo + step] = torch.einsum("nci,ni->nc", rotated.square(), per_class).double().cpu().numpy()
+        return out
 
     def to_state(self) -> dict:
         return {"kind": self.kind, "q_s": self.q_s.cpu(), "q_a": self.q_a.cpu(), "eigenvalues": self.eigenvalues.cpu(),

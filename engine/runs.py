@@ -283,7 +283,7 @@ def _store_model_outputs(workspace: Workspace, key: str, data: RunData, run) -> 
     trained = run.trained
     preds = run.context.predictions
     arrays = {"index": data.train.index, "logits": preds.logits.astype(np.float32),
-              "features": preds.features.astype(np.float32)}
+              "features": np.asarray(preds.features, dtype=np.float32)}  # no copy: predict's are float32
     if data.validation is not None:  # the context's copy: feature rows on the head-only path
         val = predict(trained.model, trained.task, run.context.validation.images, trained.device)
         arrays.update(val_index=data.validation.index, val_logits=val.logits.astype(np.float32),
