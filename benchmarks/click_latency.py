@@ -140,6 +140,16 @@ def open_gallery(browser, url: str):
     return page
 
 
+def press_keep(page, workspace: Workspace, card: int) -> tuple[float, float]:
+    """K on the gallery's current card: seconds from the key to its row in SQLite and to its "✓ saved"."""
+    before = len(workspace.decision_log())
+    pressed = time.perf_counter()
+    page.keyboard.press("k")
+    written = wait_for(lambda: len(workspace.decision_log()) > before) - pressed
+    page.locator(f".il-card[data-i='{card}'] .il-saved").wait_for()
+    return written, time.perf_counter() - pressed
+
+
 def measure(rows: int, decisions: int) -> dict:
     from playwright.sync_api import sync_playwright
 
@@ -157,15 +167,12 @@ def measure(rows: int, decisions: int) -> dict:
                 cards = page.evaluate("window.__ilGallery.data.cards.map(c => c.i)")
                 shown, written, saved = [], [], []
                 for card in cards[:decisions]:
-                    before = len(workspace.decision_log())
                     page.evaluate(f"window.__watch({card}, 'kept')")
-                    pressed = time.perf_counter()
-                    page.keyboard.press("k")
-                    written.append(wait_for(lambda b=before: len(workspace.decision_log()) > b) - pressed)
+                    to_sqlite, to_saved = press_keep(page, workspace, card)
+                    written.append(to_sqlite)
+                    saved.append(to_saved)
                     page.wait_for_function("window.__probe.shown !== null")
                     shown.append(page.evaluate("(window.__probe.shown - window.__probe.key) / 1000"))
-                    page.locator(f".il-card[data-i='{card}'] .il-saved").wait_for()
-                    saved.append(time.perf_counter() - pressed)
                     time.sleep(0.6)
                 browser.close()
         finally:

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from click_latency import free_port, open_gallery, start_server, stop_server, wait_for  # noqa: E402
+from click_latency import free_port, open_gallery, press_keep, start_server, stop_server  # noqa: E402
 from scale import measure  # noqa: E402
 
 from benchmarks.reports import add_results_arguments, results_file  # noqa: E402
@@ -86,12 +86,9 @@ def open_dashboard(folder: Path, data: Path, workspace_file: Path, decisions: in
             peak = server_peak_rss_mb(process)
             written, saved = [], []
             for card in page.evaluate("window.__ilGallery.data.cards.map(c => c.i)")[:decisions]:
-                before = len(workspace.decision_log())
-                pressed = time.perf_counter()
-                page.keyboard.press("k")
-                written.append(wait_for(lambda b=before: len(workspace.decision_log()) > b) - pressed)
-                page.locator(f".il-card[data-i='{card}'] .il-saved").wait_for()
-                saved.append(time.perf_counter() - pressed)
+                to_sqlite, to_saved = press_keep(page, workspace, card)
+                written.append(to_sqlite)
+                saved.append(to_saved)
                 time.sleep(0.6)
             browser.close()
     finally:
