@@ -26,7 +26,7 @@ import streamlit as st
 
 from dashboard import keys
 from dashboard.state import Active
-from engine.thumbnails import thumbnails
+from engine.thumbnails import media_type, thumbnails
 
 KEY = "gallery_cards"
 RETRY_MS = 1500  # a failed write is resent after this; an unacknowledged batch after RESEND_MS
@@ -36,11 +36,11 @@ RESEND_MS = 4000
 def card_data(rows: pd.DataFrame, run: Active, selected: set[int]) -> list[dict]:
     """What the browser needs per card: index, rank, given, suggested, decision, selection, image (the
     run's stored thumbnails of this page only, :mod:`engine.thumbnails`)."""
-    pngs = thumbnails(run.workspace, run.key, run.data.train, rows["position"].to_numpy())
+    images = thumbnails(run.workspace, run.key, run.data.train, rows["position"].to_numpy())
     return [{"i": int(r.index), "r": int(r.rank), "g": int(r.given), "s": int(r.suggested), "st": str(r.status),
              "nl": int(r.new_label), "sel": int(r.index) in selected,
-             "src": "data:image/png;base64," + base64.b64encode(png).decode("ascii")}
-            for r, png in zip(rows.itertuples(index=False), pngs, strict=True)]
+             "src": f"data:{media_type(image)};base64," + base64.b64encode(image).decode("ascii")}
+            for r, image in zip(rows.itertuples(index=False), images, strict=True)]
 
 
 def receive(payload: dict, run: str, last_applied: Callable[[str], int],

@@ -94,7 +94,7 @@ CREATE INDEX decisions_by_sample ON decisions(sample_index, id);
 _SENT_TABLE = "CREATE TABLE IF NOT EXISTS sent (client TEXT PRIMARY KEY, seq INTEGER NOT NULL)"
 # Gallery thumbnails (engine.thumbnails) per run, row and size: a page of cards reads its own, nothing more.
 _THUMBNAIL_TABLE = ("CREATE TABLE IF NOT EXISTS thumbnails (config_hash TEXT NOT NULL, sample_index INTEGER NOT NULL, "
-                    "size INTEGER NOT NULL, png BLOB NOT NULL, PRIMARY KEY (config_hash, sample_index, size))")
+                    "size INTEGER NOT NULL, image BLOB NOT NULL, PRIMARY KEY (config_hash, sample_index, size))")
 
 LOG_COLUMNS = ["id", "batch", "index", "action", "new_label", "decided_at", "undone", "undoes"]
 DECISION_COLUMNS = ["index", "action", "new_label", "decided_at"]
@@ -245,6 +245,8 @@ class Workspace:
             else:
                 con.execute(_SENT_TABLE)
                 con.execute(_THUMBNAIL_TABLE)
+                if any(column[1] == "png" for column in con.execute("PRAGMA table_info(thumbnails)")):
+                    con.execute("ALTER TABLE thumbnails RENAME COLUMN png TO image")  # named when it held PNGs only
                 if version < SCHEMA_VERSION:  # v1 → v2 adds file-backed arrays; nothing stored changes
                     con.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
 
@@ -408,16 +410,16 @@ class Workspace:
                 for lo in range(0, len(indices), 500):  # SQLite's limit on bound parameters
                     part = [int(i) for i in indices[lo:lo + 500]]
                     found.update(con.execute(
-                        f"SELECT sample_index, png FROM thumbnails WHERE config_hash = ? AND size = ? "
+                        f"SELECT sample_index, image FROM thumbnails WHERE config_hash = ? AND size = ? "
                         f"AND sample_index IN ({','.join('?' * len(part))})", (config_hash, int(size), *part)))
                 return found
         return self._retrying(read)
 
-    def save_thumbnails(self, config_hash: str, size: int, pngs: dict[int, bytes]) -> None:
+    def save_thumbnails(self, config_hash: str, size: int, images: dict[int, bytes]) -> None:
         def write():
             with self._transaction() as con:
                 con.executemany("INSERT OR REPLACE INTO thumbnails VALUES (?, ?, ?, ?)",
-                                [(config_hash, int(i), int(size), png) for i, png in pngs.items()])
+                                [(config_hash, int(i), int(size), image) for i, image in images.items()])
         self._retrying(write)
 
     # -- decisions --------------------------------------------------------------------------------

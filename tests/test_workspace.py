@@ -170,6 +170,17 @@ def test_a_version_1_workspace_opens_and_is_marked_version_2(tmp_path):
     np.testing.assert_array_equal(reopened.arrays("abc")["logits"], np.arange(6.0).reshape(3, 2))
 
 
+def test_thumbnails_stored_as_png_only_read_back_after_the_column_is_renamed(tmp_path):
+    """The thumbnail column was ``png`` before photos were stored as JPEGs: an older file's column is
+    renamed on opening and its thumbnails read back."""
+    path = tmp_path / "ws.sqlite"
+    Workspace(path)
+    with sqlite3.connect(path) as con:
+        con.execute("ALTER TABLE thumbnails RENAME COLUMN image TO png")
+        con.execute("INSERT INTO thumbnails VALUES ('abc', 7, 112, ?)", (b"\x89PNG old",))
+    assert Workspace(path).thumbnails("abc", [7, 8], 112) == {7: b"\x89PNG old"}
+
+
 def test_a_large_array_is_a_memory_mapped_file_beside_the_database(tmp_path, monkeypatch):
     """Above FILE_ARRAY_BYTES an array goes to ``<workspace>.arrays/`` and comes back memory-mapped (a
     million 256-d feature rows are 1 GB: SQLite refuses such a blob, and a blob is read whole)."""
