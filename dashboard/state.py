@@ -134,7 +134,7 @@ def feature_xy(path: str, key: str, method: str) -> tuple[np.ndarray, np.ndarray
 def warm_up() -> threading.Thread:
     """Build a throw-away optimizer in the background once per server: the first one costs ~3 s of
     imports (torch._dynamo), which would otherwise land in the user's first run. Large freed blocks go
-    back to the system from now on (:func:`engine.sources.bound_heap_growth`), as in the command line, and
+    back to the system from now on (:func:`engine.sources.bound_heap_growth`: a long-lived server), and
     image-decoding workers start from a fork server."""
     bound_heap_growth()
     start_workers_from_a_fork_server()  # this server runs many threads: its decoding workers are not forks of it

@@ -40,7 +40,6 @@ from engine.runs import RunData, RunSettings, load_run_data, score_into
 from engine.safe_files import check_folder, check_output, remember_written, write_atomically
 from engine.scorers import available_methods, scorer_class
 from engine.scorers.flat_validation import CURVATURES
-from engine.sources import bound_heap_growth
 from engine.stages import StageStore
 from engine.training import Predictions
 from engine.workspace import Workspace
@@ -375,7 +374,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "dashboard":
             return _dashboard(args, extra)
-        bound_heap_growth()
         summary = _score(args) if args.command == "score" else _retrain(args)
     except KeyboardInterrupt:
         close_progress_bars()

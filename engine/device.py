@@ -14,7 +14,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name not in DEVICE_NAMES:
         raise OptionError("device", name, DEVICE_NAMES)
     if name == "cuda" and not torch.cuda.is_available():
-        raise InfluenceLensError("--device cuda was asked for, but no CUDA GPU is available here; use --device cpu or auto")
+        raise InfluenceLensError("--device cuda was asked for, but no CUDA GPU is available here; "
+                                 "use --device cpu or auto")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

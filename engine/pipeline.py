@@ -280,7 +280,7 @@ def read_decisions(path: str, dataset: Dataset) -> pd.DataFrame:
     if frame["index"].duplicated().any():
         raise DataError(f"{path}: index {int(frame['index'][frame['index'].duplicated()].iloc[0])} has two decisions")
     frame["new_label"] = [_label_id(v, dataset, path) if a == "relabel" else -1
-                          for v, a in zip(frame["new_label"], frame["action"])]
+                          for v, a in zip(frame["new_label"], frame["action"], strict=True)]
     return frame
 
 
@@ -341,7 +341,7 @@ def apply_decisions(dataset: Dataset, decisions: pd.DataFrame) -> Dataset:
     position = {int(i): p for p, i in enumerate(dataset.index)}
     labels = dataset.labels.copy()
     keep = np.ones(len(dataset), dtype=bool)
-    for idx, action, new_label in zip(decisions["index"], decisions["action"], decisions["new_label"]):
+    for idx, action, new_label in zip(decisions["index"], decisions["action"], decisions["new_label"], strict=True):
         row = position[int(idx)]
         if action == "drop":
             keep[row] = False

@@ -62,6 +62,53 @@ def test_memory_budget_reads_units(monkeypatch):
         memory_budget()
 
 
+class FakeLibc:
+    def __init__(self):
+        self.trims = 0
+
+    def malloc_trim(self, pad):
+        self.trims += 1
+
+
+def test_the_heap_guard_trims_only_past_a_quarter_of_the_budget_above_the_lowest_point(monkeypatch):
+    from engine import sources
+
+    monkeypatch.setenv(MEMORY_BUDGET_VARIABLE, "400M")
+    resident = iter(np.array([500, 450, 540, 551, 300, 400, 399, 123]) * 2**20)  # MB at each check (and after a trim)
+    monkeypatch.setattr(sources, "_anonymous_resident", lambda: int(next(resident)))
+    guard = sources.HeapGuard()
+    guard.libc, guard.INTERVAL = FakeLibc(), 0.0
+    trims = []
+    for _ in range(5):
+        guard()
+        trims.append(guard.libc.trims)
+    assert trims == [0, 0, 0, 1, 1]  # 540 < 450 + 100; 551 > 450 + 100: trimmed to 300; 400 = 300 + 100
+    guard.INTERVAL, guard.next_check = 60.0, 0.0
+    guard()  # reads 399
+    guard()  # within the interval: not even read
+    assert next(resident) == 123 * 2**20
+
+
+def test_the_heap_guard_gives_back_a_fragmented_heap(monkeypatch):
+    """Many blocks below glibc's mmap threshold, freed with one in a hundred kept: the heap holds the
+    rest until trimmed (glibc and Linux only)."""
+    from engine import sources
+
+    monkeypatch.setenv(MEMORY_BUDGET_VARIABLE, "400M")
+    guard = sources.HeapGuard()
+    if guard.libc is None or sources._anonymous_resident() is None:
+        pytest.skip("glibc on Linux only")
+    guard.INTERVAL = 0.0
+    guard()
+    blocks = [np.ones(100_000 // 8) for _ in range(4000)]  # 400 MB of 100 kB blocks, in the heap
+    kept = blocks[::100]
+    del blocks
+    before = sources._anonymous_resident()
+    guard()
+    assert sources._anonymous_resident() < before - 200 * 2**20, (before, sources._anonymous_resident())
+    del kept
+
+
 @pytest.mark.parametrize("image_size", [None, 16])
 def test_lazy_folder_reads_what_the_in_memory_loader_decodes(tmp_path, monkeypatch, image_size):
     folder = photo_folder(tmp_path / "photos")
