@@ -229,6 +229,7 @@ class HeapGuard:
     :attr:`INTERVAL` seconds, so a loop over small batches pays nothing; a steady loop never trims."""
 
     INTERVAL = 0.5
+    BUDGET_SHARE = 4
 
     def __init__(self):
         self.libc = _libc()
@@ -243,7 +244,7 @@ class HeapGuard:
         resident = _anonymous_resident()
         if resident is None:
             return
-        if self.floor is not None and resident > self.floor + memory_budget() // 4:
+        if self.floor is not None and resident > self.floor + memory_budget() // self.BUDGET_SHARE:
             self.libc.malloc_trim(0)
             resident = _anonymous_resident() or resident
         self.floor = resident if self.floor is None else min(self.floor, resident)
