@@ -77,7 +77,7 @@ def run_data(settings_json: str) -> RunData:
     """Datasets of a run, shared by every session (never mutated); with a data root, only data under it."""
     settings = readable_settings(RunSettings.from_dict(json.loads(settings_json)))
     check_folder(folder(), [settings.data, settings.validation, settings.test])  # workspaces never go into data
-    return load_run_data(settings)
+    return load_run_data(settings, listings=folder())
 
 
 READ_FIELDS = ("data", "validation", "test", "weights", "backbone", "embeddings")  # every path a run reads

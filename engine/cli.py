@@ -154,7 +154,7 @@ def _load(settings: RunSettings, args: argparse.Namespace) -> RunData:
         for spec in (settings.data, settings.validation, settings.test):
             if spec is not None:
                 check_loading(spec, settings.image_size, force=args.force)
-    data = load_run_data(settings, skip_unreadable=args.skip_unreadable)
+    data = load_run_data(settings, skip_unreadable=args.skip_unreadable, listings=getattr(args, "workspace", None))
     check_training(data.train, settings.train_config(), [args.method] if hasattr(args, "method") else [],
                    force=args.force)
     _report_loading(args.train, data.full_train)

@@ -23,6 +23,7 @@ import numpy as np
 
 import sample_data
 from engine.errors import DataError, OptionError
+from engine.listings import Headers, cache_file, known
 from engine.sources import ArraySource, FileSource, LazyImages, Names, is_lazy, machine_memory, memory_budget
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -424,22 +425,23 @@ def _decode_all(paths: list[Path], where: str, skip_unreadable: bool,
 
 
 def load_image_folder(path: str | Path, *, skip_unreadable: bool = False, image_size: int | None = None,
-                      lazy: bool = False) -> Dataset:
+                      lazy: bool = False, listings: str | Path | None = None) -> Dataset:
     """One sub-folder per class (sorted names are the classes), PNG/JPEG files inside."""
     root = Path(path)
     return _decode_listing(*image_folder_files(root), root=root, where=str(root), skip_unreadable=skip_unreadable,
-                           image_size=image_size, lazy=lazy)
+                           image_size=image_size, lazy=lazy, listings=listings)
 
 
 def _decode_listing(files: list[Path], labels: np.ndarray, class_names: tuple[str, ...], *, root: Path, where: str,
-                    skip_unreadable: bool, image_size: int | None = None, lazy: bool = False) -> Dataset:
+                    skip_unreadable: bool, image_size: int | None = None, lazy: bool = False,
+                    listings: str | Path | None = None) -> Dataset:
     """Decode a listing of image files into a :class:`Dataset`: the index is the listing position, the
     paths relative to ``root``; what was skipped or changed is kept in ``skipped`` / ``notes``. When the
     decoded images would exceed the memory budget (or with ``lazy``), they are listed instead
     (:func:`_lazy_listing`)."""
     if lazy or _decoded_bytes(files, image_size) > memory_budget():
         return _lazy_listing(files, labels, class_names, root=root, where=where, skip_unreadable=skip_unreadable,
-                             image_size=image_size)
+                             image_size=image_size, listings=listings)
     decoded, kept, skipped = _decode_all(files, where, skip_unreadable, image_size)
     kept_files = [files[i] for i in kept]
     images, notes = _stack_images(decoded, where)
@@ -493,40 +495,61 @@ def read_header(path: Path) -> tuple[int, int, bool]:
 
 
 def _lazy_listing(files: list[Path], labels: np.ndarray, class_names: tuple[str, ...], *, root: Path, where: str,
-                  skip_unreadable: bool, image_size: int | None) -> Dataset:
+                  skip_unreadable: bool, image_size: int | None, listings: str | Path | None = None) -> Dataset:
     """A listing too large to decode at once, as a :class:`Dataset` of :class:`LazyImages`: every
     header is read now (sizes, colour, unreadable files skipped or refused as when decoding), the
-    pixels when rows are used. Same shape rule as :func:`_stack_images`: RGB if any image is, and the
-    most common size (or ``image_size``²). A file whose header reads but whose pixels do not is
-    refused when it is read, naming it."""
-    sizes: Counter = Counter()
-    kept, skipped, rgb, stats = [], [], False, []
+    pixels when rows are used; with ``listings`` (a workspace folder) only the headers of files that
+    changed since the last load (:mod:`engine.listings`). Same shape rule as :func:`_stack_images`: RGB
+    if any image is, and the most common size (or ``image_size``²). A file whose header reads but whose
+    pixels do not is refused when it is read, naming it."""
+    names = Names([str(file.relative_to(root)) for file in files])
+    sizes, mtimes = np.zeros(len(files), dtype=np.int64), np.zeros(len(files), dtype=np.int64)
+    heights, widths = np.zeros(len(files), dtype=np.int32), np.zeros(len(files), dtype=np.int32)
+    colour, readable, stated = (np.zeros(len(files), dtype=bool) for _ in range(3))
+    cache = None if listings is None else cache_file(listings, root, where)
+    cached = None if cache is None else Headers.load(cache)
+    skipped: dict[int, str] = {}
     for i, file in enumerate(files):
         try:
-            height, width, colour = read_header(file)
+            stat = file.stat()
+        except OSError as exc:
+            problem = DataError(f"{file}: unreadable image ({exc.__class__.__name__}: {exc})")
+            if not skip_unreadable:
+                raise problem from None
+            skipped[i] = str(problem)
+            continue
+        sizes[i], mtimes[i], stated[i] = stat.st_size, stat.st_mtime_ns, True
+    rows = known(cached, names, sizes, mtimes)
+    for i in np.flatnonzero(rows >= 0):
+        heights[i], widths[i], colour[i] = cached.heights[rows[i]], cached.widths[rows[i]], cached.colour[rows[i]]
+        readable[i] = True
+    unread = np.flatnonzero((rows < 0) & stated)
+    for i in unread:
+        try:
+            heights[i], widths[i], colour[i] = read_header(files[i])
+            readable[i] = True
         except DataError as exc:
             if not skip_unreadable:
                 raise
-            skipped.append(str(exc))
-            continue
-        kept.append(i)
-        sizes[(height, width)] += 1
-        rgb = rgb or colour
-        stats.append(file.stat())
-    if not kept:
+            skipped[i] = str(exc)
+    kept = np.flatnonzero(readable)
+    if not len(kept):
         raise DataError(f"{where}: no readable images")
-    target = (image_size, image_size) if image_size else most_common_size(sizes)
-    shape = (*target, 3) if rgb else target
+    if cache is not None and len(unread):
+        Headers(Names([names[i] for i in kept]), sizes[kept], mtimes[kept], heights[kept], widths[kept],
+                colour[kept]).save(cache)
+    sizes_seen = Counter(zip(heights[kept].tolist(), widths[kept].tolist(), strict=True))
+    target = (image_size, image_size) if image_size else most_common_size(sizes_seen)
+    shape = (*target, 3) if colour[kept].any() else target
     notes = ()
-    if image_size is None and len(sizes) > 1:
-        notes = (f"{where}: resized {len(kept) - sizes[target]} of {len(kept)} images to {target[1]}×{target[0]}, "
-                 f"the most common of {len(sizes)} sizes",)
-    names = [str(files[i].relative_to(root)) for i in kept]
-    source = FileSource(root, Names(names), np.asarray([st.st_size for st in stats], dtype=np.int64),
-                        np.asarray([st.st_mtime_ns for st in stats], dtype=np.int64))
+    if image_size is None and len(sizes_seen) > 1:
+        notes = (f"{where}: resized {len(kept) - sizes_seen[target]} of {len(kept)} images to {target[1]}×{target[0]}, "
+                 f"the most common of {len(sizes_seen)} sizes",)
+    kept_names = [names[i] for i in kept]
+    source = FileSource(root, Names(kept_names), sizes[kept], mtimes[kept])
     images = LazyImages(source, np.arange(len(kept)), shape, fit=image_size)
-    return Dataset(images, labels[kept], class_names, np.asarray(kept, dtype=np.int64), source=where,
-                   paths=tuple(names), skipped=tuple(skipped), notes=notes)
+    return Dataset(images, labels[kept], class_names, kept.astype(np.int64), source=where,
+                   paths=tuple(kept_names), skipped=tuple(skipped[i] for i in sorted(skipped)), notes=notes)
 
 
 def image_folder_files(root: Path) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
@@ -568,11 +591,11 @@ def _refuse_link_outside(file: Path, root: Path, where: str) -> None:
 
 
 def load_csv_manifest(path: str | Path, *, skip_unreadable: bool = False, image_size: int | None = None,
-                      lazy: bool = False) -> Dataset:
+                      lazy: bool = False, listings: str | Path | None = None) -> Dataset:
     """A CSV with columns ``path,label``; paths relative to the CSV, labels names or integers."""
     csv_path = Path(path)
     return _decode_listing(*manifest_files(csv_path), root=csv_path.parent.resolve(), where=str(csv_path),
-                           skip_unreadable=skip_unreadable, image_size=image_size, lazy=lazy)
+                           skip_unreadable=skip_unreadable, image_size=image_size, lazy=lazy, listings=listings)
 
 
 def manifest_files(csv_path: Path) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
@@ -683,17 +706,18 @@ def _sample_splits() -> dict[str, Dataset]:
 
 
 def load_dataset(spec: str | Path, *, skip_unreadable: bool = False, image_size: int | None = None,
-                 lazy: bool = False) -> Dataset:
+                 lazy: bool = False, listings: str | Path | None = None) -> Dataset:
     """Load ``sample[:split]``, an ``.npz``, an image folder or a ``.csv`` manifest; with ``image_size``,
     every image as image_size² (shorter side, centre crop; files resized one at a time as decoded).
     Image files are listed and read per batch (:class:`engine.sources.LazyImages`) when their decoded
-    size exceeds the memory budget, or always with ``lazy`` (a run that reads each image once)."""
-    dataset = _load_files(spec, skip_unreadable=skip_unreadable, image_size=image_size, lazy=lazy)
+    size exceeds the memory budget, or always with ``lazy`` (a run that reads each image once); with
+    ``listings`` (a workspace folder) their headers are remembered there (:mod:`engine.listings`)."""
+    dataset = _load_files(spec, skip_unreadable=skip_unreadable, image_size=image_size, lazy=lazy, listings=listings)
     return dataset if image_size is None else fit_images(dataset, image_size)  # arrays (npz, sample): after
 
 
 def _load_files(spec: str | Path, *, skip_unreadable: bool = False, image_size: int | None = None,
-                lazy: bool = False) -> Dataset:
+                lazy: bool = False, listings: str | Path | None = None) -> Dataset:
     text = str(spec)
     if text == "sample" or text.startswith("sample:"):
         return load_sample(text.partition(":")[2] or "train")
@@ -701,14 +725,16 @@ def _load_files(spec: str | Path, *, skip_unreadable: bool = False, image_size: 
     if not path.exists():
         raise DataError(f"{text}: no such file or folder")
     if path.is_dir():
-        return load_image_folder(path, skip_unreadable=skip_unreadable, image_size=image_size, lazy=lazy)
+        return load_image_folder(path, skip_unreadable=skip_unreadable, image_size=image_size, lazy=lazy,
+                                 listings=listings)
     if not path.is_file():  # reading a FIFO would wait forever for a writer
         raise DataError(f"{text}: not a regular file (a FIFO, device or socket); give a data file or folder")
     suffix = path.suffix.lower()
     if suffix == ".npz":
         return load_npz(path)
     if suffix == ".csv":
-        return load_csv_manifest(path, skip_unreadable=skip_unreadable, image_size=image_size, lazy=lazy)
+        return load_csv_manifest(path, skip_unreadable=skip_unreadable, image_size=image_size, lazy=lazy,
+                                 listings=listings)
     raise DataError(f"{text}: unsupported data file (expected a .npz, a .csv manifest or an image folder)")
 
 

@@ -164,13 +164,15 @@ def check_populated_classes(dataset: Dataset) -> None:
                         f"{'has' if len(empty) == 1 else 'have'} none; a classifier needs samples of 2 classes")
 
 
-def load_run_data(settings: RunSettings, *, skip_unreadable: bool = True) -> RunData:
-    """Load, inject the demo noise, and carve or load the validation set (as the CLI does)."""
+def load_run_data(settings: RunSettings, *, skip_unreadable: bool = True,
+                  listings: str | Path | None = None) -> RunData:
+    """Load, inject the demo noise, and carve or load the validation set (as the CLI does); with
+    ``listings`` (the workspace folder) image headers are remembered between loads (:mod:`engine.listings`)."""
     settings.validate()
     config = settings.train_config()
     size = settings.image_size or backbone_size(config)  # as input_shape says
     lazy = head_only(config)  # each image is read once, for its features: never decoded into memory
-    full = load_dataset(settings.data, skip_unreadable=skip_unreadable, image_size=size, lazy=lazy)
+    full = load_dataset(settings.data, skip_unreadable=skip_unreadable, image_size=size, lazy=lazy, listings=listings)
     check_populated_classes(full)
     if settings.embeddings:
         check_embeddings(settings.embeddings, full)
@@ -182,7 +184,7 @@ def load_run_data(settings: RunSettings, *, skip_unreadable: bool = True) -> Run
     train_set, validation, trusted = full, None, True
     if settings.validation:
         validation = conform(load_dataset(settings.validation, skip_unreadable=skip_unreadable, image_size=size,
-                                          lazy=lazy),
+                                          lazy=lazy, listings=listings),
                              train_set.image_shape, "validation")
         check_compatible(train_set, validation, "validation")
     elif settings.val_from_train:
@@ -193,7 +195,8 @@ def load_run_data(settings: RunSettings, *, skip_unreadable: bool = True) -> Run
             flipped, clean = flipped[keep], clean[keep]
     test = None
     if settings.test_spec:
-        test = conform(load_dataset(settings.test_spec, skip_unreadable=skip_unreadable, image_size=size, lazy=lazy),
+        test = conform(load_dataset(settings.test_spec, skip_unreadable=skip_unreadable, image_size=size, lazy=lazy,
+                                    listings=listings),
                        full.image_shape, "test")
         check_compatible(full, test, "test")
     return RunData(train_set, full, validation, trusted, test, flipped, clean, fingerprint(train_set, validation),

@@ -70,10 +70,10 @@ class FakeLibc:
         self.trims += 1
 
 
-def test_the_heap_guard_trims_only_past_a_quarter_of_the_budget_above_the_lowest_point(monkeypatch):
+def test_the_heap_guard_trims_only_past_a_sixteenth_of_the_budget_above_the_lowest_point(monkeypatch):
     from engine import sources
 
-    monkeypatch.setenv(MEMORY_BUDGET_VARIABLE, "400M")
+    monkeypatch.setenv(MEMORY_BUDGET_VARIABLE, "1600M")
     resident = iter(np.array([500, 450, 540, 551, 300, 400, 399, 123]) * 2**20)  # MB at each check (and after a trim)
     monkeypatch.setattr(sources, "_anonymous_resident", lambda: int(next(resident)))
     guard = sources.HeapGuard()
@@ -94,7 +94,7 @@ def test_the_heap_guard_gives_back_a_fragmented_heap(monkeypatch):
     rest until trimmed (glibc and Linux only)."""
     from engine import sources
 
-    monkeypatch.setenv(MEMORY_BUDGET_VARIABLE, "400M")
+    monkeypatch.setenv(MEMORY_BUDGET_VARIABLE, "1600M")
     guard = sources.HeapGuard()
     if guard.libc is None or sources._anonymous_resident() is None:
         pytest.skip("glibc on Linux only")
@@ -107,6 +107,37 @@ def test_the_heap_guard_gives_back_a_fragmented_heap(monkeypatch):
     guard()
     assert sources._anonymous_resident() < before - 200 * 2**20, (before, sources._anonymous_resident())
     del kept
+
+
+def test_a_listing_reads_each_header_once_with_a_workspace_folder(tmp_path, monkeypatch):
+    """A second load with the same workspace folder reads no header (it stats the files); a file changed
+    since is read again, alone; a damaged cache is ignored; the cache lies in the workspace folder."""
+    from engine import data as data_module
+
+    folder = photo_folder(tmp_path / "photos")
+    monkeypatch.setenv(MEMORY_BUDGET_VARIABLE, "1")
+    read = []
+    real = data_module.read_header
+    monkeypatch.setattr(data_module, "read_header", lambda path: read.append(path.name) or real(path))
+    first = load_dataset(folder, lazy=True, listings=tmp_path / "ws")
+    assert len(read) == len(first)
+    (cache,) = (tmp_path / "ws" / "listings").iterdir()
+    read.clear()
+    again = load_dataset(folder, lazy=True, listings=tmp_path / "ws")
+    assert read == []
+    assert (again.paths, again.index.tolist(), again.images.shape, again.notes) == \
+        (first.paths, first.index.tolist(), first.images.shape, first.notes)
+    np.testing.assert_array_equal(again.images[:], first.images[:])
+    changed = folder / first.paths[4]
+    Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(changed)
+    os.utime(changed, ns=(1, 1))
+    load_dataset(folder, lazy=True, listings=tmp_path / "ws")
+    assert read == [changed.name]
+    cache.write_bytes(b"not an npz")
+    read.clear()
+    assert load_dataset(folder, lazy=True, listings=tmp_path / "ws").paths == first.paths
+    assert len(read) == len(first)
+    assert not any(p.suffix == ".npz" for p in folder.rglob("*"))  # nothing written beside the data
 
 
 @pytest.mark.parametrize("image_size", [None, 16])
