@@ -71,6 +71,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             for way, code in WAYS.items():
                 workspace = Path(scratch) / f"ws-{repeat}-{len(rows)}"
+                workspace.mkdir()
                 _, seconds, pss, hwm = measure(
                     [sys.executable, "-c", RUN.format(way=code), "score", str(folder), "--method", "loss",
                      "--backbone", str(backbone), "--image-size", "1024", "--val-from-train", "0.1",
