@@ -208,8 +208,8 @@ def _libc():
 def bound_heap_growth() -> None:
     """Have glibc return every large block to the system when it is freed: a process-wide setting for a
     long-lived server (the dashboard), whose million-row frames, freed, would otherwise stay in its heap.
-    It costs every allocation above 128 kB a system call and fresh pages (a run over large photos took
-    40% longer: ``benchmarks/results/heap_growth_cpu.md``), so a batch loop relies on :class:`HeapGuard`."""
+    It costs every allocation above 128 kB a system call and fresh pages (a run over large photos took a
+    third longer: ``benchmarks/results/heap_growth_cpu.md``), so a batch loop relies on :class:`HeapGuard`."""
     libc = _libc()
     if libc is not None:  # not glibc: its allocator has no such setting
         libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
@@ -231,8 +231,8 @@ class HeapGuard:
     """Hands freed heap memory back to the system once the process's anonymous memory has grown by a
     sixteenth of the memory budget since its lowest point: batches of large images, decoded, normalised
     and freed again and again, fragment glibc's heap. Over 600 photos of 1280×960 with a 256 MB budget
-    (``benchmarks/results/heap_growth_cpu.md``) a run peaked at 1.3-1.5 GB as glibc comes, at 0.52-0.56
-    GB with this in the same time, and at 0.42 GB but 40% slower with every block above 128 kB mapped on
+    (``benchmarks/results/heap_growth_cpu.md``) a run peaked at 0.9-2.4 GB as glibc comes, at 0.48-0.49
+    GB with this (a fifth slower), and at 0.41 GB but a third slower with every block above 128 kB mapped on
     its own (:func:`bound_heap_growth`). Checked at most every :attr:`INTERVAL` seconds, so a loop over
     small batches pays nothing; a steady loop never trims."""
 
