@@ -233,8 +233,8 @@ class HeapGuard:
     and freed again and again, fragment glibc's heap. Over 600 photos of 1280×960 with a 256 MB budget
     (``benchmarks/results/heap_growth_cpu.md``) a run peaked at 0.9-2.4 GB as glibc comes, at 0.48-0.49
     GB with this (a fifth slower), and at 0.41 GB but a third slower with every block above 128 kB mapped on
-    its own (:func:`bound_heap_growth`). Checked at most every :attr:`INTERVAL` seconds, so a loop over
-    small batches pays nothing; a steady loop never trims."""
+    its own (:func:`bound_heap_growth`). Checked at most every :attr:`INTERVAL` seconds (one
+    ``/proc`` read, ~20 µs), so a loop over small batches pays next to nothing; a steady loop never trims."""
 
     INTERVAL = 0.01  # every batch of images; at 0.5 s, 1024-px photos one per batch grew 150-180 MB between checks
     BUDGET_SHARE = 16  # a quarter let 224-px batches hold more for no speed (benchmarks/scale.py)
